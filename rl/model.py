@@ -1,0 +1,171 @@
+"""Policy model: build the tiny gpt-oss, trim its vocabulary, save/load HF checkpoints.
+
+The tiny world uses the real gpt-oss architecture through transformers' `GptOssConfig` /
+`GptOssForCausalLM` (learned sinks, alternating sliding/full attention, YaRN RoPE, top-k MoE with
+clamped SwiGLU) at toy size. Its embedding rows are only the o200k_harmony ids the tasks can
+produce plus every Harmony special token: a `VocabMap` (saved as `vocab_map.json` next to the
+weights) converts canonical ids <-> model ids at the model boundary. Everything outside the model
+speaks canonical o200k_harmony ids. A checkpoint without `vocab_map.json` (real gpt-oss) uses the
+identity map.
+
+Checkpoints are plain HF folders (config.json + model.safetensors) that transformers and vLLM load.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+VOCAB_MAP_FILE = "vocab_map.json"
+
+
+@dataclass(frozen=True)
+class VocabMap:
+    """Model id i <-> canonical o200k_harmony id `canonical[i]`. `canonical=None` is identity."""
+
+    canonical: tuple[int, ...] | None
+
+    @classmethod
+    def identity(cls) -> "VocabMap":
+        return cls(None)
+
+    @classmethod
+    def from_ids(cls, ids: Iterable[int]) -> "VocabMap":
+        return cls(tuple(sorted(set(int(i) for i in ids))))
+
+    def __post_init__(self):
+        if self.canonical is not None:
+            object.__setattr__(self, "_index", {c: i for i, c in enumerate(self.canonical)})
+
+    def __len__(self) -> int:
+        if self.canonical is None:
+            raise TypeError("identity VocabMap has no length")
+        return len(self.canonical)
+
+    def to_model(self, ids: Sequence[int]) -> list[int]:
+        """Canonical -> model ids. An id outside the map is an error naming it (build-time check)."""
+        if self.canonical is None:
+            return list(ids)
+        index = self._index
+        try:
+            return [index[i] for i in ids]
+        except KeyError as exc:
+            raise KeyError(
+                f"token id {exc.args[0]} is not in the model's trimmed vocabulary "
+                f"({len(self.canonical)} ids); rebuild the tiny model with a corpus that covers it"
+            ) from None
+
+    def to_canonical(self, ids: Sequence[int]) -> list[int]:
+        if self.canonical is None:
+            return list(ids)
+        n = len(self.canonical)
+        # ids past the map (padding rows of the embedding) cannot be sampled after training, but
+        # untrusted output must never crash: map them to <|endoftext|>.
+        return [self.canonical[i] if 0 <= i < n else 199999 for i in ids]
+
+    def covers(self, ids: Iterable[int]) -> bool:
+        return self.canonical is None or all(i in self._index for i in ids)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        if self.canonical is not None:
+            Path(folder, VOCAB_MAP_FILE).write_text(json.dumps({"canonical_ids": list(self.canonical)}))
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "VocabMap":
+        path = Path(folder, VOCAB_MAP_FILE)
+        if not path.exists():
+            return cls.identity()
+        return cls(tuple(json.loads(path.read_text())["canonical_ids"]))
+
+
+def collect_vocab(texts: Iterable[str], extra_ids: Iterable[int] = ()) -> VocabMap:
+    """Every id the corpus produces, rendered as Harmony prompts and completions, plus all specials."""
+    from envs import harmony
+
+    ids: set[int] = set(harmony.special_token_ids()) | set(extra_ids)
+    for text in texts:
+        ids.update(harmony.encode(text))
+    for effort in harmony.EFFORTS:  # system prompt, developer/user headers
+        ids.update(harmony.render_prompt("x", effort, developer="x"))
+    ids.update(harmony.render_completion("x", "x"))
+    return VocabMap.from_ids(ids)
+
+
+def tiny_config(vocab_size: int, cfg: dict, eos_ids: list[int], pad_id: int):
+    """GptOssConfig for the tiny world from the Hydra `model` node (eos/pad given as model ids)."""
+    from transformers import GptOssConfig
+
+    n_layers = cfg["num_hidden_layers"]
+    return GptOssConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=n_layers,
+        num_attention_heads=cfg["num_attention_heads"],
+        num_key_value_heads=cfg["num_key_value_heads"],
+        head_dim=cfg["head_dim"],
+        num_local_experts=cfg["num_local_experts"],
+        num_experts_per_tok=cfg["num_experts_per_tok"],
+        sliding_window=cfg["sliding_window"],
+        max_position_embeddings=cfg["max_position_embeddings"],
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
+        router_aux_loss_coef=0.0,  # RL frameworks turn the aux loss off
+        output_router_logits=False,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        tie_word_embeddings=False,
+        initializer_range=cfg.get("initializer_range", 0.02),
+    )
+
+
+def check_tiny_shapes(cfg: dict) -> None:
+    """Kernels and vLLM need head_dim 64 and expert dims that are multiples of 32 (MXFP4 groups)."""
+    if cfg["head_dim"] != 64:
+        raise ValueError(f"model.head_dim={cfg['head_dim']}: vLLM's CPU attention needs 64")
+    for key in ("hidden_size", "intermediate_size"):
+        if cfg[key] % 32:
+            raise ValueError(f"model.{key}={cfg[key]} must be a multiple of 32 (MXFP4 groups)")
+
+
+def build_tiny_model(cfg: dict, corpus: Iterable[str], out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a randomly initialised tiny gpt-oss with a trimmed vocab and save it as an HF folder."""
+    from transformers import GptOssForCausalLM
+
+    check_tiny_shapes(cfg)
+    vmap = collect_vocab(corpus)
+    vocab_size = -(-len(vmap) // 64) * 64  # pad rows to a multiple of 64
+    # Special ids inside the HF config are model ids: <|return|>, <|call|> stop; <|endoftext|> pads.
+    config = tiny_config(vocab_size, cfg, vmap.to_model([200002, 200012]), vmap.to_model([199999])[0])
+    torch.manual_seed(seed)
+    model = GptOssForCausalLM(config)
+    save_checkpoint(model, vmap, out_dir)
+    return Path(out_dir)
+
+
+def save_checkpoint(model, vmap: VocabMap, out_dir: str | os.PathLike) -> None:
+    """HF folder: config.json + model.safetensors + vocab_map.json (written to a temp dir, renamed)."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    vmap.save(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """(model, VocabMap) from an HF folder, eager attention (our kernels are switched on by the learner)."""
+    from transformers import GptOssForCausalLM
+
+    model = GptOssForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    return model, VocabMap.load(path)
