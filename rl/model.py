@@ -12,6 +12,7 @@ Checkpoints are plain HF folders (config.json + model.safetensors) that transfor
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -156,6 +157,8 @@ def save_checkpoint(model, vmap: VocabMap, out_dir: str | os.PathLike) -> None:
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     vmap.save(tmp)
+    if vmap.canonical is not None:
+        hf_tokenizer(vmap).save_pretrained(tmp)  # decoding/padding only (see hf_tokenizer)
     if out.exists():
         import shutil
 
@@ -169,3 +172,54 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
 
     model = GptOssForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
     return model, VocabMap.load(path)
+
+
+def _o200k_token_bytes() -> dict[int, bytes]:
+    """rank -> token bytes, from the verified o200k_base.tiktoken (envs.harmony rebuilds it offline)."""
+    import base64
+
+    from envs import harmony
+
+    folder = harmony.ensure_vocab()
+    if folder is None:
+        raise RuntimeError("no local o200k_base.tiktoken: install quicktok-v1 or set TIKTOKEN_ENCODINGS_BASE")
+    out = {}
+    for line in Path(folder, harmony.O200K_FILE).read_bytes().splitlines():
+        tok, rank = line.split()
+        out[int(rank)] = base64.b64decode(tok)
+    return out
+
+
+@functools.cache
+def hf_tokenizer(vmap: VocabMap):
+    """A transformers tokenizer over the trimmed vocabulary, for decoding and padding only.
+
+    Token strings are the GPT-2 byte-level spelling of each o200k token's bytes (unique per token), so
+    `decode` gives real text. Encoding text with it is NOT o200k BPE — always tokenize through
+    `envs.harmony` (token-in/token-out; nothing is re-tokenized).
+    """
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from envs import harmony
+
+    if vmap.canonical is None:
+        raise ValueError("hf_tokenizer needs a trimmed VocabMap; real gpt-oss ships its own tokenizer")
+    byte_map = bytes_to_unicode()
+    ranks = _o200k_token_bytes()
+    enc = harmony.load_encoding()
+    special = {enc.encode(t, allowed_special="all")[0]: t for t in enc.special_tokens_set}
+    vocab, specials = {}, []
+    for model_id, cid in enumerate(vmap.canonical):
+        if cid in special:
+            vocab[special[cid]] = model_id
+            specials.append(special[cid])
+        else:
+            vocab["".join(byte_map[b] for b in ranks[cid])] = model_id
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|return|>",
+        additional_special_tokens=[s for s in specials if s not in ("<|endoftext|>", "<|return|>")],
+    )

@@ -1,0 +1,200 @@
+"""Learner: holds the policy, recomputes log-probs, takes GRPO optimizer steps, hands out weights.
+
+Algorithm-blind (STYLE 11): the advantage is computed by the train loop; the loss is
+`rl.algorithms.policy_loss` with the clip range/aggregation from the `algo` config. The learner only
+turns `Sample`-like dicts (canonical ids) into padded tensors, runs forward/backward with AdamW and
+gradient clipping, and returns float metrics.
+
+Run as a Ray actor (`LearnerActor`) in the pipeline, or in-process (tests, SFT). Log-probs use the
+chunked selective log-softmax from `kernels.logprobs` when `learner.kernels=deliberate` (never builds
+(B, T, V) logits) and the MoE/attention kernels from `kernels.patch`; `learner.kernels=stock` keeps
+transformers' modules and full logits.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rl.algorithms import policy_loss
+from rl.model import VocabMap, load_policy, save_checkpoint
+
+LEARNER_STATE = "learner_state.pt"
+
+
+def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-pad to (B, L): input_ids, attention_mask, loss_mask."""
+    L = max(len(s) for s in seqs)
+    B = len(seqs)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    lmask = torch.zeros((B, L), dtype=torch.float32)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        lmask[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
+    return ids, attn, lmask
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunked: bool,
+                   temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
+    """log p(x_t | x_<t) for t >= 1, aligned so out[:, t] scores input_ids[:, t]; out[:, 0] = 0. (B, L)."""
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+    h = hidden[:, :-1]  # (B, L-1, H) predicts tokens 1..L-1
+    targets = input_ids[:, 1:]  # (B, L-1)
+    if chunked:
+        from kernels.logprobs import selective_log_softmax
+
+        lp = selective_log_softmax(h, model.lm_head.weight, targets, temperature=temperature,
+                                   chunk_size=chunk_size)
+    else:
+        logits = model.lm_head(h).float() / temperature  # (B, L-1, V)
+        lp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.nn.functional.pad(lp, (1, 0))  # (B, L)
+
+
+class Learner:
+    """Policy + optimizer. `cfg` is the `learner` config node, `algo` the `algo` node (dicts)."""
+
+    def __init__(self, model_path: str, cfg: dict, algo: dict, seed: int = 0):
+        torch.manual_seed(seed)
+        if cfg.get("num_threads"):
+            torch.set_num_threads(int(cfg["num_threads"]))
+        self.cfg, self.algo = dict(cfg), dict(algo)
+        dtype = getattr(torch, cfg.get("dtype", "float32"))
+        self.model, self.vmap = load_policy(model_path, dtype=dtype)
+        self.kernels = cfg.get("kernels", "stock")
+        if self.kernels == "deliberate":
+            from kernels.patch import apply_kernels
+
+            apply_kernels(self.model)
+        elif self.kernels != "stock":
+            raise ValueError(f"learner.kernels={self.kernels!r}; valid: ['deliberate', 'stock']")
+        self.model.train()
+        self.pad_id = self.model.config.pad_token_id or 0
+        self.ref = None
+        if algo.get("kl_coef", 0.0) > 0:
+            self.ref, _ = load_policy(model_path, dtype=dtype)
+            self.ref.eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
+            weight_decay=cfg.get("weight_decay", 0.0),
+        )
+        self.step = 0
+
+    # ---- batches -------------------------------------------------------------------------------
+    def _tensors(self, batch: list[dict[str, Any]]):
+        seqs = [self.vmap.to_model(b["prompt_ids"] + b["completion_ids"]) for b in batch]
+        masks = [[0] * len(b["prompt_ids"]) + list(b["loss_mask"]) for b in batch]
+        ids, attn, lmask = pad_batch(seqs, masks, self.pad_id)
+        behav = torch.zeros_like(lmask)
+        for i, b in enumerate(batch):
+            if b.get("behavior_logprobs"):
+                p = len(b["prompt_ids"])
+                behav[i, p : p + len(b["behavior_logprobs"])] = torch.tensor(b["behavior_logprobs"])
+        adv = torch.tensor([float(b.get("advantage", 0.0)) for b in batch])
+        return ids, attn, lmask, behav, adv
+
+    def _logprobs(self, model, ids, attn):
+        return token_logprobs(model, ids, attn, chunked=self.kernels == "deliberate",
+                              temperature=self.cfg.get("temperature", 1.0),
+                              chunk_size=self.cfg.get("logprob_chunk", 1024))
+
+    @torch.no_grad()
+    def logprobs(self, batch: list[dict[str, Any]]) -> list[list[float]]:
+        """Learner log-probs of each sample's completion tokens (canonical-id samples in)."""
+        ids, attn, lmask, _, _ = self._tensors(batch)
+        lp = self._logprobs(self.model, ids, attn)
+        return [lp[i, len(b["prompt_ids"]) : len(b["prompt_ids"]) + len(b["completion_ids"])].tolist()
+                for i, b in enumerate(batch)]
+
+    # ---- update --------------------------------------------------------------------------------
+    def train_step(self, batch: list[dict[str, Any]]) -> dict[str, float]:
+        """One optimizer step on the whole batch, in micro-batches; returns metrics."""
+        mb = int(self.cfg.get("micro_batch_size", len(batch)))
+        total_tokens = float(sum(sum(b["loss_mask"]) for b in batch))
+        agg = self.algo.get("loss_agg", "token_mean")
+        self.opt.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for start in range(0, len(batch), mb):
+            part = batch[start : start + mb]
+            ids, attn, lmask, behav, adv = self._tensors(part)
+            lp = self._logprobs(self.model, ids, attn)  # (b, L)
+            ref_lp = None
+            if self.ref is not None:
+                with torch.no_grad():
+                    ref_lp = self._logprobs(self.ref, ids, attn)
+            # One update per batch: old log-probs equal the current ones (ratio 1, gradient exact).
+            loss, m = policy_loss(
+                lp, lp.detach(), adv, lmask,
+                clip_low=self.algo.get("clip_low", 0.2), clip_high=self.algo.get("clip_high", 0.2),
+                loss_agg=agg, max_tokens=self.algo.get("max_tokens"),
+                ref_logprobs=ref_lp, kl_coef=self.algo.get("kl_coef", 0.0),
+            )
+            # Re-weight micro-batch means so the sum equals the full-batch aggregate.
+            n_tok = float(lmask.sum())
+            weight = n_tok / max(total_tokens, 1.0) if agg == "token_mean" else len(part) / len(batch)
+            (loss * weight).backward()
+            with torch.no_grad():
+                tok = lmask.bool()
+                diff = (behav - lp.detach())[tok]  # behaviour vs learner log-prob gap
+                for k, v in {**m, "loss": float(loss),
+                             "rollout_logprob_diff": float(diff.abs().mean()) if diff.numel() else 0.0,
+                             "rollout_kl": float((behav - lp.detach())[tok].mean()) if diff.numel() else 0.0,
+                             "entropy_proxy": float(-(lp.detach()[tok]).mean()) if diff.numel() else 0.0,
+                             }.items():
+                    sums[k] = sums.get(k, 0.0) + v * weight
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.get("grad_clip", 1.0))
+        self.opt.step()
+        self.step += 1
+        return {**sums, "grad_norm": float(grad_norm), "tokens": total_tokens}
+
+    # ---- weights and state ---------------------------------------------------------------------
+    def state_for_sync(self) -> dict[str, torch.Tensor]:
+        """HF-named tensors for the rollout engine (detached, contiguous, CPU)."""
+        return {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """HF checkpoint + optimizer/step/RNG in `path` (caller makes the whole folder atomic)."""
+        path = Path(path)
+        save_checkpoint(self.model, self.vmap, path)
+        torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "rng": rng_state()},
+                   path / LEARNER_STATE)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore weights, optimizer, step and RNG saved by `save`."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        state = load_file(str(path / "model.safetensors"))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or [k for k in missing if "lm_head" not in k]:
+            raise RuntimeError(f"checkpoint {path} does not match the policy: {missing=} {unexpected=}")
+        extra = torch.load(path / LEARNER_STATE, weights_only=False)
+        self.opt.load_state_dict(extra["optimizer"])
+        self.step = extra["step"]
+        set_rng_state(extra["rng"])
+
+    def get_step(self) -> int:
+        return self.step
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def learner_actor(num_cpus: float = 1):
+    """The Learner as a Ray actor class."""
+    import ray
+
+    return ray.remote(num_cpus=num_cpus)(Learner)

@@ -1,0 +1,69 @@
+"""Cold-start SFT: TRL `SFTTrainer` on generated Harmony transcripts, loss on assistant tokens only.
+
+Each example is one task rendered at one reasoning effort: system (`Reasoning: low|medium|high`) +
+user prompt, then the assistant's analysis channel styled by effort (low terse, medium key steps, high
+full step-by-step with a check; `envs.math_tasks.solution`) and the final answer. Sequences are
+pre-tokenized with openai-harmony (canonical ids), mapped to the tiny model's ids, and passed with
+`assistant_masks`, which TRL turns into labels (-100 on prompt tokens).
+
+Run: `python -m rl.pipeline experiment=tiny` (calls `run_sft`), or `run_sft(...)` directly.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from envs import harmony
+from rl.model import VocabMap, hf_tokenizer, load_policy, save_checkpoint
+from rl.types import EFFORTS, Task
+
+
+def sft_examples(tasks: list[Task], solution_fn, vmap: VocabMap, efforts=EFFORTS) -> list[dict]:
+    """{input_ids, assistant_masks} per (task, effort), in model ids."""
+    rows = []
+    for task in tasks:
+        for effort in efforts:
+            analysis, final = solution_fn(task, effort)
+            ids, mask = harmony.render_training(task.question, analysis, final, effort, task.developer)
+            rows.append({"input_ids": vmap.to_model(ids), "assistant_masks": mask})
+    return rows
+
+
+def run_sft(model_path: str | os.PathLike, out_path: str | os.PathLike, rows: list[dict], cfg: dict,
+            seed: int = 0, logging_dir: str | None = None) -> dict:
+    """Train the policy at `model_path` on `rows`; save an HF checkpoint at `out_path`. Returns metrics."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg["num_threads"]))
+    model, vmap = load_policy(model_path, dtype=torch.float32)
+    tokenizer = hf_tokenizer(vmap)
+    max_len = max(len(r["input_ids"]) for r in rows)
+    args = SFTConfig(
+        output_dir=str(Path(out_path).with_name(Path(out_path).name + ".trainer")),
+        max_steps=int(cfg["steps"]),
+        per_device_train_batch_size=int(cfg["batch_size"]),
+        learning_rate=float(cfg["lr"]),
+        lr_scheduler_type=cfg.get("lr_scheduler", "cosine"),
+        warmup_steps=int(cfg.get("warmup_steps", 10)),
+        weight_decay=float(cfg.get("weight_decay", 0.0)),
+        max_grad_norm=float(cfg.get("grad_clip", 1.0)),
+        max_length=max_len,
+        logging_steps=int(cfg.get("logging_steps", 10)),
+        save_strategy="no",
+        report_to=["tensorboard"] if logging_dir else [],
+        logging_dir=logging_dir,
+        use_cpu=not torch.cuda.is_available(),
+        seed=seed,
+        dataloader_num_workers=0,
+        group_by_length=True,
+        disable_tqdm=not cfg.get("progress", True),
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    result = trainer.train()
+    save_checkpoint(trainer.model, vmap, out_path)
+    return {"train_loss": float(result.training_loss), "steps": int(result.global_step)}
