@@ -42,6 +42,8 @@ def run_sft(model_path: str | os.PathLike, out_path: str | os.PathLike, rows: li
     model, vmap = load_policy(model_path, dtype=torch.float32)
     tokenizer = hf_tokenizer(vmap)
     max_len = max(len(r["input_ids"]) for r in rows)
+    if logging_dir:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(logging_dir)  # transformers' TensorBoardCallback reads it
     args = SFTConfig(
         output_dir=str(Path(out_path).with_name(Path(out_path).name + ".trainer")),
         max_steps=int(cfg["steps"]),
@@ -55,11 +57,9 @@ def run_sft(model_path: str | os.PathLike, out_path: str | os.PathLike, rows: li
         logging_steps=int(cfg.get("logging_steps", 10)),
         save_strategy="no",
         report_to=["tensorboard"] if logging_dir else [],
-        logging_dir=logging_dir,
         use_cpu=not torch.cuda.is_available(),
         seed=seed,
         dataloader_num_workers=0,
-        group_by_length=True,
         disable_tqdm=not cfg.get("progress", True),
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
