@@ -1,0 +1,49 @@
+"""Task sources for training and evaluation, with a resumable data cursor.
+
+`TaskStream` cycles through a fixed, seeded pool of training tasks in a seeded order; its whole state
+is the integer `cursor`, saved in every checkpoint so `resume=true` continues with the next unseen
+task. Held-out tasks come from the environment's test split (never overlapping training).
+"""
+from __future__ import annotations
+
+import random
+
+from rl.types import Task
+
+
+def make_env(env_cfg, seed: int):
+    """The task environment named by `env.name` ("math" or "dataset")."""
+    if env_cfg.name == "math":
+        from envs.math_tasks import MathEnv
+
+        return MathEnv(seed=seed, difficulty=env_cfg.difficulty)
+    if env_cfg.name == "dataset":
+        from envs.datasets_loader import DatasetEnv
+
+        return DatasetEnv(env_cfg.dataset, question_key=env_cfg.question_key,
+                          answer_key=env_cfg.answer_key)
+    raise ValueError(f"env.name={env_cfg.name!r} is unknown; valid: ['dataset', 'math']")
+
+
+class TaskStream:
+    """Seeded, resumable iterator over a training pool. State = `cursor` (tasks consumed)."""
+
+    def __init__(self, pool: list[Task], seed: int, cursor: int = 0):
+        if not pool:
+            raise ValueError("the training task pool is empty; check env.train_size and the dataset")
+        self.pool, self.seed, self.cursor = pool, seed, cursor
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.pool)))
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def next(self, n: int) -> list[Task]:
+        out, cached = [], (None, None)
+        for _ in range(n):
+            epoch, pos = divmod(self.cursor, len(self.pool))
+            if cached[0] != epoch:
+                cached = (epoch, self._order(epoch))
+            out.append(self.pool[cached[1][pos]])
+            self.cursor += 1
+        return out
