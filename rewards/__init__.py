@@ -1,0 +1,7 @@
+"""Reward plugins and their registry (DESIGN §3). Importing the package registers the built-ins:
+"math", "effort_length", "format". See `rewards.registry` for adding your own."""
+from rewards.registry import available_rewards, build_reward, get_reward, register_reward
+from rewards import effort, format, math_verify_reward  # noqa: F401,E402  (registration)
+from rewards.compose import CompositeReward  # noqa: E402
+
+__all__ = ["available_rewards", "build_reward", "get_reward", "register_reward", "CompositeReward"]
