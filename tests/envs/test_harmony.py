@@ -1,0 +1,84 @@
+"""Harmony I/O: offline vocab rebuild, render/parse round trips, malformed output never raises."""
+import hashlib
+
+import pytest
+
+from envs import harmony
+
+
+def test_vocab_rebuild_matches_sha256(tmp_path):
+    path = harmony.rebuild_o200k_vocab(tmp_path)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == harmony.O200K_BASE_SHA256
+
+
+def test_load_encoding_offline_uses_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("TIKTOKEN_ENCODINGS_BASE", raising=False)
+    monkeypatch.setenv("DELIBERATE_CACHE", str(tmp_path))
+    folder = harmony.ensure_vocab()
+    assert folder == str(tmp_path / "tiktoken")
+    assert (tmp_path / "tiktoken" / harmony.O200K_FILE).exists()
+
+
+def test_user_set_vocab_folder_wins(monkeypatch, tmp_path):
+    monkeypatch.setenv("TIKTOKEN_ENCODINGS_BASE", str(tmp_path))
+    assert harmony.ensure_vocab() == str(tmp_path)
+
+
+@pytest.mark.parametrize("effort", ["low", "medium", "high"])
+def test_prompt_carries_effort_and_developer(effort):
+    text = harmony.decode(harmony.render_prompt("Compute 2+2.", effort, developer="Be brief."))
+    assert f"Reasoning: {effort}" in text
+    assert "<|start|>developer<|message|># Instructions\n\nBe brief." in text
+    assert text.endswith("<|start|>user<|message|>Compute 2+2.<|end|><|start|>assistant")
+
+
+def test_bad_effort_is_an_error():
+    with pytest.raises(ValueError, match="effort='extreme'"):
+        harmony.render_prompt("x", "extreme")
+
+
+@pytest.mark.parametrize("analysis", ["7*6=42.", None, "line one\nline two"])
+def test_completion_round_trip(analysis):
+    ids = harmony.render_completion(analysis, "42")
+    assert ids[-1] == harmony.RETURN
+    t = harmony.parse_completion(ids)
+    assert t.format_ok and t.error is None
+    assert t.final == "42"
+    assert t.analysis == (analysis or "")
+    assert t.analysis_tokens == (len(harmony.encode(analysis)) if analysis else 0)
+
+
+def test_training_render_masks_assistant_tokens_only():
+    ids, mask = harmony.render_training("Compute 2+2.", "2+2=4.", "4", "high")
+    prompt = harmony.render_prompt("Compute 2+2.", "high")
+    assert ids[: len(prompt)] == prompt and mask[: len(prompt)] == [0] * len(prompt)
+    assert all(mask[len(prompt):]) and len(ids) == len(mask)
+    assert harmony.decode([i for i, m in zip(ids, mask) if m]).startswith("<|channel|>analysis")
+
+
+MALFORMED = [
+    [],  # nothing generated
+    harmony.encode("just text, no header"),
+    [harmony.CHANNEL],  # channel marker without value
+    [harmony.CHANNEL, *harmony.encode("final")],  # EOS mid-header
+    [harmony.MESSAGE, *harmony.encode("4"), harmony.RETURN],  # missing channel header
+    harmony.render_completion("thinking", "4")[:6],  # cut off inside analysis, no final
+    [harmony.START, harmony.START, harmony.END, 5, 9, 200009],  # garbage specials
+    [123456] * 20,
+]
+
+
+@pytest.mark.parametrize("ids", MALFORMED)
+def test_malformed_output_is_a_format_failure_not_an_exception(ids):
+    t = harmony.parse_completion(ids)
+    assert t.format_ok is False
+    assert t.error
+    assert t.final is None or isinstance(t.final, str)
+
+
+def test_final_without_analysis_is_ok_and_analysis_without_final_is_not():
+    assert harmony.parse_completion(harmony.render_completion(None, "4")).format_ok
+    cut = harmony.render_completion("a", "4")
+    end = cut.index(harmony.END)
+    t = harmony.parse_completion(cut[: end + 1])
+    assert not t.format_ok and t.analysis == "a" and t.final is None
