@@ -83,17 +83,19 @@ def parse_expr(text: str) -> Expr:
 
     def take() -> str:
         nonlocal pos
+        if pos >= len(tokens):
+            raise ValueError(f"{text!r} ends early")
         pos += 1
         return tokens[pos - 1]
 
     def atom() -> Expr:
-        tok = take() if peek() is not None else None
+        tok = take()
         if tok == "(":
             inner = total()
             if take() != ")":
                 raise ValueError(f"unbalanced parentheses in {text!r}")
             return inner
-        if tok is None or not tok.isdigit():
+        if not tok.isdigit():
             raise ValueError(f"expected a number in {text!r}, got {tok!r}")
         return int(tok)
 
@@ -250,6 +252,12 @@ def _digits(n: int) -> list[int]:
     return [int(c) for c in reversed(str(n))]
 
 
+def _order(vals: list[int]) -> tuple[int, int]:
+    """(top, bottom) of a long multiplication: the question's order unless the second is longer."""
+    a, b = vals
+    return (b, a) if len(str(b)) > len(str(a)) else (a, b)
+
+
 def _column_add(terms: list[int]) -> list[str]:
     """One clause per column, units first; the last column writes its full sum."""
     cols, carry, out = max(len(str(t)) for t in terms), 0, []
@@ -307,7 +315,7 @@ def _high_op(op: str, vals: list[int], label: str) -> list[str]:
         return [f"{'+'.join(map(str, vals))}: " + " ".join(_column_add(vals)) + f" So {label}."]
     if op == "-":
         return [f"{vals[0]}-{vals[1]}: " + " ".join(_column_sub(*vals)) + f" So {label}."]
-    top, bottom = sorted(vals, key=lambda v: (len(str(v)), v), reverse=True)
+    top, bottom = _order(vals)
     if bottom < 10:
         return [f"{top}*{bottom}: " + " ".join(_mul_by_digit(top, bottom)) + f" So {label}."]
     lines, partials = [], []
@@ -337,7 +345,7 @@ def _medium_op(op: str, vals: list[int]) -> str:
             return f"{x}-{y}={x - y}."
         tens, units = y - y % 10, y % 10
         return f"{x}-{tens}={x - tens}, {x - tens}-{units}={x - y}." if units else f"{x}-{y}={x - y}."
-    top, bottom = sorted(vals, key=lambda v: (len(str(v)), v), reverse=True)
+    top, bottom = _order(vals)
     split_bottom = bottom >= 10
     split, other = (bottom, top) if split_bottom else (top, bottom)
     pieces = [int(c) * 10**i for i, c in enumerate(reversed(str(split))) if c != "0"][::-1]
@@ -357,7 +365,7 @@ def _check(e: Expr) -> str:
         return f"Check: {total}-{vals[-1]}={total - vals[-1]}."
     if op == "-":
         return f"Check: {total}+{vals[1]}={vals[0]}."
-    top, bottom = sorted(vals, key=lambda v: (len(str(v)), v), reverse=True)
+    top, bottom = _order(vals)
     pieces = [int(c) * 10**i for i, c in enumerate(reversed(str(top))) if c != "0"][::-1]
     prods = [p * bottom for p in pieces]
     if len(pieces) == 1:

@@ -174,35 +174,51 @@ class _Worker:
     def pid(self) -> int:
         return self.proc.pid
 
-    def kill(self) -> None:
+    def kill(self, wait_s: float = 0.5) -> bool:
+        """SIGKILL (C-level big-int loops ignore everything else); True once reaped."""
         if self.proc.poll() is None:
-            self.proc.kill()  # SIGKILL: C-level big-int loops ignore everything else
-        self.proc.wait(timeout=5)
+            self.proc.kill()
         self.conn.close()
+        try:
+            self.proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            return False  # e.g. stuck in uninterruptible I/O on a loaded box: reap it later
+        return True
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
         try:
             self.conn.send(None)
-            self.proc.wait(timeout=1)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        self.kill()
+        except OSError:
+            pass  # already gone
+
+    def stop(self, wait_s: float = 1.0) -> bool:
+        """Idle workers are asked to exit; busy or still-importing ones are SIGKILLed."""
+        if self.ready and self.job is None:
+            self.request_stop()
+            try:
+                self.proc.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                pass
+        return self.kill(wait_s)
 
 
 class VerifyPool:
     """A few math-verify worker processes with a hard deadline per job.
 
-    >>> with VerifyPool(workers=1) as pool:
+    >>> with VerifyPool(workers=1, spares=0) as pool:
     ...     [v.score for v in pool.run([("The answer is 408", "408"), ("7", "408")], timeout_s=5)]
     [1.0, 0.0]
     """
 
-    def __init__(self, workers: int | None = None, memory_mb: int | None = 2048,
+    def __init__(self, workers: int | None = None, spares: int = 1, memory_mb: int | None = 2048,
                  start_timeout_s: float = 60.0):
         self.n_workers = workers or max(1, min(4, os.cpu_count() or 1))
+        self.n_spares = spares  # idle, already-imported workers that replace a killed one at once
         self.memory_mb = memory_mb  # address-space limit per worker; None = unlimited
         self.start_timeout_s = start_timeout_s
         self._workers: list[_Worker] = []
+        self._spares: list[_Worker] = []
+        self._dying: list[_Worker] = []  # killed but not yet reaped
         self._lock = threading.Lock()
         self._owner = os.getpid()
 
@@ -216,19 +232,28 @@ class VerifyPool:
         """Start all workers and wait until each has imported math-verify."""
         with self._lock:
             self._fill()
-            for w in self._workers:
+            for w in self._all():
                 while not w.ready:
                     self._poll([w], self._remaining(w))
+                    self._expire(None)
         return self
 
     def pids(self) -> list[int]:
-        return [w.pid for w in self._workers]
+        """Process ids of all workers, spares included."""
+        return [w.pid for w in self._all()]
 
     def close(self) -> None:
         with self._lock:
-            for w in self._workers:
-                w.stop()
-            self._workers = []
+            for w in self._all():
+                if w.ready and w.job is None:
+                    w.request_stop()  # all at once, so they exit side by side
+            for w in self._all() + self._dying:
+                if not w.stop(wait_s=5.0):
+                    logging.getLogger(__name__).warning("math-verify worker %d not reaped", w.pid)
+            self._workers, self._spares, self._dying = [], [], []
+
+    def _all(self) -> list[_Worker]:
+        return self._workers + self._spares
 
     def run(self, jobs: Sequence[tuple[str, str]], timeout_s: float = DEFAULT_TIMEOUT_S) -> list[Verdict]:
         """Verify `(final, gold)` pairs in parallel; each pair gets `timeout_s` once a worker takes it."""
@@ -239,16 +264,21 @@ class VerifyPool:
         with self._lock:
             if os.getpid() != self._owner:
                 raise RuntimeError("VerifyPool used in a forked child; create a new pool there")
+            self._dying = [w for w in self._dying if w.proc.poll() is None]
             self._fill()
             while queue or any(w.job is not None for w in self._workers):
+                self._fill()
                 self._dispatch(queue, jobs, timeout_s)
-                self._poll(self._workers, self._next_wakeup(), results)
+                self._poll(self._all(), self._next_wakeup(), results)
                 self._expire(results)
+            self._fill()  # replacements start now, in the background
         return results  # type: ignore[return-value]
 
     def _fill(self) -> None:
         while len(self._workers) < self.n_workers:
             self._workers.append(_Worker(self.memory_mb, self.start_timeout_s))
+        while len(self._spares) < self.n_spares:
+            self._spares.append(_Worker(self.memory_mb, self.start_timeout_s))
 
     def _dispatch(self, queue: deque, jobs, timeout_s: float) -> None:
         for w in self._workers:
@@ -262,7 +292,7 @@ class VerifyPool:
         return max(0.0, (w.deadline if w.ready else w.start_deadline) - time.monotonic())
 
     def _next_wakeup(self) -> float:
-        active = [w for w in self._workers if w.job is not None or not w.ready]
+        active = [w for w in self._all() if w.job is not None or not w.ready]
         return min((self._remaining(w) for w in active), default=0.0)
 
     def _poll(self, workers: list[_Worker], timeout: float, results=None) -> None:
@@ -283,7 +313,7 @@ class VerifyPool:
 
     def _expire(self, results) -> None:
         now = time.monotonic()
-        for w in list(self._workers):
+        for w in self._all():
             if w.job is not None and now >= w.deadline:
                 self._replace(w, results, "timeout")
             elif not w.ready and now >= w.start_deadline:
@@ -294,7 +324,8 @@ class VerifyPool:
 
     def _replace(self, w: _Worker, results, status: str) -> None:
         code = w.proc.poll()
-        w.kill()
+        if not w.kill():
+            self._dying.append(w)
         if not w.ready:
             raise RuntimeError(
                 f"math-verify worker pid {w.pid} died while starting (exit code {code}); "
@@ -302,7 +333,12 @@ class VerifyPool:
             )
         if results is not None and w.job is not None:
             results[w.job] = Verdict(0.0, status)
-        self._workers[self._workers.index(w)] = _Worker(self.memory_mb, self.start_timeout_s)
+        if w in self._spares:
+            self._spares.remove(w)
+            return
+        # A spare has math-verify imported already: the slot is usable at once.
+        fresh = self._spares.pop(0) if self._spares else _Worker(self.memory_mb, self.start_timeout_s)
+        self._workers[self._workers.index(w)] = fresh
 
 
 _default_pool: VerifyPool | None = None

@@ -1,0 +1,92 @@
+"""Load question/answer math datasets into `Task`s with Hugging Face `datasets`.
+
+What: `load_math_dataset(path_or_name, split, question_key, answer_key, limit)` -> list[Task] with
+`env="math"`, `metadata["answer"]` the gold answer as a string (what the "math" reward checks) and
+`metadata["source"]`. Works for local `.jsonl`/`.json`/`.parquet`/`.csv` files, a local folder of such
+files, or a Hub dataset name when online (offline, the `datasets` error is re-raised with a hint).
+
+How: a local file is read with the matching `datasets` builder ("json", "parquet", "csv") and the
+file becomes the requested split, so `load_math_dataset("test.jsonl", "test")` works; a folder or
+Hub name is loaded with `load_dataset(path, split=split)`. A missing column fails naming the
+available columns.
+
+Departure: GSM8K stores the worked solution and the answer in one field ("... #### 72");
+`answer_format="gsm8k"` keeps only what follows "####" (commas removed). The default ("raw") keeps
+the field as is.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from rl.types import Task
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+ANSWER_FORMATS = ("raw", "gsm8k")
+
+
+def load_math_dataset(
+    path_or_name: str | Path,
+    split: str,
+    question_key: str = "question",
+    answer_key: str = "answer",
+    limit: int | None = None,
+    answer_format: str = "raw",
+    cache_dir: str | Path | None = None,
+) -> list[Task]:
+    """Tasks from a local file/folder or a Hub dataset; `limit` keeps the first rows.
+    `cache_dir` overrides where `datasets` writes its Arrow cache."""
+    if answer_format not in ANSWER_FORMATS:
+        raise ValueError(f"answer_format={answer_format!r} is not one of {ANSWER_FORMATS}")
+    ds = _load(path_or_name, split, None if cache_dir is None else str(cache_dir))
+    missing = [k for k in (question_key, answer_key) if k not in ds.column_names]
+    if missing:
+        raise KeyError(
+            f"{path_or_name} (split {split!r}) has no column {', '.join(map(repr, missing))}; "
+            f"available columns: {ds.column_names}. Pass question_key=/answer_key= to choose others"
+        )
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    source = Path(str(path_or_name)).name or str(path_or_name)
+    tasks = []
+    for i, row in enumerate(ds):
+        question, answer = row[question_key], row[answer_key]
+        if question is None or answer is None:
+            raise ValueError(f"{path_or_name} row {i}: empty {question_key!r} or {answer_key!r}")
+        answer = _gsm8k_answer(str(answer)) if answer_format == "gsm8k" else str(answer).strip()
+        digest = hashlib.sha256(str(question).encode()).hexdigest()[:10]
+        tasks.append(Task(
+            task_id=f"{source}/{split}/{i}-{digest}",
+            env="math",
+            question=str(question),
+            metadata={"answer": answer, "source": str(path_or_name), "row": i},
+        ))
+    return tasks
+
+
+def _load(path_or_name: str | Path, split: str, cache_dir: str | None):
+    from datasets import load_dataset
+
+    path = Path(path_or_name)
+    if path.is_file():
+        builder = BUILDERS.get("".join(path.suffixes[-1:]).lower())
+        if builder is None:
+            raise ValueError(f"{path}: unsupported file type; use one of {sorted(BUILDERS)}")
+        return load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
+    if path.is_dir():
+        return load_dataset(str(path), split=split, cache_dir=cache_dir)
+    if str(path_or_name).startswith((".", "/")) or path.suffix.lower() in BUILDERS:
+        raise FileNotFoundError(f"{path_or_name} does not exist (expected a local file or folder)")
+    try:
+        return load_dataset(str(path_or_name), split=split, cache_dir=cache_dir)
+    except (ConnectionError, OSError) as exc:
+        raise RuntimeError(
+            f"could not load Hub dataset {path_or_name!r} split {split!r}: {exc}. "
+            "Offline? Download it once, or point to a local jsonl/parquet/csv file"
+        ) from exc
+
+
+def _gsm8k_answer(text: str) -> str:
+    if "####" not in text:
+        raise ValueError(f"answer_format='gsm8k' expects '#### <answer>' in the answer, got {text[:80]!r}")
+    return text.rsplit("####", 1)[1].strip().replace(",", "")
