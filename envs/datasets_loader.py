@@ -10,6 +10,10 @@ file becomes the requested split, so `load_math_dataset("test.jsonl", "test")` w
 Hub name is loaded with `load_dataset(path, split=split)`. A missing column fails naming the
 available columns.
 
+`DatasetEnv` wraps it as a task environment (`tasks(split, n, seed)`, like `MathEnv`). A folder or
+Hub dataset uses its own splits; a *single file* has none, so its rows are partitioned by a hash of
+the question (about `test_fraction` of them are "test") and train/test never share a question.
+
 Departure: GSM8K stores the worked solution and the answer in one field ("... #### 72");
 `answer_format="gsm8k"` keeps only what follows "####" (commas removed). The default ("raw") keeps
 the field as is.
@@ -17,6 +21,8 @@ the field as is.
 from __future__ import annotations
 
 import hashlib
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rl.types import Task
@@ -90,3 +96,40 @@ def _gsm8k_answer(text: str) -> str:
     if "####" not in text:
         raise ValueError(f"answer_format='gsm8k' expects '#### <answer>' in the answer, got {text[:80]!r}")
     return text.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+def _question_bucket(question: str) -> float:
+    return int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "big") / 2**64
+
+
+@dataclass
+class DatasetEnv:
+    """A question/answer dataset as a task environment with disjoint train/test splits."""
+
+    path_or_name: str
+    question_key: str = "question"
+    answer_key: str = "answer"
+    answer_format: str = "raw"
+    test_fraction: float = 0.1  # only for a single file, which has no splits of its own
+    name: str = "dataset"
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def tasks(self, split: str, n: int, seed: int | None = None) -> list[Task]:
+        """Up to `n` tasks of `split` (all of them if fewer); `seed` shuffles before taking `n`."""
+        if split not in self._cache:
+            self._cache[split] = self._load(split)
+        rows = list(self._cache[split])
+        if seed is not None:
+            random.Random(f"dataset:{seed}:{split}").shuffle(rows)
+        return rows[:n]
+
+    def _load(self, split: str) -> list[Task]:
+        kwargs = dict(question_key=self.question_key, answer_key=self.answer_key,
+                      answer_format=self.answer_format)
+        if not Path(self.path_or_name).is_file():
+            return load_math_dataset(self.path_or_name, split, **kwargs)
+        if split not in ("train", "test"):
+            raise ValueError(f"split={split!r}: a single file is partitioned into 'train' and 'test' only")
+        everything = load_math_dataset(self.path_or_name, "train", **kwargs)
+        in_test = [_question_bucket(t.question) < self.test_fraction for t in everything]
+        return [t for t, is_test in zip(everything, in_test) if is_test == (split == "test")]

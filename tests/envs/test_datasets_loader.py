@@ -57,3 +57,27 @@ def test_missing_column_lists_available(tmp_path):
 def test_missing_local_file_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_math_dataset(tmp_path / "nope.jsonl", "train")
+
+
+def test_dataset_env_single_file_splits_never_overlap(tmp_path):
+    from envs.datasets_loader import DatasetEnv
+
+    path = tmp_path / "many.jsonl"
+    path.write_text("\n".join(json.dumps({"question": f"What is {i}+1?", "answer": str(i + 1)})
+                              for i in range(200)))
+    env = DatasetEnv(str(path), test_fraction=0.2)
+    train, test = env.tasks("train", 10_000), env.tasks("test", 10_000)
+    assert len(train) + len(test) == 200 and 20 < len(test) < 60
+    assert not {t.question for t in train} & {t.question for t in test}
+    assert env.tasks("train", 5) == train[:5]
+    assert [t.question for t in env.tasks("train", 5, seed=1)] != [t.question for t in train[:5]]
+
+
+def test_dataset_env_folder_uses_its_own_splits(tmp_path):
+    from envs.datasets_loader import DatasetEnv
+
+    for split, q in [("train", "What is 1+1?"), ("test", "What is 2+2?")]:
+        (tmp_path / f"{split}.jsonl").write_text(json.dumps({"q": q, "a": "x"}) + "\n")
+    env = DatasetEnv(str(tmp_path), question_key="q", answer_key="a")
+    assert [t.question for t in env.tasks("test", 10)] == ["What is 2+2?"]
+    assert [t.question for t in env.tasks("train", 10)] == ["What is 1+1?"]
