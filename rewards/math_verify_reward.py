@@ -20,7 +20,7 @@ training script is not re-run in every worker and needs no `if __name__ == "__ma
 job gets a deadline when it is handed to a ready worker; a worker past its deadline is SIGKILLed and
 replaced (~0.5 s to re-import math-verify), and its job scores 0.0 with status "timeout". A worker that
 dies (segfault, memory limit) scores "crashed". Workers run under an address-space limit, so a
-runaway expansion cannot take the trainer's memory, and die with the trainer (PR_SET_PDEATHSIG).
+runaway expansion cannot take the trainer's memory, and die with the trainer (PR_SET_PDEATHSIG + watchdog).
 The default pool is created on first use and closed at exit (atexit); `with VerifyPool() as pool:`
 gives a private one.
 
@@ -102,27 +102,35 @@ def _limit_memory(memory_mb: int | None) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this worker when the trainer dies, even mid-computation (best effort)."""
-    try:
-        import ctypes
-        import signal
+def _die_with_parent(parent: int, use_pdeathsig: bool) -> None:
+    """Exit when the trainer dies. PR_SET_PDEATHSIG (Linux) kills even mid-computation, but fires
+    when the *thread* that started us exits, so it is only used for workers started by the main
+    thread; a watchdog thread covers the rest (it runs between bytecodes, so a C-level loop delays
+    it until the loop ends or hits the memory limit)."""
+    if use_pdeathsig:
+        try:
+            import ctypes
+            import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watchdog() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watchdog, daemon=True, name="parent-watchdog").start()
 
 
 def _worker_main() -> None:
-    """Worker entry (argv: socket fd, memory MB). Sends ("ready", pid), then answers each
-    (job, final, gold) with (job, score, status) until it reads None or EOF."""
-    from multiprocessing.connection import Connection
-
-    fd, memory_mb = int(sys.argv[1]), int(sys.argv[2])
-    parent = int(sys.argv[3])
-    _die_with_parent()
+    """Worker entry (argv: socket fd, memory MB, parent pid, pdeathsig 0/1). Sends ("ready", pid),
+    then answers each (job, final, gold) with (job, score, status) until it reads None or EOF."""
+    fd, memory_mb, parent, pdeathsig = (int(a) for a in sys.argv[1:5])
+    _die_with_parent(parent, bool(pdeathsig))
     if os.getppid() != parent:
-        return  # the trainer died before prctl took effect
+        return  # the trainer died before we got here
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # silence "timeout disabled" warnings
     import math_verify  # noqa: F401  (imports before the memory limit)
 
@@ -159,7 +167,8 @@ class _Worker:
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[1])  # so `rewards` imports without installing
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        args = [str(theirs.fileno()), str(memory_mb or 0), str(os.getpid())]
+        main_thread = threading.current_thread() is threading.main_thread()
+        args = [str(theirs.fileno()), str(memory_mb or 0), str(os.getpid()), str(int(main_thread))]
         self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_CMD, *args], env=env,
                                      pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL)
@@ -281,11 +290,16 @@ class VerifyPool:
             self._spares.append(_Worker(self.memory_mb, self.start_timeout_s))
 
     def _dispatch(self, queue: deque, jobs, timeout_s: float) -> None:
-        for w in self._workers:
+        for w in list(self._workers):
             if queue and w.ready and w.job is None:
-                idx = queue.popleft()
+                idx = queue[0]
                 final, gold = jobs[idx]
-                w.conn.send((idx, str(final), str(gold)))
+                try:
+                    w.conn.send((idx, str(final), str(gold)))
+                except OSError:  # died while idle: replace it; the job stays queued
+                    self._replace(w, None, "crashed")
+                    continue
+                queue.popleft()
                 w.job, w.deadline = idx, time.monotonic() + timeout_s
 
     def _remaining(self, w: _Worker) -> float:
@@ -324,7 +338,7 @@ class VerifyPool:
 
     def _replace(self, w: _Worker, results, status: str) -> None:
         code = w.proc.poll()
-        if not w.kill():
+        if not w.kill(wait_s=0.05):  # never block the trainer on reaping; retried later
             self._dying.append(w)
         if not w.ready:
             raise RuntimeError(

@@ -152,3 +152,15 @@ def test_closing_the_default_pool_leaves_no_processes():
     default_pool().close()
     assert _children_running_workers() == []
     assert verify_answer("The answer is 2", "2") == 1.0  # reopens on demand
+
+
+def test_pool_started_by_a_finished_thread_keeps_working():
+    # PR_SET_PDEATHSIG fires when the *thread* that started a worker exits; workers must survive it.
+    with VerifyPool(workers=1, spares=0) as pool:
+        th = threading.Thread(target=pool.start)
+        th.start()
+        th.join(60)
+        pid = pool.pids()[0]
+        time.sleep(0.3)
+        assert tuple(pool.run([("The answer is 408", "408")], timeout_s=20)[0]) == (1.0, "verified")
+        assert pool.pids() == [pid]
