@@ -167,13 +167,37 @@ def test_quantize_backends_match_reference(backend, dtype, scale_rule):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale_rule", ["floor", "ceil"])
-def test_stochastic_backends_match_reference(backend, scale_rule):
-    w = _mixed_weights(torch.bfloat16)
+def test_stochastic_backends_match_reference(backend, dtype, scale_rule):
+    w = _mixed_weights(dtype)
     ref = quantize(w, scale_rule=scale_rule, stochastic=True, generator=torch.Generator().manual_seed(5), backend="torch")
     got = quantize(w, scale_rule=scale_rule, stochastic=True, generator=torch.Generator().manual_seed(5), backend=backend)
     _assert_bits_equal(got[0], ref[0])
     _assert_bits_equal(got[1], ref[1])
+
+
+def test_cpu_backend_splits_work_across_threads():
+    w = _mixed_weights(torch.bfloat16, shape=(4, 40, 1664))  # 8320 groups: three threads' worth
+    assert w.numel() // 32 >= 2 * mxfp4_cpu._MIN_GROUPS_PER_THREAD
+    ref = quantize_ref(w)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # uneven split on purpose
+    try:
+        got = quantize(w, backend="cpu")
+        out = dequantize(*got, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    _assert_bits_equal(got[0], ref[0])
+    _assert_bits_equal(out, dequantize_ref(*ref))
+
+
+def test_cpu_backend_without_a_compiler_falls_back_to_torch(monkeypatch):
+    monkeypatch.setattr(mxfp4_cpu, "_library", lambda: None)
+    w = _mixed_weights(torch.float32)
+    blocks, scales = quantize(w, backend="cpu")
+    _assert_bits_equal(blocks, quantize_ref(w)[0])
+    _assert_bits_equal(dequantize(blocks, scales, backend="cpu"), dequantize_ref(blocks, scales))
 
 
 def _all_bytes_all_scales(scale_lo: int = 0, scale_hi: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
