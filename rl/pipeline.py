@@ -49,6 +49,9 @@ def run(cfg) -> dict:
     from rl.evaluate import evaluate_checkpoints
     from rl.train import train
 
+    if cfg.env.name != "math" and (cfg.sft.enabled or not cfg.model.path):
+        raise SystemExit(f"pipeline: env={cfg.env.name} has no generated solution traces for the tiny "
+                         "build/SFT; pass model.path=<HF checkpoint> and sft.enabled=false")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

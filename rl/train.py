@@ -49,7 +49,6 @@ class TrainState:
         import ray
         from torch.utils.tensorboard import SummaryWriter
 
-        from rewards.compose import CompositeReward
         from rl.learner import learner_actor
 
         self.cfg = cfg
@@ -66,7 +65,7 @@ class TrainState:
             ray.get(self.learner.load.remote(str(resume_from)))
         self.start_path = start_path
         self.workers = [make_worker(start_path, cfg.rollout, cfg.seed + i) for i in range(cfg.rollout.num_workers)]
-        self.reward = CompositeReward.from_config(OmegaConf.to_container(cfg.reward))
+        self.reward = build_reward(cfg.reward)
         self.writer = SummaryWriter(str(Path(cfg.run_dir) / "tensorboard"))
 
     def restart_workers(self) -> None:
@@ -84,6 +83,24 @@ class TrainState:
         return checkpoint.save(
             self.cfg.run_dir, self.step, lambda p: ray.get(self.learner.save.remote(str(p))),
             {"cursor": self.stream.cursor, "seed": self.cfg.seed}, keep=self.cfg.train.keep_checkpoints)
+
+
+def build_reward(reward_cfg):
+    """CompositeReward from the `reward` node: weights by name, built-in options, extra plugins.
+
+    plugins entries: {weight: w, name: registered_name, **options} or {weight: w, _target_: ...,
+    key: log_name}."""
+    from rewards.compose import CompositeReward
+
+    options = {"math": {"timeout_s": reward_cfg.math_timeout_s},
+               "effort_length": {"budgets": dict(reward_cfg.effort_budgets)}}
+    spec: dict = {name: {"weight": w, **options.get(name, {})} for name, w in reward_cfg.weights.items()}
+    for i, plugin in enumerate(OmegaConf.to_container(reward_cfg.plugins, resolve=True)):
+        if not isinstance(plugin, dict) or "weight" not in plugin:
+            raise ValueError(f"reward.plugins[{i}] must be a mapping with 'weight', got {plugin!r}")
+        key = plugin.pop("key", None) or plugin.get("name") or plugin["_target_"].rsplit(".", 1)[-1]
+        spec[key] = plugin
+    return CompositeReward.from_config(spec)
 
 
 def sync_weights(state: TrainState) -> None:
