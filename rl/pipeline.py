@@ -70,7 +70,10 @@ def run(cfg) -> dict:
     t = time.perf_counter()
     final = str(Path(cfg.run_dir) / "checkpoints" / f"step_{state.step:06d}")
     names = {"sft" if cfg.sft.enabled else "initial": str(policy), "rl": final}
-    results = evaluate_checkpoints(names, cfg, run_dir / "eval", engine=state.workers[0])
+    try:
+        results = evaluate_checkpoints(names, cfg, run_dir / "eval", engine=state.workers[0])
+    finally:
+        state.close()
     timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     (run_dir / "timings.json").write_text(json.dumps(timings, indent=1))

@@ -77,6 +77,14 @@ class TrainState:
                         for i in range(self.cfg.rollout.num_workers)]
         sync_weights(self)
 
+    def close(self) -> None:
+        """Stop the actors of this run (Ray itself stays up for the caller)."""
+        import ray
+
+        self.writer.close()
+        for actor in [*self.workers, self.learner]:
+            ray.kill(actor, no_restart=True)
+
     def save(self) -> Path:
         import ray
 
