@@ -12,16 +12,18 @@ from rl.types import Sample, Task
 log = logging.getLogger(__name__)
 
 
-def engine_kwargs(rollout_cfg, seed: int) -> dict[str, Any]:
-    return dict(dtype=rollout_cfg.dtype, max_model_len=rollout_cfg.max_model_len,
-                kv_cache_gib=rollout_cfg.kv_cache_gib, seed=seed)
+def engine_config(rollout_cfg, seed: int) -> dict[str, Any]:
+    """The engine's settings from the `rollout` node (RolloutConfig.from_dict picks its fields)."""
+    from omegaconf import OmegaConf
+
+    return {**OmegaConf.to_container(rollout_cfg, resolve=True), "seed": seed}
 
 
 def make_engine(model_path: str, rollout_cfg, seed: int):
     """An in-process vLLM engine (evaluation, tests)."""
     from rl.rollout import RolloutEngine
 
-    return RolloutEngine(str(model_path), **engine_kwargs(rollout_cfg, seed))
+    return RolloutEngine(str(model_path), engine_config(rollout_cfg, seed))
 
 
 def make_worker(model_path: str, rollout_cfg, seed: int):
@@ -29,7 +31,7 @@ def make_worker(model_path: str, rollout_cfg, seed: int):
     from rl.rollout import RolloutWorker
 
     return RolloutWorker.options(num_cpus=rollout_cfg.num_cpus).remote(
-        str(model_path), **engine_kwargs(rollout_cfg, seed))
+        str(model_path), engine_config(rollout_cfg, seed))
 
 
 def call(engine, method: str, *args, **kwargs):
