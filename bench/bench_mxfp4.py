@@ -7,7 +7,8 @@ one measurement takes about a second). Bytes counted for every row, memcpy inclu
 the bf16 tensor on the wide side: the bf16 output of dequantise, the bf16 input of quantise. memcpy is
 `clone()` of a bf16 buffer of that size (allocation included, as dequantise/quantise allocate their
 outputs too), with torch's threads and with one thread, and a copy into a buffer allocated the way
-the CPU dequantise allocates (huge-page hint); ratios use the fastest memcpy row. GB/s uses the best wall time over repeats (the box is shared; best-of filters neighbours).
+the CPU dequantise allocates (huge-page hint); ratios use the fastest memcpy row. GB/s uses the best
+wall time over repeats (the box is shared; best-of filters out the neighbours).
 The torch reference paths are slow, so they run on one expert (their GB/s is size-independent).
 Peak memory: the peak resident set (CPU; /proc VmHWM, reset before each row) or the peak CUDA
 allocation above what was live before the row.
@@ -31,9 +32,15 @@ from kernels.mxfp4_cpu import empty_hugepages
 
 DIM = 2880  # gpt-oss hidden size = expert intermediate size
 SECTION = "## MXFP4 quantise/dequantise"
-
-
 _LIBC = ctypes.CDLL(None)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def _vm_kib(field: str) -> int:
@@ -51,7 +58,8 @@ def _peak_mib(fn: Callable[[], object], device: torch.device) -> float:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     try:
-        _LIBC.malloc_trim(0)  # hand freed heap pages back, or the next allocation reuses them unseen
+        if hasattr(_LIBC, "malloc_trim"):  # glibc: hand freed heap pages back, or reuse hides the peak
+            _LIBC.malloc_trim(0)
         base = _vm_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
@@ -133,11 +141,12 @@ def run(experts: int, min_time: float, device: torch.device) -> tuple[list[str],
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
-        where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+        where = f"{_cpu_model()}, {torch.get_num_threads()} torch threads"
     header = [
         f"Device: {where}; torch {torch.__version__}.",
         f"Workload: {experts} x {DIM} x {DIM} bf16 ({experts * DIM * DIM * 2 / 1e6:.0f} MB); "
-        "bytes counted = bf16 output of dequantise / bf16 input of quantise; memcpy = clone of that many bytes.",
+        "bytes counted = bf16 output of dequantise / bf16 input of quantise, memcpy rows copy that many bytes; "
+        "stochastic rows include drawing the fp32 uniforms (torch.rand).",
         "GB/s from the best of repeated runs (>= 3, >= ~1 s in total); x memcpy = ratio to the fastest memcpy row; "
         "peak = memory above the live baseline.",
     ]

@@ -9,7 +9,7 @@ checkpoint code (kernels/mxfp4_checkpoint.py) moves the input dimension last bef
 How: one plain-torch reference (`quantize_ref` / `dequantize_ref`, written for clarity) and faster
 twins chosen by `backend=` through the `BACKENDS` registry:
   "torch"  - the reference, any device;
-  "cpu"    - fast CPU path (kernels/mxfp4_cpu.py: numba over a (scale, byte) -> value-pair table);
+  "cpu"    - fast CPU path (kernels/mxfp4_cpu.py: small C loops; dequantise is one table load per byte);
   "triton" - Triton kernels (kernels/mxfp4_triton.py); runs natively on CUDA tensors and under the
              Triton interpreter on CPU tensors (that is how CPU tests validate it).
 `backend=None` picks "triton" for CUDA tensors and "cpu" otherwise. All backends give identical bytes.
@@ -162,10 +162,6 @@ def dequantize_ref(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtyp
 # Backend registry and public entry points
 
 
-def _torch_quantize(w, *, scale_rule, noise):
-    return quantize_ref(w, scale_rule=scale_rule, noise=noise)
-
-
 def _cpu_quantize(w, *, scale_rule, noise):
     from kernels import mxfp4_cpu
 
@@ -192,7 +188,7 @@ def _triton_dequantize(blocks, scales, dtype):
 
 # name -> (quantize(w, scale_rule=, noise=), dequantize(blocks, scales, dtype)); inputs already checked.
 BACKENDS: dict[str, tuple[Callable, Callable]] = {
-    "torch": (_torch_quantize, dequantize_ref),
+    "torch": (quantize_ref, dequantize_ref),
     "cpu": (_cpu_quantize, _cpu_dequantize),
     "triton": (_triton_quantize, _triton_dequantize),
 }
@@ -223,9 +219,9 @@ def quantize(
     ('0xc6', 125)
     """
     check_quantize_input(w, scale_rule)
-    noise = uniform_noise(w, generator) if stochastic else None
     quantize_fn, _ = _backend(backend, w.device)
-    return quantize_fn(w, scale_rule=scale_rule, noise=noise)
+    noise = uniform_noise(w, generator) if stochastic else None
+    return quantize_fn(w.detach(), scale_rule=scale_rule, noise=noise)
 
 
 def dequantize(

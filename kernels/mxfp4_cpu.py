@@ -99,7 +99,7 @@ void NAME(const T* restrict bits, const T* restrict thr, const float* restrict n
     const T mid[7] = MIDPOINTS(T, SHIFT16);                                                         \
     for (int64_t g = g0; g < g1; g++) {                                                             \
         const T* restrict x = bits + g * 32;                                                        \
-        __builtin_prefetch(x + PREFETCH_GROUPS * 32);  /* hardware prefetch alone leaves it latency-bound */\
+        __builtin_prefetch(x + PREFETCH_GROUPS * 32);  /* HW prefetch alone leaves it latency-bound */  \
         T amax = 0;                                                                                 \
         for (int i = 0; i < 32; i++) { T a = x[i] & abs_mask; amax = a > amax ? a : amax; }         \
         int s = scale_byte((uint32_t)amax, EXP_SHIFT, (uint32_t)(min_normal - 1), ceil_rule);      \
@@ -187,7 +187,8 @@ def _library() -> ctypes.CDLL | None:
     """Build (once per machine, cached) and load the C kernels; None if that is not possible."""
     compiler = os.environ.get("CC", "cc")
     flags = _compile_flags()
-    key = hashlib.sha256("\0".join([_C_SOURCE, compiler, *flags, _cpu_fingerprint()]).encode()).hexdigest()[:16]
+    fingerprint = "\0".join([_C_SOURCE, compiler, *flags, _cpu_fingerprint()])
+    key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
     cache = Path(os.environ.get("DELIBERATE_KERNEL_CACHE", Path.home() / ".cache" / "deliberate"))
     lib_path = cache / f"mxfp4_cpu_{key}.so"
     if not lib_path.exists():
@@ -204,11 +205,11 @@ def _library() -> ctypes.CDLL | None:
             warnings.warn(f"MXFP4 CPU kernels not built ({compiler} {' '.join(flags)}): {detail}; using torch")
             return None
     lib = ctypes.CDLL(str(lib_path))
-    for name in ("quantize_bf16", "quantize_f32"):
-        # bits, thresholds, noise (may be NULL), ceil_rule, blocks, scales, g0, g1
-        getattr(lib, name).argtypes = [*[ctypes.c_void_p] * 3, ctypes.c_int, *[ctypes.c_void_p] * 2, *[ctypes.c_int64] * 2]
+    ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    for name in ("quantize_bf16", "quantize_f32"):  # bits, thresholds, noise|NULL, ceil, blocks, scales, g0, g1
+        getattr(lib, name).argtypes = [ptr, ptr, ptr, i32, ptr, ptr, i64, i64]
     for name in ("dequantize_pairs32", "dequantize_pairs64"):
-        getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2
+        getattr(lib, name).argtypes = [ptr, ptr, ptr, ptr, i64, i64]  # blocks, scales, table, out, g0, g1
     return lib
 
 

@@ -171,8 +171,10 @@ def test_quantize_backends_match_reference(backend, dtype, scale_rule):
 @pytest.mark.parametrize("scale_rule", ["floor", "ceil"])
 def test_stochastic_backends_match_reference(backend, dtype, scale_rule):
     w = _mixed_weights(dtype)
-    ref = quantize(w, scale_rule=scale_rule, stochastic=True, generator=torch.Generator().manual_seed(5), backend="torch")
-    got = quantize(w, scale_rule=scale_rule, stochastic=True, generator=torch.Generator().manual_seed(5), backend=backend)
+    def draw(name):
+        return quantize(w, scale_rule=scale_rule, stochastic=True, generator=torch.Generator().manual_seed(5), backend=name)
+
+    ref, got = draw("torch"), draw(backend)
     _assert_bits_equal(got[0], ref[0])
     _assert_bits_equal(got[1], ref[1])
 

@@ -56,7 +56,8 @@ def test_stochastic_fake_quantisation_is_reproducible():
 def test_rollout_weights_equal_the_checkpoint(tmp_path):
     model = _tiny_model()
     weights = quantized_expert_weights(model)
-    assert set(weights) == {f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")}
+    names = {f"model.layers.{i}.mlp.experts.{proj}" for i in range(2) for proj in ("gate_up_proj", "down_proj")}
+    assert set(weights) == names
     save_mxfp4_checkpoint(model, tmp_path)
     loaded = load_mxfp4_checkpoint(tmp_path, dtype=torch.float32).state_dict()
     for name, value in weights.items():
