@@ -81,7 +81,10 @@ def unpack_state_dict(
             raise KeyError(f"{key} has no matching {scales_key} in the state dict")
         weight = dequantize(value, sd[scales_key], dtype, backend=backend)  # [E, out, in]
         out[name] = weight.transpose(-1, -2).contiguous()  # [E, in, out]
-    orphans = [k for k in sd if k.endswith(SCALES_SUFFIX) and k.removesuffix(SCALES_SUFFIX) not in out]
+    orphans = [
+        k for k in sd if k.endswith(SCALES_SUFFIX) and _is_expert_weight(name := k.removesuffix(SCALES_SUFFIX))
+        and name not in out
+    ]  # fmt: skip
     if orphans:
         raise KeyError(f"scales without blocks: {orphans}")
     return out
@@ -113,6 +116,7 @@ def save_mxfp4_checkpoint(
     _write_atomically(out_dir / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
 
     config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]  # vLLM picks the model class from this
     config["quantization_config"] = dict(QUANTIZATION_CONFIG)
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")

@@ -69,6 +69,7 @@ def test_save_load_round_trip(tmp_path):
     save_mxfp4_checkpoint(model, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["quantization_config"] == QUANTIZATION_CONFIG
+    assert config["architectures"] == ["GptOssForCausalLM"] and config["dtype"] == "bfloat16"
 
     expected = _experts(unpack_state_dict(pack_state_dict(model.state_dict()), torch.float32))
     loaded = load_mxfp4_checkpoint(tmp_path, dtype=torch.float32)
@@ -102,6 +103,13 @@ def test_transformers_from_pretrained_loads_our_checkpoint(tmp_path, dtype):
     tokens = torch.randint(0, 512, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens).logits, hf(tokens).logits, rtol=0, atol=0)
+
+
+def test_unpack_reports_scales_without_blocks():
+    packed = pack_state_dict({"model.layers.0.mlp.experts.down_proj": torch.randn(2, 64, 32)})
+    del packed["model.layers.0.mlp.experts.down_proj_blocks"]
+    with pytest.raises(KeyError, match="scales without blocks"):
+        unpack_state_dict(packed)
 
 
 def test_unpack_reports_missing_scales():
