@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import os
 import platform
 import sys
 import time
@@ -140,8 +141,9 @@ def run(experts: int, min_time: float, device: torch.device) -> tuple[list[str],
     memcpy_gbs = max(gbs for op, _, _, gbs, _ in results if op == "memcpy")
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
-    else:
-        where = f"{_cpu_model()}, {torch.get_num_threads()} torch threads"
+    else:  # the load average says how shared the box was; ratios come from the same minutes
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        where = f"{_cpu_model()}, {torch.get_num_threads()} torch threads, load average {load}; no CUDA, no Triton rows"
     header = [
         f"Device: {where}; torch {torch.__version__}.",
         f"Workload: {experts} x {DIM} x {DIM} bf16 ({experts * DIM * DIM * 2 / 1e6:.0f} MB); "
