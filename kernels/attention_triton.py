@@ -9,8 +9,10 @@ Backward: delta = rowsum(dO * O) and the sink gradient -sum_q exp(S_h - lse_q) d
 kernel for dK/dV per query head (summed over the GQA group afterwards, no atomics) and one for dQ,
 both recomputing probabilities from the saved log-sum-exp.
 
-Run: used by `kernels.attention` for CUDA tensors. On CPU only under the interpreter, which the
-tests do in a subprocess: `TRITON_INTERPRET=1` (tests/kernels/test_attention.py).
+Run: used by `kernels.attention` for CUDA tensors. On CPU only under Triton's interpreter, which must
+be switched on before triton is imported (the kernels use tl.max / tl.sum / tl.zeros, themselves jit
+helpers), so tests/kernels/test_attention.py runs its Triton checks in a subprocess with
+TRITON_INTERPRET=1 and separately compiles the kernels for sm_90 without a GPU.
 """
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ Layouts: `interleaved=True` reads the checkpoint/transformers order [g0, l0, g1,
 `interleaved=False` reads the split order [g0, g1, ... | l0, l1, ...] that `kernels.moe` uses
 internally. Clamp gradients pass where the input lies in the closed interval, as torch's clamp.
 
-Run: used by `kernels.moe` on CUDA tensors. On CPU it only runs under the interpreter:
-`TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/kernels/test_moe.py -k triton` (the test
-spawns that subprocess itself).
+Run: used by `kernels.moe` on CUDA tensors. On CPU only under Triton's interpreter, switched on before
+triton is imported: tests/kernels/test_moe.py runs its Triton checks in a subprocess with
+TRITON_INTERPRET=1 and compiles both kernels for sm_90 without a GPU.
 """
 from __future__ import annotations
 

@@ -1,0 +1,337 @@
+"""Grouped MoE experts vs transformers' GptOssMLP/GptOssExperts: forward, gradients, MXFP4 frozen base.
+
+The Triton SwiGLU runs under the Triton interpreter in a subprocess (TRITON_INTERPRET=1 has to be set
+before triton is imported) and is compiled for sm_90 without a GPU; the `gpu` test runs it natively.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GptOssConfig, GptOssForCausalLM
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts, GptOssMLP
+
+from kernels.moe import (
+    CPU_ROW_TILE,
+    FrozenMxfp4Experts,
+    GroupedExperts,
+    _sort_by_expert,
+    _swiglu_split,
+    _swiglu_split_backward,
+    _to_interleaved,
+    _to_split,
+    grouped_experts,
+    grouped_experts_forward,
+    mxfp4_experts,
+    swiglu,
+    swiglu_backward,
+)
+from kernels.mxfp4 import dequantize
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _mlp(H=64, I=32, E=4, k=2, impl="eager", std=0.3, seed=0) -> GptOssMLP:
+    config = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k)
+    config._experts_implementation = impl
+    torch.manual_seed(seed)
+    mlp = GptOssMLP(config)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=std)  # std 0.3 on H=64 puts many pre-activations past the +-7 clamps
+    return mlp
+
+
+def _close(actual, expected, rtol=1e-5, msg=None):
+    """fp32 equivalence with the tolerance scaled to the tensor's magnitude (sums over tokens)."""
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * float(expected.abs().max()), msg=msg)
+
+
+def _pre_activation(n=64, two_i=48, seed=0) -> torch.Tensor:
+    """Gate/linear values across the clamps, with exact +-7 boundaries (gradient passes there)."""
+    u = torch.randn(n, two_i, generator=torch.Generator().manual_seed(seed)) * 6
+    u[0, :6] = torch.tensor([7.0, 7.0, 7.0, -7.0, 8.0, 9.0])
+    return u
+
+
+# ---- activation ----------------------------------------------------------------------------------
+def test_swiglu_matches_transformers_apply_gate():
+    experts = GptOssExperts(GptOssConfig(hidden_size=32, intermediate_size=24, num_local_experts=2))
+    u = _pre_activation().requires_grad_()
+    ref = experts._apply_gate(u)
+    dy = torch.randn_like(ref)
+    (du_ref,) = torch.autograd.grad(ref, u, dy)
+    torch.testing.assert_close(swiglu(u.detach()), ref.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(swiglu_backward(u.detach(), dy), du_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_split_layout_cpu_path_matches_reference():
+    u, dy = _pre_activation(), torch.randn(64, 24)
+    us = _to_split(u)
+    torch.testing.assert_close(_to_interleaved(us), u, rtol=0, atol=0)
+    torch.testing.assert_close(_swiglu_split(us, 1.702, 7.0), swiglu(u), rtol=1e-6, atol=1e-6)
+    y, du = _swiglu_split_backward(us, dy, 1.702, 7.0)
+    torch.testing.assert_close(y, swiglu(u), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(_to_interleaved(du), swiglu_backward(u, dy), rtol=1e-6, atol=1e-6)
+
+
+# ---- dense experts vs transformers ---------------------------------------------------------------
+def _run(mlp: GptOssMLP, x: torch.Tensor, dy: torch.Tensor):
+    mlp.zero_grad()
+    x = x.clone().requires_grad_()
+    y, _ = mlp(x)
+    y.backward(dy)
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in mlp.named_parameters()}
+
+
+@pytest.mark.parametrize("stock", ["eager", "grouped_mm"])
+@pytest.mark.parametrize(("H", "I", "E", "k", "N"), [(64, 32, 4, 2, 50), (32, 64, 8, 4, 7), (64, 32, 16, 2, 5)])
+def test_grouped_experts_match_transformers(stock, H, I, E, k, N):
+    mlp = _mlp(H, I, E, k, impl=stock)
+    x, dy = torch.randn(2, N, H), torch.randn(2, N, H)
+    y_ref, dx_ref, g_ref = _run(mlp, x, dy)
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register("deliberate_grouped", grouped_experts_forward)
+    mlp.experts.config._experts_implementation = "deliberate_grouped"
+    y, dx, g = _run(mlp, x, dy)
+    _close(y, y_ref)
+    _close(dx, dx_ref)
+    for name in g_ref:  # router weight/bias and all four expert tensors
+        _close(g[name], g_ref[name], msg=name)
+
+
+def _dense_inputs(N=9, H=32, I=32, E=4, k=2, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, H, generator=g, dtype=dtype)
+    logits = torch.randn(N, E, generator=g, dtype=dtype)
+    top, idx = logits.topk(k, dim=-1)
+    weights = top.softmax(-1)
+    w1 = torch.randn(E, H, 2 * I, generator=g, dtype=dtype) * 0.8
+    b1 = torch.randn(E, 2 * I, generator=g, dtype=dtype)
+    w2 = torch.randn(E, I, H, generator=g, dtype=dtype) * 0.3
+    b2 = torch.randn(E, H, generator=g, dtype=dtype)
+    return x, idx, weights, w1, b1, w2, b2
+
+
+def test_hand_written_backward_passes_gradcheck(monkeypatch):
+    monkeypatch.setattr("kernels.moe.CPU_ROW_TILE", 3)  # several tiles per expert
+    x, idx, weights, w1, b1, w2, b2 = _dense_inputs(N=8, H=6, I=5, E=3)
+    leaves = [t.requires_grad_() for t in (x, weights, w1, b1, w2, b2)]
+
+    def f(x, weights, w1, b1, w2, b2):
+        return grouped_experts(x, idx, weights, w1, b1, w2, b2)
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)
+
+
+def test_only_active_experts_are_visited_and_idle_ones_get_zero_grads():
+    x, _, weights, w1, b1, w2, b2 = _dense_inputs(E=6, dtype=torch.float32)
+    idx = torch.tensor([[0, 3]] * 5 + [[3, 5]] * 4)  # experts 1, 2, 4 idle
+    order, tok, tiles = _sort_by_expert(idx, 6, CPU_ROW_TILE)
+    assert [e for e, _, _ in tiles] == [0, 3, 5]
+    assert torch.equal(idx.reshape(-1)[order], idx.reshape(-1).sort(stable=True).values)
+    params = [t.requires_grad_() for t in (w1, b1, w2, b2)]
+    grouped_experts(x, idx, weights, *params).sum().backward()
+    for p in params:
+        assert p.grad[[1, 2, 4]].abs().max() == 0 and p.grad[[0, 3, 5]].abs().max() > 0
+
+
+def test_frozen_expert_weights_still_give_input_grads():
+    x, idx, weights, w1, b1, w2, b2 = _dense_inputs(dtype=torch.float32)
+    x.requires_grad_()
+    out = grouped_experts(x, idx, weights, w1, b1, w2, b2)  # no weight requires grad
+    (dx,) = torch.autograd.grad(out.sum(), x)
+    x_ref = x.detach().clone().requires_grad_()
+    grouped_experts(x_ref, idx, weights, w1.requires_grad_(), b1, w2, b2).sum().backward()
+    torch.testing.assert_close(dx, x_ref.grad)
+
+
+def test_drop_in_module_shares_parameters_and_state_dict():
+    mlp = _mlp()
+    stock = mlp.experts
+    ours = GroupedExperts.from_stock(stock)
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    assert all(a is b for a, b in zip(ours.parameters(), stock.parameters()))
+    x = torch.randn(11, 64)
+    _, scores, idx = mlp.router(x)
+    torch.testing.assert_close(ours(x, idx, scores), stock(x, idx, scores), rtol=1e-5, atol=1e-5)
+    fresh = GroupedExperts(4, 64, 32)
+    fresh.load_state_dict(stock.state_dict())
+    torch.testing.assert_close(fresh(x, idx, scores), stock(x, idx, scores), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (lambda a: (*a[:3], a[3][:, :16], *a[4:]), "should be (E, H, 2I)"),
+        (lambda a: (a[0], a[1][:, :1], *a[2:]), "tuple(top_k_index.shape)=(9, 1)"),
+        (lambda a: (*a[:6], a[6][:, :8]), "tuple(b2.shape)=(4, 8)"),
+    ],
+)
+def test_shape_errors_name_the_shapes(args, message):
+    x, idx, weights, w1, b1, w2, b2 = _dense_inputs()
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        grouped_experts(*args((x, idx, weights, w1, b1, w2, b2)))
+
+
+# ---- frozen MXFP4 base ---------------------------------------------------------------------------
+def _random_mxfp4(E, H, I, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u8 = dict(dtype=torch.uint8)
+    return {
+        "gate_up_proj_blocks": torch.randint(0, 256, (E, 2 * I, H // 32, 16), generator=g, **u8),
+        "gate_up_proj_scales": torch.randint(121, 125, (E, 2 * I, H // 32), generator=g, **u8),
+        "down_proj_blocks": torch.randint(0, 256, (E, H, I // 32, 16), generator=g, **u8),
+        "down_proj_scales": torch.randint(121, 125, (E, H, I // 32), generator=g, **u8),
+        "gate_up_proj_bias": torch.randn(E, 2 * I, generator=g),
+        "down_proj_bias": torch.randn(E, H, generator=g) * 0.1,
+    }
+
+
+def _mxfp4_module(E, H, I, seed=0) -> FrozenMxfp4Experts:
+    mod = FrozenMxfp4Experts(E, H, I, compute_dtype=torch.float32)
+    mod.load_state_dict(_random_mxfp4(E, H, I, seed))
+    return mod
+
+
+def _dense_from(mod: FrozenMxfp4Experts, config) -> GptOssExperts:
+    """transformers experts holding the dequantised weights (checkpoint (out, in) -> (in, out))."""
+    dense = GptOssExperts(config)
+    with torch.no_grad():
+        dense.gate_up_proj.copy_(dequantize(mod.gate_up_proj_blocks, mod.gate_up_proj_scales, torch.float32).transpose(1, 2))
+        dense.down_proj.copy_(dequantize(mod.down_proj_blocks, mod.down_proj_scales, torch.float32).transpose(1, 2))
+        dense.gate_up_proj_bias.copy_(mod.gate_up_proj_bias)
+        dense.down_proj_bias.copy_(mod.down_proj_bias)
+    return dense
+
+
+def test_mxfp4_experts_match_dequantised_transformers_experts():
+    E, H, I, N = 4, 64, 32, 23
+    config = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=2)
+    config._experts_implementation = "eager"
+    mod = _mxfp4_module(E, H, I)
+    dense = _dense_from(mod, config).requires_grad_(False)
+    x = torch.randn(N, H, requires_grad=True)
+    top, idx = torch.randn(N, E).topk(2, dim=-1)
+    w = top.softmax(-1).requires_grad_()
+    ref = dense(x, idx, w)
+    dy = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, (x, w), dy)
+    out = mod(x, idx, w)
+    g = torch.autograd.grad(out, (x, w), dy)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    assert all(not b.requires_grad for b in mod.buffers())
+
+
+def test_mxfp4_shape_errors_name_the_shapes():
+    m = _random_mxfp4(2, 64, 32)
+    with pytest.raises(ValueError, match=r"down_proj_blocks.shape=\(2, 64, 2, 16\)"):
+        mxfp4_experts(torch.randn(3, 64), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1),
+                      m["gate_up_proj_blocks"], m["gate_up_proj_scales"], m["gate_up_proj_bias"],
+                      m["down_proj_blocks"][:, :, :, :].repeat(1, 1, 2, 1), m["down_proj_scales"], m["down_proj_bias"])
+
+
+def _tiny_model(seed=0) -> GptOssForCausalLM:
+    config = GptOssConfig(head_dim=32, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                          num_hidden_layers=2, sliding_window=8, num_local_experts=4, num_experts_per_tok=2,
+                          intermediate_size=64, vocab_size=128, layer_types=["sliding_attention", "full_attention"],
+                          attn_implementation="eager")
+    torch.manual_seed(seed)
+    return GptOssForCausalLM(config)
+
+
+def test_peft_lora_trains_on_frozen_mxfp4_experts():
+    """LoRA on attention over a 4-bit MoE base: same LoRA grads as over the dequantised dense base."""
+    peft = pytest.importorskip("peft")
+    from kernels.patch import apply_kernels
+
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for quantised in (True, False):
+        model = _tiny_model()
+        for i, layer in enumerate(model.model.layers):
+            mod = _mxfp4_module(4, 64, 64, seed=i)
+            layer.mlp.experts = mod if quantised else _dense_from(mod, model.config)
+        if quantised:
+            apply_kernels(model)
+        lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        lora(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in lora.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8
+    for name in grads[0]:
+        assert grads[0][name].abs().max() > 0
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---- Triton --------------------------------------------------------------------------------------
+_INTERPRETER_CHECK = textwrap.dedent("""
+    import torch
+    from kernels.moe import swiglu, swiglu_backward, _to_split, _to_interleaved
+    from kernels.moe_triton import swiglu_triton, swiglu_backward_triton
+    u = torch.randn(19, 2 * 300) * 6
+    u[0, :6] = torch.tensor([7.0, 7.0, 7.0, -7.0, 8.0, 9.0])
+    dy = torch.randn(19, 300)
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    close(swiglu_triton(u, 1.702, 7.0), swiglu(u))
+    close(swiglu_backward_triton(u, dy, 1.702, 7.0), swiglu_backward(u, dy))
+    us = _to_split(u).contiguous()
+    close(swiglu_triton(us, 1.702, 7.0, interleaved=False), swiglu(u))
+    y, du = swiglu_backward_triton(us, dy, 1.702, 7.0, interleaved=False, return_y=True)
+    close(y, swiglu(u))
+    close(_to_interleaved(du), swiglu_backward(u, dy))
+    print("ok")
+""")
+
+
+def run_interpreted(code: str) -> None:
+    """Run `code` in a fresh interpreter with TRITON_INTERPRET=1 (must precede `import triton`)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+
+
+def test_triton_swiglu_matches_reference_under_interpreter():
+    run_interpreted(_INTERPRETER_CHECK)
+
+
+def test_triton_swiglu_compiles_for_cuda():
+    """Builds both kernels for sm_90 (no GPU needed): catches compiled-mode-only errors."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import moe_triton as mt
+
+    common = {"alpha": "fp32", "limit": "fp32", "BLOCK": "constexpr"}
+    fwd = {"u_ptr": "*bf16", "y_ptr": "*bf16", "n_cols": "i32", "u_row_stride": "i32", "y_row_stride": "i32",
+           "col_stride": "i32", "lin_offset": "i32"} | common
+    bwd = {"u_ptr": "*bf16", "dy_ptr": "*bf16", "du_ptr": "*bf16", "y_ptr": "*bf16", "n_cols": "i32",
+           "u_row_stride": "i32", "dy_row_stride": "i32", "y_row_stride": "i32", "col_stride": "i32",
+           "lin_offset": "i32", "STORE_Y": "constexpr"} | common
+    for fn, sig, consts in [(mt._swiglu_fwd_kernel, fwd, {"BLOCK": 256}),
+                            (mt._swiglu_bwd_kernel, bwd, {"BLOCK": 256, "STORE_Y": True})]:
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+        assert "ptx" in compiled.asm
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_on_cuda_match_cpu(dtype):
+    x, idx, weights, w1, b1, w2, b2 = _dense_inputs(N=300, H=256, I=128, E=8, k=4, dtype=torch.float32)
+    cpu = [t.requires_grad_() for t in (x, weights, w1, b1, w2, b2)]
+    ref = grouped_experts(cpu[0], idx, *cpu[1:2], *cpu[2:])
+    dy = torch.randn_like(ref)
+    g_ref = torch.autograd.grad(ref, cpu, dy)
+    gpu = [t.detach().to("cuda", dtype).requires_grad_() for t in cpu]
+    out = grouped_experts(gpu[0], idx.cuda(), *gpu[1:])
+    g = torch.autograd.grad(out, gpu, dy.to("cuda", dtype))
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(out.float().cpu(), ref, **tol)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a.float().cpu(), b, **tol)
