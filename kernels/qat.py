@@ -8,7 +8,7 @@ those exact weights for every expert projection, to ship to the rollout engine (
 
 How to use in a training step:
     w_q = fake_quantize_mxfp4(experts.gate_up_proj, dim=EXPERT_GROUP_DIM)  # [E, H, 2I], grads flow to master
-    # or for the whole model, after the optimizer step: engine.load(quantized_expert_weights(model))
+    # after each optimizer step, ship quantized_expert_weights(model) to the rollout engine
 
 Departures: plain STE, no gradient mask where the "floor" rule clips to +-6 (some QAT papers zero
 those gradients); stochastic rounding is available but off by default.
