@@ -32,7 +32,15 @@ SwiGLU runs as the fused Triton kernel in `kernels/moe_triton.py` (fwd + bwd), e
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -65,65 +73,155 @@ def swiglu_backward(gate_up: torch.Tensor, grad_y: torch.Tensor, alpha: float = 
     return torch.stack((d_g, d_u), dim=-1).flatten(-2)  # (..., I, 2) -> (..., 2I)
 
 
-def _to_split(t: torch.Tensor) -> torch.Tensor:
-    """(..., 2I) interleaved [g0, l0, g1, l1, ...] -> (..., 2I) split [g0, g1, ... | l0, l1, ...] (a copy)."""
-    return t.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
-
-
-def _to_interleaved(t: torch.Tensor) -> torch.Tensor:
-    """Inverse of `_to_split`."""
-    return t.unflatten(-1, (2, -1)).transpose(-1, -2).flatten(-2)
-
-
-def _swiglu_split(u: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """`swiglu` on the split layout (n, 2I) = [gate | linear], in few contiguous passes (CPU hot path)."""
+def _act(u: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """`swiglu` of one tile (n, 2I) interleaved -> (n, I): Triton on CUDA, C on CPU, torch otherwise."""
     if u.is_cuda:
         from kernels.moe_triton import swiglu_triton
 
-        return swiglu_triton(u, alpha, limit, interleaved=False)
-    half = u.shape[-1] // 2
-    y = u[:, :half].clamp(max=limit)  # (n, I) gate
-    s = torch.mul(y, alpha).sigmoid_()
-    y.mul_(s)  # glu
-    torch.clamp(u[:, half:], -limit, limit, out=s)
-    return y.addcmul_(y, s)  # glu * (lin + 1)
+        return swiglu_triton(u, alpha, limit)
+    if _cpu_kernel_ok(u):
+        y = u.new_empty(u.shape[0], u.shape[1] // 2)
+        _cpu_lib().fwd[u.dtype](u.data_ptr(), y.data_ptr(), u.shape[0], y.shape[1], u.stride(0), alpha, limit)
+        return y
+    return swiglu(u, alpha, limit)
 
 
-def _swiglu_split_backward(u: torch.Tensor, dy: torch.Tensor, alpha: float,
-                           limit: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Recomputed `y` and d gate_up on the split layout: (n, 2I), (n, I) -> (n, I), (n, 2I) [d gate | d lin].
+def _act_backward(u: torch.Tensor, g: torch.Tensor, w: torch.Tensor, alpha: float, limit: float):
+    """Backward of the weighted activation w * swiglu(u) for one tile, recomputing the activation.
 
-    One sigmoid for both; masks as float 0/1 (bool-valued compares are ~5x slower on CPU).
+    u (n, 2I) interleaved pre-activation, g (n, I) gradient of w * y divided by w, w (n,) routing weights
+    -> y (n, I), du (n, 2I) interleaved for dy = w g, and gy (n,) = sum_j g y (the routing-weight grad).
     """
     if u.is_cuda:
         from kernels.moe_triton import swiglu_backward_triton
 
-        return swiglu_backward_triton(u, dy, alpha, limit, interleaved=False, return_y=True)
-    half = u.shape[-1] // 2
-    ug, ul = u[:, :half], u[:, half:]
-    du = torch.empty_like(u)
-    dg, dl = du[:, :half], du[:, half:]
-    g = ug.clamp(max=limit)
-    s = torch.mul(g, alpha).sigmoid_()
-    glu = g.mul_(s)
-    lin1 = ul.clamp(min=-limit, max=limit).add_(1)
-    y = glu * lin1
-    # d gate = dy (lin + 1) (s + alpha glu (1 - s)) [gate <= limit]; d lin = dy glu [|lin| <= limit]
-    torch.addcmul(glu, glu, s, value=-1, out=dg).mul_(alpha).add_(s).mul_(lin1).mul_(dy)
-    dg.mul_(torch.le(ug, limit, out=s))
-    torch.mul(glu, dy, out=dl).mul_(torch.abs(ul, out=lin1).le_(limit))
-    return y, du
+        y, du = swiglu_backward_triton(u, g * w[:, None], alpha, limit, return_y=True)
+        return y, du, torch.linalg.vecdot(g, y)
+    if _cpu_kernel_ok(u) and g.dtype == u.dtype and w.dtype == u.dtype:
+        g, w = g.contiguous(), w.contiguous()
+        y, du, gy = u.new_empty(g.shape), torch.empty_like(u), u.new_empty(u.shape[0])
+        _cpu_lib().bwd[u.dtype](u.data_ptr(), g.data_ptr(), w.data_ptr(), y.data_ptr(), du.data_ptr(), gy.data_ptr(),
+                                u.shape[0], g.shape[1], u.stride(0), alpha, limit)
+        return y, du, gy
+    y = swiglu(u, alpha, limit)
+    return y, swiglu_backward(u, g * w[:, None], alpha, limit), torch.linalg.vecdot(g, y)
+
+
+# ---- CPU activation kernel (C, built on first use) -----------------------------------------------
+# The torch chain makes ~15 passes over strided halves of each tile; on CPU that costs more than the
+# expert matmuls. One C loop per row (fp32 math, fp32/bf16 storage, expf vectorised through glibc's
+# libmvec) is 5-8x faster. Built like kernels/mxfp4_cpu.py: system compiler, cached per source and
+# CPU, the torch reference as fallback (with a warning) when no compiler is there.
+_C_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef USE_MVEC
+#pragma omp declare simd simdlen(16) notinbranch
+extern float expf(float);
+#endif
+static inline float minf(float a, float b) { return a < b ? a : b; }  /* fminf is a call: blocks simd */
+static inline float maxf(float a, float b) { return a > b ? a : b; }
+static inline float bf16_load(const uint16_t* p) { uint32_t b = (uint32_t)*p << 16; float f; memcpy(&f, &b, 4); return f; }
+static inline void bf16_store(uint16_t* p, float f) {
+    uint32_t b; memcpy(&b, &f, 4);
+    *p = (f != f) ? 0x7FC0 : (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);  /* round to nearest even */
+}
+static inline float f32_load(const float* p) { return *p; }
+static inline void f32_store(float* p, float f) { *p = f; }
+
+/* u rows hold interleaved (gate, linear) pairs: u[2j] gate, u[2j + 1] linear. */
+#define KERNELS(SUFFIX, T, LOAD, STORE)                                                                  \
+void swiglu_fwd_##SUFFIX(const T* u, T* y, int64_t n, int64_t I, int64_t ld, float alpha, float limit) { \
+    for (int64_t r = 0; r < n; r++) {                                                                  \
+        const T* ur = u + r * ld; T* yr = y + r * I;                                                   \
+        _Pragma("omp simd")                                                                           \
+        for (int64_t j = 0; j < I; j++) {                                                              \
+            float g = minf(LOAD(ur + 2 * j), limit);                                                   \
+            float l = minf(maxf(LOAD(ur + 2 * j + 1), -limit), limit);                                 \
+            STORE(yr + j, g / (1.0f + expf(-alpha * g)) * (l + 1.0f));                                 \
+        }                                                                                              \
+    }                                                                                                  \
+}                                                                                                      \
+void swiglu_bwd_##SUFFIX(const T* u, const T* gr, const T* w, T* y, T* du, T* gy, int64_t n, int64_t I, \
+                         int64_t ld, float alpha, float limit) {                                       \
+    for (int64_t r = 0; r < n; r++) {                                                                  \
+        const T* ur = u + r * ld; const T* g_r = gr + r * I; T* yr = y + r * I; T* dr = du + r * 2 * I;   \
+        float wr = LOAD(w + r), acc = 0.0f;                                                            \
+        _Pragma("omp simd reduction(+:acc)")                                                          \
+        for (int64_t j = 0; j < I; j++) {                                                              \
+            float graw = LOAD(ur + 2 * j), lraw = LOAD(ur + 2 * j + 1), gv = LOAD(g_r + j);            \
+            float g = minf(graw, limit), l1 = minf(maxf(lraw, -limit), limit) + 1.0f;                  \
+            float s = 1.0f / (1.0f + expf(-alpha * g)), glu = g * s, yv = glu * l1, dy = gv * wr;      \
+            STORE(yr + j, yv);                                                                         \
+            acc += gv * yv;                                                                            \
+            STORE(dr + 2 * j, graw <= limit ? dy * l1 * (s + alpha * glu * (1.0f - s)) : 0.0f);        \
+            STORE(dr + 2 * j + 1, (lraw >= -limit && lraw <= limit) ? dy * glu : 0.0f);                \
+        }                                                                                              \
+        STORE(gy + r, acc);                                                                            \
+    }                                                                                                  \
+}
+KERNELS(f32, float, f32_load, f32_store)
+KERNELS(bf16, uint16_t, bf16_load, bf16_store)
+"""
+
+
+class _CpuLib:
+    def __init__(self, lib: ctypes.CDLL):
+        p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        self.fwd, self.bwd = {}, {}
+        for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+            fwd, bwd = getattr(lib, f"swiglu_fwd_{suffix}"), getattr(lib, f"swiglu_bwd_{suffix}")
+            fwd.argtypes, bwd.argtypes = [p, p, i, i, i, f, f], [p] * 6 + [i, i, i, f, f]
+            self.fwd[dtype], self.bwd[dtype] = fwd, bwd
+
+
+@functools.cache
+def _cpu_lib() -> _CpuLib | None:
+    """Build (once per machine, cached) and load the C activation; None if that is not possible."""
+    compiler = os.environ.get("CC", "cc")
+    base = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC"]
+    cache = Path(os.environ.get("DELIBERATE_KERNEL_CACHE", Path.home() / ".cache" / "deliberate"))
+    errors = []
+    for defines, libs in ((["-DUSE_MVEC"], ["-lmvec", "-lm"]), ([], ["-lm"])):  # libmvec vectorises expf
+        flags = base + defines + libs
+        key = hashlib.sha256("\0".join([_C_SOURCE, compiler, *flags, platform.processor(), platform.machine()])
+                             .encode()).hexdigest()[:16]
+        lib_path = cache / f"moe_cpu_{key}.so"
+        try:
+            if not lib_path.exists():
+                cache.mkdir(parents=True, exist_ok=True)
+                src = cache / f"moe_cpu_{key}.{os.getpid()}.c"
+                src.write_text(_C_SOURCE)
+                tmp = src.with_suffix(".so")
+                subprocess.run([compiler, *base, *defines, str(src), "-o", str(tmp), *libs], check=True,
+                               capture_output=True, text=True)
+                os.replace(tmp, lib_path)  # atomic: concurrent builders race harmlessly
+                src.unlink()
+            return _CpuLib(ctypes.CDLL(str(lib_path)))
+        except (OSError, subprocess.CalledProcessError) as err:
+            errors.append(getattr(err, "stderr", "") or str(err))
+    warnings.warn(f"MoE CPU activation kernel not built ({compiler}): {errors[-1]}; using the torch path")
+    return None
+
+
+USE_CPU_KERNEL = True  # tests flip it to run the torch reference path on the same inputs
+
+
+def _cpu_kernel_ok(u: torch.Tensor) -> bool:
+    return (USE_CPU_KERNEL and u.device.type == "cpu" and u.dtype in (torch.float32, torch.bfloat16)
+            and u.stride(1) == 1 and _cpu_lib() is not None)
 
 
 # ---- weights: dense parameters or frozen MXFP4 blocks --------------------------------------------
 class _DenseWeights:
-    """Per-expert weights of transformers' layout W1 (E, H, 2I), W2 (E, I, H); `up` returns split columns."""
+    """Per-expert views of transformers-layout expert weights: W1 (E, H, 2I), W2 (E, I, H)."""
 
     def __init__(self, w1: torch.Tensor, w2: torch.Tensor):
         self.w1, self.w2 = w1, w2
 
-    def up(self, e: int) -> torch.Tensor:  # (H, 2I) split [gate | linear] (copy: E*H*2I per step in all)
-        return _to_split(self.w1[e])
+    def up(self, e: int) -> torch.Tensor:  # (H, 2I), columns interleaved
+        return self.w1[e]
 
     def down(self, e: int) -> torch.Tensor:  # (I, H)
         return self.w2[e]
@@ -142,9 +240,8 @@ class _Mxfp4Weights:
         self.b1, self.s1, self.b2, self.s2 = blocks1, scales1, blocks2, scales2
         self.dtype, self.dequantize = dtype, dequantize
 
-    def up(self, e: int) -> torch.Tensor:  # (H, 2I) split, as a transposed view of the decoded rows
-        w = self.dequantize(self.b1[e], self.s1[e], self.dtype)  # (2I, H)
-        return w.unflatten(0, (-1, 2)).transpose(0, 1).flatten(0, 1).t()  # (2I, H) rows split -> (H, 2I)
+    def up(self, e: int) -> torch.Tensor:  # (H, 2I) as a transposed view of the decoded (2I, H)
+        return self.dequantize(self.b1[e], self.s1[e], self.dtype).t()
 
     def down(self, e: int) -> torch.Tensor:  # (I, H)
         return self.dequantize(self.b2[e], self.s2[e], self.dtype).t()
@@ -172,8 +269,8 @@ CPU_ROW_TILE = 512
 class _GroupedExperts(torch.autograd.Function):
     """out = sum_k w_k * expert_k(x); gradients for x, routing weights, biases and (dense) weights.
 
-    Saved: x, the split-layout pre-activation u (S, 2I), routing weights in pair order and the
-    permutation; the SwiGLU, the gathered tokens and the per-expert weights are recomputed.
+    Saved: x, the pre-activation u (S, 2I), routing weights in pair order and the permutation; the
+    SwiGLU, the gathered tokens and the per-expert (decoded) weights are recomputed.
     """
 
     @staticmethod
@@ -183,15 +280,14 @@ class _GroupedExperts(torch.autograd.Function):
         tile = top_k_index.numel() if x.is_cuda else CPU_ROW_TILE
         order, tok, tiles = _sort_by_expert(top_k_index, b1.shape[0], tile)
         ws = routing_weights.reshape(-1)[order].to(x.dtype)  # (S,)
-        b1s = _to_split(b1)  # (E, 2I)
-        u = x.new_empty(order.shape[0], b1.shape[1])  # (S, 2I) split layout
+        u = x.new_empty(order.shape[0], b1.shape[1])  # (S, 2I)
         out = x.new_zeros(N, H)  # (N, H)
         e_prev = -1
         for e, s, t in tiles:
             if e != e_prev:
                 w_up, w_down, e_prev = weights.up(e), weights.down(e), e
-            ut = torch.addmm(b1s[e], x.index_select(0, tok[s:t]), w_up, out=u[s:t])  # (n, 2I)
-            z = torch.addmm(b2[e], _swiglu_split(ut, alpha, limit), w_down)  # (n, H)
+            ut = torch.addmm(b1[e], x.index_select(0, tok[s:t]), w_up, out=u[s:t])  # (n, 2I)
+            z = torch.addmm(b2[e], _act(ut, alpha, limit), w_down)  # (n, H)
             out.index_add_(0, tok[s:t], z.mul_(ws[s:t, None]))
         ctx.save_for_backward(x, u, ws, order, tok, b2)
         ctx.tiles, ctx.weights, ctx.alpha, ctx.limit = tiles, weights, alpha, limit
@@ -207,38 +303,43 @@ class _GroupedExperts(torch.autograd.Function):
         E, two_i = b2.shape[0], u.shape[1]
         dx = torch.zeros_like(x) if need_x else None
         dws = ws.new_empty(ws.shape)  # (S,)
-        dw1 = x.new_zeros(E, x.shape[1], two_i) if need_w1 else None  # split columns until the end
-        dw2 = torch.zeros_like(weights.w2) if need_w2 else None
-        db1 = x.new_zeros(E, two_i) if need_b1 else None
-        db2 = torch.zeros_like(b2) if need_b2 else None
+        # Per-expert gradients: the first tile of an expert writes, later tiles accumulate, idle experts get 0.
+        dw1 = x.new_empty(E, x.shape[1], two_i) if need_w1 else None
+        dw2 = torch.empty_like(weights.w2) if need_w2 else None
+        db1 = x.new_empty(E, two_i) if need_b1 else None
+        db2 = torch.empty_like(b2) if need_b2 else None
         e_prev = -1
         for e, s, t in tiles:
-            if e != e_prev:
+            first = e != e_prev
+            if first:
                 w_up, w_down, e_prev = weights.up(e), weights.down(e), e
-            idx, ut, wt = tok[s:t], u[s:t], ws[s:t, None]
+            idx = tok[s:t]
             go = grad_out.index_select(0, idx)  # (n, H) output grad of this pair, before the weight
             g = go @ w_down.t()  # (n, I) output grad through W2, before the weight
-            y, du = _swiglu_split_backward(ut, g * wt, alpha, limit)  # (n, I), (n, 2I); y recomputed
+            y, du, gy = _act_backward(u[s:t], g, ws[s:t], alpha, limit)  # y recomputed; gy = g . y
             # d w = go . z = go . (y W2 + b2) = g . y + go . b2
-            torch.add(torch.linalg.vecdot(g, y), go @ b2[e], out=dws[s:t])
-            go.mul_(wt)
+            torch.add(gy, go @ b2[e], out=dws[s:t])
+            go.mul_(ws[s:t, None])
             if need_w2:
-                dw2[e].addmm_(y.t(), go)
+                torch.mm(y.t(), go, out=dw2[e]) if first else dw2[e].addmm_(y.t(), go)
             if need_b2:
-                db2[e] += go.sum(0)
+                torch.sum(go, 0, out=db2[e]) if first else db2[e].add_(go.sum(0))
             if need_b1:
-                db1[e] += du.sum(0)
+                torch.sum(du, 0, out=db1[e]) if first else db1[e].add_(du.sum(0))
             if need_x:
                 dx.index_add_(0, idx, du @ w_up.t())
             if need_w1:
-                dw1[e].addmm_(x.index_select(0, idx).t(), du)
+                xs = x.index_select(0, idx).t()  # (H, n)
+                torch.mm(xs, du, out=dw1[e]) if first else dw1[e].addmm_(xs, du)
+        idle = sorted(set(range(E)) - {e for e, _, _ in tiles})
+        for grad in (dw1, dw2, db1, db2):
+            if grad is not None and idle:
+                grad[idle] = 0
         drw = None
         if need_rw:
             drw = torch.empty_like(dws)
             drw[order] = dws
             drw = drw.reshape(ctx.rw_shape).to(ctx.rw_dtype)
-        dw1 = _to_interleaved(dw1) if need_w1 else None
-        db1 = _to_interleaved(db1) if need_b1 else None
         return dx, drw, db1, db2, dw1, dw2, None, None, None, None
 
 

@@ -19,10 +19,8 @@ from kernels.moe import (
     FrozenMxfp4Experts,
     GroupedExperts,
     _sort_by_expert,
-    _swiglu_split,
-    _swiglu_split_backward,
-    _to_interleaved,
-    _to_split,
+    _act,
+    _act_backward,
     grouped_experts,
     grouped_experts_forward,
     mxfp4_experts,
@@ -67,14 +65,20 @@ def test_swiglu_matches_transformers_apply_gate():
     torch.testing.assert_close(swiglu_backward(u.detach(), dy), du_ref, rtol=1e-6, atol=1e-6)
 
 
-def test_split_layout_cpu_path_matches_reference():
-    u, dy = _pre_activation(), torch.randn(64, 24)
-    us = _to_split(u)
-    torch.testing.assert_close(_to_interleaved(us), u, rtol=0, atol=0)
-    torch.testing.assert_close(_swiglu_split(us, 1.702, 7.0), swiglu(u), rtol=1e-6, atol=1e-6)
-    y, du = _swiglu_split_backward(us, dy, 1.702, 7.0)
-    torch.testing.assert_close(y, swiglu(u), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(_to_interleaved(du), swiglu_backward(u, dy), rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("c_kernel", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tile_activation_paths_match_reference(c_kernel, dtype, monkeypatch):
+    """The C kernel (fp32/bf16) and the torch fallback, incl. the fused routing weight and g . y."""
+    monkeypatch.setattr("kernels.moe.USE_CPU_KERNEL", c_kernel)
+    u, g, w = _pre_activation(), torch.randn(64, 24), torch.rand(64) + 0.5
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    ud, gd, wd = u.to(dtype), g.to(dtype), w.to(dtype)
+    torch.testing.assert_close(_act(ud, 1.702, 7.0).float(), swiglu(ud.float()), **tol)
+    y, du, gy = _act_backward(ud, gd, wd, 1.702, 7.0)
+    y_ref = swiglu(ud.float())
+    torch.testing.assert_close(y.float(), y_ref, **tol)
+    torch.testing.assert_close(du.float(), swiglu_backward(ud.float(), (gd * wd[:, None]).float()), **tol)
+    torch.testing.assert_close(gy.float(), (gd.float() * y_ref).sum(-1), rtol=tol["rtol"], atol=tol["atol"] * 24)
 
 
 # ---- dense experts vs transformers ---------------------------------------------------------------
@@ -271,7 +275,7 @@ def test_peft_lora_trains_on_frozen_mxfp4_experts():
 # ---- Triton --------------------------------------------------------------------------------------
 _INTERPRETER_CHECK = textwrap.dedent("""
     import torch
-    from kernels.moe import swiglu, swiglu_backward, _to_split, _to_interleaved
+    from kernels.moe import swiglu, swiglu_backward
     from kernels.moe_triton import swiglu_triton, swiglu_backward_triton
     u = torch.randn(19, 2 * 300) * 6
     u[0, :6] = torch.tensor([7.0, 7.0, 7.0, -7.0, 8.0, 9.0])
@@ -279,11 +283,12 @@ _INTERPRETER_CHECK = textwrap.dedent("""
     close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     close(swiglu_triton(u, 1.702, 7.0), swiglu(u))
     close(swiglu_backward_triton(u, dy, 1.702, 7.0), swiglu_backward(u, dy))
-    us = _to_split(u).contiguous()
+    split = lambda t: t.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)  # [g0 l0 g1 ..] -> [g0 g1 .. | l0 ..]
+    us = split(u).contiguous()
     close(swiglu_triton(us, 1.702, 7.0, interleaved=False), swiglu(u))
     y, du = swiglu_backward_triton(us, dy, 1.702, 7.0, interleaved=False, return_y=True)
     close(y, swiglu(u))
-    close(_to_interleaved(du), swiglu_backward(u, dy))
+    close(du, split(swiglu_backward(u, dy)))
     print("ok")
 """)
 
