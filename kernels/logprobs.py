@@ -30,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 DEFAULT_CHUNK = 1024  # tokens per tile
-DEFAULT_VOCAB_CHUNK = 16384  # vocabulary rows per tile
+DEFAULT_VOCAB_CHUNK = 4096  # vocabulary rows per tile: a 1024 x 4096 fp32 tile is 16 MiB
 
 
 def logprobs_and_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -78,9 +78,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 zt += _target_logit(z, tc, v0)
                 m_new = torch.maximum(m, z.amax(1))
                 rescale = torch.exp(m - m_new)
-                e = torch.exp(z - m_new[:, None])  # (n, v)
-                s = s * rescale + e.sum(1)
-                t = t * rescale + (e * z).sum(1)
+                z.sub_(m_new[:, None])  # (n, v) z - m: two tiles alive at most
+                e = torch.exp(z)
+                e_sum = e.sum(1)
+                # sum e z = sum e (z - m) + m sum e
+                t = t * rescale + torch.linalg.vecdot(e, z) + m_new * e_sum
+                s = s * rescale + e_sum
                 m = m_new
                 del z, e
             lse[a:a + chunk] = m + s.log()
@@ -100,16 +103,15 @@ class _ChunkedLogprobs(torch.autograd.Function):
         g_ent = torch.zeros(N, device=h.device, dtype=acc) if g_ent is None else g_ent.to(acc)
         dh = torch.zeros(h.shape, device=h.device, dtype=acc) if need_h else None  # (N, H)
         dw = torch.empty_like(weight) if need_w else None  # (V, H)
-        shift = ent - lse  # so that d entropy / dz = -p (z + shift)
         for v0 in range(0, V, vchunk):
             wc = weight[v0:v0 + vchunk]  # (v, H)
             dwc = torch.zeros(wc.shape, device=h.device, dtype=acc) if need_w else None
             for a in range(0, N, chunk):
                 hc, sl = h[a:a + chunk], slice(a, a + chunk)
-                z = _tile_logits(hc, wc, inv_temp)  # (n, v)
-                p = torch.exp(z - lse[sl, None])  # (n, v)
-                # gz = -p (g_lp + g_ent (z + shift)) + g_lp onehot, times 1/temperature
-                gz = z.add_(shift[sl, None]).mul_(g_ent[sl, None]).add_(g_lp[sl, None]).mul_(p).neg_()
+                logp = _tile_logits(hc, wc, inv_temp).sub_(lse[sl, None])  # (n, v) log p
+                p = torch.exp(logp)
+                # gz = -p (g_lp + g_ent (log p + entropy)) + g_lp onehot, times 1/temperature
+                gz = logp.add_(ent[sl, None]).mul_(g_ent[sl, None]).add_(g_lp[sl, None]).mul_(p).neg_()
                 del p
                 local = targets[sl] - v0
                 inside = ((local >= 0) & (local < wc.shape[0])).nonzero().squeeze(1)

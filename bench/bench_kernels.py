@@ -1,0 +1,242 @@
+"""Learner kernels side by side with what transformers does by default: MoE, attention, log-probs, a step.
+
+Run:  .venv/bin/python -m bench.bench_kernels [--threads 1] [--quick] [--write bench/RESULTS.md]
+
+Rows (ours / stock, ratio printed as stock time / our time):
+  - MoE layer forward+backward: `GptOssMLP` with our experts ("deliberate_grouped") against
+    transformers' default experts implementation on this machine ("grouped_mm", torch's grouped GEMM),
+    hidden 256 / intermediate 256 / 8 experts top-2 / 2048 tokens and hidden 512 / intermediate 512 /
+    16 experts top-4 / 2048 tokens, fp32 and bf16.
+  - attention forward+backward: `sink_attention` against transformers' `eager_attention_forward`
+    (gpt-oss' default in this project), head_dim 64, 8 query / 2 KV heads, T = 1024 and 4096, sliding
+    window 128 and full.
+  - log-probs: chunked selective log-softmax + entropy against full logits + log_softmax, forward and
+    backward, 1024 tokens, hidden 256, vocab 8k .. 128k at a fixed chunk (1024 tokens x 4096 vocab rows).
+  - learner step: the brief's tiny GptOssForCausalLM (2 layers, hidden 128, 4 experts top-2, window 8),
+    4 x 512 tokens, loss = -mean log p(next token), forward+backward: `apply_kernels` + chunked log-probs
+    against stock modules + full logits. Reported as tokens/s.
+Timing: best of `--reps` interleaved runs (ours, stock, ours, ...) of wall time; the box is shared,
+best-of filters out the neighbours. Default one torch thread: on 2 shared cores OpenMP barriers make
+2-thread timings swing by 5-10x with the neighbours' load; `--threads 2` measures that anyway.
+Peak memory: `kernels.logprobs.peak_bytes()` - the most bytes of tensor storage alive at once among
+tensors created during one run (activations, saved tensors, gradients; inputs and weights excluded).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from kernels.logprobs import logprobs_and_entropy, logprobs_and_entropy_ref, peak_bytes
+
+SECTION = "## Kernels (MoE, attention, log-probs, learner step)"
+DATE = "2026-11-21"
+
+
+def best_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Best wall time (s) of each function over `reps` interleaved rounds, after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def peak_mib(fn: Callable[[], object]) -> float:
+    with peak_bytes() as mem:
+        fn()
+    return mem.peak / 2**20
+
+
+# ---- MoE -----------------------------------------------------------------------------------------
+def moe_rows(reps: int, dtype: torch.dtype, quick: bool) -> list[tuple]:
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    from kernels.patch import EXPERTS_IMPL, register
+
+    register()
+    rows = []
+    shapes = [(256, 256, 8, 2, 2048)] + ([] if quick else [(512, 512, 16, 4, 2048)])
+    for H, I, E, k, N in shapes:
+        config = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k)
+        torch.manual_seed(0)
+        mlp = GptOssMLP(config).to(dtype)
+        for p in mlp.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        x = torch.randn(1, N, H, dtype=dtype, requires_grad=True)
+        stock_impl = "grouped_mm"  # transformers' default for GptOss on CPU (get_correct_experts_implementation)
+
+        def step(impl):
+            def run():
+                config._experts_implementation = impl
+                mlp.zero_grad(set_to_none=True)
+                x.grad = None
+                mlp(x)[0].sum().backward()
+            return run
+
+        t = best_times({"ours": step(EXPERTS_IMPL), "stock": step(stock_impl)}, reps)
+        mem = {name: peak_mib(step(impl)) for name, impl in (("ours", EXPERTS_IMPL), ("stock", stock_impl))}
+        label = f"MoE fwd+bwd H{H} I{I} E{E} top{k} N{N} {str(dtype).removeprefix('torch.')}"
+        rows.append((label, f"{t['ours'] * 1e3:.1f} ms", f"{t['stock'] * 1e3:.1f} ms ({stock_impl})",
+                     t["stock"] / t["ours"], mem["ours"], mem["stock"]))
+    return rows
+
+
+# ---- attention -----------------------------------------------------------------------------------
+def attention_rows(reps: int, quick: bool) -> list[tuple]:
+    import types
+
+    from transformers.masking_utils import causal_mask_function, eager_mask, sliding_window_causal_mask_function
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    from kernels.attention import sink_attention
+
+    rows = []
+    cases = [(1024, 128), (1024, None)] + ([] if quick else [(4096, 128), (4096, None)])
+    for T, window in cases:
+        B, Hq, Hkv, D = 1, 8, 2, 64
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(B, Hq, T, D, generator=g, requires_grad=True)
+        k, v = (torch.randn(B, Hkv, T, D, generator=g, requires_grad=True) for _ in range(2))
+        sinks = torch.randn(Hq, generator=g, requires_grad=True)
+        module = types.SimpleNamespace(num_key_value_groups=Hq // Hkv, sinks=sinks, training=True)
+        fn = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
+
+        def ours():
+            sink_attention(q, k, v, sinks, D**-0.5, window).sum().backward()
+
+        def stock():  # the mask is built per call, as the model does per forward
+            mask = eager_mask(batch_size=B, q_length=T, kv_length=T, mask_function=fn, dtype=q.dtype)
+            eager_attention_forward(module, q, k, v, mask, scaling=D**-0.5)[0].sum().backward()
+
+        t = best_times({"ours": ours, "stock": stock}, reps)
+        what = "full" if window is None else f"window {window}"
+        rows.append((f"attention fwd+bwd T{T} {what} (8q/2kv heads, d64)", f"{t['ours'] * 1e3:.1f} ms",
+                     f"{t['stock'] * 1e3:.1f} ms (eager)", t["stock"] / t["ours"], peak_mib(ours), peak_mib(stock)))
+    return rows
+
+
+# ---- log-probs -----------------------------------------------------------------------------------
+def logprob_rows(reps: int, quick: bool) -> list[tuple]:
+    rows = []
+    N, H = 1024, 256
+    for V in (8192, 32768) if quick else (8192, 32768, 131072):
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(1, N, H, generator=g, requires_grad=True)
+        w = (torch.randn(V, H, generator=g) * 0.05).requires_grad_()
+        targets = torch.randint(0, V, (1, N), generator=g)
+
+        def ours():
+            lp, ent = logprobs_and_entropy(h, w, targets, chunk_size=1024, vocab_chunk=4096)
+            (lp.sum() + ent.sum()).backward()
+
+        def stock():
+            lp, ent = logprobs_and_entropy_ref(h, w, targets)
+            (lp.sum() + ent.sum()).backward()
+
+        t = best_times({"ours": ours, "stock": stock}, max(1, reps // 2))
+        weight_mib = V * H * 4 / 2**20  # dW, the weight-sized gradient, is in both peaks
+        rows.append((f"log-probs+entropy fwd+bwd N{N} H{H} V{V} (dW {weight_mib:.0f} MiB)", f"{t['ours'] * 1e3:.1f} ms",
+                     f"{t['stock'] * 1e3:.1f} ms (full logits)", t["stock"] / t["ours"], peak_mib(ours), peak_mib(stock)))
+    return rows
+
+
+# ---- learner step --------------------------------------------------------------------------------
+def step_rows(reps: int, quick: bool) -> list[tuple]:
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from kernels.logprobs import selective_log_softmax
+    from kernels.patch import apply_kernels, remove_kernels
+
+    config = GptOssConfig(head_dim=64, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                          num_hidden_layers=2, sliding_window=8, num_local_experts=4, num_experts_per_tok=2,
+                          intermediate_size=128, vocab_size=512, layer_types=["sliding_attention", "full_attention"],
+                          attn_implementation="eager")
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(config).train()
+    B, T = (4, 256) if quick else (4, 512)
+    ids = torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(0))
+
+    def stock():
+        remove_kernels(model)
+        model.zero_grad(set_to_none=True)
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]  # (B, T-1, H)
+        logp = torch.log_softmax(model.lm_head(hidden).float(), -1)  # (B, T-1, V)
+        (-logp.gather(-1, ids[:, 1:, None]).mean()).backward()
+
+    def ours():
+        apply_kernels(model)
+        model.zero_grad(set_to_none=True)
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+        (-selective_log_softmax(hidden, model.lm_head.weight, ids[:, 1:]).mean()).backward()
+
+    t = best_times({"ours": ours, "stock": stock}, reps)
+    tokens = B * T
+    return [(f"learner step fwd+bwd, tiny gpt-oss, {B}x{T} tokens", f"{tokens / t['ours']:.0f} tok/s",
+             f"{tokens / t['stock']:.0f} tok/s (eager + grouped_mm + full logits)", t["stock"] / t["ours"],
+             peak_mib(ours), peak_mib(stock))]
+
+
+# ---- report --------------------------------------------------------------------------------------
+def render(rows: list[tuple], command: str, threads: int) -> list[str]:
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
+    lines = [SECTION, "", f"Command: `{command}` ({DATE})", "",
+             f"Device: {cpu}, {os.cpu_count()} cores, {threads} torch thread(s), load average {load}; "
+             f"torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}.",
+             "Times are the best of interleaved repeats; ratio = stock time / our time (higher is better). "
+             "Peak = most tensor bytes alive at once among tensors made during one run (`kernels.logprobs.peak_bytes`).",
+             "", "| workload | ours | stock | ratio | peak ours MiB | peak stock MiB |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {w} | {o} | {s} | {r:.2f}x | {po:.1f} | {ps:.1f} |" for w, o, s, r, po, ps in rows]
+    return lines + [""]
+
+
+def write_section(results_md: Path, section: list[str]) -> None:
+    """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
+    lines = results_md.read_text().splitlines() if results_md.exists() else ["# Benchmark results", ""]
+    if SECTION in lines:
+        start = lines.index(SECTION)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = section
+    else:
+        lines += ["", *section] if lines and lines[-1] else section
+    results_md.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see module docstring)")
+    parser.add_argument("--reps", type=int, default=7, help="interleaved repeats per row (best is kept)")
+    parser.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
+    parser.add_argument("--write", type=Path, default=None, help="update this RESULTS.md section")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        rows += moe_rows(args.reps, dtype, args.quick)
+        print(*rows[-1], sep=" | ", flush=True)
+    rows += attention_rows(args.reps, args.quick)
+    rows += logprob_rows(args.reps, args.quick)
+    rows += step_rows(args.reps, args.quick)
+    command = " ".join([".venv/bin/python -m bench.bench_kernels", *(argv if argv is not None else sys.argv[1:])])
+    section = render(rows, command, args.threads)
+    print("\n".join(section))
+    if args.write:
+        write_section(args.write, section)
+
+
+if __name__ == "__main__":
+    main()
