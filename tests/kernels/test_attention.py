@@ -3,7 +3,11 @@
 The Triton twin runs under the Triton interpreter in a subprocess (TRITON_INTERPRET=1 has to be set
 before triton is imported) and is compiled for sm_90 without a GPU; the `gpu` test runs it natively.
 """
+import os
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +16,15 @@ from transformers.masking_utils import causal_mask_function, eager_mask, sliding
 from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
 
 from kernels.attention import sink_attention, sink_attention_forward, sink_attention_mask, sink_attention_ref
-from test_moe import run_interpreted
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_interpreted(code: str) -> None:
+    """Run `code` in a fresh interpreter with TRITON_INTERPRET=1 (must precede `import triton`)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
 
 
 def _qkv(B=2, Hq=4, Hkv=2, T=37, Tk=None, D=16, dtype=torch.float64, seed=0):
