@@ -10,11 +10,17 @@ For each token t and each of its top-k experts e with routing weight w_te:
     out_t = sum_e w_te z
 
 How: the (token, expert) pairs are sorted by expert (stable argsort of the top-k assignment), the
-per-expert counts come from one `bincount`, and the loop runs over ACTIVE experts only, one `addmm`
-per expert and projection straight into row slices of preallocated buffers. The backward is written by
-hand (`_GroupedExperts`): it keeps only the pre-activation `u` (S, 2I), recomputes the SwiGLU from it,
-re-gathers the tokens from `x`, and gets the routing-weight gradient from a row-dot with the
-unweighted down-projection gradient, so no (S, H) expert output is stored.
+per-expert counts come from one `bincount` (one host sync), and the loop runs over ACTIVE experts only,
+in row tiles: gather the tile's tokens, `addmm` into a row slice of the saved pre-activation, SwiGLU,
+`addmm` down, weight, `index_add_` back. On CPU a tile is at most `CPU_ROW_TILE` rows, so the
+elementwise work reads L2-resident data; on CUDA a tile is the whole expert. The backward is written by
+hand (`_GroupedExperts`): it keeps only the pre-activation `u` (S, 2I), recomputes the SwiGLU from it
+fused with its own gradient, re-gathers tokens from `x`, and gets the routing-weight gradient as
+g . y + go . b2 (g = output grad through W2), so no (S, H) expert output is stored.
+
+The activation has three twins: `swiglu` / `swiglu_backward` (plain torch, the reference, exactly
+transformers' `_apply_gate`), a C loop for CPU tiles (below; built on first use, fp32/bf16) and the
+Triton kernels in kernels/moe_triton.py for CUDA.
 
 Frozen MXFP4 base: `FrozenMxfp4Experts` holds the checkpoint tensors (`gate_up_proj_blocks`,
 `gate_up_proj_scales`, ... exactly the names and layouts of the gpt-oss safetensors) and dequantises
@@ -27,8 +33,9 @@ Use: `kernels.patch.apply_kernels(model)` switches a `GptOssForCausalLM` to `gro
 through transformers' `ExpertsInterface`; `GroupedExperts` is the same thing as a stand-alone module
 (parameter names of `GptOssExperts`, so state dicts load unchanged). Tests: tests/kernels/test_moe.py.
 
-Departures from transformers: no expert-parallel sentinels; no (S, H) gather of biases; on CUDA the
-SwiGLU runs as the fused Triton kernel in `kernels/moe_triton.py` (fwd + bwd), elsewhere in torch.
+Departures from transformers: no expert-parallel sentinels; no (S, H) gathers of biases or weights;
+accumulation order differs (fp32 sums agree to ~1e-6 relative); the C activation computes in fp32 and
+rounds once for bf16 (transformers rounds after every bf16 op).
 """
 from __future__ import annotations
 
@@ -176,6 +183,15 @@ class _CpuLib:
             self.fwd[dtype], self.bwd[dtype] = fwd, bwd
 
 
+def _cpu_fingerprint() -> str:
+    """-march=native binaries are per CPU: the cache key includes the CPU's feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.machine())
+    except OSError:
+        return platform.machine()
+
+
 @functools.cache
 def _cpu_lib() -> _CpuLib | None:
     """Build (once per machine, cached) and load the C activation; None if that is not possible."""
@@ -185,8 +201,7 @@ def _cpu_lib() -> _CpuLib | None:
     errors = []
     for defines, libs in ((["-DUSE_MVEC"], ["-lmvec", "-lm"]), ([], ["-lm"])):  # libmvec vectorises expf
         flags = base + defines + libs
-        key = hashlib.sha256("\0".join([_C_SOURCE, compiler, *flags, platform.processor(), platform.machine()])
-                             .encode()).hexdigest()[:16]
+        key = hashlib.sha256("\0".join([_C_SOURCE, compiler, *flags, _cpu_fingerprint()]).encode()).hexdigest()[:16]
         lib_path = cache / f"moe_cpu_{key}.so"
         try:
             if not lib_path.exists():
@@ -256,7 +271,8 @@ def _sort_by_expert(top_k_index: torch.Tensor, num_experts: int, tile: int):
     counts = torch.bincount(flat, minlength=num_experts).tolist()  # one host sync
     tiles, start = [], 0
     for e, n in enumerate(counts):
-        tiles += [(e, r, min(r + tile, start + n)) for r in range(start, start + n, tile)]
+        parts = -(-n // tile)  # equal parts of at most `tile` rows: no tiny remainder tile
+        tiles += [(e, start + n * i // parts, start + n * (i + 1) // parts) for i in range(parts)]
         start += n
     return order, tok, tiles
 
