@@ -81,6 +81,26 @@ def test_tile_activation_paths_match_reference(c_kernel, dtype, monkeypatch):
     torch.testing.assert_close(gy.float(), (gd.float() * y_ref).sum(-1), rtol=tol["rtol"], atol=tol["atol"] * 24)
 
 
+def test_without_a_c_compiler_the_torch_path_runs(monkeypatch):
+    from kernels import moe
+
+    x, idx, weights, w1, b1, w2, b2 = _dense_inputs(dtype=torch.float32)
+    w1.requires_grad_()
+    ref = grouped_experts(x, idx, weights, w1, b1, w2, b2)
+    (g_ref,) = torch.autograd.grad(ref.sum(), w1)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    moe._cpu_lib.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="using the torch path"):
+            assert moe._cpu_lib() is None
+        out = grouped_experts(x, idx, weights, w1, b1, w2, b2)
+        (g,) = torch.autograd.grad(out.sum(), w1)
+    finally:
+        moe._cpu_lib.cache_clear()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    _close(g, g_ref)
+
+
 # ---- dense experts vs transformers ---------------------------------------------------------------
 def _run(mlp: GptOssMLP, x: torch.Tensor, dy: torch.Tensor):
     mlp.zero_grad()
@@ -105,6 +125,23 @@ def test_grouped_experts_match_transformers(stock, H, I, E, k, N):
     _close(dx, dx_ref)
     for name in g_ref:  # router weight/bias and all four expert tensors
         _close(g[name], g_ref[name], msg=name)
+
+
+def test_bf16_layer_tracks_fp32_transformers():
+    """bf16 (the C activation's bf16 path) against transformers' fp32 experts on the same weights."""
+    mlp = _mlp(64, 32, 4, 2, impl="eager", std=0.1)
+    x, dy = torch.randn(1, 40, 64), torch.randn(1, 40, 64)
+    y_ref, dx_ref, g_ref = _run(mlp, x, dy)
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS.register("deliberate_grouped", grouped_experts_forward)
+    mlp = mlp.bfloat16()
+    mlp.experts.config._experts_implementation = "deliberate_grouped"
+    y, dx, g = _run(mlp, x.bfloat16(), dy.bfloat16())
+    _close(y.float(), y_ref, rtol=3e-2)
+    _close(dx.float(), dx_ref, rtol=3e-2)
+    for name in ("experts.gate_up_proj", "experts.down_proj"):
+        _close(g[name].float(), g_ref[name], rtol=3e-2, msg=name)
 
 
 def _dense_inputs(N=9, H=32, I=32, E=4, k=2, dtype=torch.float64, seed=0):
