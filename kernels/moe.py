@@ -277,9 +277,10 @@ def _sort_by_expert(top_k_index: torch.Tensor, num_experts: int, tile: int):
     return order, tok, tiles
 
 
-# Rows per tile on CPU: a tile's (rows, 2I) pre-activation should stay in L2 while the SwiGLU and the
-# down projection read it (elementwise work on L2-resident tiles is ~5x faster than on whole arrays).
-CPU_ROW_TILE = 512
+# Rows per tile on CPU: small enough that a tile's pre-activation is still cache-resident when the
+# SwiGLU and the down projection read it, large enough for efficient GEMMs and few Python iterations
+# (measured on the bench shapes: 1024 beats 512 by 10-20% in bf16, 2048 is no better).
+CPU_ROW_TILE = 1024
 
 
 class _GroupedExperts(torch.autograd.Function):
