@@ -283,6 +283,10 @@ def _prepare_environment(cfg: RolloutConfig) -> None:
         torch.set_num_threads(cfg.num_threads)
 
 
+def _drop_chat_template_warmup(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Chat template warmup failed")
+
+
 class RolloutEngine:
     """vLLM in this process; canonical ids in and out. See the module docstring."""
 
@@ -309,8 +313,8 @@ class RolloutEngine:
         from vllm import LLM
 
         # Warmup renders a chat template through the tokenizer we do not have: harmless, but it
-        # logs a traceback at WARNING. (Set after the import: vLLM's logging config resets it.)
-        logging.getLogger("vllm.renderers.base").setLevel(logging.ERROR)
+        # logs a traceback at WARNING. A filter, not a level: vLLM's dictConfig resets levels.
+        logging.getLogger("vllm.renderers.base").addFilter(_drop_chat_template_warmup)
         cfg = self.config
         self.llm = LLM(
             model=self.checkpoint,
