@@ -27,6 +27,7 @@ Frozen MXFP4 base: `FrozenMxfp4Experts` holds the checkpoint tensors (`gate_up_p
 each ACTIVE expert on the fly, forward and again in backward (nothing dense is kept). Its backward
 gives gradients to the activations, the routing weights and the (bf16) biases if they require grad,
 never to the 4-bit weights, so adapters elsewhere (PEFT LoRA on attention, router, ...) train on top.
+`FrozenMxfp4Experts.from_dense(experts)` quantises a transformers `GptOssExperts` into that layout.
 Decoding is `kernels.mxfp4.dequantize`; the format is not re-implemented here.
 
 Use: `kernels.patch.apply_kernels(model)` switches a `GptOssForCausalLM` to `grouped_experts_forward`
@@ -473,6 +474,23 @@ class FrozenMxfp4Experts(nn.Module):
         self.register_buffer("down_proj_scales", torch.full((E, H, I // 32), 127, dtype=u8))
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(E, 2 * I, dtype=compute_dtype), requires_grad=False)
         self.down_proj_bias = nn.Parameter(torch.zeros(E, H, dtype=compute_dtype), requires_grad=False)
+
+    @classmethod
+    def from_dense(cls, experts: nn.Module, compute_dtype: torch.dtype = torch.bfloat16,
+                   scale_rule: str = "floor") -> FrozenMxfp4Experts:
+        """Quantise a transformers `GptOssExperts` (W1 (E, H, 2I), W2 (E, I, H)) into the checkpoint layout."""
+        from kernels.mxfp4 import quantize
+
+        new = cls(experts.num_experts, experts.hidden_size, experts.intermediate_size, experts.alpha,
+                  experts.limit, compute_dtype)
+        with torch.no_grad():
+            for name in ("gate_up_proj", "down_proj"):
+                w = getattr(experts, name).detach().transpose(1, 2).contiguous()  # (E, out, in): groups along in
+                blocks, scales = quantize(w, scale_rule=scale_rule)
+                getattr(new, f"{name}_blocks").copy_(blocks)
+                getattr(new, f"{name}_scales").copy_(scales)
+                getattr(new, f"{name}_bias").copy_(getattr(experts, f"{name}_bias"))
+        return new
 
     def forward(self, hidden_states, router_indices, routing_weights):  # (N, H), (N, k), (N, k) -> (N, H)
         return mxfp4_experts(hidden_states, router_indices, routing_weights, self.gate_up_proj_blocks,

@@ -269,6 +269,17 @@ def test_mxfp4_experts_match_dequantised_transformers_experts():
     assert all(not b.requires_grad for b in mod.buffers())
 
 
+def test_mxfp4_from_dense_round_trips_through_the_checkpoint_layout():
+    mlp = _mlp(64, 32, 4, 2, std=0.1)
+    frozen = FrozenMxfp4Experts.from_dense(mlp.experts, compute_dtype=torch.float32)
+    dense = _dense_from(frozen, mlp.experts.config)  # what the 4-bit weights decode to
+    err = (dense.gate_up_proj - mlp.experts.gate_up_proj).abs().max()
+    assert 0 < err < 0.25 * mlp.experts.gate_up_proj.abs().max()  # quantised, close to the original
+    x = torch.randn(9, 64)
+    _, scores, idx = mlp.router(x)
+    torch.testing.assert_close(frozen(x, idx, scores), dense(x, idx, scores), rtol=1e-5, atol=1e-5)
+
+
 def test_mxfp4_shape_errors_name_the_shapes():
     m = _random_mxfp4(2, 64, 32)
     with pytest.raises(ValueError, match=r"down_proj_blocks.shape=\(2, 64, 2, 16\)"):
