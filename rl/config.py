@@ -57,6 +57,7 @@ class SFTConfig:
     logging_steps: int = 25
     num_threads: int = 2
     progress: bool = False
+    kernels: str = "deliberate"  # deliberate | stock (transformers modules)
 
 
 @dataclass
@@ -95,7 +96,7 @@ class LearnerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 16
-    kernels: str = "stock"  # deliberate (our MoE/attention/log-prob kernels) | stock (transformers)
+    kernels: str = "deliberate"  # deliberate (our MoE/attention/log-prob kernels) | stock (transformers)
     logprob_chunk: int = 1024
     dtype: str = "float32"
     num_threads: int = 2
@@ -167,6 +168,7 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
     checks = [
         (merged.algo.advantage in ("grpo", "dr_grpo"), "algo.advantage", "grpo | dr_grpo"),
         (merged.learner.kernels in ("deliberate", "stock"), "learner.kernels", "deliberate | stock"),
+        (merged.sft.kernels in ("deliberate", "stock"), "sft.kernels", "deliberate | stock"),
         (all(e in ("low", "medium", "high") for e in merged.env.efforts), "env.efforts", "low|medium|high"),
         (merged.algo.group_size >= 2, "algo.group_size", ">= 2 (GRPO needs a group)"),
         (merged.rollout.max_tokens < merged.rollout.max_model_len, "rollout.max_tokens",

@@ -40,6 +40,10 @@ def run_sft(model_path: str | os.PathLike, out_path: str | os.PathLike, rows: li
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg["num_threads"]))
     model, vmap = load_policy(model_path, dtype=torch.float32)
+    if cfg.get("kernels", "deliberate") == "deliberate":
+        from kernels.patch import apply_kernels
+
+        apply_kernels(model)  # grouped MoE + block sink attention; same weights, ~2x faster on CPU
     tokenizer = hf_tokenizer(vmap)
     max_len = max(len(r["input_ids"]) for r in rows)
     if logging_dir:
