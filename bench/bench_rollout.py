@@ -15,7 +15,7 @@ vocabulary rows masked on both sides, fp32. Both run in this process, side by si
 - Weight sync: `update_weights(model.state_dict())` (HF names -> vLLM layout, CPU repack, prefix
   cache reset) and `update_weights_from_path` (adds the safetensors read).
 tokens/s is the best of the repeats (the box is shared; best-of filters out the neighbours); the
-median is printed too. Takes about 2 minutes on 2 cores, mostly HF.
+median is printed too. Takes about 4 minutes on 2 cores, mostly HF.
 """
 from __future__ import annotations
 
@@ -67,87 +67,95 @@ def hf_generate(model, vm, prompts: list[list[int]], n: int, max_tokens: int) ->
     return (out.shape[1] - width) * out.shape[0]
 
 
-def run(args) -> tuple[list[str], list[str]]:
-    from envs import harmony
-    from rl.model import build_tiny_model, load_policy
-    from rl.rollout import RolloutEngine
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
-    questions = _questions(args.prompts)
-    ckpt = build_tiny_model(yaml.safe_load(open("conf/model/tiny.yaml")), questions, tmp / "tiny")
-    prompts = [harmony.render_prompt(q, harmony.EFFORTS[i % 3]) for i, q in enumerate(questions)]
-    model, vm = load_policy(ckpt)
-    model.eval()
-    tokens = args.prompts * args.n * args.max_tokens
-    rows = []  # (engine, threads, best s, median s)
+def measure_hf(model, vm, prompts, args) -> dict:
+    """HF at the faster of `--hf-threads` (short probe first), then the full workload."""
 
     def hf_run(max_tokens=args.max_tokens):
         got = hf_generate(model, vm, prompts, args.n, max_tokens)
-        want = args.prompts * args.n * max_tokens
+        want = len(prompts) * args.n * max_tokens
         assert got == want, f"HF sampled {got} tokens, expected {want}"
 
-    # HF picks its faster thread count on a short probe (before vLLM pins the process's threads);
-    # the full workload then runs at that count.
     hf_generate(model, vm, prompts[:2], 2, 8)  # warm-up
-    probe_tokens = max(8, args.max_tokens // 16)
-    probes = {}
+    probe_tokens, probes = max(8, args.max_tokens // 16), {}
     for threads in args.hf_threads:
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
         hf_run(probe_tokens)
-        probes[threads] = args.prompts * args.n * probe_tokens / (time.perf_counter() - t0)
-    hf_threads = max(probes, key=probes.get)
-    torch.set_num_threads(hf_threads)
-    rows.append(("HF generate", hf_threads, *_best_and_median(hf_run, args.hf_reps)))
+        probes[threads] = len(prompts) * args.n * probe_tokens / (time.perf_counter() - t0)
+    threads = max(probes, key=probes.get)
+    torch.set_num_threads(threads)
+    best, med = _best_and_median(hf_run, args.hf_reps)
+    return {"threads": threads, "best": best, "median": med, "probe_tokens": probe_tokens, "probes": probes}
+
+
+def measure_vllm(ckpt, prompts, state, args) -> dict:
+    """RolloutEngine throughput (after a warm-up call), then weight-sync time."""
+    from rl.rollout import RolloutEngine
 
     eng = RolloutEngine(ckpt, {"max_model_len": 1024, "kv_cache_gib": 1, "seed": 0})
-    gen = lambda: eng.generate(prompts, n=args.n, temperature=1.0, top_p=1.0, max_tokens=args.max_tokens, stop=False)
-    eng.generate(prompts[:2], n=2, max_tokens=8)  # warm-up
-    assert sum(len(c.ids) for s in gen() for c in s) == tokens
-    best, med = _best_and_median(gen, args.reps)
-    rows.append(("vLLM RolloutEngine", torch.get_num_threads(), best, med))
-    vllm_best = best
+    try:
+        def gen():
+            out = eng.generate(prompts, n=args.n, temperature=1.0, top_p=1.0, max_tokens=args.max_tokens,
+                               stop=False)
+            assert sum(len(c.ids) for s in out for c in s) == len(prompts) * args.n * args.max_tokens
 
-    hf_best = rows[0][2]
+        eng.generate(prompts[:2], n=2, max_tokens=8)  # warm-up
+        best, med = _best_and_median(gen, args.reps)
+        sync = _best_and_median(lambda: eng.update_weights(state), args.reps)
+        from_path = _best_and_median(lambda: eng.update_weights_from_path(ckpt), args.reps)
+        return {"threads": torch.get_num_threads(), "best": best, "median": med, "start_s": eng.start_time_s,
+                "sync": sync, "from_path": from_path}
+    finally:
+        eng.shutdown()
 
-    state = model.state_dict()
-    sync_best, sync_med = _best_and_median(lambda: eng.update_weights(state), args.reps)
-    path_best, path_med = _best_and_median(lambda: eng.update_weights_from_path(ckpt), args.reps)
-    start_s = eng.start_time_s
-    eng.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
 
+def run(args) -> tuple[list[str], list[str]]:
+    from envs import harmony
+    from rl.model import build_tiny_model, load_policy
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
+    try:
+        questions = _questions(args.prompts)
+        ckpt = build_tiny_model(yaml.safe_load(open("conf/model/tiny.yaml")), questions, tmp / "tiny")
+        prompts = [harmony.render_prompt(q, harmony.EFFORTS[i % 3]) for i, q in enumerate(questions)]
+        model, vm = load_policy(ckpt)
+        model.eval()
+        hf = measure_hf(model, vm, prompts, args)  # first: vLLM pins the process's thread count
+        vl = measure_vllm(ckpt, prompts, model.state_dict(), args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    tokens = len(prompts) * args.n * args.max_tokens
     n_params = sum(p.numel() for p in model.parameters())
     header = [
         f"Device: {_cpu()}, load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}; "
         f"torch {torch.__version__}.",
-        f"Workload: tiny gpt-oss ({n_params / 1e6:.1f}M params, vocab {len(vm)} real rows), {args.prompts} Harmony "
-        f"prompts ({len(prompts[0])}-{max(map(len, prompts))} ids) x n={args.n}, exactly {args.max_tokens} "
-        f"sampled tokens each = {tokens} tokens per run, temperature 1, top_p 1, fp32. "
+        f"Workload: tiny gpt-oss ({n_params / 1e6:.1f}M params, vocab {len(vm)} real rows), {len(prompts)} "
+        f"Harmony prompts ({min(map(len, prompts))}-{max(map(len, prompts))} ids) x n={args.n}, exactly "
+        f"{args.max_tokens} sampled tokens each = {tokens} tokens per run, temperature 1, top_p 1, fp32. "
         f"tokens/s from the best of {args.reps} vLLM / {args.hf_reps} HF runs (median in brackets).",
-        f"HF thread probe ({probe_tokens} tokens/sequence, tokens/s): "
-        + ", ".join(f"{t} thread{'s' * (t > 1)}: {r:.0f}" for t, r in probes.items())
-        + f"; full HF run at {hf_threads}.",
-        f"vLLM engine start (RolloutEngine constructor, vLLM import included): {start_s:.1f} s.",
+        f"HF thread probe ({hf['probe_tokens']} tokens/sequence, tokens/s): "
+        + ", ".join(f"{t} thread{'s' * (t > 1)}: {r:.0f}" for t, r in hf["probes"].items())
+        + f"; full HF run at {hf['threads']}.",
+        f"vLLM engine start (RolloutEngine constructor, vLLM import included): {vl['start_s']:.1f} s.",
     ]
+    ratio = hf["best"] / vl["best"]
     table = ["| engine | threads | s / run | tokens/s | x HF |", "|---|---:|---:|---:|---:|"]
-    for name, threads, best, med in rows:
-        table.append(
-            f"| {name} | {threads} | {best:.2f} ({med:.2f}) | {tokens / best:.0f} ({tokens / med:.0f}) "
-            f"| {hf_best / best:.2f} |"
-        )
-    ratio = hf_best / vllm_best
-    sync_frac = sync_best / vllm_best
+    for name, r in (("HF generate", hf), ("vLLM RolloutEngine", vl)):
+        rate = f"{tokens / r['best']:.0f} ({tokens / r['median']:.0f})"
+        table.append(f"| {name} | {r['threads']} | {r['best']:.2f} ({r['median']:.2f}) | {rate} "
+                     f"| {hf['best'] / r['best']:.2f} |")
+    verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
     table += [
         "",
-        f"vLLM / HF generate: **{ratio:.1f}x** (target >= {TARGET_RATIO:.0f}x: {'met' if ratio >= TARGET_RATIO else 'NOT met'}).",
+        f"vLLM / HF generate: **{ratio:.1f}x** (target >= {TARGET_RATIO:.0f}x: {verdict}).",
         "",
-        "| weight sync | s (median) | vs one rollout run |",
+        "| weight sync | s (median) | vs one vLLM rollout run |",
         "|---|---:|---:|",
-        f"| update_weights(HF state dict), in memory | {sync_best:.3f} ({sync_med:.3f}) | {100 * sync_frac:.1f}% |",
-        f"| update_weights_from_path (safetensors read + same) | {path_best:.3f} ({path_med:.3f}) "
-        f"| {100 * path_best / vllm_best:.1f}% |",
     ]
+    for name, (best, med) in (("update_weights(HF state dict), in memory", vl["sync"]),
+                              ("update_weights_from_path (safetensors read + same)", vl["from_path"])):
+        table.append(f"| {name} | {best:.3f} ({med:.3f}) | {100 * best / vl['best']:.2f}% |")
     return header, table
 
 
@@ -182,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=8, help="samples per prompt (GRPO group size)")
     parser.add_argument("--max-tokens", type=int, default=320)
     parser.add_argument("--reps", type=int, default=3, help="timed vLLM runs")
-    parser.add_argument("--hf-reps", type=int, default=1, help="timed HF runs (the slow side)")
+    parser.add_argument("--hf-reps", type=int, default=2, help="timed HF runs (the slow side)")
     parser.add_argument("--hf-threads", type=lambda x: [int(t) for t in x.split(",")], default=[2, 1],
                         help="torch thread counts HF may use (probed; the faster runs the workload)")
     parser.add_argument("--write", type=Path, default=None, help="update this RESULTS.md section")

@@ -44,15 +44,19 @@ Weight sync: HF layout -> vLLM layout (`hf_to_vllm`, a pure function)
   0-element tensor), and prepacks the MoE `w13`/`w2` into the grouped-GEMM layout. So we copy
   biases, sinks, norms and embeddings into their parameters, re-run the layer's own
   `process_weights_after_loading` for each linear (re-packing the new weight), and prepack expert
-  weights with `cpu_prepack_moe_weight` before `copy_` into the existing storage. vLLM's
-  `reload_weights` RPC silently leaves the MoE unpacked on CPU (it skips the prepack on updates):
-  its greedy output diverges from transformers. On a GPU build we use vLLM's `reload_weights`
-  (its documented in-place RL path; not exercised on this CPU box).
+  weights with `cpu_prepack_moe_weight` before `copy_` into the existing storage. vLLM's own
+  in-place `reload_weights` RPC is not usable on CPU: it updates the linears but silently keeps
+  the old expert weights and biases (checked: `w13_weight` still equals the original prepacked
+  tensor), so greedy output diverges from transformers (the test catches this). On a GPU build we
+  call `reload_weights` (vLLM's documented in-place RL path; not exercised on this CPU box).
 
 Departures / limits
 - Only unquantised (bf16/fp32) expert tensors are accepted; MXFP4 `*_blocks`/`*_scales` must be
-  dequantised by the learner first. One engine per process: vLLM replaces
-  `torch.set_num_threads` process-wide (a no-op afterwards) and caches its env settings.
+  dequantised by the learner first.
+- One live engine per process (`shutdown()` frees it; a new one then starts in ~2 s). Starting
+  vLLM turns `torch.set_num_threads` into a no-op for the whole process: the engine sets the
+  thread count (`num_threads`, default 1) just before. Code sharing the process (tests, the
+  benchmark's HF side) runs at that count afterwards.
 - `seed=None` uses the engine's seeded global stream (reproducible per engine lifetime only); a
   given `seed` makes the call reproducible on its own, whatever else is batched with it.
 - Chunked prefill is off: with it, vLLM 0.32 on CPU crashes on seeded requests whose prompt is
@@ -83,8 +87,9 @@ FINISH_REASONS = ("stop", "length")
 
 
 @dataclass
-class RolloutConfig:
-    """Engine settings (the `rollout` Hydra node may carry more keys; only these are read)."""
+class EngineConfig:
+    """vLLM engine settings. The `rollout` Hydra node (rl/config.py) carries these and more
+    (sampling, worker count); `from_dict` reads only these."""
 
     dtype: str = "float32"  # float32 on CPU: sampling and logprobs match the fp32 learner
     max_model_len: int = 2048  # prompt + completion tokens per sequence
@@ -98,8 +103,17 @@ class RolloutConfig:
     enable_prefix_caching: bool = True  # n samples of one prompt share its KV blocks
     log_level: str = "WARNING"  # VLLM_LOGGING_LEVEL unless already set in the environment
 
+    def __post_init__(self):
+        if self.max_model_len < 2 or self.kv_cache_gib <= 0 or self.max_num_seqs < 1:
+            raise ValueError(
+                f"engine config: need max_model_len >= 2, kv_cache_gib > 0, max_num_seqs >= 1; got "
+                f"{self.max_model_len=}, {self.kv_cache_gib=}, {self.max_num_seqs=}"
+            )
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"engine config: num_threads must be >= 1 or None, got {self.num_threads}")
+
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any] | None) -> "RolloutConfig":
+    def from_dict(cls, cfg: Mapping[str, Any] | None) -> "EngineConfig":
         """Pick the engine fields out of a config mapping (other keys belong to the caller)."""
         if cfg is None:
             return cls()
@@ -189,43 +203,62 @@ def hf_to_vllm(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, t
 # --------------------------------------------------------------------------------------------
 
 
-def _expected_linear_shape(module) -> tuple[int, ...] | None:
-    if hasattr(module, "output_size_per_partition") and hasattr(module, "input_size_per_partition"):
-        return (module.output_size_per_partition, module.input_size_per_partition)
-    return None
+_VOCAB_ROWS = ("model.embedding.weight", "lm_head.weight")
 
 
-def _load_cpu_linear(module, name: str, weight: torch.Tensor) -> None:
-    """A CPU linear whose weight vLLM packed (and maybe deleted): set it, re-run the packing."""
+def _is_packed_linear(module, leaf: str) -> bool:
+    """A linear/embedding weight that vLLM's CPU backend packed into `module.cpu_linear`."""
+    return leaf == "weight" and hasattr(module, "cpu_linear")
+
+
+def _target_shape(module, leaf: str, param: torch.Tensor) -> tuple[int, ...]:
+    if _is_packed_linear(module, leaf) and param.numel() == 0:  # deleted after packing
+        # (out, in) of this rank; ReplicatedLinear (the MoE router) has no per-partition sizes.
+        out = getattr(module, "output_size_per_partition", None) or module.output_size
+        inp = getattr(module, "input_size_per_partition", None) or module.input_size
+        return (out, inp)
+    return tuple(param.shape)
+
+
+def _check_update(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Names and shapes, all before anything is copied (a failed update leaves the engine as it was)."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(tensors))
+    unknown = sorted(set(tensors) - set(params))
+    if missing or unknown:
+        raise KeyError(f"weight update does not match the engine: missing {missing[:5]}, "
+                       f"unknown {unknown[:5]}")
+    for name, t in tensors.items():
+        module_name, leaf = name.rsplit(".", 1)
+        want = _target_shape(model.get_submodule(module_name), leaf, params[name])
+        vocab_rows = name in _VOCAB_ROWS and t.shape[1:] == want[1:] and t.shape[0] <= want[0]
+        if tuple(t.shape) != want and not vocab_rows:  # vLLM may pad vocab rows past the checkpoint's
+            raise ValueError(f"{name}: got shape {tuple(t.shape)}, the engine expects {want}")
+
+
+def _load_packed_linear(module, weight: torch.Tensor) -> None:
+    """Set the weight of a CPU linear whose weight vLLM packed, then re-run vLLM's packing."""
     param = module.weight
-    if param.numel() == 0:  # weight removed after packing: check against the layer's sizes
-        expected = _expected_linear_shape(module)
-        if expected is not None and tuple(weight.shape) != expected:
-            raise ValueError(f"{name}: got shape {tuple(weight.shape)}, layer expects {expected}")
+    if param.numel() == 0:  # linear: the packed handle is all that was left
         module.weight = torch.nn.Parameter(weight.to(param.dtype).contiguous(), requires_grad=False)
-    else:  # embedding / lm_head keep their weight (rows may be padded past the vocab)
-        if weight.shape[1:] != param.shape[1:] or weight.shape[0] > param.shape[0]:
-            raise ValueError(f"{name}: got shape {tuple(weight.shape)}, parameter is {tuple(param.shape)}")
+    else:  # embedding / lm_head keep their weight; rows past the vocab (padding) are zero
         param.data[: weight.shape[0]].copy_(weight)
         param.data[weight.shape[0] :].zero_()
     module.quant_method.process_weights_after_loading(module)  # rebuilds module.cpu_linear
 
 
 def _load_moe_weight(module, name: str, weight: torch.Tensor) -> None:
-    """Expert w13/w2 [E, out, in]: prepack into the CPU grouped-GEMM layout, copy in place."""
+    """Expert w13/w2 (E, out, in): prepack into the CPU grouped-GEMM layout, copy in place."""
     from vllm._custom_ops import cpu_prepack_moe_weight
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
 
-    param = getattr(module, name.rsplit(".", 1)[1])
-    if tuple(weight.shape) != tuple(param.shape):
-        raise ValueError(f"{name}: got shape {tuple(weight.shape)}, parameter is {tuple(param.shape)}")
-    kernel = getattr(module.quant_method, "moe_kernel", None)
-    experts = getattr(kernel, "fused_experts", None)
+    experts = getattr(getattr(module.quant_method, "moe_kernel", None), "fused_experts", None)
     if not isinstance(experts, CPUUnquantizedExperts) or experts._use_zentorch:
         raise NotImplementedError(
             f"{name}: in-place expert update supports vLLM's CPUUnquantizedExperts backend only, "
             f"this engine uses {type(experts).__name__}"
         )
+    param = getattr(module, name.rsplit(".", 1)[1])
     param.data.copy_(cpu_prepack_moe_weight(weight.to(param.dtype).contiguous(), experts.isa))
 
 
@@ -235,28 +268,21 @@ def load_into_vllm_cpu(model: torch.nn.Module, tensors: Mapping[str, torch.Tenso
     Every vLLM parameter must be present (a partial update is a bug in the sender). Returns the
     number of tensors loaded.
     """
+    _check_update(model, tensors)
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(tensors))
-    unknown = sorted(set(tensors) - set(params))
-    if missing or unknown:
-        raise KeyError(f"weight update does not match the engine: missing {missing[:5]}, unknown {unknown[:5]}")
     with torch.no_grad():
+        packed = []
         for name, t in tensors.items():
-            module = model.get_submodule(name.rsplit(".", 1)[0])
-            leaf = name.rsplit(".", 1)[1]
-            if leaf == "weight" and hasattr(module, "cpu_linear"):
-                continue  # after its bias: packing may read the bias
-            if leaf in ("w13_weight", "w2_weight"):
+            module_name, leaf = name.rsplit(".", 1)
+            module = model.get_submodule(module_name)
+            if _is_packed_linear(module, leaf):
+                packed.append((module, t))  # after its bias: the packing may read the bias
+            elif leaf in ("w13_weight", "w2_weight"):
                 _load_moe_weight(module, name, t)
-                continue
-            param = params[name]
-            if tuple(t.shape) != tuple(param.shape):
-                raise ValueError(f"{name}: got shape {tuple(t.shape)}, parameter is {tuple(param.shape)}")
-            param.data.copy_(t)
-        for name, t in tensors.items():
-            module = model.get_submodule(name.rsplit(".", 1)[0])
-            if name.endswith(".weight") and hasattr(module, "cpu_linear"):
-                _load_cpu_linear(module, name, t)
+            else:  # biases (w13_bias is referenced by the MoE kernel: copy, never rebind), sinks, norms
+                params[name].data.copy_(t)
+        for module, t in packed:
+            _load_packed_linear(module, t)
         # Attention impls hold the sinks tensor; a dtype cast at init would have made a copy.
         for module in model.modules():
             impl = getattr(getattr(module, "attn", None), "impl", None)
@@ -271,7 +297,7 @@ def load_into_vllm_cpu(model: torch.nn.Module, tensors: Mapping[str, torch.Tenso
 # --------------------------------------------------------------------------------------------
 
 
-def _prepare_environment(cfg: RolloutConfig) -> None:
+def _prepare_environment(cfg: EngineConfig) -> None:
     """vLLM reads these when it starts the engine: set them before importing/initialising it."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # model in this process (Ray actor, updates)
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(cfg.kv_cache_gib)))
@@ -290,8 +316,8 @@ def _drop_chat_template_warmup(record: logging.LogRecord) -> bool:
 class RolloutEngine:
     """vLLM in this process; canonical ids in and out. See the module docstring."""
 
-    def __init__(self, checkpoint: str | os.PathLike, config: RolloutConfig | Mapping | None = None):
-        self.config = config if isinstance(config, RolloutConfig) else RolloutConfig.from_dict(config)
+    def __init__(self, checkpoint: str | os.PathLike, config: EngineConfig | Mapping | None = None):
+        self.config = config if isinstance(config, EngineConfig) else EngineConfig.from_dict(config)
         self.checkpoint = str(checkpoint)
         if not Path(self.checkpoint, "config.json").exists():
             raise FileNotFoundError(f"{self.checkpoint}: not an HF checkpoint folder (no config.json)")
@@ -378,7 +404,7 @@ class RolloutEngine:
         if n < 1 or max_tokens < 1:
             raise ValueError(f"generate needs n >= 1 and max_tokens >= 1, got {n=} {max_tokens=}")
         if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"generate needs temperature >= 0 and 0 < top_p <= 1, got {temperature=} {top_p=}")
+            raise ValueError(f"generate needs temperature >= 0, 0 < top_p <= 1; got {temperature=} {top_p=}")
         if not prompts:
             return []
         from vllm.inputs import TokensPrompt
@@ -387,14 +413,10 @@ class RolloutEngine:
         batch = []
         for i, p in enumerate(prompts):
             if not 0 < len(p) < limit:
-                raise ValueError(f"prompt {i} has {len(p)} tokens; need 1 .. {limit - 1} (max_model_len={limit})")
+                raise ValueError(f"prompt {i} has {len(p)} ids; need 1 .. {limit - 1} ({limit=})")
             batch.append(TokensPrompt(prompt_token_ids=self.vocab.to_model(p)))
-        params = [
-            self._sampling_params(
-                n, temperature, top_p, max_tokens, None if seed is None else (seed * 1_000_003 + i * n) % 2**31, stop
-            )
-            for i in range(len(batch))
-        ]
+        seeds = [None if seed is None else (seed * 1_000_003 + i * n) % 2**31 for i in range(len(batch))]
+        params = [self._sampling_params(n, temperature, top_p, max_tokens, s, stop) for s in seeds]
         t0 = time.perf_counter()
         outputs = self.llm.generate(batch, params, use_tqdm=False)
         self.stats["generate_s"] += time.perf_counter() - t0
@@ -409,11 +431,12 @@ class RolloutEngine:
     def _completion(self, c) -> Completion:
         ids = list(c.token_ids)
         flat = c.logprobs  # FlatLogprobs: the sampled token comes first at every position
-        if flat is None or len(flat.start_indices) != len(ids):
-            raise RuntimeError(f"vLLM returned {0 if flat is None else len(flat.start_indices)} logprobs for {len(ids)} tokens")
+        got = 0 if flat is None else len(flat.start_indices)
+        if got != len(ids):
+            raise RuntimeError(f"vLLM returned {got} log-probs for {len(ids)} tokens")
         logprobs = [flat.logprobs[s] for s in flat.start_indices]
         if c.finish_reason not in FINISH_REASONS:
-            raise RuntimeError(f"unexpected finish_reason {c.finish_reason!r} (stop_reason={c.stop_reason!r})")
+            raise RuntimeError(f"unexpected finish_reason {c.finish_reason!r} ({c.stop_reason=})")
         self.stats["tokens"] += len(ids)
         return Completion(self.vocab.to_canonical(ids), logprobs, c.finish_reason)
 
@@ -429,12 +452,11 @@ class RolloutEngine:
             n = self.llm.apply_model(lambda model: load_into_vllm_cpu(model, converted))[0]
         else:  # GPU build: vLLM's own in-place reload (it runs process_weights_after_loading)
             items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
-            self.llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": iter(list(items)), "is_checkpoint_format": True}
-            )
+            kwargs = {"weights_iterator": iter(list(items)), "is_checkpoint_format": True}
+            self.llm.collective_rpc("reload_weights", kwargs=kwargs)
             n = None
         if not self.llm.reset_prefix_cache():
-            raise RuntimeError("weights updated but vLLM refused to reset its prefix cache (requests running?)")
+            raise RuntimeError("weights updated, but vLLM refused to reset its prefix cache (busy?)")
         self.weights_version += 1
         seconds = time.perf_counter() - t0
         self.stats["last_update_s"] = seconds

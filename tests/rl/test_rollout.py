@@ -91,7 +91,7 @@ def test_hf_to_vllm_names_and_layouts():
     }
     out = hf_to_vllm(sd)
     pre = "model.layers.0."
-    assert out["model.embedding.weight"] is not None and "lm_head.weight" in out
+    assert torch.equal(out["model.embedding.weight"], sd["model.embed_tokens.weight"]) and "lm_head.weight" in out
     assert out[pre + "attn.qkv_proj.weight"].shape == (8 * D, H)
     assert torch.equal(out[pre + "attn.qkv_proj.bias"][4 * D : 6 * D], sd[pre + "self_attn.k_proj.bias"])
     w13 = out[pre + "mlp.experts.routed_experts.w13_weight"]  # (E, 2I, H), gate/linear interleaved
@@ -179,6 +179,21 @@ def test_stops_n_samples_and_vocab(engine, hf):
         engine.generate([[5, 6, 7]])  # canonical ids the tiny vocab lacks
     health = engine.health()
     assert health["ok"] and health["tokens"] > 0
+
+
+@pytest.mark.slow
+def test_bad_update_is_rejected_before_any_copy(engine, hf):
+    model, vm = hf
+    prompts = _prompts()
+    before = _vllm_greedy(engine, prompts, 16)
+    state = {k: v + 1.0 for k, v in model.state_dict().items()}
+    state["model.layers.1.mlp.experts.down_proj"] = state["model.layers.1.mlp.experts.down_proj"][:, :-1]
+    with pytest.raises(ValueError, match="layers.1.mlp.experts.routed_experts.w2_weight: got shape"):
+        engine.update_weights(state)
+    del state["model.norm.weight"]
+    with pytest.raises(KeyError, match=r"missing \['model.norm.weight'\]"):
+        engine.update_weights(state)
+    assert _vllm_greedy(engine, prompts, 16) == before
 
 
 @pytest.mark.slow
