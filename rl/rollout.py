@@ -405,6 +405,8 @@ class RolloutEngine:
             raise ValueError(f"generate needs n >= 1 and max_tokens >= 1, got {n=} {max_tokens=}")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"generate needs temperature >= 0, 0 < top_p <= 1; got {temperature=} {top_p=}")
+        if self.llm is None:
+            raise RuntimeError("generate on a shut-down RolloutEngine; start a new one")
         if not prompts:
             return []
         from vllm.inputs import TokensPrompt
@@ -482,6 +484,8 @@ class RolloutEngine:
 
     def health(self) -> dict:
         """Liveness probe: one greedy token through the engine, plus counters."""
+        if self.llm is None:
+            return {"ok": False, "error": "engine shut down", "pid": os.getpid(), "checkpoint": self.checkpoint}
         t0 = time.perf_counter()
         probe = self.generate([self.vocab.to_canonical([0])], max_tokens=1, temperature=0.0)
         return {
