@@ -41,18 +41,21 @@ def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int) -> tup
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunked: bool,
-                   temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
-    """log p(x_t | x_<t) for t >= 1, aligned so out[:, t] scores input_ids[:, t]; out[:, 0] = 0. (B, L)."""
+                   temperature: float = 1.0, chunk_size: int = 1024, n_vocab: int | None = None) -> torch.Tensor:
+    """log p(x_t | x_<t) for t >= 1, aligned so out[:, t] scores input_ids[:, t]; out[:, 0] = 0. (B, L).
+
+    `n_vocab` restricts the softmax to the first rows of the unembedding: the tiny model pads its
+    embedding past the vocab map and the rollout engine masks those rows, so the learner must too."""
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
     h = hidden[:, :-1]  # (B, L-1, H) predicts tokens 1..L-1
     targets = input_ids[:, 1:]  # (B, L-1)
+    weight = model.lm_head.weight[:n_vocab]  # (V, H)
     if chunked:
         from kernels.logprobs import selective_log_softmax
 
-        lp = selective_log_softmax(h, model.lm_head.weight, targets, temperature=temperature,
-                                   chunk_size=chunk_size)
+        lp = selective_log_softmax(h, weight, targets, temperature=temperature, chunk_size=chunk_size)
     else:
-        logits = model.lm_head(h).float() / temperature  # (B, L-1, V)
+        logits = torch.nn.functional.linear(h, weight).float() / temperature  # (B, L-1, V)
         lp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return torch.nn.functional.pad(lp, (1, 0))  # (B, L)
 
@@ -76,6 +79,7 @@ class Learner:
             raise ValueError(f"learner.kernels={self.kernels!r}; valid: ['deliberate', 'stock']")
         self.model.train()
         self.pad_id = self.model.config.pad_token_id or 0
+        self.n_vocab = None if self.vmap.canonical is None else len(self.vmap)
         self.ref = None
         if algo.get("kl_coef", 0.0) > 0:
             self.ref, _ = load_policy(model_path, dtype=dtype)
@@ -102,7 +106,7 @@ class Learner:
     def _logprobs(self, model, ids, attn):
         return token_logprobs(model, ids, attn, chunked=self.kernels == "deliberate",
                               temperature=self.cfg.get("temperature", 1.0),
-                              chunk_size=self.cfg.get("logprob_chunk", 1024))
+                              chunk_size=self.cfg.get("logprob_chunk", 1024), n_vocab=self.n_vocab)
 
     @torch.no_grad()
     def logprobs(self, batch: list[dict[str, Any]]) -> list[list[float]]:

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 def engine_config(rollout_cfg, seed: int) -> dict[str, Any]:
-    """The engine's settings from the `rollout` node (RolloutConfig.from_dict picks its fields)."""
+    """The engine's settings from the `rollout` node (EngineConfig.from_dict picks its fields)."""
     from omegaconf import OmegaConf
 
     return {**OmegaConf.to_container(rollout_cfg, resolve=True), "seed": seed}

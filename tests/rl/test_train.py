@@ -5,9 +5,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rewards.registry import register_reward
 from rl.config import validate
+from rl.types import RewardResult
 
 pytestmark = pytest.mark.slow
+
+
+@register_reward("test_completion_length")
+def completion_length(sample):
+    """An untrained model gets every math answer wrong; a length reward gives the groups variance."""
+    return RewardResult(len(sample.completion_ids) / 48.0)
 
 TINY = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
@@ -42,6 +50,7 @@ def _cfg(run_dir, steps, resume=False):
         "learner": {"lr": 1e-3, "micro_batch_size": 4},
         "train": {"steps": steps, "tasks_per_step": 2, "checkpoint_every": 1},
         "eval": {"every": 0},
+        "reward": {"weights": {"math": 1.0, "test_completion_length": 1.0}},
     })
 
 
