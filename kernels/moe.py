@@ -381,9 +381,12 @@ def grouped_experts(x: torch.Tensor, top_k_index: torch.Tensor, routing_weights:
         raise ValueError(f"{tuple(gate_up_proj.shape)=} should be (E, H, 2I) = "
                          f"{(gate_up_proj_bias.shape[0], x.shape[1], gate_up_proj_bias.shape[1])}")
     x_in = x.to(gate_up_proj.dtype)
-    out = _GroupedExperts.apply(x_in, routing_weights, gate_up_proj_bias.to(x_in.dtype),
-                                down_proj_bias.to(x_in.dtype), gate_up_proj, down_proj, top_k_index,
-                                _DenseWeights(gate_up_proj, down_proj), alpha, limit)
+    # Autocast (e.g. TRL's default bf16 on CPU) would recast the addmms inside the Function and break
+    # its dtype bookkeeping: the experts compute in the weights' dtype, as transformers' eager path does.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        out = _GroupedExperts.apply(x_in, routing_weights, gate_up_proj_bias.to(x_in.dtype),
+                                    down_proj_bias.to(x_in.dtype), gate_up_proj, down_proj, top_k_index,
+                                    _DenseWeights(gate_up_proj, down_proj), alpha, limit)
     return out.to(x.dtype)
 
 

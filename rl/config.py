@@ -34,7 +34,8 @@ class ModelConfig:
 @dataclass
 class EnvConfig:
     name: str = "math"  # procedural arithmetic (envs.math_tasks) or "dataset"
-    difficulty: int = 1  # MathEnv difficulty level
+    difficulty: int = 1  # MathEnv difficulty level (1..3; see envs/math_tasks.DIFFICULTY)
+    families: list[str] = field(default_factory=lambda: ["add", "mul", "muladd", "chain"])  # MathEnv problem kinds
     dataset: Optional[str] = None  # local jsonl/parquet path or Hub name (env.name=dataset)
     question_key: str = "question"
     answer_key: str = "answer"

@@ -16,7 +16,7 @@ def make_env(env_cfg, seed: int):
     if env_cfg.name == "math":
         from envs.math_tasks import MathEnv
 
-        return MathEnv(seed=seed, difficulty=env_cfg.difficulty)
+        return MathEnv(seed=seed, difficulty=env_cfg.difficulty, families=tuple(env_cfg.families))
     if env_cfg.name == "dataset":
         from envs.datasets_loader import DatasetEnv
 

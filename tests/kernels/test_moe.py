@@ -388,3 +388,20 @@ def test_grouped_experts_on_cuda_match_cpu(dtype):
     torch.testing.assert_close(out.float().cpu(), ref, **tol)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a.float().cpu(), b, **tol)
+
+
+def test_grouped_experts_under_bf16_autocast_matches_fp32():
+    """TRL trains with bf16 autocast by default; the experts must keep computing in fp32."""
+    from kernels.moe import grouped_experts
+
+    torch.manual_seed(0)
+    E, H, I, N = 4, 32, 32, 10
+    x = torch.randn(N, H)
+    idx = torch.randint(0, E, (N, 2))
+    rw = torch.rand(N, 2)
+    w1, b1 = torch.randn(E, H, 2 * I) * 0.1, torch.zeros(E, 2 * I)
+    w2, b2 = torch.randn(E, I, H) * 0.1, torch.zeros(E, H)
+    ref = grouped_experts(x, idx, rw, w1, b1, w2, b2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = grouped_experts(x, idx, rw, w1, b1, w2, b2)
+    torch.testing.assert_close(out, ref)
