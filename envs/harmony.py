@@ -209,6 +209,13 @@ def parse_completion(token_ids: list[int]) -> Transcript:
         return Transcript(format_ok=False, error=f"harmony: {exc}")
     except Exception as exc:  # untrusted output must never crash the pipeline
         return Transcript(format_ok=False, error=f"{type(exc).__name__}: {exc}")
+    try:
+        return _transcript(raw, ids)
+    except Exception as exc:  # untrusted output must never crash the pipeline
+        return Transcript(format_ok=False, error=f"{type(exc).__name__}: {exc}")
+
+
+def _transcript(raw, ids: list[int]) -> Transcript:
     messages = [
         Message(m.channel, m.recipient, "".join(getattr(c, "text", "") for c in m.content))
         for m in raw
@@ -218,12 +225,34 @@ def parse_completion(token_ids: list[int]) -> Transcript:
     finals = [m.text for m in messages if m.channel == "final"]
     if finals:
         t.final = finals[-1]
-    t.analysis_tokens = len(enc.encode(t.analysis, allowed_special=set())) if t.analysis else 0
+    t.analysis_tokens = channel_token_counts(ids).get("analysis", 0)
     if t.final is None:
         t.format_ok, t.error = False, "no final-channel message"
     elif any(m.channel not in ("analysis", "commentary", "final") for m in messages):
         t.format_ok, t.error = False, "message on an unknown channel"
     return t
+
+
+def channel_token_counts(token_ids: list[int]) -> dict[str, int]:
+    """Content tokens per channel, counted on the sampled ids themselves (never re-tokenized, so
+    text that spells a special token cannot break it). Headers run up to `<|message|>`, content up
+    to `<|end|>`, `<|return|>`, `<|call|>` or a new `<|start|>`."""
+    enc = load_encoding()
+    counts: dict[str, int] = {}
+    header: list[int] = []
+    channel, in_content = None, False
+    for tok in token_ids:
+        if tok in (END, RETURN, CALL, START):
+            in_content, header, channel = False, [], None
+        elif in_content:
+            counts[channel or ""] = counts.get(channel or "", 0) + 1
+        elif tok == MESSAGE:
+            text = enc.decode(header)
+            words = text.split("<|channel|>", 1)[1].split() if "<|channel|>" in text else []
+            channel, in_content = (words[0] if words else None), True
+        else:
+            header.append(tok)
+    return counts
 
 
 def decode(token_ids: list[int]) -> str:

@@ -82,3 +82,21 @@ def test_final_without_analysis_is_ok_and_analysis_without_final_is_not():
     end = cut.index(harmony.END)
     t = harmony.parse_completion(cut[: end + 1])
     assert not t.format_ok and t.analysis == "a" and t.final is None
+
+
+def test_text_spelling_a_special_token_does_not_crash_and_is_counted_on_ids():
+    enc = harmony.load_encoding()
+    content = enc.encode("<|reserved_200566|> 2+2=4", disallowed_special=())
+    head = [harmony.CHANNEL, *harmony.encode("analysis"), harmony.MESSAGE]
+    ids = head + content  # an analysis message whose text spells a special token
+    final = [harmony.END, harmony.START, *harmony.encode("assistant")] + harmony.render_completion(None, "4")
+    t = harmony.parse_completion(ids + final)
+    assert t.final == "4" and t.format_ok
+    assert "<|reserved_200566|>" in t.analysis
+    assert t.analysis_tokens == len(content)
+
+
+def test_channel_token_counts_per_channel():
+    ids = harmony.render_completion("7*6=42.", "42")
+    counts = harmony.channel_token_counts(ids)
+    assert counts == {"analysis": len(harmony.encode("7*6=42.")), "final": len(harmony.encode("42"))}
