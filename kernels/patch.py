@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 EXPERTS_IMPL = "deliberate_grouped"
+QAT_EXPERTS_IMPL = "deliberate_grouped_qat"  # the same on fake-quantised MXFP4 expert weights (STE)
 ATTENTION_IMPL = "deliberate_sink"
 _STOCK_ATTR = "_deliberate_stock_impl"  # stored on the model: implementations before apply_kernels
 
@@ -58,6 +59,9 @@ def register() -> None:
     AttentionInterface.register(ATTENTION_IMPL, sink_attention_forward)
     AttentionMaskInterface.register(ATTENTION_IMPL, sink_attention_mask)
     ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPL, grouped_experts_forward)
+    from kernels.qat import grouped_experts_qat_forward
+
+    ALL_EXPERTS_FUNCTIONS.register(QAT_EXPERTS_IMPL, grouped_experts_qat_forward)
 
 
 def _base(model: torch.nn.Module):
@@ -70,8 +74,13 @@ def _base(model: torch.nn.Module):
     return base
 
 
-def apply_kernels(model: torch.nn.Module, *, moe: bool = True, attention: bool = True) -> torch.nn.Module:
-    """Switch `model` (GptOssForCausalLM, or a PEFT wrapper of one) to our kernels in place; returns it."""
+def apply_kernels(model: torch.nn.Module, *, moe: bool = True, attention: bool = True,
+                  qat: bool = False) -> torch.nn.Module:
+    """Switch `model` (GptOssForCausalLM, or a PEFT wrapper of one) to our kernels in place; returns it.
+
+    `qat=True` runs the experts on fake-quantised MXFP4 weights with straight-through gradients."""
+    if qat and not moe:
+        raise ValueError("qat=True needs moe=True: QAT runs inside our grouped experts")
     base = _base(model)
     register()
     cfg = base.config
@@ -79,7 +88,7 @@ def apply_kernels(model: torch.nn.Module, *, moe: bool = True, attention: bool =
         setattr(base, _STOCK_ATTR, {"attn": cfg._attn_implementation, "experts": cfg._experts_implementation})
     stock = getattr(base, _STOCK_ATTR)
     base.set_attn_implementation(ATTENTION_IMPL if attention else stock["attn"])
-    base.set_experts_implementation(EXPERTS_IMPL if moe else stock["experts"])
+    base.set_experts_implementation((QAT_EXPERTS_IMPL if qat else EXPERTS_IMPL) if moe else stock["experts"])
     return model
 
 
@@ -97,7 +106,9 @@ def remove_kernels(model: torch.nn.Module) -> torch.nn.Module:
 def kernels_in_use(model: torch.nn.Module) -> dict[str, bool]:
     """{"moe": ..., "attention": ...}: which of our kernels the model currently dispatches to."""
     cfg = _base(model).config
-    return {"moe": cfg._experts_implementation == EXPERTS_IMPL, "attention": cfg._attn_implementation == ATTENTION_IMPL}
+    return {"moe": cfg._experts_implementation in (EXPERTS_IMPL, QAT_EXPERTS_IMPL),
+            "qat": cfg._experts_implementation == QAT_EXPERTS_IMPL,
+            "attention": cfg._attn_implementation == ATTENTION_IMPL}
 
 
 KERNEL_MODES: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {

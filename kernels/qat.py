@@ -67,3 +67,19 @@ def quantized_expert_weights(model: torch.nn.Module, *, scale_rule: str = "floor
     if not out:
         raise ValueError(f"no parameter of {type(model).__name__} ends with {EXPERT_WEIGHTS}: not a gpt-oss MoE?")
     return out
+
+
+def grouped_experts_qat_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                top_k_weights: torch.Tensor) -> torch.Tensor:
+    """`ExpertsInterface` function for QAT: the grouped experts on fake-quantised MXFP4 weights.
+
+    The forward sees exactly the weights a checkpoint (and the rollout engine) gets; the gradient goes
+    straight through to the fp32/bf16 master parameters, which keep their names and shapes.
+    """
+    from kernels.moe import grouped_experts
+
+    return grouped_experts(
+        hidden_states, top_k_index, top_k_weights,
+        fake_quantize_mxfp4(self.gate_up_proj, dim=EXPERT_GROUP_DIM), self.gate_up_proj_bias,
+        fake_quantize_mxfp4(self.down_proj, dim=EXPERT_GROUP_DIM), self.down_proj_bias,
+        self.alpha, self.limit)

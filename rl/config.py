@@ -98,6 +98,8 @@ class LearnerConfig:
     grad_clip: float = 1.0
     micro_batch_size: int = 16
     kernels: str = "deliberate"  # deliberate (our MoE/attention/log-prob kernels) | stock (transformers)
+    qat: bool = False  # experts forward on fake-quantised MXFP4 weights (STE); rollout gets those weights
+    sync_mxfp4: bool = False  # send MXFP4-quantised experts to the rollout engine even without QAT
     logprob_chunk: int = 1024
     dtype: str = "float32"
     num_threads: int = 2

@@ -71,12 +71,18 @@ class Learner:
         dtype = getattr(torch, cfg.get("dtype", "float32"))
         self.model, self.vmap = load_policy(model_path, dtype=dtype)
         self.kernels = cfg.get("kernels", "stock")
+        self.qat = bool(cfg.get("qat", False))
+        # The rollout engine gets MXFP4-quantised experts (what a gpt-oss engine serves) under QAT or
+        # when asked; without QAT the learner then computes on different experts than the sampler.
+        self.sync_mxfp4 = self.qat or bool(cfg.get("sync_mxfp4", False))
         if self.kernels == "deliberate":
             from kernels.patch import apply_kernels
 
-            apply_kernels(self.model)
+            apply_kernels(self.model, qat=self.qat)
         elif self.kernels != "stock":
             raise ValueError(f"learner.kernels={self.kernels!r}; valid: ['deliberate', 'stock']")
+        if self.qat and self.kernels != "deliberate":
+            raise ValueError("learner.qat=true needs learner.kernels=deliberate (QAT runs in our MoE kernel)")
         self.model.train()
         self.pad_id = self.model.config.pad_token_id or 0
         self.n_vocab = None if self.vmap.canonical is None else len(self.vmap)
@@ -160,7 +166,12 @@ class Learner:
     # ---- weights and state ---------------------------------------------------------------------
     def state_for_sync(self) -> dict[str, torch.Tensor]:
         """HF-named tensors for the rollout engine (detached, contiguous, CPU)."""
-        return {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        if self.sync_mxfp4:
+            from kernels.qat import quantized_expert_weights
+
+            state.update(quantized_expert_weights(self.model))  # exactly the QAT forward's experts
+        return state
 
     def save(self, path: str | os.PathLike) -> None:
         """HF checkpoint + optimizer/step/RNG in `path` (caller makes the whole folder atomic)."""

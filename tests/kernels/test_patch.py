@@ -52,7 +52,7 @@ def test_tiny_model_same_loss_and_grads_as_stock(padding):
         mask[1, :9] = 0 if padding == "left" else 1
     loss_ref, grads_ref = _loss_and_grads(model, ids, mask)
     apply_kernels(model)
-    assert kernels_in_use(model) == {"moe": True, "attention": True}
+    assert kernels_in_use(model) == {"moe": True, "qat": False, "attention": True}
     loss, grads = _loss_and_grads(model, ids, mask)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
     for name, g in grads_ref.items():
@@ -69,11 +69,11 @@ def test_state_dict_unchanged_and_switch_is_reversible():
     assert all(torch.equal(after[k], before[k]) for k in before)
     set_kernels(model, "stock")
     assert (model.config._attn_implementation, model.config._experts_implementation) == stock
-    assert kernels_in_use(model) == {"moe": False, "attention": False}
+    assert kernels_in_use(model) == {"moe": False, "qat": False, "attention": False}
     apply_kernels(model, moe=True, attention=False)
-    assert kernels_in_use(model) == {"moe": True, "attention": False}
+    assert kernels_in_use(model) == {"moe": True, "qat": False, "attention": False}
     apply_kernels(model, moe=False, attention=True)
-    assert kernels_in_use(model) == {"moe": False, "attention": True}
+    assert kernels_in_use(model) == {"moe": False, "qat": False, "attention": True}
     remove_kernels(model)
     with pytest.raises(ValueError, match=r"valid: \['deliberate', 'stock'\]"):
         set_kernels(model, "fast")
@@ -93,7 +93,7 @@ def test_peft_wrapped_model():
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(_model(), peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))
     apply_kernels(model)
-    assert kernels_in_use(model) == {"moe": True, "attention": True}
+    assert kernels_in_use(model) == {"moe": True, "qat": False, "attention": True}
     ids = torch.randint(0, 512, (1, 20))
     model(input_ids=ids, labels=ids).loss.backward()
 

@@ -67,3 +67,35 @@ def test_rollout_weights_equal_the_checkpoint(tmp_path):
 def test_quantized_expert_weights_rejects_non_moe_model():
     with pytest.raises(ValueError, match="not a gpt-oss MoE"):
         quantized_expert_weights(torch.nn.Linear(4, 4))
+
+
+def test_qat_experts_forward_uses_quantised_weights_and_straight_through_grads():
+    """apply_kernels(qat=True): the model equals the model whose experts were replaced by their MXFP4
+    round trip, and the master weights get exactly that model's expert gradients."""
+    import copy
+
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from kernels.patch import apply_kernels, kernels_in_use
+    from kernels.qat import quantized_expert_weights
+
+    torch.manual_seed(0)
+    cfg = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=64, num_local_experts=4,
+                       num_experts_per_tok=2, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    qat = GptOssForCausalLM(cfg)
+    ref = copy.deepcopy(qat)
+    with torch.no_grad():
+        for name, w in quantized_expert_weights(ref).items():
+            ref.get_parameter(name).copy_(w)
+    apply_kernels(qat, qat=True)
+    apply_kernels(ref)
+    assert kernels_in_use(qat)["qat"] and not kernels_in_use(ref)["qat"]
+    ids = torch.randint(0, 128, (2, 12))
+    lq, lr = qat(ids, labels=ids).loss, ref(ids, labels=ids).loss
+    torch.testing.assert_close(lq, lr)
+    lq.backward()
+    lr.backward()
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    torch.testing.assert_close(qat.get_parameter(name).grad, ref.get_parameter(name).grad)
+    assert not torch.equal(qat.get_parameter(name), ref.get_parameter(name))  # masters stay full precision
