@@ -166,12 +166,37 @@ def save_checkpoint(model, vmap: VocabMap, out_dir: str | os.PathLike) -> None:
     os.replace(tmp, out)
 
 
+def is_mxfp4_checkpoint(path: str | os.PathLike) -> bool:
+    cfg = json.loads(Path(path, "config.json").read_text())
+    return (cfg.get("quantization_config") or {}).get("quant_method") == "mxfp4"
+
+
 def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """(model, VocabMap) from an HF folder, eager attention (our kernels are switched on by the learner)."""
+    """(model, VocabMap) from an HF folder, eager attention (our kernels are switched on by the learner).
+
+    Released-style MXFP4 checkpoints (`*_blocks`/`*_scales` experts) load with `dtype` master weights."""
     from transformers import GptOssForCausalLM
 
-    model = GptOssForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    if is_mxfp4_checkpoint(path):
+        from kernels.mxfp4_checkpoint import load_mxfp4_checkpoint
+
+        model = load_mxfp4_checkpoint(path, dtype=dtype)
+        model.set_attn_implementation("eager")
+    else:
+        model = GptOssForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
     return model, VocabMap.load(path)
+
+
+def export_mxfp4(src: str | os.PathLike, dst: str | os.PathLike, scale_rule: str = "floor") -> Path:
+    """Write the policy at `src` as a released-style MXFP4 checkpoint (experts packed, rest bf16)."""
+    from kernels.mxfp4_checkpoint import save_mxfp4_checkpoint
+
+    model, vmap = load_policy(src)
+    out = save_mxfp4_checkpoint(model, dst, scale_rule=scale_rule)
+    vmap.save(out)
+    if vmap.canonical is not None:
+        hf_tokenizer(vmap).save_pretrained(out)
+    return out
 
 
 def _o200k_token_bytes() -> dict[int, bytes]:

@@ -68,3 +68,19 @@ def test_bad_config_fails_with_one_line_naming_the_key():
     with pytest.raises(ConfigError, match="'rollout.max_tokens'"):
         validate({"rollout": {"max_tokens": 600, "max_model_len": 512}})
     assert validate({}).algo.advantage == "grpo"
+
+
+def test_tiny_model_round_trips_through_mxfp4_checkpoint(tiny, tmp_path):
+    from kernels.qat import quantized_expert_weights
+    from rl.model import export_mxfp4, is_mxfp4_checkpoint
+
+    out = export_mxfp4(tiny, tmp_path / "mx")
+    assert is_mxfp4_checkpoint(out) and not is_mxfp4_checkpoint(tiny)
+    model, vm = load_policy(out)
+    ref, _ = load_policy(tiny)
+    assert vm == VocabMap.load(tiny)
+    for name, w in quantized_expert_weights(ref).items():
+        torch.testing.assert_close(model.get_parameter(name), w, rtol=0, atol=0)
+    again, _ = load_policy(export_mxfp4(out, tmp_path / "mx2"))  # packing is idempotent
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(again.get_parameter(name), p, rtol=0, atol=0)
