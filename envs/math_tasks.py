@@ -172,16 +172,22 @@ def _chain(rng, d):
     return ("-", (prod, sub))
 
 
-FAMILIES = {"add": _add, "mul": _mul, "muladd": _muladd, "chain": _chain}
+def _digit_sum(rng, d):
+    """A running sum of single digits, e.g. 7+5+9+3+8: every step is a small fact (sum + digit), so a
+    tiny model can learn the steps quickly, while the one-shot answer needs the whole sum at once."""
+    return ("+", tuple(rng.randint(1, 9) for _ in range(rng.choice(d["digit_terms"]))))
+
+
+FAMILIES = {"add": _add, "mul": _mul, "muladd": _muladd, "chain": _chain, "digit_sum": _digit_sum}
 
 # Digit counts per difficulty. Level 2 (default) is the tiny-world setting: 2-digit x 2-digit
 # products and 3-term sums, where one-shot answers are hard and column arithmetic is not.
 DIFFICULTY = {
-    1: dict(add_terms=(2,), add_digits=(2,), mul_top=2, mul_bottom=(1,), offset=2, chain_factor=1),
+    1: dict(add_terms=(2,), add_digits=(2,), mul_top=2, mul_bottom=(1,), offset=2, chain_factor=1, digit_terms=(4, 5)),
     2: dict(add_terms=(2, 3), add_digits=(2, 3), mul_top=2, mul_bottom=(1, 2), offset=2,
-            chain_factor=1),
+            chain_factor=1, digit_terms=(5, 6)),
     3: dict(add_terms=(3,), add_digits=(3, 4), mul_top=3, mul_bottom=(1, 2), offset=3,
-            chain_factor=2),
+            chain_factor=2, digit_terms=(6, 7)),
 }
 
 
@@ -388,6 +394,29 @@ def _walk(e: Expr, effort: str, lines: list[str]) -> int:
     return value
 
 
+def _is_digit_sum(e: Expr) -> bool:
+    return not isinstance(e, int) and e[0] == "+" and len(e[1]) > 2 and all(
+        isinstance(a, int) and 0 <= a <= 9 for a in e[1])
+
+
+def _digit_sum_trace(terms: tuple, effort: str) -> str:
+    """medium: two digits per step ("7+5+9=21, 21+3+8=32."); high: one digit per line + a check."""
+    if effort == "medium":
+        steps, total = [], terms[0]
+        for i in range(1, len(terms), 2):
+            chunk = terms[i : i + 2]
+            new = total + sum(chunk)
+            steps.append(f"{total}+{'+'.join(map(str, chunk))}={new}")
+            total = new
+        return ", ".join(steps) + "."
+    lines, total = [], terms[0]
+    for t in terms[1:]:
+        lines.append(f"{total}+{t}={total + t}.")
+        total += t
+    back = [f"{total}-{terms[-1]}={total - terms[-1]}"]
+    return "\n".join(lines) + "\nCheck: " + ", ".join(back) + "."
+
+
 def solution(task: Task, effort: str) -> tuple[str, str]:
     """(analysis, final) for a math task in the style of `effort`; final is the bare integer.
 
@@ -409,6 +438,8 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
         raise ValueError(f"task {task.task_id}: {expr} = {answer}, but metadata says {task.metadata['answer']}")
     if effort == "low" or isinstance(e, int):
         return f"{expr}={answer}.", answer
+    if _is_digit_sum(e):
+        return _digit_sum_trace(e[1], effort), answer
     lines: list[str] = []
     _walk(e, effort, lines)
     if effort == "high":
