@@ -1,0 +1,63 @@
+"""Learner: a GRPO step moves log-probs the way the advantages say; kernels match stock; save/load."""
+import pytest
+import torch
+
+from envs import harmony
+from rl.learner import Learner
+
+TINY = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
+            sliding_window=16, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    from envs.math_tasks import vocabulary_corpus
+    from rl.model import build_tiny_model
+
+    return build_tiny_model(TINY, vocabulary_corpus(30), tmp_path_factory.mktemp("p") / "tiny")
+
+
+def _batch(adv):
+    prompt = harmony.render_prompt("Compute 3+4+5+6.", "high")
+    good = harmony.render_completion("3+4=7.", "18")
+    bad = harmony.render_completion("3+4=8.", "19")
+    return [{"prompt_ids": prompt, "completion_ids": c, "loss_mask": [1] * len(c), "advantage": a}
+            for c, a in zip([good, bad], adv)]
+
+
+@pytest.mark.parametrize("kernels", ["deliberate", "stock"])
+def test_step_raises_positive_and_lowers_negative_advantage(policy, kernels):
+    learner = Learner(str(policy), {"lr": 1e-3, "kernels": kernels}, {}, seed=0)
+    batch = _batch([1.0, -1.0])
+    before = [sum(x) for x in learner.logprobs(batch)]
+    for _ in range(3):
+        metrics = learner.train_step(batch)
+    after = [sum(x) for x in learner.logprobs(batch)]
+    assert after[0] > before[0] and after[1] < before[1]
+    assert metrics["grad_norm"] > 0 and learner.step == 3
+
+
+def test_deliberate_kernels_match_stock_logprobs_and_grads(policy):
+    a = Learner(str(policy), {"lr": 0.0, "kernels": "deliberate"}, {}, seed=0)
+    b = Learner(str(policy), {"lr": 0.0, "kernels": "stock"}, {}, seed=0)
+    batch = _batch([1.0, -0.5])
+    for x, y in zip(a.logprobs(batch), b.logprobs(batch)):
+        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=1e-4, atol=1e-5)
+    a.train_step(batch)
+    b.train_step(batch)
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=n)
+
+
+def test_save_load_restores_optimizer_and_step(policy, tmp_path):
+    a = Learner(str(policy), {"lr": 1e-3, "kernels": "deliberate"}, {}, seed=0)
+    a.train_step(_batch([1.0, -1.0]))
+    a.save(tmp_path / "ck")
+    b = Learner(str(tmp_path / "ck"), {"lr": 1e-3, "kernels": "deliberate"}, {}, seed=0)
+    b.load(tmp_path / "ck")
+    assert b.step == 1
+    ma, mb = a.train_step(_batch([0.5, -0.5])), b.train_step(_batch([0.5, -0.5]))
+    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q)
