@@ -99,6 +99,7 @@ class LearnerConfig:
     micro_batch_size: int = 16
     kernels: str = "deliberate"  # deliberate (our MoE/attention/log-prob kernels) | stock (transformers)
     qat: bool = False  # experts forward on fake-quantised MXFP4 weights (STE); rollout gets those weights
+    freeze_router: bool = False  # keep MoE routers fixed during RL (top-k flips destabilise updates)
     sync_mxfp4: bool = False  # send MXFP4-quantised experts to the rollout engine even without QAT
     logprob_chunk: int = 1024
     dtype: str = "float32"

@@ -90,8 +90,13 @@ class Learner:
         if algo.get("kl_coef", 0.0) > 0:
             self.ref, _ = load_policy(model_path, dtype=dtype)
             self.ref.eval().requires_grad_(False)
+        if cfg.get("freeze_router", False):
+            # MoE RL is unstable when small updates flip top-k routing; keep the routing fixed.
+            for name, p in self.model.named_parameters():
+                if ".mlp.router." in name:
+                    p.requires_grad_(False)
         self.opt = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
+            [p for p in self.model.parameters() if p.requires_grad], lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
             weight_decay=cfg.get("weight_decay", 0.0),
         )
         self.step = 0
@@ -158,7 +163,8 @@ class Learner:
                              "entropy_proxy": float(-(lp.detach()[tok]).mean()) if diff.numel() else 0.0,
                              }.items():
                     sums[k] = sums.get(k, 0.0) + v * weight
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.get("grad_clip", 1.0))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], self.cfg.get("grad_clip", 1.0))
         self.opt.step()
         self.step += 1
         return {**sums, "grad_norm": float(grad_norm), "tokens": total_tokens}
