@@ -123,6 +123,8 @@ class EvalConfig:
     samples_per_task: int = 1
     temperature: float = 1.0
     efforts: list[str] = field(default_factory=lambda: ["low", "medium", "high"])
+    checkpoints: list[str] = field(default_factory=list)  # `python -m rl.evaluate` only: HF folders
+    out_dir: Optional[str] = None  # `python -m rl.evaluate` only: where eval.{json,md} go
 
 
 @dataclass
@@ -155,6 +157,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def register_schema() -> None:
+    """Put the schema in Hydra's ConfigStore; conf/config.yaml lists it first in its defaults, so every
+    field is overridable from the command line and typed before `validate` runs."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="deliberate_schema", node=Config)
 
 
 class ConfigError(ValueError):

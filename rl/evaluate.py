@@ -4,8 +4,8 @@ Metrics per (checkpoint, effort): accuracy (math-verify on the final channel), m
 (analysis-channel tokens), format-failure rate (no parsable final). Writes `eval.json` and
 `eval.md` to the output folder and prints a table per effort.
 
-Run:  python -m rl.evaluate checkpoints=[outputs/x/sft,outputs/x/checkpoints/step_000020] \
-          out_dir=outputs/x/eval            (any Hydra overrides of conf/config.yaml also apply)
+Run:  python -m rl.evaluate 'eval.checkpoints=[outputs/x/sft,outputs/x/checkpoints/step_000020]' \
+          eval.out_dir=outputs/x/eval       (any Hydra overrides of conf/config.yaml also apply)
 One vLLM engine serves every checkpoint: weights are swapped in place between checkpoints.
 """
 from __future__ import annotations
@@ -114,18 +114,18 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
 
 def main() -> None:
     import hydra
-    from omegaconf import OmegaConf
+
+    from rl.config import register_schema, validate
+
+    register_schema()
 
     @hydra.main(config_path="../conf", config_name="config", version_base=None)
     def _run(cfg):
-        ckpts = cfg.get("checkpoints")
-        if not ckpts:
-            raise SystemExit("evaluate: pass checkpoints=[path1,path2,...] (HF checkpoint folders)")
-        out_dir = cfg.get("out_dir") or "outputs/eval"
-        rest = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("checkpoints", "out_dir")])
-        from rl.config import validate
-
-        evaluate_checkpoints({Path(p).name: str(p) for p in ckpts}, validate(rest), out_dir)
+        cfg = validate(cfg)
+        if not cfg.eval.checkpoints:
+            raise SystemExit("evaluate: pass eval.checkpoints=[path1,path2,...] (HF checkpoint folders)")
+        names = {Path(p).name: str(p) for p in cfg.eval.checkpoints}
+        evaluate_checkpoints(names, cfg, cfg.eval.out_dir or str(Path(cfg.run_dir) / "eval"))
 
     _run()
 

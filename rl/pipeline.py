@@ -85,6 +85,10 @@ def run(cfg) -> dict:
 def main() -> None:
     import hydra
 
+    from rl.config import register_schema
+
+    register_schema()
+
     @hydra.main(config_path="../conf", config_name="config", version_base=None)
     def _run(cfg):
         run(validate(cfg))

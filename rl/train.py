@@ -219,6 +219,10 @@ def train(cfg, policy_path: str | None = None) -> TrainState:
 def main() -> None:
     import hydra
 
+    from rl.config import register_schema
+
+    register_schema()
+
     @hydra.main(config_path="../conf", config_name="config", version_base=None)
     def _run(cfg):
         cfg = validate(cfg)
