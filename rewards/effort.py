@@ -60,6 +60,8 @@ class EffortLengthReward:
                 f"add one under the effort_length reward's `budgets`"
             )
         budget, tokens = self.budgets[effort], sample.transcript.analysis_tokens
-        score = length_score(tokens, budget)
+        # No length credit for malformed output: otherwise a policy can farm this term with garbage
+        # once the task reward is all zero (and GRPO's std normalisation amplifies it to full size).
+        score = length_score(tokens, budget) if sample.transcript.format_ok else 0.0
         return RewardResult(score, {"effort_length": score, "tokens": float(tokens),
                                     "budget": float(budget), "within_budget": float(tokens <= budget)})

@@ -54,3 +54,13 @@ def test_sft_traces_earn_full_length_reward(make_sample, effort):
     for task in MathEnv(seed=5).tasks("train", 20):
         analysis, final = solution(task, effort)
         assert reward(make_sample(final, analysis=analysis, effort=effort)).score == 1.0
+
+
+def test_malformed_output_earns_no_length_credit():
+    from envs.harmony import Transcript
+    from rewards.effort import EffortLengthReward
+    from rl.types import Sample
+
+    bad = Transcript(analysis_tokens=5, format_ok=False, error="no final-channel message")
+    s = Sample("t", "math", "low", [], [], [], [], bad)
+    assert EffortLengthReward()(s).score == 0.0
