@@ -14,7 +14,7 @@ HANG = r"\boxed{\dfrac{5^{(5^{(5^{(5^5)})}-4)}-5}{16}}"
     ("408", 10, "low", 1.0 + 0.2 + 0.1),          # right, within budget, well formed
     ("The answer is 408.", 24, "low", 1.0 + 0.2 * 0.5 + 0.1),
     ("407", 10, "low", 0.0 + 0.2 + 0.1),          # wrong answer
-    (None, 10, "low", 0.0 + 0.2 + 0.0),           # no final channel: math and format fail
+    (None, 10, "low", 0.0 + 0.0 + 0.0),           # no final channel: math, length and format fail
     ("408", 10, "", 1.0 + 0.1),                    # no effort: length term not applicable
 ])
 def test_weighted_sum(make_sample, final, analysis_words, effort, expected):
