@@ -91,6 +91,9 @@ def main() -> None:
 
     @hydra.main(config_path="../conf", config_name="config", version_base=None)
     def _run(cfg):
+        from hydra.core.hydra_config import HydraConfig
+
+        cfg.run_dir = HydraConfig.get().runtime.output_dir  # resolve ${now:...} once
         run(validate(cfg))
 
     _run()
