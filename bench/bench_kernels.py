@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from bench import results
+
 from kernels.logprobs import logprobs_and_entropy, logprobs_and_entropy_ref, peak_bytes
 
 SECTION = "## Kernels (MoE, attention, log-probs, learner step)"
@@ -232,15 +234,8 @@ def bars(rows: list[tuple]) -> list[str]:
 
 
 def write_section(results_md: Path, section: list[str]) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
-    lines = results_md.read_text().splitlines() if results_md.exists() else ["# Benchmark results", ""]
-    if SECTION in lines:
-        start = lines.index(SECTION)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = section
-    else:
-        lines += ["", *section] if lines and lines[-1] else section
-    results_md.write_text("\n".join(lines).rstrip("\n") + "\n")
+    """This benchmark's section of RESULTS.md (`section[0]` is its title)."""
+    results.write_section(results_md, section[0], section[1:])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -85,14 +85,9 @@ def main() -> None:
             f"({os.cpu_count()} cores).\n\n{table(rows)}\n")
     print(body)
     if args.write:
-        path = Path(args.write)
-        text = path.read_text() if path.exists() else "# Benchmark results\n"
-        head = "## QAT: rollout vs learner log-prob mismatch"
-        parts = text.split(head)
-        rest = parts[1].split("\n## ", 1)[1] if len(parts) > 1 and "\n## " in parts[1] else ""
-        new = parts[0].rstrip() + f"\n\n{head}\n\n{body}" + (f"\n## {rest}" if rest else "")
-        path.write_text(new)
+        from bench.results import write_section
 
+        write_section(Path(args.write), "## QAT: rollout vs learner log-prob mismatch", ["", *body.splitlines()])
 
 if __name__ == "__main__":
     main()

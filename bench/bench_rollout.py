@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench import results
 import yaml
 
 SECTION = "## Rollout (vLLM vs HF generate) and weight sync"
@@ -170,17 +172,9 @@ def _cpu() -> str:
 
 
 def write_section(results_md: Path, command: str, header: list[str], table: list[str]) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md, leaving other sections alone."""
+    """This benchmark's section of RESULTS.md, with the command and today's date."""
     today = datetime.date.today().isoformat()
-    section = [SECTION, "", f"Command: `{command}` ({today})", "", *header, "", *table, ""]
-    lines = results_md.read_text().splitlines() if results_md.exists() else ["# Benchmark results", ""]
-    if SECTION in lines:
-        start = lines.index(SECTION)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = section
-    else:
-        lines += ["", *section] if lines and lines[-1] else section
-    results_md.write_text("\n".join(lines).rstrip("\n") + "\n")
+    results.write_section(results_md, SECTION, ["", f"Command: `{command}` ({today})", "", *header, "", *table, ""])
 
 
 def main(argv: list[str] | None = None) -> None:

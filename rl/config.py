@@ -7,6 +7,7 @@ resolved config to `<run_dir>/config.yaml`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -165,6 +166,25 @@ def register_schema() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="deliberate_schema", node=Config)
+
+
+def hydra_main(fn) -> None:
+    """Run `fn(cfg)` as a Hydra app on conf/config.yaml: schema registered, the timestamped run_dir
+    resolved once (Hydra's output dir), the config validated before `fn` sees it."""
+    import hydra
+
+    register_schema()
+
+    conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
+
+    @hydra.main(config_path=conf_dir, config_name="config", version_base=None)
+    def _run(cfg):
+        from hydra.core.hydra_config import HydraConfig
+
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
+        fn(validate(cfg))
+
+    _run()
 
 
 class ConfigError(ValueError):

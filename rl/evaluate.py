@@ -113,25 +113,15 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
 
 
 def main() -> None:
-    import hydra
+    from rl.config import hydra_main
 
-    from rl.config import register_schema, validate
-
-    register_schema()
-
-    @hydra.main(config_path="../conf", config_name="config", version_base=None)
-    def _run(cfg):
-        from hydra.core.hydra_config import HydraConfig
-
-        cfg.run_dir = HydraConfig.get().runtime.output_dir  # resolve ${now:...} once
-        cfg = validate(cfg)
+    def run(cfg):
         if not cfg.eval.checkpoints:
             raise SystemExit("evaluate: pass eval.checkpoints=[path1,path2,...] (HF checkpoint folders)")
         names = {Path(p).name: str(p) for p in cfg.eval.checkpoints}
         evaluate_checkpoints(names, cfg, cfg.eval.out_dir or str(Path(cfg.run_dir) / "eval"))
 
-    _run()
-
+    hydra_main(run)
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from rl.config import validate
+from rl.config import hydra_main
 
 
 def build_model(cfg, out: Path) -> Path:
@@ -83,21 +83,7 @@ def run(cfg) -> dict:
 
 
 def main() -> None:
-    import hydra
-
-    from rl.config import register_schema
-
-    register_schema()
-
-    @hydra.main(config_path="../conf", config_name="config", version_base=None)
-    def _run(cfg):
-        from hydra.core.hydra_config import HydraConfig
-
-        cfg.run_dir = HydraConfig.get().runtime.output_dir  # resolve ${now:...} once
-        run(validate(cfg))
-
-    _run()
-
+    hydra_main(run)
 
 if __name__ == "__main__":
     main()

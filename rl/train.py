@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from rl import checkpoint
 from rl.algorithms import get_advantage_fn
-from rl.config import validate
+from rl.config import hydra_main
 from rl.data import TaskStream, make_env
 from rl.rollout_client import call, engine_generate, make_worker, rollout_with_restart
 
@@ -217,24 +217,12 @@ def train(cfg, policy_path: str | None = None) -> TrainState:
 
 
 def main() -> None:
-    import hydra
-
-    from rl.config import register_schema
-
-    register_schema()
-
-    @hydra.main(config_path="../conf", config_name="config", version_base=None)
-    def _run(cfg):
-        from hydra.core.hydra_config import HydraConfig
-
-        cfg.run_dir = HydraConfig.get().runtime.output_dir  # resolve ${now:...} once
-        cfg = validate(cfg)
+    def run(cfg):
         if not cfg.model.path:
             raise SystemExit("train: set model.path to an HF checkpoint (or run `python -m rl.pipeline`)")
         train(cfg)
 
-    _run()
-
+    hydra_main(run)
 
 if __name__ == "__main__":
     main()
