@@ -209,6 +209,8 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
          "< rollout.max_model_len (prompt must fit)"),
         (merged.learner.temperature == merged.rollout.temperature, "learner.temperature",
          "== rollout.temperature"),
+        (merged.eval.temperature > 0 or merged.eval.samples_per_task == 1, "eval.samples_per_task",
+         "1 for greedy decoding (eval.temperature=0)"),
     ]
     for ok, key, want in checks:
         if not ok:
