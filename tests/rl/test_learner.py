@@ -5,17 +5,6 @@ import torch
 from envs import harmony
 from rl.learner import Learner
 
-TINY = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
-            sliding_window=16, max_position_embeddings=512)
-
-
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    from envs.math_tasks import vocabulary_corpus
-    from rl.model import build_tiny_model
-
-    return build_tiny_model(TINY, vocabulary_corpus(30), tmp_path_factory.mktemp("p") / "tiny")
 
 
 def _batch(adv):

@@ -17,17 +17,6 @@ def completion_length(sample):
     """An untrained model gets every math answer wrong; a length reward gives the groups variance."""
     return RewardResult(len(sample.completion_ids) / 48.0)
 
-TINY = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
-            sliding_window=16, max_position_embeddings=512)
-
-
-@pytest.fixture(scope="module")
-def policy(tmp_path_factory):
-    from envs.math_tasks import vocabulary_corpus
-    from rl.model import build_tiny_model
-
-    return build_tiny_model(TINY, vocabulary_corpus(30), tmp_path_factory.mktemp("p") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +30,9 @@ def ray_local():
     ray.shutdown()
 
 
-def _cfg(run_dir, steps, resume=False):
+def _cfg(run_dir, steps, model, resume=False):
     return validate({
-        "run_dir": str(run_dir), "resume": resume, "model": TINY,
+        "run_dir": str(run_dir), "resume": resume, "model": model,
         "env": {"efforts": ["low", "high"], "train_size": 50},
         "algo": {"group_size": 2},
         "rollout": {"max_tokens": 48, "max_model_len": 256, "kv_cache_gib": 0.5},
@@ -62,8 +51,8 @@ def _run(cfg, policy):
     return [json.loads(x) for x in open(f"{cfg.run_dir}/metrics.jsonl").read().splitlines()]
 
 
-def test_two_steps_train_and_checkpoint(tmp_path, policy, ray_local):
-    cfg = _cfg(tmp_path / "run", steps=2)
+def test_two_steps_train_and_checkpoint(tmp_path, policy, tiny_cfg, ray_local):
+    cfg = _cfg(tmp_path / "run", 2, tiny_cfg)
     lines = _run(cfg, policy)
     assert [m["step"] for m in lines] == [1, 2]
     for m in lines:
@@ -79,10 +68,10 @@ def test_two_steps_train_and_checkpoint(tmp_path, policy, ray_local):
     assert (tmp_path / "run" / "config.yaml").exists()
 
 
-def test_resume_gives_the_same_next_step(tmp_path, policy, ray_local):
-    straight = _run(_cfg(tmp_path / "a", steps=2), policy)
-    _run(_cfg(tmp_path / "b", steps=1), policy)
-    resumed = _run(_cfg(tmp_path / "b", steps=2, resume=True), policy)
+def test_resume_gives_the_same_next_step(tmp_path, policy, tiny_cfg, ray_local):
+    straight = _run(_cfg(tmp_path / "a", 2, tiny_cfg), policy)
+    _run(_cfg(tmp_path / "b", 1, tiny_cfg), policy)
+    resumed = _run(_cfg(tmp_path / "b", 2, tiny_cfg, resume=True), policy)
     a, b = straight[1], resumed[-1]
     assert b["step"] == 2
     for key in ("reward", "loss", "grad_norm", "completion_tokens", "cot_tokens/high"):
