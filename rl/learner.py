@@ -156,12 +156,12 @@ class Learner:
             (loss * weight).backward()
             with torch.no_grad():
                 tok = lmask.bool()
-                diff = (behav - lp.detach())[tok]  # behaviour vs learner log-prob gap
-                for k, v in {**m, "loss": float(loss),
-                             "rollout_logprob_diff": float(diff.abs().mean()) if diff.numel() else 0.0,
-                             "rollout_kl": float((behav - lp.detach())[tok].mean()) if diff.numel() else 0.0,
-                             "entropy_proxy": float(-(lp.detach()[tok]).mean()) if diff.numel() else 0.0,
-                             }.items():
+                learner_lp = lp.detach()[tok]
+                diff = behav[tok] - learner_lp  # behaviour vs learner log-prob gap
+                gaps = {"rollout_logprob_diff": float(diff.abs().mean()), "rollout_kl": float(diff.mean()),
+                        "entropy_proxy": float(-learner_lp.mean())} if diff.numel() else \
+                    dict.fromkeys(("rollout_logprob_diff", "rollout_kl", "entropy_proxy"), 0.0)
+                for k, v in {**m, "loss": float(loss), **gaps}.items():
                     sums[k] = sums.get(k, 0.0) + v * weight
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], self.cfg.get("grad_clip", 1.0))

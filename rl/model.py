@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -151,18 +152,12 @@ def save_checkpoint(model, vmap: VocabMap, out_dir: str | os.PathLike) -> None:
     """HF folder: config.json + model.safetensors + vocab_map.json (written to a temp dir, renamed)."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     vmap.save(tmp)
     if vmap.canonical is not None:
         hf_tokenizer(vmap).save_pretrained(tmp)  # decoding/padding only (see hf_tokenizer)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
 
 

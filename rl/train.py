@@ -123,14 +123,14 @@ def advantages(cfg, samples, results) -> tuple[list[dict], dict[str, float]]:
     """Learner batch (dicts of canonical ids + advantage) from scored samples; DAPO group filter."""
     rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
     adv = get_advantage_fn(cfg.algo.advantage)(rewards, [s.group_key for s in samples])
-    batch = []
-    for s, a in zip(samples, adv.tolist()):
-        batch.append({"prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids, "loss_mask": s.loss_mask,
-                      "behavior_logprobs": s.behavior_logprobs, "advantage": a, "group": s.group_key})
+    batch = [{"prompt_ids": s.prompt_ids, "completion_ids": s.completion_ids, "loss_mask": s.loss_mask,
+              "behavior_logprobs": s.behavior_logprobs, "advantage": a}
+             for s, a in zip(samples, adv.tolist())]
     if cfg.algo.filter_zero_std:
-        keep = {g for g in {b["group"] for b in batch}
-                if len({round(r.score, 6) for s, r in zip(samples, results) if s.group_key == g}) > 1}
-        batch = [b for b in batch if b["group"] in keep] or batch
+        scores: dict = {}
+        for s, r in zip(samples, results):
+            scores.setdefault(s.group_key, set()).add(round(r.score, 6))
+        batch = [b for b, s in zip(batch, samples) if len(scores[s.group_key]) > 1] or batch
     return batch, {"kept_samples": float(len(batch))}
 
 

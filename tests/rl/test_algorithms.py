@@ -97,3 +97,23 @@ def test_kl_term_added():
 def test_shape_errors_name_shapes():
     with pytest.raises(ValueError, match="advantages.shape"):
         policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3))
+
+
+def test_dapo_filter_drops_groups_whose_rewards_are_all_equal():
+    from types import SimpleNamespace
+
+    from envs.harmony import Transcript
+    from rl.train import advantages
+    from rl.types import RewardResult, Sample
+
+    def sample(task):
+        return Sample(task, "math", "low", [1], [2], [1], [-0.5], Transcript())
+
+    samples = [sample("a"), sample("a"), sample("b"), sample("b")]
+    results = [RewardResult(s) for s in (1.0, 0.0, 1.0, 1.0)]
+    cfg = SimpleNamespace(algo=SimpleNamespace(advantage="grpo", filter_zero_std=True))
+    batch, extra = advantages(cfg, samples, results)
+    assert [b["advantage"] for b in batch] == pytest.approx([1.0, -1.0], abs=1e-4)
+    assert extra == {"kept_samples": 2.0}
+    cfg.algo.filter_zero_std = False
+    assert len(advantages(cfg, samples, results)[0]) == 4
