@@ -81,6 +81,11 @@ def swiglu_backward(gate_up: torch.Tensor, grad_y: torch.Tensor, alpha: float = 
     return torch.stack((d_g, d_u), dim=-1).flatten(-2)  # (..., I, 2) -> (..., 2I)
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (fp64 stays fp64, for gradcheck)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _act(u: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """`swiglu` of one tile (n, 2I) interleaved -> (n, I): Triton on CUDA, C on CPU, torch otherwise."""
     if u.is_cuda:
@@ -91,7 +96,7 @@ def _act(u: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
         y = u.new_empty(u.shape[0], u.shape[1] // 2)
         _cpu_lib().fwd[u.dtype](u.data_ptr(), y.data_ptr(), u.shape[0], y.shape[1], u.stride(0), alpha, limit)
         return y
-    return swiglu(u, alpha, limit)
+    return swiglu(_upcast(u), alpha, limit).to(u.dtype)  # fp32 math, storage dtype out (as the kernels)
 
 
 def _act_backward(u: torch.Tensor, g: torch.Tensor, w: torch.Tensor, alpha: float, limit: float):
@@ -111,8 +116,11 @@ def _act_backward(u: torch.Tensor, g: torch.Tensor, w: torch.Tensor, alpha: floa
         _cpu_lib().bwd[u.dtype](u.data_ptr(), g.data_ptr(), w.data_ptr(), y.data_ptr(), du.data_ptr(), gy.data_ptr(),
                                 u.shape[0], g.shape[1], u.stride(0), alpha, limit)
         return y, du, gy
-    y = swiglu(u, alpha, limit)
-    return y, swiglu_backward(u, g * w[:, None], alpha, limit), torch.linalg.vecdot(g, y)
+    # fp32 math with storage-dtype outputs, as the C and Triton kernels: a bf16 chain loses ~1e-1 on g . y
+    u32, g32 = _upcast(u), _upcast(g)
+    y = swiglu(u32, alpha, limit)
+    du = swiglu_backward(u32, g32 * _upcast(w)[:, None], alpha, limit)
+    return y.to(u.dtype), du.to(u.dtype), torch.linalg.vecdot(g32, y).to(u.dtype)
 
 
 # ---- CPU activation kernel (C, built on first use) -----------------------------------------------
