@@ -73,6 +73,9 @@ class AlgoConfig:
     max_tokens: Optional[int] = None  # Dr.GRPO normaliser (defaults to rollout.max_tokens)
     group_size: int = 8  # samples per (task, effort)
     filter_zero_std: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
+    mini_batches: int = 1  # optimizer steps per pass over a rollout batch (shuffled split)
+    ppo_epochs: int = 1  # passes over each rollout batch
+    old_logprobs: str = "recompute"  # recompute (learner no-grad pass) | behavior (rollout engine's)
 
 
 @dataclass
@@ -204,6 +207,9 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         (merged.learner.kernels in ("deliberate", "stock"), "learner.kernels", "deliberate | stock"),
         (merged.sft.kernels in ("deliberate", "stock"), "sft.kernels", "deliberate | stock"),
         (all(e in ("low", "medium", "high") for e in merged.env.efforts), "env.efforts", "low|medium|high"),
+        (merged.algo.mini_batches >= 1, "algo.mini_batches", ">= 1"),
+        (merged.algo.ppo_epochs >= 1, "algo.ppo_epochs", ">= 1"),
+        (merged.algo.old_logprobs in ("recompute", "behavior"), "algo.old_logprobs", "recompute | behavior"),
         (merged.algo.group_size >= 2, "algo.group_size", ">= 2 (GRPO needs a group)"),
         (merged.rollout.max_tokens < merged.rollout.max_model_len, "rollout.max_tokens",
          "< rollout.max_model_len (prompt must fit)"),

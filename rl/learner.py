@@ -129,7 +129,51 @@ class Learner:
 
     # ---- update --------------------------------------------------------------------------------
     def train_step(self, batch: list[dict[str, Any]]) -> dict[str, float]:
-        """One optimizer step on the whole batch, in micro-batches; returns metrics."""
+        """PPO-style update on one rollout batch: `algo.ppo_epochs` passes, each split (shuffled) into
+        `algo.mini_batches` optimizer steps, each accumulated over micro-batches; returns metrics
+        averaged over the optimizer steps.
+
+        With one optimizer step the old log-probs equal the current ones (ratio 1, exact gradient).
+        With more, every step after the first is off-policy and the clip needs the log-probs of the
+        policy that sampled: `algo.old_logprobs` = recompute (a no-grad learner pass before updating,
+        as verl) or behavior (the rollout engine's, no extra pass; they match the learner's to ~1e-6
+        in fp32, see the rollout_logprob_diff metric).
+        """
+        n_mini = int(self.algo.get("mini_batches", 1))
+        epochs = int(self.algo.get("ppo_epochs", 1))
+        if n_mini < 1 or epochs < 1:
+            raise ValueError(f"algo.mini_batches={n_mini} and algo.ppo_epochs={epochs} must be >= 1")
+        n_mini = min(n_mini, len(batch))
+        old = None
+        if n_mini * epochs > 1:
+            source = self.algo.get("old_logprobs", "recompute")
+            if source == "recompute":
+                old = self.logprobs(batch)
+            elif source == "behavior":
+                old = [b.get("behavior_logprobs") for b in batch]
+                if any(o is None or len(o) != len(b["completion_ids"]) for o, b in zip(old, batch)):
+                    raise ValueError("algo.old_logprobs=behavior needs behavior_logprobs for every completion token")
+            else:
+                raise ValueError(f"algo.old_logprobs={source!r}; valid: ['behavior', 'recompute']")
+        sums: dict[str, float] = {}
+        n_steps = 0
+        for _ in range(epochs):
+            order = torch.randperm(len(batch)).tolist() if n_mini > 1 else list(range(len(batch)))
+            for chunk in torch.tensor_split(torch.tensor(order), n_mini):
+                idx = chunk.tolist()
+                m = self._optimizer_step([batch[i] for i in idx], None if old is None else [old[i] for i in idx])
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_steps += 1
+        self.step += 1
+        metrics = {k: v / n_steps for k, v in sums.items()}
+        metrics["tokens"] = float(sum(sum(b["loss_mask"]) for b in batch))
+        metrics["optimizer_steps"] = float(n_steps)
+        return metrics
+
+    def _optimizer_step(self, batch: list[dict[str, Any]], old: list[list[float]] | None) -> dict[str, float]:
+        """One AdamW step on `batch`, accumulated over micro-batches; `old` = per-sample old log-probs of
+        the completion tokens (None: on-policy, old = current)."""
         mb = int(self.cfg.get("micro_batch_size", len(batch)))
         total_tokens = float(sum(sum(b["loss_mask"]) for b in batch))
         agg = self.algo.get("loss_agg", "token_mean")
@@ -139,13 +183,19 @@ class Learner:
             part = batch[start : start + mb]
             ids, attn, lmask, behav, adv = self._tensors(part)
             lp = self._logprobs(self.model, ids, attn)  # (b, L)
+            if old is None:
+                old_lp = lp.detach()
+            else:
+                old_lp = torch.zeros_like(lmask)
+                for i, (b, o) in enumerate(zip(part, old[start : start + mb])):
+                    p = len(b["prompt_ids"])
+                    old_lp[i, p : p + len(o)] = torch.tensor(o, dtype=old_lp.dtype)
             ref_lp = None
             if self.ref is not None:
                 with torch.no_grad():
                     ref_lp = self._logprobs(self.ref, ids, attn)
-            # One update per batch: old log-probs equal the current ones (ratio 1, gradient exact).
             loss, m = policy_loss(
-                lp, lp.detach(), adv, lmask,
+                lp, old_lp, adv, lmask,
                 clip_low=self.algo.get("clip_low", 0.2), clip_high=self.algo.get("clip_high", 0.2),
                 loss_agg=agg, max_tokens=self.algo.get("max_tokens"),
                 ref_logprobs=ref_lp, kl_coef=self.algo.get("kl_coef", 0.0),
@@ -166,8 +216,7 @@ class Learner:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], self.cfg.get("grad_clip", 1.0))
         self.opt.step()
-        self.step += 1
-        return {**sums, "grad_norm": float(grad_norm), "tokens": total_tokens}
+        return {**sums, "grad_norm": float(grad_norm)}
 
     # ---- weights and state ---------------------------------------------------------------------
     def state_for_sync(self) -> dict[str, torch.Tensor]:

@@ -50,3 +50,39 @@ def test_save_load_restores_optimizer_and_step(policy, tmp_path):
     assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6)
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         torch.testing.assert_close(p, q)
+
+
+def _batch4():
+    return _batch([1.0, -1.0]) + _batch([0.5, -0.5])
+
+
+@pytest.mark.parametrize("source", ["recompute", "behavior"])
+def test_mini_batches_align_old_logprobs_with_tokens(policy, source):
+    """lr 0: every mini-batch step is on-policy, so a correctly placed old log-prob gives ratio 1 exactly
+    (one token of misalignment would not)."""
+    learner = Learner(str(policy), {"lr": 0.0, "kernels": "deliberate"},
+                      {"mini_batches": 2, "ppo_epochs": 2, "old_logprobs": source}, seed=0)
+    batch = _batch4()
+    for b, lp in zip(batch, learner.logprobs(batch)):
+        b["behavior_logprobs"] = lp
+    m = learner.train_step(batch)
+    assert m["optimizer_steps"] == 4 and learner.step == 1
+    assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m["clip_frac"] == 0.0
+
+
+def test_ppo_epochs_go_off_policy_and_the_clip_engages(policy):
+    learner = Learner(str(policy), {"lr": 3e-3, "kernels": "deliberate"},
+                      {"mini_batches": 2, "ppo_epochs": 3, "clip_low": 0.1, "clip_high": 0.1}, seed=0)
+    batch = _batch4()
+    before = [sum(x) for x in learner.logprobs(batch)]
+    m = learner.train_step(batch)
+    after = [sum(x) for x in learner.logprobs(batch)]
+    assert m["optimizer_steps"] == 6 and m["clip_frac"] > 0 and m["ratio_mean"] != pytest.approx(1.0, abs=1e-6)
+    assert after[0] - after[1] > before[0] - before[1] + 0.5  # the margin of good over bad widens
+
+
+def test_behavior_old_logprobs_must_cover_every_token(policy):
+    learner = Learner(str(policy), {"lr": 1e-3, "kernels": "deliberate"},
+                      {"mini_batches": 2, "old_logprobs": "behavior"}, seed=0)
+    with pytest.raises(ValueError, match="behavior_logprobs"):
+        learner.train_step(_batch4())
