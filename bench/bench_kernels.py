@@ -5,7 +5,8 @@ Run:  .venv/bin/python -m bench.bench_kernels [--threads 1] [--quick] [--write b
 Rows (ours / stock, ratio printed as stock time / our time):
   - MoE layer forward+backward: `GptOssMLP` with our experts ("deliberate_grouped") against
     transformers' default experts implementation on this machine ("grouped_mm", torch's grouped GEMM),
-    hidden 256 / intermediate 256 / 8 experts top-2 / 2048 tokens and hidden 512 / intermediate 512 /
+    the tiny model's experts (conf/model/tiny.yaml: hidden 192 / intermediate 192 / 8 experts top-2)
+    at 4096 tokens (a learner micro-batch), hidden 256 / intermediate 256 / 8 experts top-2 / 2048 tokens and hidden 512 / intermediate 512 /
     16 experts top-4 / 2048 tokens, fp32 and bf16.
   - attention forward+backward: `sink_attention` against transformers' `eager_attention_forward`
     (gpt-oss' default in this project), head_dim 64, 8 query / 2 KV heads, T = 1024 and 4096, sliding
@@ -77,7 +78,8 @@ def moe_rows(reps: int, dtype: torch.dtype, quick: bool) -> list[tuple]:
 
     register()
     rows = []
-    shapes = [(256, 256, 8, 2, 2048)] + ([] if quick else [(512, 512, 16, 4, 2048)])
+    # conf/model/tiny.yaml's experts (what the demo trains) at a learner micro-batch, then larger shapes
+    shapes = [(192, 192, 8, 2, 4096), (256, 256, 8, 2, 2048)] + ([] if quick else [(512, 512, 16, 4, 2048)])
     for H, I, E, k, N in shapes:
         config = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k)
         torch.manual_seed(0)
