@@ -103,10 +103,15 @@ def policy_loss(
     max_tokens: int | None = None,
     ref_logprobs: Tensor | None = None,
     kl_coef: float = 0.0,
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Clipped token-level surrogate. logprobs/old/ref/mask: (B, T); advantages: (B,).
+    """Clipped token-level surrogate. logprobs/old/ref/entropy/mask: (B, T); advantages: (B,).
 
     loss_t = -min(ratio_t * A, clip(ratio_t, 1 - clip_low, 1 + clip_high) * A) [+ kl_coef * k3_t]
+             [- entropy_coef * H_t]
+    entropy_coef > 0 is PPO's entropy bonus (verl's entropy_coeff); < 0 minimises entropy (sharpens the
+    policy toward its modes, as in entropy-minimisation RL).
     Returns (scalar loss, metrics) — metrics are floats for logging.
     """
     if logprobs.shape != old_logprobs.shape or logprobs.shape != mask.shape:
@@ -123,6 +128,12 @@ def policy_loss(
         kl = kl_k3(logprobs, ref_logprobs)
         per_token = per_token + kl_coef * kl
         metrics["kl_ref"] = float(aggregate(kl.detach(), mask, "token_mean"))
+    if entropy is not None:
+        if entropy.shape != logprobs.shape:
+            raise ValueError(f"{entropy.shape=} must equal {logprobs.shape=}")
+        if entropy_coef != 0.0:
+            per_token = per_token - entropy_coef * entropy
+        metrics["entropy"] = float(aggregate(entropy.detach(), mask, "token_mean"))
     loss = aggregate(per_token, mask, loss_agg, max_tokens)
     with torch.no_grad():
         m = mask.to(logprobs.dtype)

@@ -60,6 +60,7 @@ class SFTConfig:
     num_threads: int = 2
     progress: bool = False
     kernels: str = "deliberate"  # deliberate | stock (transformers modules)
+    final_slip_rate: float = 0.0  # fraction of cold-start traces whose final is off by one (imperfect teacher)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class AlgoConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2  # > clip_low = DAPO clip-higher
     kl_coef: float = 0.0  # k3 KL to the initial policy; 0 = no reference model
+    entropy_coef: float = 0.0  # > 0 entropy bonus, < 0 entropy minimisation (loss -= coef * H)
     max_tokens: Optional[int] = None  # Dr.GRPO normaliser (defaults to rollout.max_tokens)
     group_size: int = 8  # samples per (task, effort)
     filter_zero_std: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
@@ -100,6 +102,7 @@ class LearnerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    warmup_steps: int = 0  # linear lr warm-up over this many optimizer steps
     micro_batch_size: int = 16
     kernels: str = "deliberate"  # deliberate (our MoE/attention/log-prob kernels) | stock (transformers)
     qat: bool = False  # experts forward on fake-quantised MXFP4 weights (STE); rollout gets those weights

@@ -41,8 +41,10 @@ def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int) -> tup
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunked: bool,
-                   temperature: float = 1.0, chunk_size: int = 1024, n_vocab: int | None = None) -> torch.Tensor:
+                   temperature: float = 1.0, chunk_size: int = 1024, n_vocab: int | None = None,
+                   with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(x_t | x_<t) for t >= 1, aligned so out[:, t] scores input_ids[:, t]; out[:, 0] = 0. (B, L).
+    With `with_entropy`, also the entropy of the same predictive distributions, aligned the same way.
 
     `n_vocab` restricts the softmax to the first rows of the unembedding: the tiny model pads its
     embedding past the vocab map and the rollout engine masks those rows, so the learner must too."""
@@ -51,13 +53,16 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     targets = input_ids[:, 1:]  # (B, L-1)
     weight = model.lm_head.weight[:n_vocab]  # (V, H)
     if chunked:
-        from kernels.logprobs import selective_log_softmax
+        from kernels.logprobs import logprobs_and_entropy
 
-        lp = selective_log_softmax(h, weight, targets, temperature=temperature, chunk_size=chunk_size)
+        lp, ent = logprobs_and_entropy(h, weight, targets, temperature=temperature, chunk_size=chunk_size)
     else:
         logits = torch.nn.functional.linear(h, weight).float() / temperature  # (B, L-1, V)
-        lp = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return torch.nn.functional.pad(lp, (1, 0))  # (B, L)
+        logp_all = torch.log_softmax(logits, -1)
+        lp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    lp = torch.nn.functional.pad(lp, (1, 0))  # (B, L)
+    return (lp, torch.nn.functional.pad(ent, (1, 0))) if with_entropy else lp
 
 
 class Learner:
@@ -99,7 +104,15 @@ class Learner:
             [p for p in self.model.parameters() if p.requires_grad], lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
             weight_decay=cfg.get("weight_decay", 0.0),
         )
-        self.step = 0
+        self.step = 0  # train_step calls (rollout batches)
+        self.opt_steps = 0  # optimizer steps (mini-batches x epochs per train_step)
+
+    def _lr(self) -> float:
+        """Linear warm-up over `learner.warmup_steps` optimizer steps. Adam's first steps are sign
+        updates of size lr on every parameter (m/sqrt(v) = g/|g| after bias correction), so a noisy
+        policy gradient at full lr moves every weight by lr at once; the warm-up lets v settle first."""
+        warmup = int(self.cfg.get("warmup_steps", 0))
+        return self.cfg["lr"] * min(1.0, (self.opt_steps + 1) / warmup) if warmup > 0 else self.cfg["lr"]
 
     # ---- batches -------------------------------------------------------------------------------
     def _tensors(self, batch: list[dict[str, Any]]):
@@ -114,10 +127,11 @@ class Learner:
         adv = torch.tensor([float(b.get("advantage", 0.0)) for b in batch])
         return ids, attn, lmask, behav, adv
 
-    def _logprobs(self, model, ids, attn):
+    def _logprobs(self, model, ids, attn, with_entropy: bool = False):
         return token_logprobs(model, ids, attn, chunked=self.kernels == "deliberate",
                               temperature=self.cfg.get("temperature", 1.0),
-                              chunk_size=self.cfg.get("logprob_chunk", 1024), n_vocab=self.n_vocab)
+                              chunk_size=self.cfg.get("logprob_chunk", 1024), n_vocab=self.n_vocab,
+                              with_entropy=with_entropy)
 
     @torch.no_grad()
     def logprobs(self, batch: list[dict[str, Any]]) -> list[list[float]]:
@@ -182,7 +196,7 @@ class Learner:
         for start in range(0, len(batch), mb):
             part = batch[start : start + mb]
             ids, attn, lmask, behav, adv = self._tensors(part)
-            lp = self._logprobs(self.model, ids, attn)  # (b, L)
+            lp, ent = self._logprobs(self.model, ids, attn, with_entropy=True)  # (b, L) each
             if old is None:
                 old_lp = lp.detach()
             else:
@@ -199,6 +213,7 @@ class Learner:
                 clip_low=self.algo.get("clip_low", 0.2), clip_high=self.algo.get("clip_high", 0.2),
                 loss_agg=agg, max_tokens=self.algo.get("max_tokens"),
                 ref_logprobs=ref_lp, kl_coef=self.algo.get("kl_coef", 0.0),
+                entropy=ent, entropy_coef=self.algo.get("entropy_coef", 0.0),
             )
             # Re-weight micro-batch means so the sum equals the full-batch aggregate.
             n_tok = float(lmask.sum())
@@ -215,8 +230,12 @@ class Learner:
                     sums[k] = sums.get(k, 0.0) + v * weight
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], self.cfg.get("grad_clip", 1.0))
+        lr = self._lr()
+        for group in self.opt.param_groups:
+            group["lr"] = lr
         self.opt.step()
-        return {**sums, "grad_norm": float(grad_norm)}
+        self.opt_steps += 1
+        return {**sums, "grad_norm": float(grad_norm), "lr": lr}
 
     # ---- weights and state ---------------------------------------------------------------------
     def state_for_sync(self) -> dict[str, torch.Tensor]:
@@ -232,7 +251,8 @@ class Learner:
         """HF checkpoint + optimizer/step/RNG in `path` (caller makes the whole folder atomic)."""
         path = Path(path)
         save_checkpoint(self.model, self.vmap, path)
-        torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "rng": rng_state()},
+        torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "opt_steps": self.opt_steps,
+                    "rng": rng_state()},
                    path / LEARNER_STATE)
 
     def load(self, path: str | os.PathLike) -> None:
@@ -247,6 +267,7 @@ class Learner:
         extra = torch.load(path / LEARNER_STATE, weights_only=False)
         self.opt.load_state_dict(extra["optimizer"])
         self.step = extra["step"]
+        self.opt_steps = extra.get("opt_steps", self.step)
         set_rng_state(extra["rng"])
 
     def get_step(self) -> int:

@@ -40,7 +40,8 @@ def run_sft_stage(cfg, model_path: Path, out: Path) -> dict:
 
     env = make_env(cfg.env, cfg.seed)
     tasks = env.tasks("train", cfg.sft.tasks, seed=cfg.seed + 1)
-    rows = sft_examples(tasks, solution, VocabMap.load(model_path), cfg.env.efforts)
+    rows = sft_examples(tasks, solution, VocabMap.load(model_path), cfg.env.efforts,
+                        final_slip_rate=cfg.sft.final_slip_rate, seed=cfg.seed)
     return run_sft(model_path, out, rows, OmegaConf.to_container(cfg.sft), seed=cfg.seed,
                    logging_dir=str(Path(cfg.run_dir) / "tensorboard" / "sft"))
 

@@ -11,6 +11,7 @@ Run: `python -m rl.pipeline experiment=tiny` (calls `run_sft`), or `run_sft(...)
 from __future__ import annotations
 
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -20,12 +21,33 @@ from rl.model import VocabMap, hf_tokenizer, load_policy, save_checkpoint
 from rl.types import EFFORTS, Task
 
 
-def sft_examples(tasks: list[Task], solution_fn, vmap: VocabMap, efforts=EFFORTS) -> list[dict]:
-    """{input_ids, assistant_masks} per (task, effort), in model ids."""
+def slip_final(final: str, rng: random.Random) -> str:
+    """An integer final answer off by one (either way; never negative), as a teacher's copy slip.
+
+    >>> slip_final("13", random.Random(0)) in ("12", "14")
+    True
+    """
+    value = int(final)
+    return str(value + 1 if value <= 0 or rng.random() < 0.5 else value - 1)
+
+
+def sft_examples(tasks: list[Task], solution_fn, vmap: VocabMap, efforts=EFFORTS, final_slip_rate: float = 0.0,
+                 seed: int = 0) -> list[dict]:
+    """{input_ids, assistant_masks} per (task, effort), in model ids.
+
+    `final_slip_rate`: fraction of transcripts whose final answer disagrees with their (correct)
+    reasoning by one, the reasoning/answer inconsistency of traces distilled from an imperfect teacher.
+    The SFT policy imitates the slip; only a reward on the answer can remove it (the tiny demo's RL
+    target). Integer finals only; others are left as they are."""
+    if not 0.0 <= final_slip_rate < 1.0:
+        raise ValueError(f"final_slip_rate={final_slip_rate} must be in [0, 1)")
+    rng = random.Random(f"slip:{seed}")
     rows = []
     for task in tasks:
         for effort in efforts:
             analysis, final = solution_fn(task, effort)
+            if final_slip_rate and rng.random() < final_slip_rate and final.lstrip("-").isdigit():
+                final = slip_final(final, rng)
             ids, mask = harmony.render_training(task.question, analysis, final, effort, task.developer)
             rows.append({"input_ids": vmap.to_model(ids), "assistant_masks": mask})
     return rows

@@ -94,6 +94,20 @@ def test_kl_term_added():
     assert m["kl_ref"] == pytest.approx(math.exp(-1))
 
 
+def test_entropy_term_hand_computed():
+    """loss = -A * ratio (0 here) - coef * mean H; the logged entropy is the masked token mean."""
+    lp = torch.zeros(1, 3)
+    ent = torch.tensor([[0.5, 1.5, 9.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    loss, m = policy_loss(lp, lp, torch.tensor([0.0]), mask, entropy=ent, entropy_coef=-0.2)
+    assert loss.item() == pytest.approx(0.2 * 1.0)  # minimising: + 0.2 * mean(0.5, 1.5)
+    assert m["entropy"] == pytest.approx(1.0)
+    bonus, _ = policy_loss(lp, lp, torch.tensor([0.0]), mask, entropy=ent, entropy_coef=0.2)
+    assert bonus.item() == pytest.approx(-0.2)
+    with pytest.raises(ValueError, match="entropy.shape"):
+        policy_loss(lp, lp, torch.tensor([0.0]), mask, entropy=ent[:, :2], entropy_coef=0.1)
+
+
 def test_shape_errors_name_shapes():
     with pytest.raises(ValueError, match="advantages.shape"):
         policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3))

@@ -86,3 +86,24 @@ def test_behavior_old_logprobs_must_cover_every_token(policy):
                       {"mini_batches": 2, "old_logprobs": "behavior"}, seed=0)
     with pytest.raises(ValueError, match="behavior_logprobs"):
         learner.train_step(_batch4())
+
+
+def test_lr_warms_up_per_optimizer_step_and_resumes(policy, tmp_path):
+    cfg = {"lr": 1e-3, "kernels": "deliberate", "warmup_steps": 4}
+    a = Learner(str(policy), cfg, {"mini_batches": 2}, seed=0)
+    assert a.train_step(_batch4())["lr"] == pytest.approx(1e-3 * (1 + 2) / 4 / 2)  # steps 1 and 2 of 4
+    a.save(tmp_path / "ck")
+    b = Learner(str(tmp_path / "ck"), cfg, {"mini_batches": 2}, seed=0)
+    b.load(tmp_path / "ck")
+    assert b.train_step(_batch4())["lr"] == pytest.approx(1e-3 * (3 / 4 + 1) / 2)  # steps 3 and 4 (full)
+
+
+@pytest.mark.parametrize("kernels", ["deliberate", "stock"])
+def test_entropy_minimisation_lowers_entropy(policy, kernels):
+    """Zero advantages: only the entropy term acts, and a negative coefficient sharpens the policy."""
+    learner = Learner(str(policy), {"lr": 1e-3, "kernels": kernels}, {"entropy_coef": -1.0}, seed=0)
+    batch = _batch([0.0, 0.0])
+    first = learner.train_step(batch)["entropy"]
+    for _ in range(3):
+        last = learner.train_step(batch)["entropy"]
+    assert last < first
