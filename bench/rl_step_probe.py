@@ -67,9 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| optimizer | lr | expected accuracy after | change |\n|---|---:|---:|---:|")
     for opt, lr in runs:
         learner.model.load_state_dict(start)
-        params = [p for p in learner.model.parameters() if p.requires_grad]
-        learner.opt = (torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0) if opt == "adam"
-                       else torch.optim.SGD(params, lr=lr))
+        learner.opt = (torch.optim.AdamW(learner.trainable, lr=lr, betas=(0.9, 0.99), weight_decay=0.0) if opt == "adam"
+                       else torch.optim.SGD(learner.trainable, lr=lr))
         learner.cfg["lr"] = lr
         learner.train_step(batch)
         engine.update_weights({k: v.detach().clone() for k, v in learner.model.state_dict().items()})

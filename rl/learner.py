@@ -65,6 +65,17 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return (lp, torch.nn.functional.pad(ent, (1, 0))) if with_entropy else lp
 
 
+def completion_values(batch: list[dict[str, Any]], values: list[list[float] | None], like: torch.Tensor) -> torch.Tensor:
+    """Per-completion-token values (log-probs) laid out like the padded batch `like` (B, L): sample i's
+    values start at its prompt length; positions without a value (prompt, padding, None) are 0."""
+    out = torch.zeros_like(like)
+    for i, (b, v) in enumerate(zip(batch, values)):
+        if v:
+            p = len(b["prompt_ids"])
+            out[i, p : p + len(v)] = torch.tensor(v, dtype=out.dtype)
+    return out
+
+
 class Learner:
     """Policy + optimizer. `cfg` is the `learner` config node, `algo` the `algo` node (dicts)."""
 
@@ -100,8 +111,9 @@ class Learner:
             for name, p in self.model.named_parameters():
                 if ".mlp.router." in name:
                     p.requires_grad_(False)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
+            self.trainable, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
             weight_decay=cfg.get("weight_decay", 0.0),
         )
         self.step = 0  # train_step calls (rollout batches)
@@ -119,11 +131,7 @@ class Learner:
         seqs = [self.vmap.to_model(b["prompt_ids"] + b["completion_ids"]) for b in batch]
         masks = [[0] * len(b["prompt_ids"]) + list(b["loss_mask"]) for b in batch]
         ids, attn, lmask = pad_batch(seqs, masks, self.pad_id)
-        behav = torch.zeros_like(lmask)
-        for i, b in enumerate(batch):
-            if b.get("behavior_logprobs"):
-                p = len(b["prompt_ids"])
-                behav[i, p : p + len(b["behavior_logprobs"])] = torch.tensor(b["behavior_logprobs"])
+        behav = completion_values(batch, [b.get("behavior_logprobs") for b in batch], lmask)
         adv = torch.tensor([float(b.get("advantage", 0.0)) for b in batch])
         return ids, attn, lmask, behav, adv
 
@@ -197,13 +205,7 @@ class Learner:
             part = batch[start : start + mb]
             ids, attn, lmask, behav, adv = self._tensors(part)
             lp, ent = self._logprobs(self.model, ids, attn, with_entropy=True)  # (b, L) each
-            if old is None:
-                old_lp = lp.detach()
-            else:
-                old_lp = torch.zeros_like(lmask)
-                for i, (b, o) in enumerate(zip(part, old[start : start + mb])):
-                    p = len(b["prompt_ids"])
-                    old_lp[i, p : p + len(o)] = torch.tensor(o, dtype=old_lp.dtype)
+            old_lp = lp.detach() if old is None else completion_values(part, old[start : start + mb], lmask)
             ref_lp = None
             if self.ref is not None:
                 with torch.no_grad():
@@ -228,8 +230,7 @@ class Learner:
                     dict.fromkeys(("rollout_logprob_diff", "rollout_kl", "entropy_proxy"), 0.0)
                 for k, v in {**m, "loss": float(loss), **gaps}.items():
                     sums[k] = sums.get(k, 0.0) + v * weight
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in self.model.parameters() if p.requires_grad], self.cfg.get("grad_clip", 1.0))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.get("grad_clip", 1.0))
         lr = self._lr()
         for group in self.opt.param_groups:
             group["lr"] = lr

@@ -86,8 +86,8 @@ def run_sft(model_path: str | os.PathLike, out_path: str | os.PathLike, rows: li
         use_cpu=not torch.cuda.is_available(),
         seed=seed,
         dataloader_num_workers=0,
-        gradient_checkpointing=False,
-        bf16=False,  # fp32 like the learner (TRL defaults to bf16 autocast)  # tiny model: memory is plentiful, recompute costs ~30%
+        gradient_checkpointing=False,  # tiny model: memory is plentiful, recompute costs ~30%
+        bf16=False,  # fp32 like the learner (TRL defaults to bf16 autocast)
         disable_tqdm=not cfg.get("progress", True),
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
