@@ -94,7 +94,9 @@ def _act(u: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
         return swiglu_triton(u, alpha, limit)
     if _cpu_kernel_ok(u):
         y = u.new_empty(u.shape[0], u.shape[1] // 2)
-        _cpu_lib().fwd[u.dtype](u.data_ptr(), y.data_ptr(), u.shape[0], y.shape[1], u.stride(0), alpha, limit)
+        fwd, es, ld, half = _cpu_lib().fwd[u.dtype], u.element_size(), u.stride(0), y.shape[1]
+        _over_rows(lambda r0, r1: fwd(u.data_ptr() + r0 * ld * es, y.data_ptr() + r0 * half * es, r1 - r0, half,
+                                      ld, alpha, limit), u.shape[0])
         return y
     return swiglu(_upcast(u), alpha, limit).to(u.dtype)  # fp32 math, storage dtype out (as the kernels)
 
@@ -113,8 +115,14 @@ def _act_backward(u: torch.Tensor, g: torch.Tensor, w: torch.Tensor, alpha: floa
     if _cpu_kernel_ok(u) and g.dtype == u.dtype and w.dtype == u.dtype:
         g, w = g.contiguous(), w.contiguous()
         y, du, gy = u.new_empty(g.shape), torch.empty_like(u), u.new_empty(u.shape[0])
-        _cpu_lib().bwd[u.dtype](u.data_ptr(), g.data_ptr(), w.data_ptr(), y.data_ptr(), du.data_ptr(), gy.data_ptr(),
-                                u.shape[0], g.shape[1], u.stride(0), alpha, limit)
+        bwd, es, ld, half = _cpu_lib().bwd[u.dtype], u.element_size(), u.stride(0), g.shape[1]
+
+        def rows(r0: int, r1: int) -> None:
+            bwd(u.data_ptr() + r0 * ld * es, g.data_ptr() + r0 * half * es, w.data_ptr() + r0 * es,
+                y.data_ptr() + r0 * half * es, du.data_ptr() + r0 * 2 * half * es, gy.data_ptr() + r0 * es,
+                r1 - r0, half, ld, alpha, limit)
+
+        _over_rows(rows, u.shape[0])
         return y, du, gy
     # fp32 math with storage-dtype outputs, as the C and Triton kernels: a bf16 chain loses ~1e-1 on g . y
     u32, g32 = _upcast(u), _upcast(g)
@@ -230,6 +238,30 @@ def _cpu_lib() -> _CpuLib | None:
 
 
 USE_CPU_KERNEL = True  # tests flip it to run the torch reference path on the same inputs
+# Rows per thread below which the activation runs on the calling thread (a hand-off costs ~20 us).
+CPU_MIN_ROWS_PER_THREAD = 128
+
+
+@functools.cache
+def _row_pool(threads: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(threads - 1, thread_name_prefix="deliberate-moe")
+
+
+def _over_rows(fn: Callable[[int, int], None], n: int) -> None:
+    """fn(r0, r1) over row blocks of [0, n) on torch's intra-op thread count. The C kernel is called
+    through ctypes, which releases the GIL, so the blocks run in parallel (the matmuls around it already
+    use every thread; a single-threaded activation would leave the other cores idle)."""
+    threads = max(1, min(torch.get_num_threads(), n // CPU_MIN_ROWS_PER_THREAD))
+    if threads == 1:
+        fn(0, n)
+        return
+    bounds = [n * i // threads for i in range(threads + 1)]
+    futures = [_row_pool(threads).submit(fn, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    fn(bounds[0], bounds[1])
+    for f in futures:
+        f.result()
 
 
 def _cpu_kernel_ok(u: torch.Tensor) -> bool:

@@ -106,6 +106,9 @@ class LearnerConfig:
     micro_batch_size: int = 16
     kernels: str = "deliberate"  # deliberate (our MoE/attention/log-prob kernels) | stock (transformers)
     qat: bool = False  # experts forward on fake-quantised MXFP4 weights (STE); rollout gets those weights
+    # {regex on parameter names: lr multiplier}; first match wins, 0 freezes. E.g. {"^model\\.": 0.0}
+    # trains only lm_head (see experiment=tiny for why).
+    lr_scale: dict[str, float] = field(default_factory=dict)
     freeze_router: bool = False  # keep MoE routers fixed during RL (top-k flips destabilise updates)
     sync_mxfp4: bool = False  # send MXFP4-quantised experts to the rollout engine even without QAT
     logprob_chunk: int = 1024
@@ -213,6 +216,7 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         (merged.algo.mini_batches >= 1, "algo.mini_batches", ">= 1"),
         (merged.algo.ppo_epochs >= 1, "algo.ppo_epochs", ">= 1"),
         (merged.algo.old_logprobs in ("recompute", "behavior"), "algo.old_logprobs", "recompute | behavior"),
+        (all(v >= 0 for v in merged.learner.lr_scale.values()), "learner.lr_scale", "multipliers >= 0"),
         (merged.algo.group_size >= 2, "algo.group_size", ">= 2 (GRPO needs a group)"),
         (merged.rollout.max_tokens < merged.rollout.max_model_len, "rollout.max_tokens",
          "< rollout.max_model_len (prompt must fit)"),

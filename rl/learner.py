@@ -76,6 +76,50 @@ def completion_values(batch: list[dict[str, Any]], values: list[list[float] | No
     return out
 
 
+def param_groups(model: torch.nn.Module, lr_scale: dict[str, float]) -> list[dict[str, Any]]:
+    """Optimizer groups from `learner.lr_scale` = {regex on parameter names: lr multiplier}.
+
+    The first pattern that `re.search`es a name sets its multiplier (unmatched: 1.0); 0 freezes the
+    parameter (requires_grad off, no optimizer state, no backward through it if nothing above needs it).
+    Parameters already frozen (e.g. `freeze_router`) stay frozen. A pattern that matches nothing is an
+    error (a typo would otherwise silently train everything), as is freezing every parameter.
+
+    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    >>> [(g["lr_scale"], len(g["params"])) for g in param_groups(m, {r"^0\\.": 0.0, r"bias": 0.1})]
+    [(1.0, 1), (0.1, 1)]
+    >>> m[0].weight.requires_grad
+    False
+    """
+    import re
+
+    pats = []
+    for pattern, scale in lr_scale.items():
+        try:
+            pats.append((re.compile(pattern), float(scale)))
+        except re.error as exc:
+            raise ValueError(f"learner.lr_scale: {pattern!r} is not a regular expression ({exc})") from None
+        if float(scale) < 0:
+            raise ValueError(f"learner.lr_scale[{pattern!r}]={scale}: multipliers must be >= 0 (0 freezes)")
+    hits = dict.fromkeys(lr_scale, 0)
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        scale = 1.0
+        for pat, s in pats:
+            if pat.search(name):
+                scale, hits[pat.pattern] = s, hits[pat.pattern] + 1
+                break
+        if scale == 0.0:
+            param.requires_grad_(False)
+        elif param.requires_grad:
+            groups.setdefault(scale, []).append(param)
+    unused = [p for p, n in hits.items() if n == 0]
+    if unused:
+        raise ValueError(f"learner.lr_scale: {unused} match no parameter name (e.g. {next(iter(dict(model.named_parameters())))!r})")
+    if not groups:
+        raise ValueError("learner.lr_scale freezes every parameter; nothing left to train")
+    return [{"params": ps, "lr_scale": s} for s, ps in groups.items()]
+
+
 class Learner:
     """Policy + optimizer. `cfg` is the `learner` config node, `algo` the `algo` node (dicts)."""
 
@@ -111,9 +155,10 @@ class Learner:
             for name, p in self.model.named_parameters():
                 if ".mlp.router." in name:
                     p.requires_grad_(False)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        groups = param_groups(self.model, cfg.get("lr_scale") or {})
+        self.trainable = [p for g in groups for p in g["params"]]
         self.opt = torch.optim.AdamW(
-            self.trainable, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
+            groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
             weight_decay=cfg.get("weight_decay", 0.0),
         )
         self.step = 0  # train_step calls (rollout batches)
@@ -233,7 +278,7 @@ class Learner:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.get("grad_clip", 1.0))
         lr = self._lr()
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         self.opt.step()
         self.opt_steps += 1
         return {**sums, "grad_norm": float(grad_norm), "lr": lr}

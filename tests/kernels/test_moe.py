@@ -65,11 +65,23 @@ def test_swiglu_matches_transformers_apply_gate():
     torch.testing.assert_close(swiglu_backward(u.detach(), dy), du_ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("c_kernel", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tile_activation_paths_match_reference(c_kernel, dtype, monkeypatch):
-    """The C kernel (fp32/bf16) and the torch fallback, incl. the fused routing weight and g . y."""
+def test_tile_activation_paths_match_reference(c_kernel, dtype, threads, monkeypatch):
+    """The C kernel (fp32/bf16) and the torch fallback, incl. the fused routing weight and g . y; with
+    threads=3 the C kernel runs on three uneven row blocks at once (pointer offsets per block)."""
     monkeypatch.setattr("kernels.moe.USE_CPU_KERNEL", c_kernel)
+    monkeypatch.setattr("kernels.moe.CPU_MIN_ROWS_PER_THREAD", 1)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_tile_activation(dtype)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _check_tile_activation(dtype):
     rng = torch.Generator().manual_seed(1)
     u, g, w = _pre_activation(), torch.randn(64, 24, generator=rng), torch.rand(64, generator=rng) + 0.5
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)

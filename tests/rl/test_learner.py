@@ -107,3 +107,34 @@ def test_entropy_minimisation_lowers_entropy(policy, kernels):
     for _ in range(3):
         last = learner.train_step(batch)["entropy"]
     assert last < first
+
+
+def test_lr_scale_freezes_scales_and_leaves_the_rest(policy):
+    """learner.lr_scale: 0 freezes (no change, no grad), a multiplier scales Adam's step (first step
+    is a sign step of size lr x multiplier), unmatched parameters keep the base lr."""
+    cfg = {"lr": 1e-3, "kernels": "deliberate",
+           "lr_scale": {r"^model\.(embed_tokens|layers)\.": 0.0, r"^model\.norm\.": 0.5}}
+    learner = Learner(str(policy), cfg, {}, seed=0)
+    start = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    learner.train_step(_batch([1.0, -1.0]))
+    for n, p in learner.model.named_parameters():
+        step = (p.detach() - start[n]).abs()
+        if n.startswith(("model.embed_tokens.", "model.layers.")):
+            assert not p.requires_grad and p.grad is None and step.max() == 0, n
+        elif n.startswith("model.norm."):
+            assert step.max() == pytest.approx(0.5e-3, rel=1e-3), n
+        else:  # lm_head at the base lr (rows outside the vocab map get no gradient)
+            assert step.max() == pytest.approx(1e-3, rel=1e-3), n
+    assert {id(p) for p in learner.trainable} == {id(p) for n, p in learner.model.named_parameters()
+                                                  if not n.startswith(("model.embed_tokens.", "model.layers."))}
+
+
+@pytest.mark.parametrize("lr_scale, message", [
+    ({"^no_such_param": 0.0}, "match no parameter"),
+    ({".": 0.0}, "freezes every parameter"),
+    ({"lm_head": -1.0}, ">= 0"),
+    ({"(": 1.0}, "not a regular expression"),
+])
+def test_lr_scale_bad_values_name_the_problem(policy, lr_scale, message):
+    with pytest.raises(ValueError, match=message):
+        Learner(str(policy), {"lr": 1e-3, "kernels": "deliberate", "lr_scale": lr_scale}, {}, seed=0)
