@@ -11,12 +11,15 @@ For each token t and each of its top-k experts e with routing weight w_te:
 
 How: the (token, expert) pairs are sorted by expert (stable argsort of the top-k assignment), the
 per-expert counts come from one `bincount` (one host sync), and the loop runs over ACTIVE experts only,
-in row tiles: gather the tile's tokens, `addmm` into a row slice of the saved pre-activation, SwiGLU,
-`addmm` down, weight, `index_add_` back. On CPU a tile is at most `CPU_ROW_TILE` rows, so the
-elementwise work reads L2-resident data; on CUDA a tile is the whole expert. The backward is written by
-hand (`_GroupedExperts`): it keeps only the pre-activation `u` (S, 2I), recomputes the SwiGLU from it
-fused with its own gradient, re-gathers tokens from `x`, and gets the routing-weight gradient as
-g . y + go . b2 (g = output grad through W2), so no (S, H) expert output is stored.
+in row tiles: gather the tile's tokens, `addmm` into a row slice of the saved pre-activation, SwiGLU
+scaled by the routing weights in the same pass, `mm` down, `index_add_` back. The down biases of all
+pairs are one small matmul, out = R @ b2 with R (N, E) the dense routing weights, so no per-tile bias
+or weighting pass remains. On CPU a tile is at most `CPU_ROW_TILE` rows, so the elementwise work reads
+L2-resident data; on CUDA a tile is the whole expert. The backward is written by hand
+(`_GroupedExperts`): it keeps only the pre-activation `u` (S, 2I), recomputes the SwiGLU from it fused
+with its own gradient (which also returns w * y for dW2, g . y for the routing weights and the column
+sums of du for db1), re-gathers tokens from `x`, and takes db2 = R^T grad and the b2 part of the
+routing-weight gradient (grad @ b2^T at the chosen experts) from R, so no (S, H) expert output is stored.
 
 The activation has three twins: `swiglu` / `swiglu_backward` (plain torch, the reference, exactly
 transformers' `_apply_gate`), a C loop for CPU tiles (below; built on first use, fp32/bf16) and the
@@ -86,49 +89,58 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _act(u: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
-    """`swiglu` of one tile (n, 2I) interleaved -> (n, I): Triton on CUDA, C on CPU, torch otherwise."""
+def _act(u: torch.Tensor, w: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """One tile (n, 2I) interleaved -> w * swiglu(u) (n, I): the activation already scaled by the routing
+    weights w (n,), so the down projection's output needs no extra pass. Triton on CUDA, C on CPU,
+    torch otherwise."""
+    if _cpu_kernel_ok(u) and w.dtype == u.dtype:
+        w = w.contiguous()
+        y = u.new_empty(u.shape[0], u.shape[1] // 2)
+        fwd, es, ld, half = _cpu_lib().fwd[u.dtype], u.element_size(), u.stride(0), y.shape[1]
+        _over_rows(lambda r0, r1: fwd(u.data_ptr() + r0 * ld * es, w.data_ptr() + r0 * es,
+                                      y.data_ptr() + r0 * half * es, r1 - r0, half, ld, alpha, limit), u.shape[0])
+        return y
     if u.is_cuda:
         from kernels.moe_triton import swiglu_triton
 
-        return swiglu_triton(u, alpha, limit)
-    if _cpu_kernel_ok(u):
-        y = u.new_empty(u.shape[0], u.shape[1] // 2)
-        fwd, es, ld, half = _cpu_lib().fwd[u.dtype], u.element_size(), u.stride(0), y.shape[1]
-        _over_rows(lambda r0, r1: fwd(u.data_ptr() + r0 * ld * es, y.data_ptr() + r0 * half * es, r1 - r0, half,
-                                      ld, alpha, limit), u.shape[0])
-        return y
-    return swiglu(_upcast(u), alpha, limit).to(u.dtype)  # fp32 math, storage dtype out (as the kernels)
+        return swiglu_triton(u, alpha, limit).mul_(w[:, None])
+    # fp32 math, storage dtype out (as the kernels)
+    return (swiglu(_upcast(u), alpha, limit) * _upcast(w)[:, None]).to(u.dtype)
 
 
 def _act_backward(u: torch.Tensor, g: torch.Tensor, w: torch.Tensor, alpha: float, limit: float):
     """Backward of the weighted activation w * swiglu(u) for one tile, recomputing the activation.
 
     u (n, 2I) interleaved pre-activation, g (n, I) gradient of w * y divided by w, w (n,) routing weights
-    -> y (n, I), du (n, 2I) interleaved for dy = w g, and gy (n,) = sum_j g y (the routing-weight grad).
+    -> w * y (n, I), du (n, 2I) interleaved for dy = w g, gy (n,) = sum_j g y (the routing-weight grad)
+    and du summed over rows (2I,) in fp32 (the bias gradient).
     """
     if u.is_cuda:
         from kernels.moe_triton import swiglu_backward_triton
 
         y, du = swiglu_backward_triton(u, g * w[:, None], alpha, limit, return_y=True)
-        return y, du, torch.linalg.vecdot(g, y)
+        return y * w[:, None], du, torch.linalg.vecdot(g, y), du.float().sum(0)
     if _cpu_kernel_ok(u) and g.dtype == u.dtype and w.dtype == u.dtype:
         g, w = g.contiguous(), w.contiguous()
-        y, du, gy = u.new_empty(g.shape), torch.empty_like(u), u.new_empty(u.shape[0])
-        bwd, es, ld, half = _cpu_lib().bwd[u.dtype], u.element_size(), u.stride(0), g.shape[1]
+        n, half = g.shape
+        y, du, gy = u.new_empty(g.shape), torch.empty_like(u), u.new_empty(n)
+        bwd, es, ld = _cpu_lib().bwd[u.dtype], u.element_size(), u.stride(0)
+        blocks = _row_blocks(n)
+        colsum = torch.zeros(len(blocks) - 1, 2 * half, dtype=torch.float32)  # one fp32 row per block
 
         def rows(r0: int, r1: int) -> None:
+            acc = colsum[blocks.index(r0)]
             bwd(u.data_ptr() + r0 * ld * es, g.data_ptr() + r0 * half * es, w.data_ptr() + r0 * es,
                 y.data_ptr() + r0 * half * es, du.data_ptr() + r0 * 2 * half * es, gy.data_ptr() + r0 * es,
-                r1 - r0, half, ld, alpha, limit)
+                acc.data_ptr(), r1 - r0, half, ld, alpha, limit)
 
-        _over_rows(rows, u.shape[0])
-        return y, du, gy
+        _over_rows(rows, n, blocks)
+        return y, du, gy, colsum.sum(0)
     # fp32 math with storage-dtype outputs, as the C and Triton kernels: a bf16 chain loses ~1e-1 on g . y
-    u32, g32 = _upcast(u), _upcast(g)
+    u32, g32, w32 = _upcast(u), _upcast(g), _upcast(w)[:, None]
     y = swiglu(u32, alpha, limit)
-    du = swiglu_backward(u32, g32 * _upcast(w)[:, None], alpha, limit)
-    return y.to(u.dtype), du.to(u.dtype), torch.linalg.vecdot(g32, y).to(u.dtype)
+    du = swiglu_backward(u32, g32 * w32, alpha, limit)
+    return (y * w32).to(u.dtype), du.to(u.dtype), torch.linalg.vecdot(g32, y).to(u.dtype), du.float().sum(0)
 
 
 # ---- CPU activation kernel (C, built on first use) -----------------------------------------------
@@ -154,35 +166,43 @@ static inline void bf16_store(uint16_t* p, float f) {
 static inline float f32_load(const float* p) { return *p; }
 static inline void f32_store(float* p, float f) { *p = f; }
 
-/* u rows hold interleaved (gate, linear) pairs: u[2j] gate, u[2j + 1] linear. */
+/* u rows hold interleaved (gate, linear) pairs: u[2j] gate, u[2j + 1] linear. fwd writes
+   w_r * swiglu(u_r); bwd recomputes it and writes
+   w_r * y, du (for dy = w_r g), gy_r = g . y and adds the column sums of du into acc (fp32, 2I). */
 #define KERNELS(SUFFIX, T, LOAD, STORE)                                                                  \
-void swiglu_fwd_##SUFFIX(const T* u, T* y, int64_t n, int64_t I, int64_t ld, float alpha, float limit) { \
+void swiglu_fwd_##SUFFIX(const T* u, const T* w, T* y, int64_t n, int64_t I, int64_t ld, float alpha,    \
+                         float limit) {                                                                \
     for (int64_t r = 0; r < n; r++) {                                                                  \
         const T* ur = u + r * ld; T* yr = y + r * I;                                                   \
+        float wr = LOAD(w + r);                                                                        \
         _Pragma("omp simd")                                                                           \
         for (int64_t j = 0; j < I; j++) {                                                              \
             float g = minf(LOAD(ur + 2 * j), limit);                                                   \
             float l = minf(maxf(LOAD(ur + 2 * j + 1), -limit), limit);                                 \
-            STORE(yr + j, g / (1.0f + expf(-alpha * g)) * (l + 1.0f));                                 \
+            STORE(yr + j, wr * (g / (1.0f + expf(-alpha * g)) * (l + 1.0f)));                          \
         }                                                                                              \
     }                                                                                                  \
 }                                                                                                      \
-void swiglu_bwd_##SUFFIX(const T* u, const T* gr, const T* w, T* y, T* du, T* gy, int64_t n, int64_t I, \
-                         int64_t ld, float alpha, float limit) {                                       \
+void swiglu_bwd_##SUFFIX(const T* u, const T* gr, const T* w, T* y, T* du, T* gy, float* acc, int64_t n, \
+                         int64_t I, int64_t ld, float alpha, float limit) {                            \
     for (int64_t r = 0; r < n; r++) {                                                                  \
         const T* ur = u + r * ld; const T* g_r = gr + r * I; T* yr = y + r * I; T* dr = du + r * 2 * I;   \
-        float wr = LOAD(w + r), acc = 0.0f;                                                            \
-        _Pragma("omp simd reduction(+:acc)")                                                          \
+        float wr = LOAD(w + r), dot = 0.0f;                                                            \
+        _Pragma("omp simd reduction(+:dot)")                                                          \
         for (int64_t j = 0; j < I; j++) {                                                              \
             float graw = LOAD(ur + 2 * j), lraw = LOAD(ur + 2 * j + 1), gv = LOAD(g_r + j);            \
             float g = minf(graw, limit), l1 = minf(maxf(lraw, -limit), limit) + 1.0f;                  \
             float s = 1.0f / (1.0f + expf(-alpha * g)), glu = g * s, yv = glu * l1, dy = gv * wr;      \
-            STORE(yr + j, yv);                                                                         \
-            acc += gv * yv;                                                                            \
-            STORE(dr + 2 * j, graw <= limit ? dy * l1 * (s + alpha * glu * (1.0f - s)) : 0.0f);        \
-            STORE(dr + 2 * j + 1, (lraw >= -limit && lraw <= limit) ? dy * glu : 0.0f);                \
+            float dg = graw <= limit ? dy * l1 * (s + alpha * glu * (1.0f - s)) : 0.0f;                \
+            float dl = (lraw >= -limit && lraw <= limit) ? dy * glu : 0.0f;                            \
+            STORE(yr + j, wr * yv);                                                                    \
+            dot += gv * yv;                                                                            \
+            STORE(dr + 2 * j, dg);                                                                     \
+            STORE(dr + 2 * j + 1, dl);                                                                 \
+            acc[2 * j] += dg;                                                                          \
+            acc[2 * j + 1] += dl;                                                                      \
         }                                                                                              \
-        STORE(gy + r, acc);                                                                            \
+        STORE(gy + r, dot);                                                                            \
     }                                                                                                  \
 }
 KERNELS(f32, float, f32_load, f32_store)
@@ -196,7 +216,7 @@ class _CpuLib:
         self.fwd, self.bwd = {}, {}
         for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
             fwd, bwd = getattr(lib, f"swiglu_fwd_{suffix}"), getattr(lib, f"swiglu_bwd_{suffix}")
-            fwd.argtypes, bwd.argtypes = [p, p, i, i, i, f, f], [p] * 6 + [i, i, i, f, f]
+            fwd.argtypes, bwd.argtypes = [p] * 3 + [i, i, i, f, f], [p] * 7 + [i, i, i, f, f]
             self.fwd[dtype], self.bwd[dtype] = fwd, bwd
 
 
@@ -249,17 +269,22 @@ def _row_pool(threads: int):
     return ThreadPoolExecutor(threads - 1, thread_name_prefix="deliberate-moe")
 
 
-def _over_rows(fn: Callable[[int, int], None], n: int) -> None:
-    """fn(r0, r1) over row blocks of [0, n) on torch's intra-op thread count. The C kernel is called
-    through ctypes, which releases the GIL, so the blocks run in parallel (the matmuls around it already
-    use every thread; a single-threaded activation would leave the other cores idle)."""
+def _row_blocks(n: int) -> list[int]:
+    """Block bounds [0, ..., n] over torch's intra-op thread count, at least CPU_MIN_ROWS_PER_THREAD rows each."""
     threads = max(1, min(torch.get_num_threads(), n // CPU_MIN_ROWS_PER_THREAD))
-    if threads == 1:
+    return [n * i // threads for i in range(threads + 1)]
+
+
+def _over_rows(fn: Callable[[int, int], None], n: int, blocks: list[int] | None = None) -> None:
+    """fn(r0, r1) over row blocks of [0, n) (default `_row_blocks(n)`), in parallel. The C kernel is called
+    through ctypes, which releases the GIL, so the blocks run at once (the matmuls around it already use
+    every thread; a single-threaded activation would leave the other cores idle)."""
+    blocks = blocks or _row_blocks(n)
+    if len(blocks) == 2:
         fn(0, n)
         return
-    bounds = [n * i // threads for i in range(threads + 1)]
-    futures = [_row_pool(threads).submit(fn, bounds[i], bounds[i + 1]) for i in range(1, threads)]
-    fn(bounds[0], bounds[1])
+    futures = [_row_pool(len(blocks) - 1).submit(fn, blocks[i], blocks[i + 1]) for i in range(1, len(blocks) - 1)]
+    fn(blocks[0], blocks[1])
     for f in futures:
         f.result()
 
@@ -338,23 +363,24 @@ class _GroupedExperts(torch.autograd.Function):
         tile = top_k_index.numel() if x.is_cuda else CPU_ROW_TILE
         order, tok, tiles = _sort_by_expert(top_k_index, b1.shape[0], tile)
         ws = routing_weights.reshape(-1)[order].to(x.dtype)  # (S,)
+        # Down biases of all pairs at once: out = R @ b2 with R (N, E) the dense routing weights.
+        R = x.new_zeros(N, b1.shape[0]).scatter_(1, top_k_index, routing_weights.to(x.dtype))
         u = x.new_empty(order.shape[0], b1.shape[1])  # (S, 2I)
-        out = x.new_zeros(N, H)  # (N, H)
+        out = R @ b2  # (N, H)
         e_prev = -1
         for e, s, t in tiles:
             if e != e_prev:
                 w_up, w_down, e_prev = weights.up(e), weights.down(e), e
             ut = torch.addmm(b1[e], x.index_select(0, tok[s:t]), w_up, out=u[s:t])  # (n, 2I)
-            z = torch.addmm(b2[e], _act(ut, alpha, limit), w_down)  # (n, H)
-            out.index_add_(0, tok[s:t], z.mul_(ws[s:t, None]))
-        ctx.save_for_backward(x, u, ws, order, tok, b2)
+            out.index_add_(0, tok[s:t], _act(ut, ws[s:t], alpha, limit) @ w_down)  # weighted (n, H)
+        ctx.save_for_backward(x, u, ws, order, tok, b2, R)
         ctx.tiles, ctx.weights, ctx.alpha, ctx.limit = tiles, weights, alpha, limit
-        ctx.rw_shape, ctx.rw_dtype = routing_weights.shape, routing_weights.dtype
+        ctx.rw_shape, ctx.rw_dtype, ctx.top_k_index = routing_weights.shape, routing_weights.dtype, top_k_index
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, u, ws, order, tok, b2 = ctx.saved_tensors
+        x, u, ws, order, tok, b2, R = ctx.saved_tensors
         tiles, weights, alpha, limit = ctx.tiles, ctx.weights, ctx.alpha, ctx.limit
         need_x, need_rw, need_b1, need_b2, need_w1, need_w2 = ctx.needs_input_grad[:6]
         grad_out = grad_out.contiguous().to(x.dtype)
@@ -364,8 +390,7 @@ class _GroupedExperts(torch.autograd.Function):
         # Per-expert gradients: the first tile of an expert writes, later tiles accumulate, idle experts get 0.
         dw1 = x.new_empty(E, x.shape[1], two_i) if need_w1 else None
         dw2 = torch.empty_like(weights.w2) if need_w2 else None
-        db1 = x.new_empty(E, two_i) if need_b1 else None
-        db2 = torch.empty_like(b2) if need_b2 else None
+        db1 = torch.zeros(E, two_i, dtype=torch.float32, device=x.device) if need_b1 else None
         e_prev = -1
         for e, s, t in tiles:
             first = e != e_prev
@@ -374,31 +399,29 @@ class _GroupedExperts(torch.autograd.Function):
             idx = tok[s:t]
             go = grad_out.index_select(0, idx)  # (n, H) output grad of this pair, before the weight
             g = go @ w_down.t()  # (n, I) output grad through W2, before the weight
-            y, du, gy = _act_backward(u[s:t], g, ws[s:t], alpha, limit)  # y recomputed; gy = g . y
-            # d w = go . z = go . (y W2 + b2) = g . y + go . b2
-            torch.add(gy, go @ b2[e], out=dws[s:t])
-            go.mul_(ws[s:t, None])
+            wy, du, gy, du_sum = _act_backward(u[s:t], g, ws[s:t], alpha, limit)  # wy = w * y, recomputed
+            dws[s:t] = gy  # d w = go . (y W2) = g . y; the b2 part comes from R below
             if need_w2:
-                torch.mm(y.t(), go, out=dw2[e]) if first else dw2[e].addmm_(y.t(), go)
-            if need_b2:
-                torch.sum(go, 0, out=db2[e]) if first else db2[e].add_(go.sum(0))
+                torch.mm(wy.t(), go, out=dw2[e]) if first else dw2[e].addmm_(wy.t(), go)
             if need_b1:
-                torch.sum(du, 0, out=db1[e]) if first else db1[e].add_(du.sum(0))
+                db1[e] += du_sum
             if need_x:
                 dx.index_add_(0, idx, du @ w_up.t())
             if need_w1:
                 xs = x.index_select(0, idx).t()  # (H, n)
                 torch.mm(xs, du, out=dw1[e]) if first else dw1[e].addmm_(xs, du)
         idle = sorted(set(range(E)) - {e for e, _, _ in tiles})
-        for grad in (dw1, dw2, db1, db2):
+        for grad in (dw1, dw2):
             if grad is not None and idle:
                 grad[idle] = 0
+        db2 = R.t() @ grad_out if need_b2 else None  # (E, H); idle experts have R = 0
         drw = None
         if need_rw:
             drw = torch.empty_like(dws)
             drw[order] = dws
-            drw = drw.reshape(ctx.rw_shape).to(ctx.rw_dtype)
-        return dx, drw, db1, db2, dw1, dw2, None, None, None, None
+            drw = drw.reshape(ctx.rw_shape) + (grad_out @ b2.t()).gather(1, ctx.top_k_index)  # + d(R @ b2)/dR
+            drw = drw.to(ctx.rw_dtype)
+        return dx, drw, None if db1 is None else db1.to(b2.dtype), db2, dw1, dw2, None, None, None, None
 
 
 def _check_shapes(x, top_k_index, routing_weights, b1, b2):

@@ -86,12 +86,16 @@ def _check_tile_activation(dtype):
     u, g, w = _pre_activation(), torch.randn(64, 24, generator=rng), torch.rand(64, generator=rng) + 0.5
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     ud, gd, wd = u.to(dtype), g.to(dtype), w.to(dtype)
-    torch.testing.assert_close(_act(ud, 1.702, 7.0).float(), swiglu(ud.float()), **tol)
-    y, du, gy = _act_backward(ud, gd, wd, 1.702, 7.0)
-    y_ref = swiglu(ud.float())
-    torch.testing.assert_close(y.float(), y_ref, **tol)
-    torch.testing.assert_close(du.float(), swiglu_backward(ud.float(), (gd * wd[:, None]).float()), **tol)
+    u_in = ud
+    wy = _act(u_in, wd, 1.702, 7.0)
+    y_ref = swiglu(u_in.float())
+    torch.testing.assert_close(wy.float(), y_ref * wd.float()[:, None], **tol)
+    wy, du, gy, du_sum = _act_backward(u_in, gd, wd, 1.702, 7.0)
+    du_ref = swiglu_backward(u_in.float(), (gd * wd[:, None]).float())
+    torch.testing.assert_close(wy.float(), y_ref * wd.float()[:, None], **tol)
+    torch.testing.assert_close(du.float(), du_ref, **tol)
     torch.testing.assert_close(gy.float(), (gd.float() * y_ref).sum(-1), rtol=tol["rtol"], atol=tol["atol"] * 24)
+    torch.testing.assert_close(du_sum, du_ref.sum(0), rtol=tol["rtol"], atol=tol["atol"] * 64)
 
 
 def test_without_a_c_compiler_the_torch_path_runs(monkeypatch):
