@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--group", type=int, default=8, help="samples per task (GRPO group)")
     ap.add_argument("--lr", type=float, default=1.5e-2)
     ap.add_argument("--betas", default="0.9,0.999")
+    ap.add_argument("--warmup", type=int, default=0, help="learner.warmup_steps (linear lr warm-up)")
     ap.add_argument("--lr-scale", default='{"norm\\\\.weight$": 1.0, ".": 0.0}',
                     help="JSON {regex: multiplier} as learner.lr_scale ('{}' trains every weight)")
     ap.add_argument("--eval-every", type=int, default=10)
@@ -62,11 +63,11 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = {"lr": args.lr, "betas": [float(b) for b in args.betas.split(",")], "kernels": "deliberate",
            "micro_batch_size": 128, "grad_clip": 1.0, "num_threads": args.threads,
-           "lr_scale": json.loads(args.lr_scale)}
+           "lr_scale": json.loads(args.lr_scale), "warmup_steps": args.warmup}
     learner = Learner(args.policy, cfg, {}, seed=0)
     n_train = sum(p.numel() for p in learner.trainable)
     curve = [(0, evaluate())]
-    print(f"policy {args.policy}, effort {args.effort}, lr {args.lr:g}, lr_scale {cfg['lr_scale']}: "
+    print(f"policy {args.policy}, effort {args.effort}, lr {args.lr:g} (warm-up {args.warmup}), lr_scale {cfg['lr_scale']}: "
           f"{n_train} trainable weights; held-out T=1 accuracy at step 0: {curve[0][1]:.3f}", flush=True)
     rng, t0 = random.Random(0), time.perf_counter()
     for step in range(1, args.steps + 1):
