@@ -106,8 +106,8 @@ class LearnerConfig:
     micro_batch_size: int = 16
     kernels: str = "deliberate"  # deliberate (our MoE/attention/log-prob kernels) | stock (transformers)
     qat: bool = False  # experts forward on fake-quantised MXFP4 weights (STE); rollout gets those weights
-    # {regex on parameter names: lr multiplier}; first match wins, 0 freezes. E.g. {"^model\\.": 0.0}
-    # trains only lm_head (see experiment=tiny for why).
+    # {regex on parameter names: lr multiplier}; first match wins, 0 freezes. E.g.
+    # {"norm\\.weight$": 1.0, ".": 0.0} trains only the RMSNorm gains (experiment=tiny; README says why).
     lr_scale: dict[str, float] = field(default_factory=dict)
     freeze_router: bool = False  # keep MoE routers fixed during RL (top-k flips destabilise updates)
     sync_mxfp4: bool = False  # send MXFP4-quantised experts to the rollout engine even without QAT
