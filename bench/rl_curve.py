@@ -20,10 +20,9 @@ import time
 
 import torch
 
+from bench.rl_step_probe import grpo_batch, sample_and_score
 from envs import harmony
 from envs.math_tasks import MathEnv
-from rewards.math_verify_reward import verify_batch
-from rl.algorithms import grpo_advantages
 from rl.learner import Learner
 from rl.rollout import RolloutEngine
 
@@ -52,14 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     def prompts(tasks):
         return [harmony.render_prompt(t.question, args.effort, t.developer) for t in tasks]
 
-    def sample(tasks, n: int, seed: int):
-        comps = engine.generate(prompts(tasks), n=n, temperature=1.0, top_p=1.0, max_tokens=96, seed=seed)
-        pairs = [(harmony.parse_completion(c.ids).final, str(t.metadata["answer"])) for t, cs in zip(tasks, comps)
-                 for c in cs]
-        return comps, torch.tensor(verify_batch(pairs))
-
     def evaluate() -> float:
-        return float(sample(test, 4, seed=12345)[1].mean())
+        return float(sample_and_score(engine, test, prompts(test), 4, seed=12345)[1].mean())
 
     cfg = {"lr": args.lr, "betas": [float(b) for b in args.betas.split(",")], "kernels": "deliberate",
            "micro_batch_size": 128, "grad_clip": 1.0, "num_threads": args.threads,
@@ -72,13 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     rng, t0 = random.Random(0), time.perf_counter()
     for step in range(1, args.steps + 1):
         tasks = rng.sample(train, args.tasks)
-        comps, rewards = sample(tasks, args.group, seed=step)
-        adv = grpo_advantages(rewards, [i for i in range(len(tasks)) for _ in range(args.group)]).tolist()
-        batch = [{"prompt_ids": p, "completion_ids": list(c.ids), "loss_mask": [1] * len(c.ids)}
-                 for p, cs in zip(prompts(tasks), comps) for c in cs]
-        for b, a in zip(batch, adv):
-            b["advantage"] = a
-        m = learner.train_step(batch)
+        comps, rewards = sample_and_score(engine, tasks, prompts(tasks), args.group, seed=step)
+        m = learner.train_step(grpo_batch(prompts(tasks), comps, rewards))
         engine.update_weights({k: v.detach().clone() for k, v in learner.model.state_dict().items()})
         if step % args.eval_every == 0 or step == args.steps:
             curve.append((step, evaluate()))

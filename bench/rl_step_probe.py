@@ -25,6 +25,25 @@ from rl.learner import Learner
 from rl.rollout import RolloutEngine
 
 
+def sample_and_score(engine: RolloutEngine, tasks, prompts: list[list[int]], n: int, seed: int,
+                     max_tokens: int = 96):
+    """n completions per prompt at temperature 1 and their math-verify scores: (completions, (len*n,) tensor)."""
+    comps = engine.generate(prompts, n=n, temperature=1.0, top_p=1.0, max_tokens=max_tokens, seed=seed)
+    pairs = [(harmony.parse_completion(c.ids).final, str(t.metadata["answer"])) for t, cs in zip(tasks, comps)
+             for c in cs]
+    return comps, torch.tensor(verify_batch(pairs))
+
+
+def grpo_batch(prompts: list[list[int]], comps, rewards: torch.Tensor) -> list[dict]:
+    """Learner batch with GRPO advantages, one group per prompt (all completion tokens trained)."""
+    adv = grpo_advantages(rewards, [i for i, cs in enumerate(comps) for _ in cs]).tolist()
+    batch = [{"prompt_ids": p, "completion_ids": list(c.ids), "loss_mask": [1] * len(c.ids)}
+             for p, cs in zip(prompts, comps) for c in cs]
+    for b, a in zip(batch, adv):
+        b["advantage"] = a
+    return batch
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", required=True, help="HF checkpoint folder (e.g. a pipeline's sft/)")
@@ -43,17 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     engine = RolloutEngine(args.policy, {"max_model_len": 256, "num_threads": 1, "seed": 0})
 
     def sample(n: int, seed: int):
-        comps = engine.generate(prompts, n=n, temperature=1.0, top_p=1.0, max_tokens=args.max_tokens, seed=seed)
-        pairs = [(harmony.parse_completion(c.ids).final, str(t.metadata["answer"]))
-                 for t, cs in zip(tasks, comps) for c in cs]
-        return comps, torch.tensor(verify_batch(pairs))
+        return sample_and_score(engine, tasks, prompts, n, seed, args.max_tokens)
 
     comps, rewards = sample(args.train_samples, seed=0)
-    adv = grpo_advantages(rewards, [i for i in range(len(tasks)) for _ in range(args.train_samples)]).tolist()
-    batch = [{"prompt_ids": p, "completion_ids": list(c.ids), "loss_mask": [1] * len(c.ids)}
-             for p, cs in zip(prompts, comps) for c in cs]
-    for b, a in zip(batch, adv):
-        b["advantage"] = a
+    batch = grpo_batch(prompts, comps, rewards)
     _, before = sample(args.eval_samples, seed=99)
     print(f"policy {args.policy}, effort {args.effort}: {len(tasks)} tasks, training batch {len(batch)} samples "
           f"(accuracy {rewards.mean():.3f}); expected accuracy before {before.mean():.4f} "

@@ -352,8 +352,9 @@ CPU_ROW_TILE = 1024
 class _GroupedExperts(torch.autograd.Function):
     """out = sum_k w_k * expert_k(x); gradients for x, routing weights, biases and (dense) weights.
 
-    Saved: x, the pre-activation u (S, 2I), routing weights in pair order and the permutation; the
-    SwiGLU, the gathered tokens and the per-expert (decoded) weights are recomputed.
+    Saved: x, the pre-activation u (S, 2I), routing weights in pair order, the permutation and the dense
+    routing weights R (N, E) with the top-k index (for the bias terms); the SwiGLU, the gathered tokens
+    and the per-expert (decoded) weights are recomputed.
     """
 
     @staticmethod
@@ -373,14 +374,14 @@ class _GroupedExperts(torch.autograd.Function):
                 w_up, w_down, e_prev = weights.up(e), weights.down(e), e
             ut = torch.addmm(b1[e], x.index_select(0, tok[s:t]), w_up, out=u[s:t])  # (n, 2I)
             out.index_add_(0, tok[s:t], _act(ut, ws[s:t], alpha, limit) @ w_down)  # weighted (n, H)
-        ctx.save_for_backward(x, u, ws, order, tok, b2, R)
+        ctx.save_for_backward(x, u, ws, order, tok, b2, R, top_k_index)
         ctx.tiles, ctx.weights, ctx.alpha, ctx.limit = tiles, weights, alpha, limit
-        ctx.rw_shape, ctx.rw_dtype, ctx.top_k_index = routing_weights.shape, routing_weights.dtype, top_k_index
+        ctx.rw_shape, ctx.rw_dtype = routing_weights.shape, routing_weights.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, u, ws, order, tok, b2, R = ctx.saved_tensors
+        x, u, ws, order, tok, b2, R, top_k_index = ctx.saved_tensors
         tiles, weights, alpha, limit = ctx.tiles, ctx.weights, ctx.alpha, ctx.limit
         need_x, need_rw, need_b1, need_b2, need_w1, need_w2 = ctx.needs_input_grad[:6]
         grad_out = grad_out.contiguous().to(x.dtype)
@@ -419,7 +420,7 @@ class _GroupedExperts(torch.autograd.Function):
         if need_rw:
             drw = torch.empty_like(dws)
             drw[order] = dws
-            drw = drw.reshape(ctx.rw_shape) + (grad_out @ b2.t()).gather(1, ctx.top_k_index)  # + d(R @ b2)/dR
+            drw = drw.reshape(ctx.rw_shape) + (grad_out @ b2.t()).gather(1, top_k_index)  # + d(R @ b2)/dR
             drw = drw.to(ctx.rw_dtype)
         return dx, drw, None if db1 is None else db1.to(b2.dtype), db2, dw1, dw2, None, None, None, None
 

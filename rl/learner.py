@@ -114,7 +114,7 @@ def param_groups(model: torch.nn.Module, lr_scale: dict[str, float]) -> list[dic
             groups.setdefault(scale, []).append(param)
     unused = [p for p, n in hits.items() if n == 0]
     if unused:
-        raise ValueError(f"learner.lr_scale: {unused} match no parameter name (e.g. {next(iter(dict(model.named_parameters())))!r})")
+        raise ValueError(f"learner.lr_scale: {unused} match no parameter name (e.g. {next(model.named_parameters())[0]!r})")
     if not groups:
         raise ValueError("learner.lr_scale freezes every parameter; nothing left to train")
     return [{"params": ps, "lr_scale": s} for s, ps in groups.items()]
