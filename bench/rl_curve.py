@@ -1,7 +1,8 @@
 """A GRPO learning curve on one effort, in one process: which parameters can RL move on this policy?
 
 Run:  .venv/bin/python -m bench.rl_curve --policy outputs/x/sft [--effort low] [--steps 40] [--lr 1.5e-2]
-          [--lr-scale '{"norm\\.weight$": 1.0, ".": 0.0}'] [--tasks 16] [--group 8] [--eval-every 10]
+          [--lr-scale '{"norm\\.weight$": 1.0, ".": 0.0}'] [--tasks 16] [--group 8] [--mini-batches 1]
+          [--eval-every 10]
 
 Each step samples `--tasks` fresh training tasks x `--group` completions at temperature 1 (vLLM, in
 process), scores them with math-verify, builds GRPO advantages and takes one learner step (Adam, the
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=0, help="learner.warmup_steps (linear lr warm-up)")
     ap.add_argument("--lr-scale", default='{"norm\\\\.weight$": 1.0, ".": 0.0}',
                     help="JSON {regex: multiplier} as learner.lr_scale ('{}' trains every weight)")
+    ap.add_argument("--mini-batches", type=int, default=1,
+                    help="algo.mini_batches: optimizer steps per rollout batch (old log-probs = the engine's)")
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -57,10 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = {"lr": args.lr, "betas": [float(b) for b in args.betas.split(",")], "kernels": "deliberate",
            "micro_batch_size": 128, "grad_clip": 1.0, "num_threads": args.threads,
            "lr_scale": json.loads(args.lr_scale), "warmup_steps": args.warmup}
-    learner = Learner(args.policy, cfg, {}, seed=0)
+    algo = {"mini_batches": args.mini_batches, "old_logprobs": "behavior"}
+    learner = Learner(args.policy, cfg, algo, seed=0)
     n_train = sum(p.numel() for p in learner.trainable)
     curve = [(0, evaluate())]
-    print(f"policy {args.policy}, effort {args.effort}, lr {args.lr:g} (warm-up {args.warmup}), lr_scale {cfg['lr_scale']}: "
+    print(f"policy {args.policy}, effort {args.effort}, lr {args.lr:g} (warm-up {args.warmup}), "
+          f"{args.mini_batches} optimizer step(s) per batch, lr_scale {cfg['lr_scale']}: "
           f"{n_train} trainable weights; held-out T=1 accuracy at step 0: {curve[0][1]:.3f}", flush=True)
     rng, t0 = random.Random(0), time.perf_counter()
     for step in range(1, args.steps + 1):

@@ -37,7 +37,8 @@ def sample_and_score(engine: RolloutEngine, tasks, prompts: list[list[int]], n: 
 def grpo_batch(prompts: list[list[int]], comps, rewards: torch.Tensor) -> list[dict]:
     """Learner batch with GRPO advantages, one group per prompt (all completion tokens trained)."""
     adv = grpo_advantages(rewards, [i for i, cs in enumerate(comps) for _ in cs]).tolist()
-    batch = [{"prompt_ids": p, "completion_ids": list(c.ids), "loss_mask": [1] * len(c.ids)}
+    batch = [{"prompt_ids": p, "completion_ids": list(c.ids), "loss_mask": [1] * len(c.ids),
+              "behavior_logprobs": list(c.logprobs)}
              for p, cs in zip(prompts, comps) for c in cs]
     for b, a in zip(batch, adv):
         b["advantage"] = a

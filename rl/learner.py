@@ -42,27 +42,41 @@ def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int) -> tup
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunked: bool,
                    temperature: float = 1.0, chunk_size: int = 1024, n_vocab: int | None = None,
-                   with_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   with_entropy: bool = False,
+                   positions: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(x_t | x_<t) for t >= 1, aligned so out[:, t] scores input_ids[:, t]; out[:, 0] = 0. (B, L).
     With `with_entropy`, also the entropy of the same predictive distributions, aligned the same way.
+
+    `positions` (B, L) bool/0-1: score only these tokens (the completion's loss mask); every other
+    entry is 0. The unembedding and softmax then run on those rows alone: a Harmony prompt is most of
+    each sequence, so this skips most of the vocabulary work, forward and backward.
 
     `n_vocab` restricts the softmax to the first rows of the unembedding: the tiny model pads its
     embedding past the vocab map and the rollout engine masks those rows, so the learner must too."""
     hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
     h = hidden[:, :-1]  # (B, L-1, H) predicts tokens 1..L-1
     targets = input_ids[:, 1:]  # (B, L-1)
+    sel = None
+    if positions is not None:
+        sel = positions[:, 1:].bool()  # (B, L-1)
+        h, targets = h[sel][None], targets[sel][None]  # (1, n, H), (1, n)
     weight = model.lm_head.weight[:n_vocab]  # (V, H)
     if chunked:
         from kernels.logprobs import logprobs_and_entropy
 
         lp, ent = logprobs_and_entropy(h, weight, targets, temperature=temperature, chunk_size=chunk_size)
     else:
-        logits = torch.nn.functional.linear(h, weight).float() / temperature  # (B, L-1, V)
+        logits = torch.nn.functional.linear(h, weight).float() / temperature  # (B, T, V)
         logp_all = torch.log_softmax(logits, -1)
         lp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
-    lp = torch.nn.functional.pad(lp, (1, 0))  # (B, L)
-    return (lp, torch.nn.functional.pad(ent, (1, 0))) if with_entropy else lp
+
+    def place(v: torch.Tensor) -> torch.Tensor:  # back to (B, L): scatter the scored rows, pad position 0
+        if sel is not None:
+            v = v.new_zeros(sel.shape).masked_scatter(sel, v[0])
+        return torch.nn.functional.pad(v, (1, 0))
+
+    return (place(lp), place(ent)) if with_entropy else place(lp)
 
 
 def completion_values(batch: list[dict[str, Any]], values: list[list[float] | None], like: torch.Tensor) -> torch.Tensor:
@@ -172,6 +186,14 @@ class Learner:
         return self.cfg["lr"] * min(1.0, (self.opt_steps + 1) / warmup) if warmup > 0 else self.cfg["lr"]
 
     # ---- batches -------------------------------------------------------------------------------
+    @staticmethod
+    def _completion_positions(batch: list[dict[str, Any]], like: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool, True on each sample's completion tokens (what the learner scores)."""
+        pos = torch.zeros(like.shape, dtype=torch.bool)
+        for i, b in enumerate(batch):
+            pos[i, len(b["prompt_ids"]) : len(b["prompt_ids"]) + len(b["completion_ids"])] = True
+        return pos
+
     def _tensors(self, batch: list[dict[str, Any]]):
         seqs = [self.vmap.to_model(b["prompt_ids"] + b["completion_ids"]) for b in batch]
         masks = [[0] * len(b["prompt_ids"]) + list(b["loss_mask"]) for b in batch]
@@ -180,8 +202,8 @@ class Learner:
         adv = torch.tensor([float(b.get("advantage", 0.0)) for b in batch])
         return ids, attn, lmask, behav, adv
 
-    def _logprobs(self, model, ids, attn, with_entropy: bool = False):
-        return token_logprobs(model, ids, attn, chunked=self.kernels == "deliberate",
+    def _logprobs(self, model, ids, attn, positions=None, with_entropy: bool = False):
+        return token_logprobs(model, ids, attn, chunked=self.kernels == "deliberate", positions=positions,
                               temperature=self.cfg.get("temperature", 1.0),
                               chunk_size=self.cfg.get("logprob_chunk", 1024), n_vocab=self.n_vocab,
                               with_entropy=with_entropy)
@@ -190,7 +212,7 @@ class Learner:
     def logprobs(self, batch: list[dict[str, Any]]) -> list[list[float]]:
         """Learner log-probs of each sample's completion tokens (canonical-id samples in)."""
         ids, attn, lmask, _, _ = self._tensors(batch)
-        lp = self._logprobs(self.model, ids, attn)
+        lp = self._logprobs(self.model, ids, attn, positions=self._completion_positions(batch, lmask))
         return [lp[i, len(b["prompt_ids"]) : len(b["prompt_ids"]) + len(b["completion_ids"])].tolist()
                 for i, b in enumerate(batch)]
 
@@ -242,6 +264,10 @@ class Learner:
         """One AdamW step on `batch`, accumulated over micro-batches; `old` = per-sample old log-probs of
         the completion tokens (None: on-policy, old = current)."""
         mb = int(self.cfg.get("micro_batch_size", len(batch)))
+        # Micro-batches of similar lengths pad less; the loss is a weighted sum over micro-batches, so
+        # the order only changes the float summation order.
+        order = sorted(range(len(batch)), key=lambda i: len(batch[i]["prompt_ids"]) + len(batch[i]["completion_ids"]))
+        batch, old = [batch[i] for i in order], None if old is None else [old[i] for i in order]
         total_tokens = float(sum(sum(b["loss_mask"]) for b in batch))
         agg = self.algo.get("loss_agg", "token_mean")
         self.opt.zero_grad(set_to_none=True)
@@ -249,12 +275,13 @@ class Learner:
         for start in range(0, len(batch), mb):
             part = batch[start : start + mb]
             ids, attn, lmask, behav, adv = self._tensors(part)
-            lp, ent = self._logprobs(self.model, ids, attn, with_entropy=True)  # (b, L) each
+            pos = self._completion_positions(part, lmask)
+            lp, ent = self._logprobs(self.model, ids, attn, positions=pos, with_entropy=True)  # (b, L) each
             old_lp = lp.detach() if old is None else completion_values(part, old[start : start + mb], lmask)
             ref_lp = None
             if self.ref is not None:
                 with torch.no_grad():
-                    ref_lp = self._logprobs(self.ref, ids, attn)
+                    ref_lp = self._logprobs(self.ref, ids, attn, positions=pos)
             loss, m = policy_loss(
                 lp, old_lp, adv, lmask,
                 clip_low=self.algo.get("clip_low", 0.2), clip_high=self.algo.get("clip_high", 0.2),

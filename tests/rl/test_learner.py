@@ -39,6 +39,33 @@ def test_deliberate_kernels_match_stock_logprobs_and_grads(policy):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("chunked", [True, False])
+def test_logprobs_on_positions_equal_the_full_pass_there(policy, chunked):
+    """Scoring only the completion rows gives the full pass' values (and gradients) there, 0 elsewhere."""
+    from rl.learner import token_logprobs
+
+    learner = Learner(str(policy), {"lr": 0.0, "kernels": "deliberate" if chunked else "stock"}, {}, seed=0)
+    batch = _batch([1.0, -1.0])
+    batch[1]["completion_ids"] = batch[1]["completion_ids"][:-3]  # unequal lengths: padding in row 1
+    batch[1]["loss_mask"] = batch[1]["loss_mask"][:-3]
+    ids, attn, lmask, _, _ = learner._tensors(batch)
+    pos = learner._completion_positions(batch, lmask)
+    assert pos.sum() == sum(len(b["completion_ids"]) for b in batch) and not pos[:, 0].any()
+    runs = []
+    for positions in (None, pos):
+        learner.model.zero_grad(set_to_none=True)
+        lp, ent = token_logprobs(learner.model, ids, attn, chunked=chunked, positions=positions,
+                                 n_vocab=learner.n_vocab, with_entropy=True)
+        ((lp * pos).sum() + (ent * pos).sum()).backward()
+        runs.append((lp, ent, [p.grad.clone() for p in learner.model.parameters()]))
+    (lp_full, ent_full, g_full), (lp_sel, ent_sel, g_sel) = runs
+    torch.testing.assert_close(lp_sel, lp_full * pos, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ent_sel, ent_full * pos, rtol=1e-5, atol=1e-6)
+    assert (lp_sel[~pos] == 0).all() and (ent_sel[~pos] == 0).all()
+    for a, b in zip(g_sel, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_save_load_restores_optimizer_and_step(policy, tmp_path):
     a = Learner(str(policy), {"lr": 1e-3, "kernels": "deliberate"}, {}, seed=0)
     a.train_step(_batch([1.0, -1.0]))
