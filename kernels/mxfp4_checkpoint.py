@@ -14,12 +14,19 @@ the exact inverse of transformers' `convert_moe_packed_tensors` (tested bit for 
 
 Usage:
     save_mxfp4_checkpoint(model, "out/ckpt")            # model.safetensors + config.json
+    save_mxfp4_checkpoint(model, "out/ckpt", max_shard_size="5GB")  # model-0000i-of-0000n.safetensors
+                                                        # + model.safetensors.index.json, as released
     model = load_mxfp4_checkpoint("out/ckpt", dtype=torch.float32)
     # transformers reads the same folder: GptOssForCausalLM.from_pretrained(path,
     #     quantization_config=Mxfp4Config(dequantize=True)); vLLM serves it as quant_method "mxfp4".
 
-Departures: one unsharded `model.safetensors` (no index file); non-expert tensors are written in
-`dtype` (bf16 by default, as released).
+Sharding: the released gpt-oss folders are sharded (`model.safetensors.index.json` maps each tensor to
+its file); `load_mxfp4_checkpoint` reads either form, `save_mxfp4_checkpoint` writes shards when given
+`max_shard_size` (split by huggingface_hub, the splitter transformers' own `save_pretrained` uses).
+
+Departures: non-expert tensors are written in `dtype` (bf16 by default, as released); shard names
+count from 1 (huggingface_hub's `model-00001-of-00003`), the released folders count from 0 - the
+index, not the names, is what loaders read.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from kernels.mxfp4 import dequantize, quantize
 EXPERT_WEIGHTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")  # key suffixes that get packed
 BLOCKS_SUFFIX, SCALES_SUFFIX = "_blocks", "_scales"
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+INDEX_NAME = "model.safetensors.index.json"
 # What the released gpt-oss config.json lists: everything but the experts stays in bf16.
 MODULES_TO_NOT_CONVERT = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
 QUANTIZATION_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": MODULES_TO_NOT_CONVERT}
@@ -102,18 +110,39 @@ def save_mxfp4_checkpoint(
     *,
     scale_rule: str = "floor",
     dtype: torch.dtype | None = torch.bfloat16,
+    max_shard_size: int | str | None = None,
 ) -> Path:
     """Write `model` (a GptOssForCausalLM) as a released-style MXFP4 checkpoint; returns the folder.
 
-    Non-expert float tensors are cast to `dtype` (None keeps them as they are).
+    Non-expert float tensors are cast to `dtype` (None keeps them as they are). `max_shard_size`
+    (bytes or e.g. "5GB") splits the tensors over several files plus an index; weight files of an
+    earlier save in the folder that the new one does not use are removed after the index is written.
     """
+    from huggingface_hub import split_torch_state_dict_into_shards
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = pack_state_dict({k: v.detach() for k, v in model.state_dict().items()}, scale_rule=scale_rule)
     tensors = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).cpu().contiguous() for k, v in sd.items()
     }
-    _write_atomically(out_dir / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    if max_shard_size is None:
+        files = {WEIGHTS_NAME: list(tensors)}
+    else:
+        split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
+        files = split.filename_to_tensors
+    for name, keys in files.items():
+        shard = {k: tensors[k] for k in keys}
+        _write_atomically(out_dir / name, lambda p, shard=shard: save_file(shard, str(p), metadata={"format": "pt"}))
+    if len(files) > 1:  # the index goes last: a reader that finds it finds every shard it names
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {k: name for name, keys in files.items() for k in keys}}
+        _write_atomically(out_dir / INDEX_NAME, lambda p: p.write_text(json.dumps(index, indent=2, sort_keys=True)))
+    stale = {p for p in out_dir.glob("model*.safetensors*") if p.name not in files}  # includes an old index
+    if len(files) > 1:
+        stale.discard(out_dir / INDEX_NAME)
+    for p in stale:
+        p.unlink()
 
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]  # vLLM picks the model class from this
@@ -122,6 +151,29 @@ def save_mxfp4_checkpoint(
         config["dtype"] = str(dtype).removeprefix("torch.")
     _write_atomically(out_dir / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
     return out_dir
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors checkpoint folder: `model.safetensors.index.json` + its shards when the
+    index is there (the released gpt-oss layout), else `model.safetensors`."""
+    path = Path(path)
+    index_path = path / INDEX_NAME
+    if index_path.exists():
+        weight_map = json.loads(index_path.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path} has no weight_map")
+        sd: dict[str, torch.Tensor] = {}
+        for name in sorted(set(weight_map.values())):
+            if not (path / name).exists():
+                raise FileNotFoundError(f"{index_path} names {name}, which is not in {path}")
+            sd.update(load_file(str(path / name)))
+        missing = sorted(set(weight_map) - set(sd))
+        if missing:
+            raise KeyError(f"{index_path} maps {len(missing)} tensor(s) its shards do not hold, e.g. {missing[:3]}")
+        return sd
+    if not (path / WEIGHTS_NAME).exists():
+        raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+    return load_file(str(path / WEIGHTS_NAME))
 
 
 def load_mxfp4_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
@@ -142,7 +194,7 @@ def load_mxfp4_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.fl
     del config.quantization_config
     config.dtype = dtype
 
-    sd = unpack_state_dict(load_file(str(path / WEIGHTS_NAME)), dtype)
+    sd = unpack_state_dict(read_state_dict(path), dtype)
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
     with torch.device("meta"):  # no random init of weights we are about to overwrite

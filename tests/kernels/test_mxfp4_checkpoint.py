@@ -12,6 +12,7 @@ from kernels.mxfp4_checkpoint import (
     QUANTIZATION_CONFIG,
     load_mxfp4_checkpoint,
     pack_state_dict,
+    read_state_dict,
     save_mxfp4_checkpoint,
     unpack_state_dict,
 )
@@ -103,6 +104,46 @@ def test_transformers_from_pretrained_loads_our_checkpoint(tmp_path, dtype):
     tokens = torch.randint(0, 512, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens).logits, hf(tokens).logits, rtol=0, atol=0)
+
+
+def test_sharded_checkpoint_loads_like_the_single_file(tmp_path):
+    """max_shard_size writes the released layout (shards + index); ours and transformers read it."""
+    model = _tiny_model()
+    save_mxfp4_checkpoint(model, tmp_path / "one")
+    save_mxfp4_checkpoint(model, tmp_path / "many", max_shard_size="200KB")
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and not (tmp_path / "many" / "model.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "many").glob("model-*.safetensors")) == shards
+    one, many = read_state_dict(tmp_path / "one"), read_state_dict(tmp_path / "many")
+    assert one.keys() == many.keys() == index["weight_map"].keys()
+    assert all(torch.equal(one[k], many[k]) for k in one)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in one.values())
+    ours = load_mxfp4_checkpoint(tmp_path / "many", dtype=torch.float32)
+    hf = GptOssForCausalLM.from_pretrained(tmp_path / "many", quantization_config=Mxfp4Config(dequantize=True),
+                                           dtype=torch.float32)
+    theirs = hf.state_dict()
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, theirs[key].to(torch.float32)), key
+
+    save_mxfp4_checkpoint(ours, tmp_path / "many")  # re-saved unsharded: no stale shard or index remains
+    assert sorted(p.name for p in (tmp_path / "many").glob("model*")) == ["model.safetensors"]
+
+
+def test_sharded_checkpoint_errors_name_the_missing_part(tmp_path):
+    save_mxfp4_checkpoint(_tiny_model(), tmp_path, max_shard_size="200KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[-1]
+    (tmp_path / victim).rename(tmp_path / "moved.bin")
+    with pytest.raises(FileNotFoundError, match=victim):
+        read_state_dict(tmp_path)
+    (tmp_path / "moved.bin").rename(tmp_path / victim)
+    index["weight_map"]["model.layers.0.mlp.not_there"] = victim
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(KeyError, match="not_there"):
+        read_state_dict(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither"):
+        read_state_dict(tmp_path / "nowhere")
 
 
 def test_unpack_reports_scales_without_blocks():
