@@ -182,12 +182,14 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     return model, VocabMap.load(path)
 
 
-def export_mxfp4(src: str | os.PathLike, dst: str | os.PathLike, scale_rule: str = "floor") -> Path:
-    """Write the policy at `src` as a released-style MXFP4 checkpoint (experts packed, rest bf16)."""
+def export_mxfp4(src: str | os.PathLike, dst: str | os.PathLike, scale_rule: str = "floor",
+                 max_shard_size: int | str | None = None) -> Path:
+    """Write the policy at `src` as a released-style MXFP4 checkpoint (experts packed, rest bf16);
+    `max_shard_size` (e.g. "5GB") shards it with an index, as the released gpt-oss folders are."""
     from kernels.mxfp4_checkpoint import save_mxfp4_checkpoint
 
     model, vmap = load_policy(src)
-    out = save_mxfp4_checkpoint(model, dst, scale_rule=scale_rule)
+    out = save_mxfp4_checkpoint(model, dst, scale_rule=scale_rule, max_shard_size=max_shard_size)
     vmap.save(out)
     if vmap.canonical is not None:
         hf_tokenizer(vmap).save_pretrained(out)
