@@ -47,9 +47,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """log p(x_t | x_<t) for t >= 1, aligned so out[:, t] scores input_ids[:, t]; out[:, 0] = 0. (B, L).
     With `with_entropy`, also the entropy of the same predictive distributions, aligned the same way.
 
-    `positions` (B, L) bool/0-1: score only these tokens (the completion's loss mask); every other
-    entry is 0. The unembedding and softmax then run on those rows alone: a Harmony prompt is most of
-    each sequence, so this skips most of the vocabulary work, forward and backward.
+    `positions` (B, L) bool/0-1: score only these tokens (the learner passes the completion tokens);
+    every other entry is 0. The unembedding and softmax then run on those rows alone: a Harmony prompt
+    is most of each sequence, so this skips most of the vocabulary work, forward and backward.
 
     `n_vocab` restricts the softmax to the first rows of the unembedding: the tiny model pads its
     embedding past the vocab map and the rollout engine masks those rows, so the learner must too."""
