@@ -8,6 +8,8 @@ Rows (ours / stock, ratio printed as stock time / our time):
     the tiny model's experts (conf/model/tiny.yaml: hidden 192 / intermediate 192 / 8 experts top-2)
     at 4096 tokens (a learner micro-batch), hidden 256 / intermediate 256 / 8 experts top-2 / 2048 tokens and hidden 512 / intermediate 512 /
     16 experts top-4 / 2048 tokens, fp32 and bf16.
+  - (in the bars) the MoE GEMM floor at the tiny shape: the six expert GEMMs alone, no gather, scatter
+    or activation (`moe_gemm_floor`); stock / floor bounds any implementation that runs the same GEMMs.
   - attention forward+backward: `sink_attention` against transformers' `eager_attention_forward`
     (gpt-oss' default in this project), head_dim 64, 8 query / 2 KV heads, T = 1024 and 4096, sliding
     window 128 and full.
@@ -40,7 +42,7 @@ from bench import results
 from kernels.logprobs import logprobs_and_entropy, logprobs_and_entropy_ref, peak_bytes
 
 SECTION = "## Kernels (MoE, attention, log-probs, learner step)"
-DATE = "2026-11-21"
+DATE = "2026-11-22"
 
 
 def _clock() -> Callable[[], float]:
@@ -103,6 +105,30 @@ def moe_rows(reps: int, dtype: torch.dtype, quick: bool) -> list[tuple]:
         rows.append((label, f"{t['ours'] * 1e3:.1f} ms", f"{t['stock'] * 1e3:.1f} ms ({stock_impl})",
                      t["stock"] / t["ours"], mem["ours"], mem["stock"]))
     return rows
+
+
+def moe_gemm_floor(reps: int, dtype: torch.dtype, H: int = 192, I: int = 192, E: int = 8, k: int = 2,
+                   N: int = 4096) -> float:
+    """Seconds for the six expert GEMMs of one MoE fwd+bwd alone (u = x W1, z = y W2, g = go W2^T,
+    dW2 = y^T go, dx = du W1^T, dW1 = x^T du), on contiguous pre-sorted rows split evenly over the
+    experts: the work any implementation that runs transformers' GEMMs must do, with no gather, scatter,
+    activation or bias. stock / floor bounds the ratio such an implementation can reach."""
+    n = N * k // E
+    g = torch.Generator().manual_seed(0)
+
+    def mats(*shape):
+        return [torch.randn(*shape, generator=g).to(dtype) for _ in range(E)]
+
+    xs, us, ys, gos = mats(n, H), mats(n, 2 * I), mats(n, I), mats(n, H)
+    w1, w2 = torch.randn(E, H, 2 * I, generator=g).to(dtype), torch.randn(E, I, H, generator=g).to(dtype)
+
+    def run():
+        for e in range(E):
+            xs[e] @ w1[e], ys[e] @ w2[e]
+        for e in range(E):
+            gos[e] @ w2[e].t(), ys[e].t() @ gos[e], us[e] @ w1[e].t(), xs[e].t() @ us[e]
+
+    return best_times({"floor": run}, reps)["floor"]
 
 
 # ---- attention -----------------------------------------------------------------------------------
@@ -201,7 +227,7 @@ def step_rows(reps: int, quick: bool) -> list[tuple]:
 
 
 # ---- report --------------------------------------------------------------------------------------
-def render(rows: list[tuple], command: str, threads: int) -> list[str]:
+def render(rows: list[tuple], command: str, threads: int, floors: dict[str, float] | None = None) -> list[str]:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
@@ -213,11 +239,11 @@ def render(rows: list[tuple], command: str, threads: int) -> list[str]:
              "Peak = most tensor bytes alive at once among tensors made during one run (`kernels.logprobs.peak_bytes`).",
              "", "| workload | ours | stock | ratio | peak ours MiB | peak stock MiB |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {w} | {o} | {s} | {r:.2f}x | {po:.1f} | {ps:.1f} |" for w, o, s, r, po, ps in rows]
-    return lines + ["", *bars(rows), ""]
+    return lines + ["", *bars(rows, floors or {}), ""]
 
 
-def bars(rows: list[tuple]) -> list[str]:
-    """The brief's bars, checked against this run's rows."""
+def bars(rows: list[tuple], floors: dict[str, float]) -> list[str]:
+    """The brief's bars, checked against this run's rows; `floors` = {dtype: GEMM floor s} at the tiny shape."""
     moe = {w.split()[-1]: [] for w, *_ in rows if w.startswith("MoE")}
     for w, _, _, r, *_ in rows:
         if w.startswith("MoE"):
@@ -226,9 +252,15 @@ def bars(rows: list[tuple]) -> list[str]:
     extra = [po - float(w.split("dW ")[1].split()[0]) for w, _, _, _, po, _ in rows if w.startswith("log-probs")]
     out = ["Bars:"]
     out += [f"- MoE fwd+bwd >= 2x stock: {dt} {', '.join(r)}." for dt, r in moe.items()]
-    out += ["  fp32 is GEMM-bound on this CPU: both paths run the same expert GEMMs (same FLOPs), ours only removes"
-            " the elementwise/gather/scatter overhead around them; with bf16 GEMMs (AMX) that overhead dominates the"
-            " stock path."] if "float32" in moe else []
+    out += ["  Both paths run the same expert GEMMs (same FLOPs); ours removes part of the gather/scatter/elementwise"
+            " work around them. In fp32 the GEMMs are most of both paths' time; with bf16 GEMMs (AMX, ~5x faster"
+            " here) the work around them dominates both."] if "float32" in moe else []
+    for dt, floor in floors.items():  # the tiny shape is the first MoE row of each dtype
+        w, o, s_, r, *_ = next(row for row in rows if row[0].startswith("MoE") and row[0].endswith(dt))
+        stock_ms, ours_ms = float(s_.split()[0]), float(o.split()[0])
+        out.append(f"  GEMM floor, {dt}, tiny shape (`moe_gemm_floor`: the six expert GEMMs alone): {floor * 1e3:.1f} ms."
+                   f" Ours spends {ours_ms - floor * 1e3:.1f} ms around them; stock / floor = {stock_ms / (floor * 1e3):.2f}x"
+                   " is the most any implementation running the same GEMMs could reach.")
     out += [f"- learner step >= 1.5x stock: {step[0]:.2f}x."] if step else []
     out += [f"- log-prob peak memory independent of V: ours minus the weight-sized dW = "
             f"{', '.join(f'{m:.0f}' for m in extra)} MiB across the vocab sizes above (stock grows with V)."] if extra else []
@@ -248,15 +280,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write", type=Path, default=None, help="update this RESULTS.md section")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = []
+    rows, floors = [], {}
     for dtype in (torch.float32, torch.bfloat16):
         rows += moe_rows(args.reps, dtype, args.quick)
+        floors[str(dtype).removeprefix("torch.")] = moe_gemm_floor(args.reps, dtype)
         print(*rows[-1], sep=" | ", flush=True)
     rows += attention_rows(args.reps, args.quick)
     rows += logprob_rows(args.reps, args.quick)
     rows += step_rows(args.reps, args.quick)
     command = " ".join([".venv/bin/python -m bench.bench_kernels", *(argv if argv is not None else sys.argv[1:])])
-    section = render(rows, command, args.threads)
+    section = render(rows, command, args.threads, floors)
     print("\n".join(section))
     if args.write:
         write_section(args.write, section)
