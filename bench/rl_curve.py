@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         tasks = rng.sample(train, args.tasks)
         comps, rewards = sample_and_score(engine, tasks, prompts(tasks), args.group, seed=step)
         m = learner.train_step(grpo_batch(prompts(tasks), comps, rewards))
-        engine.update_weights({k: v.detach().clone() for k, v in learner.model.state_dict().items()})
+        engine.update_weights(learner.state_for_sync())
         if step % args.eval_every == 0 or step == args.steps:
             curve.append((step, evaluate()))
             print(f"step {step}: batch accuracy {rewards.mean():.3f}, entropy {m['entropy']:.3f}, "

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                        else torch.optim.SGD(learner.trainable, lr=lr))
         learner.cfg["lr"] = lr
         learner.train_step(batch)
-        engine.update_weights({k: v.detach().clone() for k, v in learner.model.state_dict().items()})
+        engine.update_weights(learner.state_for_sync())
         _, after = sample(args.eval_samples, seed=99)
         print(f"| {opt} | {lr:g} | {after.mean():.4f} | {after.mean() - before.mean():+.4f} |", flush=True)
     engine.shutdown()
