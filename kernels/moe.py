@@ -21,6 +21,9 @@ with its own gradient (which also returns w * y for dW2, g . y for the routing w
 sums of du for db1), re-gathers tokens from `x`, and takes db2 = R^T grad and the b2 part of the
 routing-weight gradient (grad @ b2^T at the chosen experts) from R, so no (S, H) expert output is stored.
 
+On CUDA, dense experts go to kernels/moe_grouped_triton.py instead (`CUDA_TRITON_GEMMS`): the same
+function as one grouped-GEMM launch per step over all experts, gathers and SwiGLU fused, no host sync.
+
 The activation has three twins: `swiglu` / `swiglu_backward` (plain torch, the reference, exactly
 transformers' `_apply_gate`), a C loop for CPU tiles (below; built on first use, fp32/bf16) and the
 Triton kernels in kernels/moe_triton.py for CUDA.
@@ -258,6 +261,9 @@ def _cpu_lib() -> _CpuLib | None:
 
 
 USE_CPU_KERNEL = True  # tests flip it to run the torch reference path on the same inputs
+# Dense experts on CUDA run as grouped Triton GEMMs (kernels/moe_grouped_triton.py: gathers, bias and
+# SwiGLU fused, no host sync); False runs the per-expert loop below with the Triton activation.
+CUDA_TRITON_GEMMS = True
 # Rows per thread below which the activation runs on the calling thread (a hand-off costs ~20 us).
 CPU_MIN_ROWS_PER_THREAD = 128
 
@@ -448,6 +454,13 @@ def grouped_experts(x: torch.Tensor, top_k_index: torch.Tensor, routing_weights:
     # Autocast (e.g. TRL's default bf16 on CPU) would recast the addmms inside the Function and break
     # its dtype bookkeeping: the experts compute in the weights' dtype, as transformers' eager path does.
     with torch.autocast(device_type=x.device.type, enabled=False):
+        if x.is_cuda and CUDA_TRITON_GEMMS:
+            from kernels.moe_grouped_triton import grouped_experts_triton
+
+            out = grouped_experts_triton(x_in, top_k_index, routing_weights, gate_up_proj,
+                                         gate_up_proj_bias.to(x_in.dtype), down_proj,
+                                         down_proj_bias.to(x_in.dtype), alpha, limit)
+            return out.to(x.dtype)
         out = _GroupedExperts.apply(x_in, routing_weights, gate_up_proj_bias.to(x_in.dtype),
                                     down_proj_bias.to(x_in.dtype), gate_up_proj, down_proj, top_k_index,
                                     _DenseWeights(gate_up_proj, down_proj), alpha, limit)
