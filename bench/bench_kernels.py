@@ -1,6 +1,6 @@
 """Learner kernels side by side with what transformers does by default: MoE, attention, log-probs, a step.
 
-Run:  .venv/bin/python -m bench.bench_kernels [--threads 1] [--quick] [--write bench/RESULTS.md]
+Run:  .venv/bin/python -m bench.bench_kernels [--threads 1] [--quick] [--device cuda] [--write bench/RESULTS.md]
 
 Rows (ours / stock, ratio printed as stock time / our time):
   - MoE layer forward+backward: `GptOssMLP` with our experts ("deliberate_grouped") against
@@ -21,6 +21,9 @@ Rows (ours / stock, ratio printed as stock time / our time):
 Timing: best of `--reps` interleaved runs (ours, stock, ours, ...). Default one torch thread, timed by
 the thread's CPU time: the box is shared, and on 2 shared cores OpenMP barriers make 2-thread wall
 times swing by 5-10x with the neighbours' load. `--threads 2` measures wall time instead.
+`--device cuda`: every row on the GPU (ours = the grouped Triton GEMMs of kernels/moe_grouped_triton.py
+and the Triton attention), timed by wall clock between `torch.cuda.synchronize()` calls, peak memory
+from `torch.cuda.max_memory_allocated`; written to its own RESULTS.md section.
 Peak memory: `kernels.logprobs.peak_bytes()` - the most bytes of tensor storage alive at once among
 tensors created during one run (activations, saved tensors, gradients; inputs and weights excluded).
 """
@@ -42,12 +45,19 @@ from bench import results
 from kernels.logprobs import logprobs_and_entropy, logprobs_and_entropy_ref, peak_bytes
 
 SECTION = "## Kernels (MoE, attention, log-probs, learner step)"
+CUDA_SECTION = "## Kernels on CUDA (MoE, attention, log-probs, learner step)"
+DEVICE = torch.device("cpu")  # set by --device
 DATE = "2026-11-22"
 
 
 def _clock() -> Callable[[], float]:
-    """CPU time of this thread when torch runs on one thread (all work is on it, and time the neighbours
-    take from us is not counted); wall time otherwise."""
+    """CPU time of this thread when torch runs on one thread on the CPU (all work is on it, and time the
+    neighbours take from us is not counted); wall time otherwise (on CUDA after a synchronize)."""
+    if DEVICE.type == "cuda":
+        def synced() -> float:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+        return synced
     return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
@@ -66,6 +76,13 @@ def best_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, flo
 
 
 def peak_mib(fn: Callable[[], object]) -> float:
+    if DEVICE.type == "cuda":  # allocator peak above what was allocated before the run
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
     with peak_bytes() as mem:
         fn()
     return mem.peak / 2**20
@@ -85,11 +102,11 @@ def moe_rows(reps: int, dtype: torch.dtype, quick: bool) -> list[tuple]:
     for H, I, E, k, N in shapes:
         config = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k)
         torch.manual_seed(0)
-        mlp = GptOssMLP(config).to(dtype)
+        mlp = GptOssMLP(config).to(DEVICE, dtype)
         for p in mlp.parameters():
             torch.nn.init.normal_(p, std=0.05)
-        x = torch.randn(1, N, H, dtype=dtype, requires_grad=True)
-        stock_impl = "grouped_mm"  # transformers' default for GptOss on CPU (get_correct_experts_implementation)
+        x = torch.randn(1, N, H, dtype=dtype, device=DEVICE, requires_grad=True)
+        stock_impl = "grouped_mm"  # transformers' default for GptOss (get_correct_experts_implementation)
 
         def step(impl):
             def run():
@@ -117,10 +134,11 @@ def moe_gemm_floor(reps: int, dtype: torch.dtype, H: int = 192, I: int = 192, E:
     g = torch.Generator().manual_seed(0)
 
     def mats(*shape):
-        return [torch.randn(*shape, generator=g).to(dtype) for _ in range(E)]
+        return [torch.randn(*shape, generator=g).to(DEVICE, dtype) for _ in range(E)]
 
     xs, us, ys, gos = mats(n, H), mats(n, 2 * I), mats(n, I), mats(n, H)
-    w1, w2 = torch.randn(E, H, 2 * I, generator=g).to(dtype), torch.randn(E, I, H, generator=g).to(dtype)
+    w1 = torch.randn(E, H, 2 * I, generator=g).to(DEVICE, dtype)
+    w2 = torch.randn(E, I, H, generator=g).to(DEVICE, dtype)
 
     def run():
         for e in range(E):
@@ -145,9 +163,9 @@ def attention_rows(reps: int, quick: bool) -> list[tuple]:
     for T, window in cases:
         B, Hq, Hkv, D = 1, 8, 2, 64
         g = torch.Generator().manual_seed(0)
-        q = torch.randn(B, Hq, T, D, generator=g, requires_grad=True)
-        k, v = (torch.randn(B, Hkv, T, D, generator=g, requires_grad=True) for _ in range(2))
-        sinks = torch.randn(Hq, generator=g, requires_grad=True)
+        q = torch.randn(B, Hq, T, D, generator=g).to(DEVICE).requires_grad_()
+        k, v = (torch.randn(B, Hkv, T, D, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+        sinks = torch.randn(Hq, generator=g).to(DEVICE).requires_grad_()
         module = types.SimpleNamespace(num_key_value_groups=Hq // Hkv, sinks=sinks, training=True)
         fn = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
 
@@ -155,7 +173,7 @@ def attention_rows(reps: int, quick: bool) -> list[tuple]:
             sink_attention(q, k, v, sinks, D**-0.5, window).sum().backward()
 
         def stock():  # the mask is built per call, as the model does per forward
-            mask = eager_mask(batch_size=B, q_length=T, kv_length=T, mask_function=fn, dtype=q.dtype)
+            mask = eager_mask(batch_size=B, q_length=T, kv_length=T, mask_function=fn, dtype=q.dtype, device=DEVICE)
             eager_attention_forward(module, q, k, v, mask, scaling=D**-0.5)[0].sum().backward()
 
         t = best_times({"ours": ours, "stock": stock}, reps)
@@ -171,9 +189,9 @@ def logprob_rows(reps: int, quick: bool) -> list[tuple]:
     N, H = 1024, 256
     for V in (8192, 32768) if quick else (8192, 32768, 131072):
         g = torch.Generator().manual_seed(0)
-        h = torch.randn(1, N, H, generator=g, requires_grad=True)
-        w = (torch.randn(V, H, generator=g) * 0.05).requires_grad_()
-        targets = torch.randint(0, V, (1, N), generator=g)
+        h = torch.randn(1, N, H, generator=g).to(DEVICE).requires_grad_()
+        w = (torch.randn(V, H, generator=g) * 0.05).to(DEVICE).requires_grad_()
+        targets = torch.randint(0, V, (1, N), generator=g).to(DEVICE)
 
         def ours():
             lp, ent = logprobs_and_entropy(h, w, targets, chunk_size=1024, vocab_chunk=4096)
@@ -202,9 +220,9 @@ def step_rows(reps: int, quick: bool) -> list[tuple]:
                           intermediate_size=128, vocab_size=512, layer_types=["sliding_attention", "full_attention"],
                           attn_implementation="eager")
     torch.manual_seed(0)
-    model = GptOssForCausalLM(config).train()
+    model = GptOssForCausalLM(config).to(DEVICE).train()
     B, T = (4, 256) if quick else (4, 512)
-    ids = torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 512, (B, T), generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
     def stock():
         remove_kernels(model)
@@ -231,10 +249,15 @@ def render(rows: list[tuple], command: str, threads: int, floors: dict[str, floa
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
-    lines = [SECTION, "", f"Command: `{command}` ({DATE})", "",
-             f"Device: {cpu}, {os.cpu_count()} cores, {threads} torch thread(s), load average {load}; "
-             f"torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}.",
-             f"Times are the best of interleaved repeats ({'thread CPU time' if threads == 1 else 'wall time'}); "
+    if DEVICE.type == "cuda":
+        device = f"{torch.cuda.get_device_name(DEVICE)} (CUDA {torch.version.cuda}), host {cpu}"
+        clock = "wall time between CUDA synchronisations"
+    else:
+        device = f"{cpu}, {os.cpu_count()} cores, {threads} torch thread(s), load average {load}"
+        clock = "thread CPU time" if threads == 1 else "wall time"
+    lines = [CUDA_SECTION if DEVICE.type == "cuda" else SECTION, "", f"Command: `{command}` ({DATE})", "",
+             f"Device: {device}; torch {torch.__version__}, CUDA {'yes' if torch.cuda.is_available() else 'no'}.",
+             f"Times are the best of interleaved repeats ({clock}); "
              "ratio = stock time / our time (higher is better). "
              "Peak = most tensor bytes alive at once among tensors made during one run (`kernels.logprobs.peak_bytes`).",
              "", "| workload | ours | stock | ratio | peak ours MiB | peak stock MiB |", "|---|---:|---:|---:|---:|---:|"]
@@ -254,7 +277,7 @@ def bars(rows: list[tuple], floors: dict[str, float]) -> list[str]:
     out += [f"- MoE fwd+bwd >= 2x stock: {dt} {', '.join(r)}." for dt, r in moe.items()]
     out += ["  Both paths run the same expert GEMMs (same FLOPs); ours removes part of the gather/scatter/elementwise"
             " work around them. In fp32 the GEMMs are most of both paths' time; with bf16 GEMMs (AMX, ~5x faster"
-            " here) the work around them dominates both."] if "float32" in moe else []
+            " here) the work around them dominates both."] if "float32" in moe and DEVICE.type == "cpu" else []
     for dt, floor in floors.items():  # the tiny shape is the first MoE row of each dtype
         w, o, s_, r, *_ = next(row for row in rows if row[0].startswith("MoE") and row[0].endswith(dt))
         stock_ms, ours_ms = float(s_.split()[0]), float(o.split()[0])
@@ -277,9 +300,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see module docstring)")
     parser.add_argument("--reps", type=int, default=7, help="interleaved repeats per row (best is kept)")
     parser.add_argument("--quick", action="store_true", help="small shapes only (a smoke run)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--write", type=Path, default=None, help="update this RESULTS.md section")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     rows, floors = [], {}
     for dtype in (torch.float32, torch.bfloat16):
         rows += moe_rows(args.reps, dtype, args.quick)
