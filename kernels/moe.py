@@ -21,8 +21,9 @@ with its own gradient (which also returns w * y for dW2, g . y for the routing w
 sums of du for db1), re-gathers tokens from `x`, and takes db2 = R^T grad and the b2 part of the
 routing-weight gradient (grad @ b2^T at the chosen experts) from R, so no (S, H) expert output is stored.
 
-On CUDA, dense experts go to kernels/moe_grouped_triton.py instead (`CUDA_TRITON_GEMMS`): the same
-function as one grouped-GEMM launch per step over all experts, gathers and SwiGLU fused, no host sync.
+On CUDA, dense and frozen MXFP4 experts go to kernels/moe_grouped_triton.py instead
+(`CUDA_TRITON_GEMMS`): the same function as one grouped-GEMM launch per step over all experts, gathers
+and SwiGLU fused, MXFP4 weights decoded inside the GEMM loads, no host sync.
 
 The activation has three twins: `swiglu` / `swiglu_backward` (plain torch, the reference, exactly
 transformers' `_apply_gate`), a C loop for CPU tiles (below; built on first use, fp32/bf16) and the
@@ -261,8 +262,8 @@ def _cpu_lib() -> _CpuLib | None:
 
 
 USE_CPU_KERNEL = True  # tests flip it to run the torch reference path on the same inputs
-# Dense experts on CUDA run as grouped Triton GEMMs (kernels/moe_grouped_triton.py: gathers, bias and
-# SwiGLU fused, no host sync); False runs the per-expert loop below with the Triton activation.
+# Experts on CUDA run as grouped Triton GEMMs (kernels/moe_grouped_triton.py: gathers, bias and SwiGLU
+# fused, MXFP4 decoded in the loads, no host sync); False runs the per-expert loop below.
 CUDA_TRITON_GEMMS = True
 # Rows per thread below which the activation runs on the calling thread (a hand-off costs ~20 us).
 CPU_MIN_ROWS_PER_THREAD = 128
@@ -488,6 +489,13 @@ def mxfp4_experts(x: torch.Tensor, top_k_index: torch.Tensor, routing_weights: t
             raise ValueError(f"{name}.shape={tuple(got[name].shape)} but x (N, {H}) and bias (E, 2I)=({E}, {two_i}) "
                              f"need {shape}; H and I must be multiples of 32")
     dtype = compute_dtype or x.dtype
+    if x.is_cuda and CUDA_TRITON_GEMMS and dequantize is None:  # decoded inside the grouped GEMMs
+        from kernels.moe_grouped_triton import mxfp4_experts_triton
+
+        out = mxfp4_experts_triton(x.to(dtype), top_k_index, routing_weights, gate_up_proj_blocks,
+                                   gate_up_proj_scales, gate_up_proj_bias.to(dtype), down_proj_blocks,
+                                   down_proj_scales, down_proj_bias.to(dtype), alpha, limit)
+        return out.to(x.dtype)
     weights = _Mxfp4Weights(gate_up_proj_blocks, gate_up_proj_scales, down_proj_blocks, down_proj_scales,
                             dtype, dequantize)
     out = _GroupedExperts.apply(x.to(dtype), routing_weights, gate_up_proj_bias.to(dtype),

@@ -1,7 +1,8 @@
 """gpt-oss MoE experts as grouped GEMMs in Triton: gathers, bias and SwiGLU fused, no host sync.
 
 What: the same function as `kernels.moe.grouped_experts` (dense weights in transformers' layout,
-W1 (E, H, 2I) interleaved gate/linear columns, W2 (E, I, H)), forward and backward, for CUDA tensors.
+W1 (E, H, 2I) interleaved gate/linear columns, W2 (E, I, H)) and `kernels.moe.mxfp4_experts` (frozen
+MXFP4 checkpoint tensors), forward and backward, for CUDA tensors.
 The CPU/torch path in kernels/moe.py loops over active experts from Python and gathers tokens into
 separate buffers before each matmul; here every step is one launch over all experts:
 
@@ -26,8 +27,13 @@ dtype), exactly what the backward recomputes from, as in the C and torch twins. 
 torch/C path `kernels.moe._GroupedExperts`; tests/kernels/test_moe.py runs this file under
 TRITON_INTERPRET=1 against it (values and every gradient) and compiles the kernels for sm_90.
 
-Not here: MXFP4 weights (kernels/moe.py decodes those one active expert at a time) and block-size
-autotuning (the fixed BLOCK_* below are untuned: no GPU was available to tune them).
+Frozen MXFP4 experts (`mxfp4_experts_triton`, checkpoint layout `*_blocks` / `*_scales`): the same
+launches with the 4-bit weights decoded inside the B loads (`_b_tile`: e2m1 nibble and E8M0 scale to
+fp32, then the compute dtype), so no dense copy of any expert exists; the backward skips the weight
+gradients and gives x, the routing weights and the biases theirs (LoRA elsewhere trains on top).
+
+Not here: block-size autotuning (the fixed BLOCK_* below are untuned: no GPU was available to tune
+them) and TMA / warp-specialised loads; the first GPU session should benchmark and tune.
 """
 from __future__ import annotations
 
@@ -49,13 +55,44 @@ def _row_tile(tile_expert_ptr, tile_row0_ptr, offsets_ptr, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _up_swiglu_kernel(x_ptr, tok_ptr, w1_ptr, b1_ptr, ws_ptr, u_ptr, y_ptr,
+def _b_tile(b_ptr, s_ptr, e, kk, nn, mask, stride_be, stride_bk, stride_bn, stride_se, stride_so,
+            MX: tl.constexpr):
+    """B[kk, nn] of expert e for index tensors kk (BLOCK_K, 1), nn (1, BLOCK_N).
+
+    MX == 0: dense, element strides (stride_be, stride_bk, stride_bn). MXFP4 (checkpoint layout: blocks
+    (E, out, in/32, 16) uint8, element 2j in the low nibble, scales (E, out, in/32) E8M0): MX == 1 when B
+    is the stored (out, in) matrix transposed (B[k, n] = M[n, k]), MX == 2 when B = M. Then stride_bk is
+    the bytes per stored row (in/2) and stride_se / stride_so the scales' strides. Decoded in fp32,
+    exactly `kernels.mxfp4.dequantize` (scale 0 -> 2^-127, 255 -> NaN).
+    """
+    if MX == 0:
+        tile = tl.load(b_ptr + e.to(tl.int64) * stride_be + kk * stride_bk + nn * stride_bn, mask=mask, other=0.0)
+    else:
+        if MX == 1:
+            o, i = nn, kk
+        else:
+            o, i = kk, nn
+        byte = tl.load(b_ptr + e.to(tl.int64) * stride_be + o * stride_bk + i // 2, mask=mask, other=0).to(tl.int32)
+        nib = (byte >> ((i % 2) * 4)) & 0xF
+        mag = nib & 7
+        half_steps = (2 + (mag & 1)) << tl.maximum((mag >> 1) - 1, 0)  # e2m1 magnitude x 2 for mag >= 2
+        val = tl.where(mag < 2, mag, half_steps).to(tl.float32) * 0.5
+        val = tl.where(nib >= 8, -val, val)
+        sc = tl.load(s_ptr + e.to(tl.int64) * stride_se + o * stride_so + i // 32, mask=mask, other=127).to(tl.int32)
+        bits = tl.where(sc == 0, 0x00400000, tl.where(sc == 255, 0x7FC00000, sc << 23))
+        tile = val * bits.to(tl.float32, bitcast=True)
+    return tile
+
+
+@triton.jit
+def _up_swiglu_kernel(x_ptr, tok_ptr, w1_ptr, s1_ptr, b1_ptr, ws_ptr, u_ptr, y_ptr,
                       tile_expert_ptr, tile_row0_ptr, offsets_ptr,
-                      H, I, stride_xm, stride_w1e, stride_w1k, stride_b1e, stride_um, stride_ym,
-                      alpha, limit, PRECISION: tl.constexpr,
+                      H, I, stride_xm, stride_w1e, stride_w1k, stride_s1e, stride_s1o, stride_b1e, stride_um,
+                      stride_ym, alpha, limit, MX: tl.constexpr, PRECISION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """u[rows] = x[tok[rows]] @ W1_e + b1_e (interleaved), y[rows] = w * swiglu(u) for one row tile
-    and BLOCK_N gate/linear column pairs. Gate and linear columns are two accumulators."""
+    and BLOCK_N gate/linear column pairs. Gate and linear columns are two accumulators. W1 dense
+    (E, H, 2I) (MX = 0) or MXFP4 blocks/scales of W1^T (MX = 1, see `_b_tile`)."""
     e, rows, m_row = _row_tile(tile_expert_ptr, tile_row0_ptr, offsets_ptr, BLOCK_M)
     if e < 0:
         return
@@ -63,17 +100,19 @@ def _up_swiglu_kernel(x_ptr, tok_ptr, w1_ptr, b1_ptr, ws_ptr, u_ptr, y_ptr,
     src = tl.load(tok_ptr + rows, mask=m_row, other=0).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_col = cols < I
-    w_base = w1_ptr + e.to(tl.int64) * stride_w1e
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_l = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         m_k = ks < H
         a = tl.load(x_ptr + src[:, None] * stride_xm + ks[None, :], mask=m_row[:, None] & m_k[None, :], other=0.0)
-        b_ptrs = w_base + ks[:, None] * stride_w1k + 2 * cols[None, :]
         m_b = m_k[:, None] & m_col[None, :]
-        acc_g = tl.dot(a, tl.load(b_ptrs, mask=m_b, other=0.0), acc_g, input_precision=PRECISION)
-        acc_l = tl.dot(a, tl.load(b_ptrs + 1, mask=m_b, other=0.0), acc_l, input_precision=PRECISION)
+        b_g = _b_tile(w1_ptr, s1_ptr, e, ks[:, None], 2 * cols[None, :], m_b, stride_w1e, stride_w1k, 1,
+                      stride_s1e, stride_s1o, MX)
+        b_l = _b_tile(w1_ptr, s1_ptr, e, ks[:, None], 2 * cols[None, :] + 1, m_b, stride_w1e, stride_w1k, 1,
+                      stride_s1e, stride_s1o, MX)
+        acc_g = tl.dot(a, b_g.to(a.dtype), acc_g, input_precision=PRECISION)
+        acc_l = tl.dot(a, b_l.to(a.dtype), acc_l, input_precision=PRECISION)
     b_base = b1_ptr + e.to(tl.int64) * stride_b1e + 2 * cols
     out_t = u_ptr.dtype.element_ty
     g_raw = (acc_g + tl.load(b_base, mask=m_col, other=0.0).to(tl.float32)[None, :]).to(out_t)
@@ -91,12 +130,13 @@ def _up_swiglu_kernel(x_ptr, tok_ptr, w1_ptr, b1_ptr, ws_ptr, u_ptr, y_ptr,
 
 
 @triton.jit
-def _grouped_mm_kernel(a_ptr, a_idx_ptr, b_ptr, c_ptr, tile_expert_ptr, tile_row0_ptr, offsets_ptr,
-                       K, N, stride_am, stride_be, stride_bk, stride_bn, stride_cm,
+def _grouped_mm_kernel(a_ptr, a_idx_ptr, b_ptr, s_ptr, c_ptr, tile_expert_ptr, tile_row0_ptr, offsets_ptr,
+                       K, N, stride_am, stride_be, stride_bk, stride_bn, stride_se, stride_so, stride_cm,
                        u_ptr, ws_ptr, du_ptr, gy_ptr, stride_um, n_blocks, alpha, limit,
-                       GATHER: tl.constexpr, SWIGLU_BWD: tl.constexpr, PRECISION: tl.constexpr,
+                       GATHER: tl.constexpr, SWIGLU_BWD: tl.constexpr, MX: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """c[rows] = a[rows or a_idx[rows]] @ B_e for one row tile, B_e any (K, N) strided view of expert e.
+    """c[rows] = a[rows or a_idx[rows]] @ B_e for one row tile, B_e any (K, N) strided view of expert e
+    (MX = 0) or an MXFP4 expert matrix decoded in the load (MX = 1, 2: `_b_tile`).
 
     SWIGLU_BWD: the product is g = d/d(w y); instead of g the epilogue stores w * y in c (recomputed
     from u), du (interleaved, for dy = w g) and the partial sums of g . y over this column block in
@@ -112,15 +152,14 @@ def _grouped_mm_kernel(a_ptr, a_idx_ptr, b_ptr, c_ptr, tile_expert_ptr, tile_row
         src = rows.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_col = cols < N
-    b_base = b_ptr + e.to(tl.int64) * stride_be
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         m_k = ks < K
         a = tl.load(a_ptr + src[:, None] * stride_am + ks[None, :], mask=m_row[:, None] & m_k[None, :], other=0.0)
-        b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                    mask=m_k[:, None] & m_col[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        b = _b_tile(b_ptr, s_ptr, e, ks[:, None], cols[None, :], m_k[:, None] & m_col[None, :], stride_be,
+                    stride_bk, stride_bn, stride_se, stride_so, MX)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
     rows64 = rows.to(tl.int64)
     m = m_row[:, None] & m_col[None, :]
     if SWIGLU_BWD:
@@ -223,78 +262,116 @@ def _pair_sum(z: torch.Tensor, inv: torch.Tensor, k: int) -> torch.Tensor:
     return z.index_select(0, inv).view(-1, k, z.shape[1]).sum(1, dtype=torch.float32)
 
 
+class _Operands:
+    """The B operands of the four expert GEMMs as kernel arguments: dense transformers-layout W1 (E, H, 2I)
+    and W2 (E, I, H), or MXFP4 checkpoint blocks/scales of W1^T (E, 2I, H/32, 16) / (E, 2I, H/32) and
+    W2^T (E, H, I/32, 16) / (E, H, I/32), decoded inside the GEMM loads (never materialised dense)."""
+
+    def __init__(self, w1=None, w2=None, mx=None):
+        self.w1, self.w2 = w1, w2
+        self.mx = None if mx is None else tuple(t.contiguous() for t in mx)
+
+    def up(self) -> tuple:  # `_up_swiglu_kernel`: w1_ptr, s1_ptr, stride_w1e, stride_w1k, stride_s1e, stride_s1o, MX
+        if self.mx is None:
+            return self.w1, self.w1, self.w1.stride(0), self.w1.stride(1), 0, 0, 0
+        b, sc = self.mx[0], self.mx[1]
+        return b, sc, b.stride(0), b.stride(1), sc.stride(0), sc.stride(1), 1
+
+    def b(self, which: str) -> tuple:
+        """`_grouped_mm_kernel` B: "down" = W2_e (I, H), "down_t" = W2_e^T (H, I), "up_t" = W1_e^T (2I, H).
+        Returns b_ptr, s_ptr, stride_be, stride_bk, stride_bn, stride_se, stride_so, MX."""
+        w, transposed = {"down": (self.w2, False), "down_t": (self.w2, True), "up_t": (self.w1, True)}[which]
+        if self.mx is None:
+            sk, sn = (w.stride(2), w.stride(1)) if transposed else (w.stride(1), w.stride(2))
+            return w, w, w.stride(0), sk, sn, 0, 0, 0
+        b, sc = self.mx[2:] if which.startswith("down") else self.mx[:2]  # stored (out, in) = W^T
+        return b, sc, b.stride(0), b.stride(1), 0, sc.stride(0), sc.stride(1), 2 if transposed else 1
+
+
 class _TritonGroupedExperts(torch.autograd.Function):
-    """Same contract as `kernels.moe._GroupedExperts` with dense weights (inputs already in one dtype)."""
+    """Same contract as `kernels.moe._GroupedExperts` (inputs already in one dtype): dense weights get
+    every gradient; MXFP4 weights (`mx`, frozen) give gradients to x, routing weights and biases only."""
 
     @staticmethod
-    def forward(ctx, x, routing_weights, b1, b2, w1, w2, top_k_index, alpha, limit):
+    def forward(ctx, x, routing_weights, b1, b2, w1, w2, top_k_index, alpha, limit, mx):
         N, H = x.shape
         E, two_i = b1.shape
         I, k = two_i // 2, top_k_index.shape[-1]
         order, tok, inv, offsets, tile_expert, tile_row0 = expert_schedule(top_k_index, E)
         S, n_tiles, prec = order.numel(), tile_expert.numel(), _precision(x.dtype)
-        x, w1, w2, b1 = x.contiguous(), w1.contiguous(), w2.contiguous(), b1.contiguous()
+        x, b1 = x.contiguous(), b1.contiguous()
+        ops = _Operands(None if w1 is None else w1.contiguous(), None if w2 is None else w2.contiguous(), mx)
         ws = routing_weights.reshape(-1)[order].to(x.dtype).contiguous()  # (S,)
         u, y, z = x.new_empty(S, two_i), x.new_empty(S, I), x.new_empty(S, H)
+        w1_ptr, s1_ptr, sw1e, sw1k, ss1e, ss1o, mx1 = ops.up()
         _up_swiglu_kernel[(n_tiles, triton.cdiv(I, BLOCK_N))](
-            x, tok, w1, b1, ws, u, y, tile_expert, tile_row0, offsets, H, I, x.stride(0), w1.stride(0),
-            w1.stride(1), b1.stride(0), u.stride(0), y.stride(0), float(alpha), float(limit),
-            PRECISION=prec, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+            x, tok, w1_ptr, s1_ptr, b1, ws, u, y, tile_expert, tile_row0, offsets, H, I, x.stride(0), sw1e, sw1k,
+            ss1e, ss1o, b1.stride(0), u.stride(0), y.stride(0), float(alpha), float(limit),
+            MX=mx1, PRECISION=prec, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        b_ptr, s_ptr, *b_strides, mx2 = ops.b("down")
         _grouped_mm_kernel[(n_tiles, triton.cdiv(H, BLOCK_N))](
-            y, tok, w2, z, tile_expert, tile_row0, offsets, I, H, y.stride(0), w2.stride(0), w2.stride(1),
-            w2.stride(2), z.stride(0), u, ws, u, ws, 0, 1, 0.0, 0.0,
-            GATHER=False, SWIGLU_BWD=False, PRECISION=prec, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+            y, tok, b_ptr, s_ptr, z, tile_expert, tile_row0, offsets, I, H, y.stride(0), *b_strides, z.stride(0),
+            u, ws, u, ws, 0,
+            1, 0.0, 0.0, GATHER=False, SWIGLU_BWD=False, MX=mx2, PRECISION=prec,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
         R = x.new_zeros(N, E).scatter_(1, top_k_index, routing_weights.to(x.dtype))  # dense routing weights
         out = (R.float() @ b2.float() + _pair_sum(z, inv, k)).to(x.dtype)
-        ctx.save_for_backward(x, u, ws, tok, inv, offsets, tile_expert, tile_row0, b2, R, top_k_index, w1, w2)
-        ctx.alpha, ctx.limit, ctx.rw_shape, ctx.rw_dtype = alpha, limit, routing_weights.shape, routing_weights.dtype
+        ctx.save_for_backward(x, u, ws, tok, inv, offsets, tile_expert, tile_row0, b2, R, top_k_index)
+        ctx.ops, ctx.alpha, ctx.limit = ops, alpha, limit
+        ctx.rw_shape, ctx.rw_dtype = routing_weights.shape, routing_weights.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, u, ws, tok, inv, offsets, tile_expert, tile_row0, b2, R, top_k_index, w1, w2 = ctx.saved_tensors
+        x, u, ws, tok, inv, offsets, tile_expert, tile_row0, b2, R, top_k_index = ctx.saved_tensors
+        ops = ctx.ops
         need_x, need_rw, need_b1, need_b2, need_w1, need_w2 = ctx.needs_input_grad[:6]
         grad_out = grad_out.contiguous().to(x.dtype)
         (S, two_i), (N, H), E, k = u.shape, x.shape, b2.shape[0], top_k_index.shape[-1]
         I, n_tiles, prec = two_i // 2, tile_expert.numel(), _precision(x.dtype)
-        blocks = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+        blocks = dict(PRECISION=prec, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
         outer = dict(PRECISION=prec, BLOCK_P=BLOCK_N, BLOCK_Q=BLOCK_N, BLOCK_R=BLOCK_K)
         # g = grad[tok] @ W2_e^T with the SwiGLU backward fused: wy = w * y, du, partial g . y
         nb = triton.cdiv(I, BLOCK_N)
         wy, du = x.new_empty(S, I), torch.empty_like(u)
         gy = torch.empty(S, nb, dtype=torch.float32, device=x.device)
+        b_ptr, s_ptr, *b_strides, mx = ops.b("down_t")
         _grouped_mm_kernel[(n_tiles, nb)](
-            grad_out, tok, w2, wy, tile_expert, tile_row0, offsets, H, I, grad_out.stride(0), w2.stride(0),
-            w2.stride(2), w2.stride(1), wy.stride(0), u, ws, du, gy, u.stride(0), nb, float(ctx.alpha),
-            float(ctx.limit), GATHER=True, SWIGLU_BWD=True, PRECISION=prec, **blocks)
+            grad_out, tok, b_ptr, s_ptr, wy, tile_expert, tile_row0, offsets, H, I, grad_out.stride(0), *b_strides,
+            wy.stride(0),
+            u, ws, du, gy, u.stride(0), nb, float(ctx.alpha), float(ctx.limit),
+            GATHER=True, SWIGLU_BWD=True, MX=mx, **blocks)
         dx = dw1 = dw2 = db1 = db2 = drw = None
         if need_w2:  # dW2_e = (w y)^T grad[tok]: (E, I, H)
-            dw2 = torch.empty_like(w2)
+            dw2 = torch.empty_like(ops.w2)
             _expert_outer_kernel[(E, triton.cdiv(I, BLOCK_N), triton.cdiv(H, BLOCK_N))](
                 wy, tok, grad_out, tok, dw2, dw2, offsets, I, H, wy.stride(0), grad_out.stride(0),
                 dw2.stride(0), dw2.stride(1), A_GATHER=False, G_GATHER=True, COLSUM=False, **outer)
         if need_x:  # dx = sum over pairs of du @ W1_e^T
             dxs = x.new_empty(S, H)
+            b_ptr, s_ptr, *b_strides, mx = ops.b("up_t")
             _grouped_mm_kernel[(n_tiles, triton.cdiv(H, BLOCK_N))](
-                du, tok, w1, dxs, tile_expert, tile_row0, offsets, two_i, H, du.stride(0), w1.stride(0),
-                w1.stride(2), w1.stride(1), dxs.stride(0), u, ws, du, gy, u.stride(0), 1, 0.0, 0.0,
-                GATHER=False, SWIGLU_BWD=False, PRECISION=prec, **blocks)
+                du, tok, b_ptr, s_ptr, dxs, tile_expert, tile_row0, offsets, two_i, H, du.stride(0), *b_strides,
+                dxs.stride(0),
+                u, ws, du, gy, u.stride(0), 1, 0.0, 0.0, GATHER=False, SWIGLU_BWD=False, MX=mx, **blocks)
             dx = _pair_sum(dxs, inv, k).to(x.dtype)
-        if need_w1 or need_b1:  # dW1_e = x[tok]^T du and db1_e = column sums of du
-            dw1 = torch.empty_like(w1)
+        if need_w1:  # dW1_e = x[tok]^T du and db1_e = column sums of du
+            dw1 = torch.empty_like(ops.w1)
             colsum = torch.empty(E, two_i, dtype=torch.float32, device=x.device)
             _expert_outer_kernel[(E, triton.cdiv(H, BLOCK_N), triton.cdiv(two_i, BLOCK_N))](
                 x, tok, du, tok, dw1, colsum, offsets, H, two_i, x.stride(0), du.stride(0), dw1.stride(0),
                 dw1.stride(1), A_GATHER=True, G_GATHER=False, COLSUM=True, **outer)
             db1 = colsum.to(b2.dtype) if need_b1 else None
-            dw1 = dw1 if need_w1 else None
+        elif need_b1:  # frozen weights, trainable biases: column sums of du per expert
+            expert = torch.repeat_interleave(torch.arange(E, device=x.device), offsets.diff(), output_size=S)
+            db1 = torch.zeros(E, two_i, dtype=torch.float32, device=x.device).index_add_(0, expert, du.float())
+            db1 = db1.to(b2.dtype)
         if need_b2:
             db2 = (R.t().float() @ grad_out.float()).to(b2.dtype)  # (E, H); idle experts have R = 0
         if need_rw:  # g . y per pair, plus the b2 term d(R @ b2)/dR at the chosen experts
-            dws = gy.sum(1)
-            drw = dws.index_select(0, inv).view(ctx.rw_shape)
+            drw = gy.sum(1).index_select(0, inv).view(ctx.rw_shape)
             drw = (drw + (grad_out.float() @ b2.float().t()).gather(1, top_k_index)).to(ctx.rw_dtype)
-        return dx, drw, db1, db2, dw1, dw2, None, None, None
+        return dx, drw, db1, db2, dw1, dw2, None, None, None, None
 
 
 def grouped_experts_triton(x, top_k_index, routing_weights, gate_up_proj, gate_up_proj_bias, down_proj,
@@ -302,4 +379,13 @@ def grouped_experts_triton(x, top_k_index, routing_weights, gate_up_proj, gate_u
     """x (N, H) in the weights' dtype, top_k_index/routing_weights (N, k), transformers-layout dense
     weights -> (N, H). Shapes are checked by the caller (`kernels.moe.grouped_experts`)."""
     return _TritonGroupedExperts.apply(x, routing_weights, gate_up_proj_bias, down_proj_bias, gate_up_proj,
-                                       down_proj, top_k_index, alpha, limit)
+                                       down_proj, top_k_index, alpha, limit, None)
+
+
+def mxfp4_experts_triton(x, top_k_index, routing_weights, gate_up_proj_blocks, gate_up_proj_scales,
+                         gate_up_proj_bias, down_proj_blocks, down_proj_scales, down_proj_bias, alpha, limit):
+    """Frozen MXFP4 experts in the checkpoint layout (`kernels.moe.mxfp4_experts`, which checks shapes),
+    decoded inside the GEMMs; x and the biases in the compute dtype. Gradients: x, routing weights, biases."""
+    mx = (gate_up_proj_blocks, gate_up_proj_scales, down_proj_blocks, down_proj_scales)
+    return _TritonGroupedExperts.apply(x, routing_weights, gate_up_proj_bias, down_proj_bias, None, None,
+                                       top_k_index, alpha, limit, mx)

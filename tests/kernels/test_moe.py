@@ -436,6 +436,56 @@ _GROUPED_INTERPRETER_CHECK = textwrap.dedent("""
     print("ok")
 """)
 
+_MXFP4_INTERPRETER_CHECK = textwrap.dedent("""
+    import torch
+    from kernels.moe import mxfp4_experts
+    from kernels.moe_grouped_triton import _grouped_mm_kernel, expert_schedule, mxfp4_experts_triton
+    from kernels.mxfp4 import dequantize, quantize
+
+    # the decode inside the GEMM loads is exactly kernels.mxfp4.dequantize: identity @ B = B for every
+    # nibble code, both nibbles and the subnormal scale 0 (2^-127)
+    K, n = 64, 96
+    blocks = torch.arange(K * n // 2, dtype=torch.int32).remainder(256).to(torch.uint8).view(1, K, n // 32, 16)
+    scales = torch.randint(120, 135, (1, K, n // 32), dtype=torch.uint8)
+    scales[0, 0, 0] = 0
+    order, tok, inv, offsets, tile_expert, tile_row0 = expert_schedule(torch.zeros(K, 1, dtype=torch.long), 1)
+    eye, c = torch.eye(K), torch.empty(K, n)
+    _grouped_mm_kernel[(tile_expert.numel(), 2)](
+        eye, tok, blocks, scales, c, tile_expert, tile_row0, offsets, K, n, eye.stride(0), blocks.stride(0),
+        blocks.stride(1), 0, scales.stride(0), scales.stride(1), c.stride(0), c, c, c, c, 0, 1, 0.0, 0.0,
+        GATHER=False, SWIGLU_BWD=False, MX=2, PRECISION="ieee", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+    ref = dequantize(blocks, scales, torch.float32).view(K, n)
+    assert ref[0, :32].ne(0).any() and ref[0, :32].abs().max() < 1e-37  # the subnormal group is in the check
+    assert torch.equal(c, ref)
+
+    # frozen MXFP4 experts: forward and the gradients to x, routing weights and both biases
+    g = torch.Generator().manual_seed(0)
+    N, H, I, E, k = 150, 64, 96, 5, 2
+    x = torch.randn(N, H, generator=g)
+    logits = torch.randn(N, E, generator=g)
+    logits[:, 3] = -1e9
+    top, idx = logits.topk(k, dim=-1)
+    bl1, sc1 = quantize(torch.randn(E, 2 * I, H, generator=g) * 0.8)
+    bl2, sc2 = quantize(torch.randn(E, H, I, generator=g) * 0.3)
+    b1, b2, dy = torch.randn(E, 2 * I, generator=g), torch.randn(E, H, generator=g), torch.randn(N, H, generator=g)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (x, top.softmax(-1), b1, b2)]
+        out = fn(leaves[0], idx, leaves[1], bl1, sc1, leaves[2], bl2, sc2, leaves[3])
+        return [out, *torch.autograd.grad(out, leaves, dy)]
+
+    ours = run(lambda *a: mxfp4_experts_triton(*a, 1.702, 7.0))
+    ref = run(lambda *a: mxfp4_experts(*a, compute_dtype=torch.float32))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    print("ok")
+""")
+
+
+def test_triton_mxfp4_experts_match_torch_path_under_interpreter():
+    """Frozen MXFP4 experts decoded inside the grouped GEMMs: exact decode, values and gradients."""
+    run_interpreted(_MXFP4_INTERPRETER_CHECK)
+
 
 def test_triton_grouped_experts_match_torch_path_under_interpreter():
     """Values and all six gradients of the grouped Triton GEMMs against the CPU path."""
@@ -488,6 +538,8 @@ def test_triton_grouped_gemms_compile_for_cuda():
                 sig[name] = "*i32"
             elif name in ("gy_ptr", "colsum_ptr"):
                 sig[name] = "*fp32"
+            elif name in ("s_ptr", "s1_ptr") or (name in ("b_ptr", "w1_ptr") and consts.get("MX")):
+                sig[name] = "*u8"  # MXFP4 blocks / E8M0 scales
             elif name.endswith("_ptr"):
                 sig[name] = "*" + dtype
             else:
@@ -496,9 +548,11 @@ def test_triton_grouped_gemms_compile_for_cuda():
 
     blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
     for dtype, prec in (("fp32", "ieee"), ("bf16", "tf32")):
-        for fn, consts in [(mg._up_swiglu_kernel, dict(PRECISION=prec, **blocks)),
-                           (mg._grouped_mm_kernel, dict(GATHER=True, SWIGLU_BWD=True, PRECISION=prec, **blocks)),
-                           (mg._grouped_mm_kernel, dict(GATHER=False, SWIGLU_BWD=False, PRECISION=prec, **blocks)),
+        for fn, consts in [(mg._up_swiglu_kernel, dict(MX=0, PRECISION=prec, **blocks)),
+                           (mg._up_swiglu_kernel, dict(MX=1, PRECISION=prec, **blocks)),
+                           (mg._grouped_mm_kernel, dict(GATHER=True, SWIGLU_BWD=True, MX=0, PRECISION=prec, **blocks)),
+                           (mg._grouped_mm_kernel, dict(GATHER=True, SWIGLU_BWD=True, MX=2, PRECISION=prec, **blocks)),
+                           (mg._grouped_mm_kernel, dict(GATHER=False, SWIGLU_BWD=False, MX=1, PRECISION=prec, **blocks)),
                            (mg._expert_outer_kernel, dict(A_GATHER=True, G_GATHER=False, COLSUM=True, PRECISION=prec,
                                                           BLOCK_P=64, BLOCK_Q=64, BLOCK_R=32))]:
             compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, dtype, consts), constexprs=consts),
@@ -524,6 +578,33 @@ def test_grouped_experts_on_cuda_match_cpu(dtype, triton_gemms, monkeypatch):
     torch.testing.assert_close(out.float().cpu(), ref, **tol)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a.float().cpu(), b, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("triton_gemms", [True, False])
+def test_mxfp4_experts_on_cuda_match_cpu(triton_gemms, monkeypatch):
+    from kernels.mxfp4 import quantize
+
+    monkeypatch.setattr("kernels.moe.CUDA_TRITON_GEMMS", triton_gemms)
+    g = torch.Generator().manual_seed(0)
+    N, H, I, E, k = 300, 256, 128, 8, 4
+    x, logits = torch.randn(N, H, generator=g), torch.randn(N, E, generator=g)
+    top, idx = logits.topk(k, dim=-1)
+    bl1, sc1 = quantize(torch.randn(E, 2 * I, H, generator=g) * 0.3)
+    bl2, sc2 = quantize(torch.randn(E, H, I, generator=g) * 0.3)
+    b1, b2, dy = torch.randn(E, 2 * I, generator=g), torch.randn(E, H, generator=g), torch.randn(N, H, generator=g)
+
+    def run(device, dtype):
+        leaves = [t.to(device, dtype).requires_grad_() for t in (x, top.softmax(-1), b1, b2)]
+        out = mxfp4_experts(leaves[0], idx.to(device), leaves[1], bl1.to(device), sc1.to(device), leaves[2],
+                            bl2.to(device), sc2.to(device), leaves[3], compute_dtype=dtype)
+        return [t.float().cpu() for t in (out, *torch.autograd.grad(out, leaves, dy.to(device, dtype)))]
+
+    ref = run("cpu", torch.float32)
+    for dtype, tol in ((torch.float32, 1e-3), (torch.bfloat16, 3e-2)):
+        for a, b in zip(run("cuda", dtype), ref):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 def test_grouped_experts_under_bf16_autocast_matches_fp32():
