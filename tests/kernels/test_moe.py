@@ -369,24 +369,39 @@ def test_triton_swiglu_matches_reference_under_interpreter():
     run_interpreted(_INTERPRETER_CHECK)
 
 
-def test_triton_swiglu_compiles_for_cuda():
-    """Builds both kernels for sm_90 (no GPU needed): catches compiled-mode-only errors."""
+def compile_for_sm90(fn, dtype: str, consts: dict):
+    """triton.compile `fn` for sm_90 (no GPU needed): catches compiled-mode-only errors. The signature
+    follows the kernels' naming: constexprs from `consts`, index/schedule pointers *i32, partial sums
+    *fp32, MXFP4 blocks/scales *u8, other pointers *`dtype`, alpha/limit fp32, the rest i32."""
+    import inspect
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    sig = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("tok_ptr", "a_idx_ptr", "g_idx_ptr", "tile_expert_ptr", "tile_row0_ptr", "offsets_ptr"):
+            sig[name] = "*i32"
+        elif name in ("gy_ptr", "colsum_ptr"):
+            sig[name] = "*fp32"
+        elif name in ("s_ptr", "s1_ptr") or (name in ("b_ptr", "w1_ptr") and consts.get("MX")):
+            sig[name] = "*u8"  # MXFP4 blocks / E8M0 scales
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + dtype
+        else:
+            sig[name] = "fp32" if name in ("alpha", "limit") else "i32"
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+
+
+def test_triton_swiglu_compiles_for_cuda():
+    """Builds both kernels for sm_90 (no GPU needed): catches compiled-mode-only errors."""
     from kernels import moe_triton as mt
 
-    common = {"alpha": "fp32", "limit": "fp32", "BLOCK": "constexpr"}
-    fwd = {"u_ptr": "*bf16", "y_ptr": "*bf16", "n_cols": "i32", "u_row_stride": "i32", "y_row_stride": "i32",
-           "col_stride": "i32", "lin_offset": "i32"} | common
-    bwd = {"u_ptr": "*bf16", "dy_ptr": "*bf16", "du_ptr": "*bf16", "y_ptr": "*bf16", "n_cols": "i32",
-           "u_row_stride": "i32", "dy_row_stride": "i32", "y_row_stride": "i32", "col_stride": "i32",
-           "lin_offset": "i32", "STORE_Y": "constexpr"} | common
-    for fn, sig, consts in [(mt._swiglu_fwd_kernel, fwd, {"BLOCK": 256}),
-                            (mt._swiglu_bwd_kernel, bwd, {"BLOCK": 256, "STORE_Y": True})]:
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32))
-        assert "ptx" in compiled.asm
+    for fn, consts in [(mt._swiglu_fwd_kernel, {"BLOCK": 256}), (mt._swiglu_bwd_kernel, {"BLOCK": 256, "STORE_Y": True})]:
+        assert "ptx" in compile_for_sm90(fn, "bf16", consts).asm
 
 
 # ---- grouped Triton GEMMs (kernels/moe_grouped_triton.py, the CUDA path for dense experts) --------
@@ -521,30 +536,7 @@ def test_expert_schedule_tiles_cover_each_expert_once():
 
 def test_triton_grouped_gemms_compile_for_cuda():
     """The three grouped kernels build for sm_90 in fp32 and bf16 (no GPU needed)."""
-    import inspect
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from kernels import moe_grouped_triton as mg
-
-    def signature(fn, dtype, consts):
-        sig = {}
-        for name in inspect.signature(fn.fn).parameters:
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name in ("tok_ptr", "a_idx_ptr", "g_idx_ptr", "tile_expert_ptr", "tile_row0_ptr", "offsets_ptr"):
-                sig[name] = "*i32"
-            elif name in ("gy_ptr", "colsum_ptr"):
-                sig[name] = "*fp32"
-            elif name in ("s_ptr", "s1_ptr") or (name in ("b_ptr", "w1_ptr") and consts.get("MX")):
-                sig[name] = "*u8"  # MXFP4 blocks / E8M0 scales
-            elif name.endswith("_ptr"):
-                sig[name] = "*" + dtype
-            else:
-                sig[name] = "fp32" if name in ("alpha", "limit") else "i32"
-        return sig
 
     blocks = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
     for dtype, prec in (("fp32", "ieee"), ("bf16", "tf32")):
@@ -555,9 +547,7 @@ def test_triton_grouped_gemms_compile_for_cuda():
                            (mg._grouped_mm_kernel, dict(GATHER=False, SWIGLU_BWD=False, MX=1, PRECISION=prec, **blocks)),
                            (mg._expert_outer_kernel, dict(A_GATHER=True, G_GATHER=False, COLSUM=True, PRECISION=prec,
                                                           BLOCK_P=64, BLOCK_Q=64, BLOCK_R=32))]:
-            compiled = triton.compile(ASTSource(fn=fn, signature=signature(fn, dtype, consts), constexprs=consts),
-                                      target=GPUTarget("cuda", 90, 32))
-            assert "ptx" in compiled.asm, (fn.fn.__name__, dtype)
+            assert "ptx" in compile_for_sm90(fn, dtype, consts).asm, (fn.fn.__name__, dtype)
 
 
 @pytest.mark.gpu
