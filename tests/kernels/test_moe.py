@@ -437,7 +437,8 @@ _GROUPED_INTERPRETER_CHECK = textwrap.dedent("""
         ours, ref = run(triton_fn, tensors, idx, dy, trainable), run(grouped_experts, tensors, idx, dy, trainable)
         for a, b in zip(ours, ref):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-        assert ours[1 + trainable.index(4)].abs().sum() > 0 if 4 in trainable else True
+        if 4 in trainable:  # dW2 is really computed (not all zeros on both sides)
+            assert ours[1 + trainable.index(4)].abs().sum() > 0
     # 16-bit storage (fp16: the interpreter's bf16 tl.dot multiplies bit patterns, triton#11584) against
     # the fp32 path on the same rounded inputs
     tensors, idx = inputs(150, 48, 40, 5, 2)
