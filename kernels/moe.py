@@ -49,13 +49,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import subprocess
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -150,8 +144,8 @@ def _act_backward(u: torch.Tensor, g: torch.Tensor, w: torch.Tensor, alpha: floa
 # ---- CPU activation kernel (C, built on first use) -----------------------------------------------
 # The torch chain makes ~15 passes over strided halves of each tile; on CPU that costs more than the
 # expert matmuls. One C loop per row (fp32 math, fp32/bf16 storage, expf vectorised through glibc's
-# libmvec) is 5-8x faster. Built like kernels/mxfp4_cpu.py: system compiler, cached per source and
-# CPU, the torch reference as fallback (with a warning) when no compiler is there.
+# libmvec) is 5-8x faster. Built by kernels/cbuild.py (as kernels/mxfp4_cpu.py): system compiler, cached
+# per source and CPU, the torch reference as fallback (with a warning) when no compiler is there.
 _C_SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
@@ -224,41 +218,15 @@ class _CpuLib:
             self.fwd[dtype], self.bwd[dtype] = fwd, bwd
 
 
-def _cpu_fingerprint() -> str:
-    """-march=native binaries are per CPU: the cache key includes the CPU's feature flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), platform.machine())
-    except OSError:
-        return platform.machine()
-
-
 @functools.cache
 def _cpu_lib() -> _CpuLib | None:
     """Build (once per machine, cached) and load the C activation; None if that is not possible."""
-    compiler = os.environ.get("CC", "cc")
-    base = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fno-math-errno", "-fopenmp-simd", "-shared", "-fPIC"]
-    cache = Path(os.environ.get("DELIBERATE_KERNEL_CACHE", Path.home() / ".cache" / "deliberate"))
-    errors = []
-    for defines, libs in ((["-DUSE_MVEC"], ["-lmvec", "-lm"]), ([], ["-lm"])):  # libmvec vectorises expf
-        flags = base + defines + libs
-        key = hashlib.sha256("\0".join([_C_SOURCE, compiler, *flags, _cpu_fingerprint()]).encode()).hexdigest()[:16]
-        lib_path = cache / f"moe_cpu_{key}.so"
-        try:
-            if not lib_path.exists():
-                cache.mkdir(parents=True, exist_ok=True)
-                src = cache / f"moe_cpu_{key}.{os.getpid()}.c"
-                src.write_text(_C_SOURCE)
-                tmp = src.with_suffix(".so")
-                subprocess.run([compiler, *base, *defines, str(src), "-o", str(tmp), *libs], check=True,
-                               capture_output=True, text=True)
-                os.replace(tmp, lib_path)  # atomic: concurrent builders race harmlessly
-                src.unlink()
-            return _CpuLib(ctypes.CDLL(str(lib_path)))
-        except (OSError, subprocess.CalledProcessError) as err:
-            errors.append(getattr(err, "stderr", "") or str(err))
-    warnings.warn(f"MoE CPU activation kernel not built ({compiler}): {errors[-1]}; using the torch path")
-    return None
+    from kernels import cbuild
+
+    base = cbuild.native_flags() + ["-fno-math-errno", "-fopenmp-simd"]
+    lib = cbuild.load("moe_cpu", _C_SOURCE, [base + ["-DUSE_MVEC", "-lmvec", "-lm"],  # libmvec vectorises expf
+                                             base + ["-lm"]])
+    return None if lib is None else _CpuLib(lib)
 
 
 USE_CPU_KERNEL = True  # tests flip it to run the torch reference path on the same inputs

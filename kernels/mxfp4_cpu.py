@@ -1,7 +1,8 @@
 """Fast CPU MXFP4 path (backend="cpu" of kernels/mxfp4.py; the torch reference there is the spec).
 
 How: a few C loops below, compiled on first use with the system C compiler (the one Triton already
-needs) at -O3 -march=native, cached under ~/.cache/deliberate (or $DELIBERATE_KERNEL_CACHE), called
+needs) at -O3 -march=native by kernels/cbuild.py, cached under ~/.cache/deliberate (or
+$DELIBERATE_KERNEL_CACHE), called
 through ctypes (which drops the GIL) from `torch.get_num_threads()` Python threads, each on its own
 range of groups.
 
@@ -29,13 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import subprocess
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
@@ -164,47 +159,16 @@ DEQUANTIZE(dequantize_pairs64, uint64_t)
 """
 
 
-def _compile_flags() -> list[str]:
-    # -fno-trapping-math lets gcc turn float selects into vector blends; results are unchanged (no
-    # fast-math: rounding stays IEEE and exact, which the equivalence tests check).
-    flags = ["-O3", "-march=native", "-fno-trapping-math", "-shared", "-fPIC", "-std=c11"]
-    if platform.machine() in ("x86_64", "AMD64"):
-        flags.append("-mprefer-vector-width=512")  # gcc defaults to 256-bit; 512 doubles quantise here
-    return flags
-
-
-def _cpu_fingerprint() -> str:
-    """-march=native binaries are per CPU: key the cache on the CPU's feature flags too."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        return platform.processor()
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """Build (once per machine, cached) and load the C kernels; None if that is not possible."""
-    compiler = os.environ.get("CC", "cc")
-    flags = _compile_flags()
-    fingerprint = "\0".join([_C_SOURCE, compiler, *flags, _cpu_fingerprint()])
-    key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("DELIBERATE_KERNEL_CACHE", Path.home() / ".cache" / "deliberate"))
-    lib_path = cache / f"mxfp4_cpu_{key}.so"
-    if not lib_path.exists():
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            src = cache / f"mxfp4_cpu_{key}.{os.getpid()}.c"
-            src.write_text(_C_SOURCE)
-            tmp = src.with_suffix(".so")
-            subprocess.run([compiler, *flags, str(src), "-o", str(tmp)], check=True, capture_output=True, text=True)
-            os.replace(tmp, lib_path)  # atomic: concurrent builders race harmlessly
-            src.unlink()
-        except (OSError, subprocess.CalledProcessError) as err:
-            detail = getattr(err, "stderr", "") or err
-            warnings.warn(f"MXFP4 CPU kernels not built ({compiler} {' '.join(flags)}): {detail}; using torch")
-            return None
-    lib = ctypes.CDLL(str(lib_path))
+    from kernels import cbuild
+
+    # -fno-trapping-math lets gcc turn float selects into vector blends; results are unchanged (no
+    # fast-math: rounding stays IEEE and exact, which the equivalence tests check).
+    lib = cbuild.load("mxfp4_cpu", _C_SOURCE, [cbuild.native_flags() + ["-fno-trapping-math", "-std=c11"]])
+    if lib is None:
+        return None
     ptr, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     for name in ("quantize_bf16", "quantize_f32"):  # bits, thresholds, noise|NULL, ceil, blocks, scales, g0, g1
         getattr(lib, name).argtypes = [ptr, ptr, ptr, i32, ptr, ptr, i64, i64]

@@ -1,0 +1,70 @@
+"""Build and load the C kernels of the CPU paths (kernels/mxfp4_cpu.py, the activation in kernels/moe.py).
+
+What: `load(name, source, variants)` compiles `source` with the system C compiler (`$CC`, default `cc`,
+the one Triton already needs) into a shared library, caches it under ~/.cache/deliberate (or
+$DELIBERATE_KERNEL_CACHE) keyed by source, compiler, flags and the CPU's feature flags (-march=native
+binaries are per CPU), and loads it with ctypes (whose calls release the GIL). `variants` are complete
+flag lists tried in order (e.g. with glibc's libmvec first, without it second); `native_flags()` is the
+common start of one. When no variant builds, a warning names the compiler's error and `load` returns
+None: the caller falls back to its torch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import warnings
+from pathlib import Path
+
+
+def native_flags() -> list[str]:
+    """-O3 for this CPU, as a shared library; 512-bit vectors on x86 (gcc defaults to 256)."""
+    flags = ["-O3", "-march=native", "-shared", "-fPIC"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags.append("-mprefer-vector-width=512")
+    return flags
+
+
+def cpu_fingerprint() -> str:
+    """The CPU's feature-flag line (/proc/cpuinfo), else the machine name."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), platform.machine())
+    except OSError:
+        return platform.machine()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DELIBERATE_KERNEL_CACHE", Path.home() / ".cache" / "deliberate"))
+
+
+def load(name: str, source: str, variants: list[list[str]]) -> ctypes.CDLL | None:
+    """The library built from `source` with the first flag list of `variants` that compiles, or None.
+
+    Flags starting with -l go after the source file, where the linker wants libraries."""
+    compiler = os.environ.get("CC", "cc")
+    cache = cache_dir()
+    errors = []
+    for flags in variants:
+        key = hashlib.sha256("\0".join([source, compiler, *flags, cpu_fingerprint()]).encode()).hexdigest()[:16]
+        lib_path = cache / f"{name}_{key}.so"
+        try:
+            if not lib_path.exists():
+                cache.mkdir(parents=True, exist_ok=True)
+                src = cache / f"{name}_{key}.{os.getpid()}.c"
+                src.write_text(source)
+                tmp = src.with_suffix(".so")
+                libs = [f for f in flags if f.startswith("-l")]
+                opts = [f for f in flags if not f.startswith("-l")]
+                subprocess.run([compiler, *opts, str(src), "-o", str(tmp), *libs], check=True,
+                               capture_output=True, text=True)
+                os.replace(tmp, lib_path)  # atomic: concurrent builders race harmlessly
+                src.unlink()
+            return ctypes.CDLL(str(lib_path))
+        except (OSError, subprocess.CalledProcessError) as err:
+            errors.append(f"{' '.join(flags)}: {getattr(err, 'stderr', '') or err}")
+    warnings.warn(f"{name}: C kernels not built with {compiler} ({errors[-1] if errors else 'no flag lists'}); "
+                  "using the torch path")
+    return None
