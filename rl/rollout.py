@@ -51,8 +51,12 @@ Weight sync: HF layout -> vLLM layout (`hf_to_vllm`, a pure function)
   call `reload_weights` (vLLM's documented in-place RL path; not exercised on this CPU box).
 
 Departures / limits
-- Only unquantised (bf16/fp32) expert tensors are accepted; MXFP4 `*_blocks`/`*_scales` must be
-  dequantised by the learner first.
+- `update_weights` takes unquantised (bf16/fp32) expert tensors only: MXFP4 `*_blocks`/`*_scales`
+  are dequantised by the sender (the learner's MXFP4 sync does; `update_weights_from_path` does for
+  released-style MXFP4 checkpoint folders).
+- vLLM's MXFP4 MoE runs on GPUs with bf16 activations only (on CPU, vLLM 0.32 rejects fp32 and
+  dies of SIGILL in bf16). Elsewhere a released-style MXFP4 checkpoint folder starts the engine
+  from a temporary dense copy (experts decoded once, exactly the 4-bit values; removed at shutdown).
 - One live engine per process (`shutdown()` frees it; a new one then starts in ~2 s). Starting
   vLLM turns `torch.set_num_threads` into a no-op for the whole process: the engine sets the
   thread count (`num_threads`, default 1) just before. Code sharing the process (tests, the
@@ -313,6 +317,29 @@ def _drop_chat_template_warmup(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Chat template warmup failed")
 
 
+
+def dense_copy_of_mxfp4(checkpoint: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """A temporary HF folder holding `checkpoint`'s released-style MXFP4 experts decoded to `dtype`
+    (exactly the 4-bit values), the other weights as stored, and its other files (vocabulary map,
+    tokenizer, generation config). The caller removes it."""
+    import shutil
+    import tempfile
+
+    from kernels.mxfp4_checkpoint import CONFIG_NAME, INDEX_NAME, load_mxfp4_checkpoint
+
+    src = Path(checkpoint)
+    out = Path(tempfile.mkdtemp(prefix="deliberate-dense-"))
+    try:
+        load_mxfp4_checkpoint(src, dtype=dtype).save_pretrained(out)
+        for f in src.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in (CONFIG_NAME, INDEX_NAME):
+                shutil.copy2(f, out / f.name)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return out
+
+
 class RolloutEngine:
     """vLLM in this process; canonical ids in and out. See the module docstring."""
 
@@ -337,29 +364,40 @@ class RolloutEngine:
         t0 = time.perf_counter()
         _prepare_environment(self.config)
         from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self._on_cpu = current_platform.is_cpu()
+        self._dense_folder = None  # decoded copy of an MXFP4 checkpoint, removed at shutdown
+        from rl.model import is_mxfp4_checkpoint
+
+        if is_mxfp4_checkpoint(self.checkpoint) and (self._on_cpu or self.config.dtype != "bfloat16"):
+            # vLLM's MXFP4 MoE needs bf16 activations and a GPU: on CPU it rejects fp32 and dies of
+            # SIGILL in bf16. Decode the experts once; the engine then samples from the same values.
+            self._dense_folder = dense_copy_of_mxfp4(self.checkpoint)
 
         # Warmup renders a chat template through the tokenizer we do not have: harmless, but it
         # logs a traceback at WARNING. A filter, not a level: vLLM's dictConfig resets levels.
         logging.getLogger("vllm.renderers.base").addFilter(_drop_chat_template_warmup)
         cfg = self.config
-        self.llm = LLM(
-            model=self.checkpoint,
-            skip_tokenizer_init=True,
-            dtype=cfg.dtype,
-            max_model_len=cfg.max_model_len,
-            seed=cfg.seed,
-            enforce_eager=cfg.enforce_eager,
-            max_num_seqs=cfg.max_num_seqs,
-            enable_prefix_caching=cfg.enable_prefix_caching,
-            # vLLM 0.32 CPU bug: a seeded request whose prefill is split across steps crashes the
-            # engine ("CPU Generator does not use offset"); whole-prompt prefill avoids the split.
-            enable_chunked_prefill=False,
-            max_num_batched_tokens=max(cfg.max_model_len, 4096),
-            logprobs_mode="processed_logprobs",
-        )
-        from vllm.platforms import current_platform
-
-        self._on_cpu = current_platform.is_cpu()
+        try:
+            self.llm = LLM(
+                model=str(self._dense_folder or self.checkpoint),
+                skip_tokenizer_init=True,
+                dtype=cfg.dtype,
+                max_model_len=cfg.max_model_len,
+                seed=cfg.seed,
+                enforce_eager=cfg.enforce_eager,
+                max_num_seqs=cfg.max_num_seqs,
+                enable_prefix_caching=cfg.enable_prefix_caching,
+                # vLLM 0.32 CPU bug: a seeded request whose prefill is split across steps crashes the
+                # engine ("CPU Generator does not use offset"); whole-prompt prefill avoids the split.
+                enable_chunked_prefill=False,
+                max_num_batched_tokens=max(cfg.max_model_len, 4096),
+                logprobs_mode="processed_logprobs",
+            )
+        except BaseException:
+            self._remove_dense_folder()
+            raise
         self.start_time_s = time.perf_counter() - t0
 
     # ---- sampling ------------------------------------------------------------------------
@@ -465,17 +503,20 @@ class RolloutEngine:
         return {"tensors": n, "seconds": seconds, "weights_version": self.weights_version}
 
     def update_weights_from_path(self, path: str | os.PathLike) -> dict:
-        """Full reload from an HF checkpoint folder (same vocabulary map), in place."""
-        from safetensors.torch import load_file
+        """Full reload from an HF checkpoint folder (same vocabulary map), in place.
 
-        files = sorted(Path(path).glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{path}: no *.safetensors files")
+        Reads what transformers reads: the shards `model.safetensors.index.json` names, else
+        `model.safetensors` (other *.safetensors in the folder, e.g. stale shards or a PEFT
+        adapter, are not weights of this model). Released-style MXFP4 experts (`*_blocks` /
+        `*_scales`, e.g. from `rl.model.export_mxfp4`) are decoded to fp32 first: the engine
+        then computes with exactly the 4-bit values, as after a QAT sync."""
+        from kernels.mxfp4_checkpoint import read_state_dict, unpack_state_dict
+
+        state = read_state_dict(path)
         if VocabMap.load(path) != self.vocab:
             raise ValueError(f"{path}: vocabulary map differs from the engine's; start a new engine")
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(f))
+        if any(k.endswith(("_blocks", "_scales")) for k in state):
+            state = unpack_state_dict(state, torch.float32)
         info = self.update_weights(state)
         self.checkpoint = str(path)
         return info
@@ -499,8 +540,16 @@ class RolloutEngine:
             **self.stats,
         }
 
+    def _remove_dense_folder(self) -> None:
+        import shutil
+
+        if getattr(self, "_dense_folder", None) is not None:
+            shutil.rmtree(self._dense_folder, ignore_errors=True)
+            self._dense_folder = None
+
     def shutdown(self) -> None:
         """Free the engine (and vLLM's process-group state, so another engine can start here)."""
+        self._remove_dense_folder()
         llm = getattr(self, "llm", None)
         if llm is None:
             return
