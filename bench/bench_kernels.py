@@ -20,7 +20,8 @@ Rows (ours / stock, ratio printed as stock time / our time):
     against stock modules + full logits. Reported as tokens/s.
 Timing: best of `--reps` interleaved runs (ours, stock, ours, ...). Default one torch thread, timed by
 the thread's CPU time: the box is shared, and on 2 shared cores OpenMP barriers make 2-thread wall
-times swing by 5-10x with the neighbours' load. `--threads 2` measures wall time instead.
+times swing by 5-10x with the neighbours' load. `--threads 2` measures wall time instead. A one-thread
+run also times the tiny MoE shape at the learner's thread count (2, `learner.num_threads`), by wall time.
 `--device cuda`: every row on the GPU (ours = the grouped Triton GEMMs of kernels/moe_grouped_triton.py
 and the Triton attention), timed by wall clock between `torch.cuda.synchronize()` calls, peak memory
 from `torch.cuda.max_memory_allocated`; written to its own RESULTS.md section.
@@ -48,6 +49,7 @@ SECTION = "## Kernels (MoE, attention, log-probs, learner step)"
 CUDA_SECTION = "## Kernels on CUDA (MoE, attention, log-probs, learner step)"
 DEVICE = torch.device("cpu")  # set by --device
 DATE = "2026-11-22"
+LEARNER_THREADS = 2  # rl/config.py LearnerConfig.num_threads: the MoE tiny shape is also timed at this count
 
 
 def _clock() -> Callable[[], float]:
@@ -89,7 +91,17 @@ def peak_mib(fn: Callable[[], object]) -> float:
 
 
 # ---- MoE -----------------------------------------------------------------------------------------
-def moe_rows(reps: int, dtype: torch.dtype, quick: bool) -> list[tuple]:
+def moe_rows(reps: int, dtype: torch.dtype, quick: bool, threads: int | None = None) -> list[tuple]:
+    """MoE rows at the current torch thread count; with `threads`, the tiny shape alone at that many
+    threads (wall time), labelled so."""
+    if threads is not None:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            rows = moe_rows(reps, dtype, quick=True)[:1]
+        finally:
+            torch.set_num_threads(before)
+        return [(f"{w}, {threads} threads (wall)", *rest) for w, *rest in rows]
     from transformers import GptOssConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
@@ -267,14 +279,19 @@ def render(rows: list[tuple], command: str, threads: int, floors: dict[str, floa
 
 def bars(rows: list[tuple], floors: dict[str, float]) -> list[str]:
     """The brief's bars, checked against this run's rows; `floors` = {dtype: GEMM floor s} at the tiny shape."""
-    moe = {w.split()[-1]: [] for w, *_ in rows if w.startswith("MoE")}
+    moe: dict[str, dict[str, list[str]]] = {}  # dtype -> {"rows": ratios, "threads": the extra thread-count rows}
     for w, _, _, r, *_ in rows:
         if w.startswith("MoE"):
-            moe[w.split()[-1]].append(f"{r:.2f}x")
+            base, _, threads = w.partition(", ")  # "MoE fwd+bwd H.. N.. float32[, 2 threads (wall)]"
+            entry = moe.setdefault(base.split()[-1], {"rows": [], "threads": []})
+            entry["threads" if threads else "rows"].append(f"{r:.2f}x" + (f" at the tiny shape, {threads}" if threads else ""))
     step = [r for w, _, _, r, *_ in rows if w.startswith("learner step")]
     extra = [po - float(w.split("dW ")[1].split()[0]) for w, _, _, _, po, _ in rows if w.startswith("log-probs")]
     out = ["Bars:"]
-    out += [f"- MoE fwd+bwd >= 2x stock: {dt} {', '.join(r)}." for dt, r in moe.items()]
+    out += [f"- MoE fwd+bwd >= 2x stock: {dt} {', '.join(v['rows'])}"
+            + "".join(f"; {t}" for t in v["threads"]) + "." for dt, v in moe.items()]
+    out += [f"  The {LEARNER_THREADS}-thread rows run at the learner's default thread count (`learner.num_threads`)."
+            ] if any(v["threads"] for v in moe.values()) else []
     out += ["  Both paths run the same expert GEMMs (same FLOPs); ours removes part of the gather/scatter/elementwise"
             " work around them. In fp32 the GEMMs are most of both paths' time; with bf16 GEMMs (AMX, ~5x faster"
             " here) the work around them dominates both."] if "float32" in moe and DEVICE.type == "cpu" else []
@@ -312,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         rows += moe_rows(args.reps, dtype, args.quick)
         floors[str(dtype).removeprefix("torch.")] = moe_gemm_floor(args.reps, dtype)
+        if DEVICE.type == "cpu" and args.threads == 1 and (os.cpu_count() or 1) >= LEARNER_THREADS:
+            rows += moe_rows(args.reps, dtype, args.quick, threads=LEARNER_THREADS)  # what the learner runs
         print(*rows[-1], sep=" | ", flush=True)
     rows += attention_rows(args.reps, args.quick)
     rows += logprob_rows(args.reps, args.quick)

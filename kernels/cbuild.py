@@ -58,10 +58,13 @@ def load(name: str, source: str, variants: list[list[str]]) -> ctypes.CDLL | Non
                 tmp = src.with_suffix(".so")
                 libs = [f for f in flags if f.startswith("-l")]
                 opts = [f for f in flags if not f.startswith("-l")]
-                subprocess.run([compiler, *opts, str(src), "-o", str(tmp), *libs], check=True,
-                               capture_output=True, text=True)
-                os.replace(tmp, lib_path)  # atomic: concurrent builders race harmlessly
-                src.unlink()
+                try:
+                    subprocess.run([compiler, *opts, str(src), "-o", str(tmp), *libs], check=True,
+                                   capture_output=True, text=True)
+                    os.replace(tmp, lib_path)  # atomic: concurrent builders race harmlessly
+                finally:
+                    src.unlink(missing_ok=True)
+                    tmp.unlink(missing_ok=True)
             return ctypes.CDLL(str(lib_path))
         except (OSError, subprocess.CalledProcessError) as err:
             errors.append(f"{' '.join(flags)}: {getattr(err, 'stderr', '') or err}")

@@ -314,7 +314,7 @@ class _TritonGroupedExperts(torch.autograd.Function):
             u, ws, u, ws, 0,
             1, 0.0, 0.0, GATHER=False, SWIGLU_BWD=False, MX=mx2, PRECISION=prec,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-        R = x.new_zeros(N, E).scatter_(1, top_k_index, routing_weights.to(x.dtype))  # dense routing weights
+        R = x.new_zeros(N, E).scatter_add_(1, top_k_index, routing_weights.to(x.dtype))  # dense routing weights
         out = (R.float() @ b2.float() + _pair_sum(z, inv, k)).to(x.dtype)
         ctx.save_for_backward(x, u, ws, tok, inv, offsets, tile_expert, tile_row0, b2, R, top_k_index)
         ctx.ops, ctx.alpha, ctx.limit = ops, alpha, limit

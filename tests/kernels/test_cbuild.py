@@ -35,10 +35,11 @@ def test_builds_once_and_reuses_the_cached_library(cache):
 def test_falls_back_to_the_next_flag_list(cache):
     lib = cbuild.load("t", SOURCE, [cbuild.native_flags() + ["--no-such-flag"], cbuild.native_flags()])
     assert _add3(lib) == 42
+    assert len(list(cache.iterdir())) == 1, "a failed build leaves nothing behind"
 
 
 def test_no_compiler_warns_with_the_error_and_returns_none(cache, monkeypatch):
     monkeypatch.setenv("CC", str(cache / "no-such-cc"))
     with pytest.warns(UserWarning, match="no-such-cc.*using the torch path"):
         assert cbuild.load("t", SOURCE, [cbuild.native_flags()]) is None
-    assert not list(cache.glob("t_*.so"))
+    assert not list(cache.iterdir()), "a failed build leaves nothing behind"

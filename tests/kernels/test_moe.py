@@ -66,19 +66,51 @@ def test_swiglu_matches_transformers_apply_gate():
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("c_kernel", [True, False])
+@pytest.mark.parametrize("path", ["openmp", "pool", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tile_activation_paths_match_reference(c_kernel, dtype, threads, monkeypatch):
-    """The C kernel (fp32/bf16) and the torch fallback, incl. the fused routing weight and g . y; with
-    threads=3 the C kernel runs on three uneven row blocks at once (pointer offsets per block)."""
-    monkeypatch.setattr("kernels.moe.USE_CPU_KERNEL", c_kernel)
+def test_tile_activation_paths_match_reference(path, dtype, threads, monkeypatch):
+    """The C kernel (fp32/bf16; row blocks on torch's OpenMP threads or, built without OpenMP, on a
+    Python pool) and the torch fallback, incl. the fused routing weight and g . y; with threads=3 the C
+    kernel runs on three uneven row blocks at once (pointer offsets per block)."""
+    from kernels import moe
+
+    monkeypatch.setattr("kernels.moe.USE_CPU_KERNEL", path != "torch")
     monkeypatch.setattr("kernels.moe.CPU_MIN_ROWS_PER_THREAD", 1)
+    if path == "openmp":
+        if not moe._torch_uses_gomp():
+            pytest.skip("torch does not run on GNU OpenMP here: the C activation uses the Python pool")
+        assert moe._cpu_lib().fwd_par, "built without OpenMP although torch runs on libgomp"
+    if path == "pool":
+        monkeypatch.setattr(moe._cpu_lib(), "fwd_par", {})
+        monkeypatch.setattr(moe._cpu_lib(), "bwd_par", {})
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         _check_tile_activation(dtype)
     finally:
         torch.set_num_threads(old_threads)
+
+
+def test_openmp_and_pool_row_blocks_give_identical_results(monkeypatch):
+    """Same row blocks either way, so the bias-gradient partial sums add up in the same order."""
+    from kernels import moe
+
+    if not moe._cpu_lib().fwd_par:
+        pytest.skip("C activation built without OpenMP")
+    rng = torch.Generator().manual_seed(2)
+    u, g, w = torch.randn(1000, 48, generator=rng) * 4, torch.randn(1000, 24, generator=rng), torch.rand(1000, generator=rng)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert len(moe._row_blocks(1000)) == 4  # three uneven blocks
+        omp = (_act(u, w, 1.702, 7.0), *_act_backward(u, g, w, 1.702, 7.0))
+        monkeypatch.setattr(moe._cpu_lib(), "fwd_par", {})
+        monkeypatch.setattr(moe._cpu_lib(), "bwd_par", {})
+        pool = (_act(u, w, 1.702, 7.0), *_act_backward(u, g, w, 1.702, 7.0))
+    finally:
+        torch.set_num_threads(old_threads)
+    for a, b in zip(omp, pool):
+        assert torch.equal(a, b)
 
 
 def _check_tile_activation(dtype):
@@ -188,13 +220,52 @@ def test_hand_written_backward_passes_gradcheck(monkeypatch):
 def test_only_active_experts_are_visited_and_idle_ones_get_zero_grads():
     x, _, weights, w1, b1, w2, b2 = _dense_inputs(E=6, dtype=torch.float32)
     idx = torch.tensor([[0, 3]] * 5 + [[3, 5]] * 4)  # experts 1, 2, 4 idle
-    order, tok, tiles = _sort_by_expert(idx, 6, CPU_ROW_TILE)
-    assert [e for e, _, _ in tiles] == [0, 3, 5]
+    order, tok, tiles, distinct = _sort_by_expert(idx, 6, CPU_ROW_TILE)
+    assert [e for e, _, _ in tiles] == [0, 3, 5] and distinct
     assert torch.equal(idx.reshape(-1)[order], idx.reshape(-1).sort(stable=True).values)
     params = [t.requires_grad_() for t in (w1, b1, w2, b2)]
     grouped_experts(x, idx, weights, *params).sum().backward()
     for p in params:
         assert p.grad[[1, 2, 4]].abs().max() == 0 and p.grad[[0, 3, 5]].abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_row_scatter_add_equals_index_add(dtype):
+    from kernels.moe import _add_rows
+
+    g = torch.Generator().manual_seed(3)
+    out = torch.randn(700, 40, generator=g).to(dtype)
+    idx = torch.randperm(700, generator=g)[:500]  # distinct, as one expert's tokens
+    src = torch.randn(500, 40, generator=g).to(dtype)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        got = out.clone()
+        _add_rows(got, idx, src, distinct=True)
+    finally:
+        torch.set_num_threads(old_threads)
+    assert torch.equal(got, out.clone().index_add_(0, idx, src))
+
+
+def test_a_token_routed_twice_to_one_expert_is_summed_twice():
+    """Not what a top-k router gives, but a valid input: the rows then go through torch's index_add_."""
+    x, idx, weights, w1, b1, w2, b2 = _dense_inputs(N=6, E=3, dtype=torch.float64)
+    idx = idx.clone()
+    idx[::2, 1] = idx[::2, 0]  # tokens 0, 2, 4 use one expert twice
+    assert not _sort_by_expert(idx, 3, CPU_ROW_TILE)[3]
+    leaves = [t.requires_grad_() for t in (x, weights, w1, b1, w2, b2)]
+    ref = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = idx[t, j]
+            ref = ref.index_add(0, torch.tensor([t]), (weights[t, j] * (swiglu(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e]))[None])
+    dy = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, leaves, dy)
+    ours = [t.detach().float().requires_grad_() for t in leaves]
+    out = grouped_experts(ours[0], idx, *ours[1:])  # fp32: the C kernels around the rows
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(out, ours, dy.float()), ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
 def test_frozen_expert_weights_still_give_input_grads():
