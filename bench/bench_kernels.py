@@ -102,38 +102,47 @@ def moe_rows(reps: int, dtype: torch.dtype, quick: bool, threads: int | None = N
         finally:
             torch.set_num_threads(before)
         return [(f"{w}, {threads} threads (wall)", *rest) for w, *rest in rows]
-    from transformers import GptOssConfig
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+    from kernels.patch import EXPERTS_IMPL
 
-    from kernels.patch import EXPERTS_IMPL, register
-
-    register()
     rows = []
     # conf/model/tiny.yaml's experts (what the demo trains) at a learner micro-batch, then larger shapes
     shapes = [(192, 192, 8, 2, 4096), (256, 256, 8, 2, 2048)] + ([] if quick else [(512, 512, 16, 4, 2048)])
     for H, I, E, k, N in shapes:
-        config = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k)
-        torch.manual_seed(0)
-        mlp = GptOssMLP(config).to(DEVICE, dtype)
-        for p in mlp.parameters():
-            torch.nn.init.normal_(p, std=0.05)
-        x = torch.randn(1, N, H, dtype=dtype, device=DEVICE, requires_grad=True)
+        step = moe_step(H, I, E, k, N, dtype)
         stock_impl = "grouped_mm"  # transformers' default for GptOss (get_correct_experts_implementation)
-
-        def step(impl):
-            def run():
-                config._experts_implementation = impl
-                mlp.zero_grad(set_to_none=True)
-                x.grad = None
-                mlp(x)[0].sum().backward()
-            return run
-
         t = best_times({"ours": step(EXPERTS_IMPL), "stock": step(stock_impl)}, reps)
         mem = {name: peak_mib(step(impl)) for name, impl in (("ours", EXPERTS_IMPL), ("stock", stock_impl))}
         label = f"MoE fwd+bwd H{H} I{I} E{E} top{k} N{N} {str(dtype).removeprefix('torch.')}"
         rows.append((label, f"{t['ours'] * 1e3:.1f} ms", f"{t['stock'] * 1e3:.1f} ms ({stock_impl})",
                      t["stock"] / t["ours"], mem["ours"], mem["stock"]))
     return rows
+
+
+def moe_step(H: int, I: int, E: int, k: int, N: int, dtype: torch.dtype) -> Callable[[str], Callable[[], None]]:
+    """step(impl)() runs one `GptOssMLP` forward+backward on N tokens with transformers' experts
+    implementation `impl` ("grouped_mm", ..., or ours, `kernels.patch.EXPERTS_IMPL`)."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    from kernels.patch import register
+
+    register()
+    config = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k)
+    torch.manual_seed(0)
+    mlp = GptOssMLP(config).to(DEVICE, dtype)
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, N, H, dtype=dtype, device=DEVICE, requires_grad=True)
+
+    def step(impl: str) -> Callable[[], None]:
+        def run():
+            config._experts_implementation = impl
+            mlp.zero_grad(set_to_none=True)
+            x.grad = None
+            mlp(x)[0].sum().backward()
+        return run
+
+    return step
 
 
 def moe_gemm_floor(reps: int, dtype: torch.dtype, H: int = 192, I: int = 192, E: int = 8, k: int = 2,

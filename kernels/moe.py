@@ -14,9 +14,8 @@ per-expert counts come from one `bincount` (one host sync), and the loop runs ov
 in row tiles: gather the tile's tokens, `addmm` into a row slice of the saved pre-activation, SwiGLU
 scaled by the routing weights in the same pass, `mm` down, `index_add_` back. The down biases of all
 pairs are one small matmul, out = R @ b2 with R (N, E) the dense routing weights, so no per-tile bias
-or weighting pass remains. On CPU a tile is at most `CPU_ROW_TILE` rows, so the elementwise work reads
-L2-resident data; on CUDA a tile is the whole expert. The backward is written by hand
-(`_GroupedExperts`): it keeps only the pre-activation `u` (S, 2I), recomputes the SwiGLU from it fused
+or weighting pass remains. A tile is a whole expert (`CPU_ROW_TILE` can cap its rows on CPU). The
+backward is written by hand (`_GroupedExperts`): it keeps only the pre-activation `u` (S, 2I), recomputes the SwiGLU from it fused
 with its own gradient (which also returns w * y for dW2, g . y for the routing weights and the column
 sums of du for db1), re-gathers tokens from `x`, and takes db2 = R^T grad and the b2 part of the
 routing-weight gradient (grad @ b2^T at the chosen experts) from R, so no (S, H) expert output is stored.
@@ -217,21 +216,6 @@ void swiglu_bwd_##SUFFIX(const T* u, const T* gr, const T* w, T* y, T* du, T* gy
 KERNELS(f32, float, f32_load, f32_store)
 KERNELS(bf16, uint16_t, bf16_load, bf16_store)
 
-/* out[idx[r]] += src[r] for r < n (rows of H), each sum rounded once to T as torch's index_add_ does.
-   idx must hold no repeats (one expert's tokens): rows are split over up to nb OpenMP threads. */
-#define SCATTER_ADD(SUFFIX, T, LOAD, STORE)                                                              \
-void scatter_add_##SUFFIX(T* out, const T* src, const int64_t* idx, int64_t n, int64_t H, int64_t nb) {   \
-    (void)nb;                                                                                          \
-    _Pragma("omp parallel for schedule(static) num_threads(nb) if(nb > 1)")                           \
-    for (int64_t r = 0; r < n; r++) {                                                                  \
-        T* o = out + idx[r] * H; const T* x = src + r * H;                                             \
-        _Pragma("omp simd")                                                                           \
-        for (int64_t j = 0; j < H; j++) STORE(o + j, LOAD(o + j) + LOAD(x + j));                       \
-    }                                                                                                  \
-}
-SCATTER_ADD(f32, float, f32_load, f32_store)
-SCATTER_ADD(bf16, uint16_t, bf16_load, bf16_store)
-
 #ifdef _OPENMP
 /* The same kernels over nb row blocks [n b / nb, n (b + 1) / nb) on OpenMP threads. torch loads its
    libgomp.so.1 before this library, so these are torch's own threads, still spinning from the GEMM
@@ -266,10 +250,8 @@ class _CpuLib:
 
     def __init__(self, lib: ctypes.CDLL):
         p, i, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        self.fwd, self.bwd, self.fwd_par, self.bwd_par, self.scatter_add = {}, {}, {}, {}, {}
+        self.fwd, self.bwd, self.fwd_par, self.bwd_par = {}, {}, {}, {}
         for dtype, suffix in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
-            self.scatter_add[dtype] = getattr(lib, f"scatter_add_{suffix}")
-            self.scatter_add[dtype].argtypes = [p, p, p, i, i, i]
             fwd, bwd = getattr(lib, f"swiglu_fwd_{suffix}"), getattr(lib, f"swiglu_bwd_{suffix}")
             fwd.argtypes, bwd.argtypes = [p] * 3 + [i, i, i, f, f], [p] * 7 + [i, i, i, f, f]
             self.fwd[dtype], self.bwd[dtype] = fwd, bwd
@@ -383,37 +365,25 @@ class _Mxfp4Weights:
 
 # ---- routing bookkeeping -------------------------------------------------------------------------
 def _sort_by_expert(top_k_index: torch.Tensor, num_experts: int, tile: int):
-    """Sorted pair order, owning token of each sorted pair, row tiles (e, start, end) of active experts,
-    and whether every token's experts are distinct (then no tile holds a token twice)."""
+    """Sorted pair order, owning token of each sorted pair, and row tiles (e, start, end) of active experts."""
     flat = top_k_index.reshape(-1)  # (S,) S = N * k
     order = torch.argsort(flat, stable=True)  # (S,)
     tok = order // top_k_index.shape[-1]  # (S,)
-    repeats = (top_k_index.sort(-1).values.diff(dim=-1) == 0).sum().reshape(1)  # a router's top-k has none
-    *counts, n_repeats = torch.cat([torch.bincount(flat, minlength=num_experts), repeats]).tolist()  # one host sync
+    counts = torch.bincount(flat, minlength=num_experts).tolist()  # one host sync
     tiles, start = [], 0
     for e, n in enumerate(counts):
         parts = -(-n // tile)  # equal parts of at most `tile` rows: no tiny remainder tile
         tiles += [(e, start + n * i // parts, start + n * (i + 1) // parts) for i in range(parts)]
         start += n
-    return order, tok, tiles, n_repeats == 0
+    return order, tok, tiles
 
 
-def _add_rows(out: torch.Tensor, idx: torch.Tensor, src: torch.Tensor, distinct: bool) -> None:
-    """out.index_add_(0, idx, src); with `distinct` indices on CPU, the C loop with the rows split over
-    torch's threads (torch's index_add_ runs these rows on one core). Same sums, same rounding."""
-    if distinct and _cpu_kernel_ok(out) and out.is_contiguous() and src.dtype == out.dtype:
-        src, idx = src.contiguous(), idx.contiguous()
-        n = src.shape[0]
-        _cpu_lib().scatter_add[out.dtype](out.data_ptr(), src.data_ptr(), idx.data_ptr(), n, out.shape[1],
-                                          len(_row_blocks(n)) - 1)
-    else:
-        out.index_add_(0, idx, src)
-
-
-# Rows per tile on CPU: small enough that a tile's pre-activation is still cache-resident when the
-# SwiGLU and the down projection read it, large enough for efficient GEMMs and few Python iterations
-# (measured on the bench shapes: 1024 beats 512 by 10-20% in bf16, 2048 is no better).
-CPU_ROW_TILE = 1024
+# Rows per tile on CPU; None = one tile per active expert. Whole experts measured fastest on every
+# bench shape, fp32 and bf16, 1 and 2 threads (tiny shape, 1 thread: 52.6 vs 56.2 ms fp32 and 23.9 vs
+# 30.2 ms bf16 against 1024-row tiles; fewer, larger GEMMs beat keeping a tile's pre-activation in L2).
+# An int caps a tile's rows, which bounds the per-tile temporaries (gathered tokens, activation) on
+# very large batches.
+CPU_ROW_TILE: int | None = None
 
 
 class _GroupedExperts(torch.autograd.Function):
@@ -428,8 +398,8 @@ class _GroupedExperts(torch.autograd.Function):
     def forward(ctx, x, routing_weights, b1, b2, w1, w2, top_k_index, weights, alpha, limit):
         # x (N, H); routing_weights (N, k); b1 (E, 2I); b2 (E, H); w1/w2 only carry autograd for dense
         N, H = x.shape
-        tile = top_k_index.numel() if x.is_cuda else CPU_ROW_TILE
-        order, tok, tiles, distinct = _sort_by_expert(top_k_index, b1.shape[0], tile)
+        tile = CPU_ROW_TILE if CPU_ROW_TILE and not x.is_cuda else max(1, top_k_index.numel())
+        order, tok, tiles = _sort_by_expert(top_k_index, b1.shape[0], tile)
         ws = routing_weights.reshape(-1)[order].to(x.dtype)  # (S,)
         # Down biases of all pairs at once: out = R @ b2 with R (N, E) the dense routing weights.
         R = x.new_zeros(N, b1.shape[0]).scatter_add_(1, top_k_index, routing_weights.to(x.dtype))
@@ -440,9 +410,9 @@ class _GroupedExperts(torch.autograd.Function):
             if e != e_prev:
                 w_up, w_down, e_prev = weights.up(e), weights.down(e), e
             ut = torch.addmm(b1[e], x.index_select(0, tok[s:t]), w_up, out=u[s:t])  # (n, 2I)
-            _add_rows(out, tok[s:t], _act(ut, ws[s:t], alpha, limit) @ w_down, distinct)  # weighted (n, H)
+            out.index_add_(0, tok[s:t], _act(ut, ws[s:t], alpha, limit) @ w_down)  # weighted (n, H)
         ctx.save_for_backward(x, u, ws, order, tok, b2, R, top_k_index)
-        ctx.tiles, ctx.distinct, ctx.weights, ctx.alpha, ctx.limit = tiles, distinct, weights, alpha, limit
+        ctx.tiles, ctx.weights, ctx.alpha, ctx.limit = tiles, weights, alpha, limit
         ctx.rw_shape, ctx.rw_dtype = routing_weights.shape, routing_weights.dtype
         return out
 
@@ -474,7 +444,7 @@ class _GroupedExperts(torch.autograd.Function):
             if need_b1:
                 db1[e] += du_sum
             if need_x:
-                _add_rows(dx, idx, du @ w_up.t(), ctx.distinct)
+                dx.index_add_(0, idx, du @ w_up.t())
             if need_w1:
                 xs = x.index_select(0, idx).t()  # (H, n)
                 torch.mm(xs, du, out=dw1[e]) if first else dw1[e].addmm_(xs, du)

@@ -15,7 +15,6 @@ from transformers import GptOssConfig, GptOssForCausalLM
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts, GptOssMLP
 
 from kernels.moe import (
-    CPU_ROW_TILE,
     FrozenMxfp4Experts,
     GroupedExperts,
     _sort_by_expert,
@@ -220,8 +219,8 @@ def test_hand_written_backward_passes_gradcheck(monkeypatch):
 def test_only_active_experts_are_visited_and_idle_ones_get_zero_grads():
     x, _, weights, w1, b1, w2, b2 = _dense_inputs(E=6, dtype=torch.float32)
     idx = torch.tensor([[0, 3]] * 5 + [[3, 5]] * 4)  # experts 1, 2, 4 idle
-    order, tok, tiles, distinct = _sort_by_expert(idx, 6, CPU_ROW_TILE)
-    assert [e for e, _, _ in tiles] == [0, 3, 5] and distinct
+    order, tok, tiles = _sort_by_expert(idx, 6, idx.numel())
+    assert [e for e, _, _ in tiles] == [0, 3, 5]
     assert torch.equal(idx.reshape(-1)[order], idx.reshape(-1).sort(stable=True).values)
     params = [t.requires_grad_() for t in (w1, b1, w2, b2)]
     grouped_experts(x, idx, weights, *params).sum().backward()
@@ -229,30 +228,11 @@ def test_only_active_experts_are_visited_and_idle_ones_get_zero_grads():
         assert p.grad[[1, 2, 4]].abs().max() == 0 and p.grad[[0, 3, 5]].abs().max() > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_c_row_scatter_add_equals_index_add(dtype):
-    from kernels.moe import _add_rows
-
-    g = torch.Generator().manual_seed(3)
-    out = torch.randn(700, 40, generator=g).to(dtype)
-    idx = torch.randperm(700, generator=g)[:500]  # distinct, as one expert's tokens
-    src = torch.randn(500, 40, generator=g).to(dtype)
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        got = out.clone()
-        _add_rows(got, idx, src, distinct=True)
-    finally:
-        torch.set_num_threads(old_threads)
-    assert torch.equal(got, out.clone().index_add_(0, idx, src))
-
-
 def test_a_token_routed_twice_to_one_expert_is_summed_twice():
-    """Not what a top-k router gives, but a valid input: the rows then go through torch's index_add_."""
+    """Not what a top-k router gives, but a valid input: both weights count, incl. for the down bias."""
     x, idx, weights, w1, b1, w2, b2 = _dense_inputs(N=6, E=3, dtype=torch.float64)
     idx = idx.clone()
     idx[::2, 1] = idx[::2, 0]  # tokens 0, 2, 4 use one expert twice
-    assert not _sort_by_expert(idx, 3, CPU_ROW_TILE)[3]
     leaves = [t.requires_grad_() for t in (x, weights, w1, b1, w2, b2)]
     ref = torch.zeros_like(x)
     for t in range(x.shape[0]):
@@ -262,7 +242,7 @@ def test_a_token_routed_twice_to_one_expert_is_summed_twice():
     dy = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, leaves, dy)
     ours = [t.detach().float().requires_grad_() for t in leaves]
-    out = grouped_experts(ours[0], idx, *ours[1:])  # fp32: the C kernels around the rows
+    out = grouped_experts(ours[0], idx, *ours[1:])  # fp32: the C activation
     torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
     for got, want in zip(torch.autograd.grad(out, ours, dy.float()), ref_grads):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
