@@ -293,7 +293,10 @@ def bars(rows: list[tuple], floors: dict[str, float]) -> list[str]:
         if w.startswith("MoE"):
             base, _, threads = w.partition(", ")  # "MoE fwd+bwd H.. N.. float32[, 2 threads (wall)]"
             entry = moe.setdefault(base.split()[-1], {"rows": [], "threads": []})
-            entry["threads" if threads else "rows"].append(f"{r:.2f}x" + (f" at the tiny shape, {threads}" if threads else ""))
+            if threads:
+                entry["threads"].append(f"{r:.2f}x at the tiny shape, {threads}")
+            else:
+                entry["rows"].append(f"{r:.2f}x")
     step = [r for w, _, _, r, *_ in rows if w.startswith("learner step")]
     extra = [po - float(w.split("dW ")[1].split()[0]) for w, _, _, _, po, _ in rows if w.startswith("log-probs")]
     out = ["Bars:"]

@@ -15,10 +15,12 @@ in row tiles: gather the tile's tokens, `addmm` into a row slice of the saved pr
 scaled by the routing weights in the same pass, `mm` down, `index_add_` back. The down biases of all
 pairs are one small matmul, out = R @ b2 with R (N, E) the dense routing weights, so no per-tile bias
 or weighting pass remains. A tile is a whole expert (`CPU_ROW_TILE` can cap its rows on CPU). The
-backward is written by hand (`_GroupedExperts`): it keeps only the pre-activation `u` (S, 2I), recomputes the SwiGLU from it fused
-with its own gradient (which also returns w * y for dW2, g . y for the routing weights and the column
-sums of du for db1), re-gathers tokens from `x`, and takes db2 = R^T grad and the b2 part of the
-routing-weight gradient (grad @ b2^T at the chosen experts) from R, so no (S, H) expert output is stored.
+backward is written by hand (`_GroupedExperts`): it keeps only the pre-activation `u` (S, 2I),
+recomputes the SwiGLU from it fused with its own gradient (which also returns w * y for dW2, g . y for
+the routing weights and the column sums of du for db1), re-gathers tokens from `x`, and takes
+db2 = R^T grad and the b2 part of the routing-weight gradient (grad @ b2^T at the chosen experts) from
+R, so no (S, H) expert output is stored. On CPU the activation's row blocks run on torch's own OpenMP
+threads (C built with -fopenmp against the libgomp torch has loaded; a Python pool otherwise).
 
 On CUDA, dense and frozen MXFP4 experts go to kernels/moe_grouped_triton.py instead
 (`CUDA_TRITON_GEMMS`): the same function as one grouped-GEMM launch per step over all experts, gathers

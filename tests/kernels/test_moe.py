@@ -97,7 +97,8 @@ def test_openmp_and_pool_row_blocks_give_identical_results(monkeypatch):
     if not moe._cpu_lib().fwd_par:
         pytest.skip("C activation built without OpenMP")
     rng = torch.Generator().manual_seed(2)
-    u, g, w = torch.randn(1000, 48, generator=rng) * 4, torch.randn(1000, 24, generator=rng), torch.rand(1000, generator=rng)
+    u, g = torch.randn(1000, 48, generator=rng) * 4, torch.randn(1000, 24, generator=rng)
+    w = torch.rand(1000, generator=rng)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
@@ -238,7 +239,8 @@ def test_a_token_routed_twice_to_one_expert_is_summed_twice():
     for t in range(x.shape[0]):
         for j in range(idx.shape[1]):
             e = idx[t, j]
-            ref = ref.index_add(0, torch.tensor([t]), (weights[t, j] * (swiglu(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e]))[None])
+            z = weights[t, j] * (swiglu(x[t] @ w1[e] + b1[e]) @ w2[e] + b2[e])
+            ref = ref.index_add(0, torch.tensor([t]), z[None])
     dy = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, leaves, dy)
     ours = [t.detach().float().requires_grad_() for t in leaves]
