@@ -21,7 +21,7 @@ Rows (ours / stock, ratio printed as stock time / our time):
 Timing: best of `--reps` interleaved runs (ours, stock, ours, ...). Default one torch thread, timed by
 the thread's CPU time: the box is shared, and on 2 shared cores OpenMP barriers make 2-thread wall
 times swing by 5-10x with the neighbours' load. `--threads 2` measures wall time instead. A one-thread
-run also times the tiny MoE shape at the learner's thread count (2, `learner.num_threads`), by wall time.
+run also times the tiny MoE shape at the learner's default thread count (`learner.num_threads`), by wall time.
 `--device cuda`: every row on the GPU (ours = the grouped Triton GEMMs of kernels/moe_grouped_triton.py
 and the Triton attention), timed by wall clock between `torch.cuda.synchronize()` calls, peak memory
 from `torch.cuda.max_memory_allocated`; written to its own RESULTS.md section.
@@ -44,12 +44,13 @@ import torch
 from bench import results
 
 from kernels.logprobs import logprobs_and_entropy, logprobs_and_entropy_ref, peak_bytes
+from rl.config import LearnerConfig
 
 SECTION = "## Kernels (MoE, attention, log-probs, learner step)"
 CUDA_SECTION = "## Kernels on CUDA (MoE, attention, log-probs, learner step)"
 DEVICE = torch.device("cpu")  # set by --device
 DATE = "2026-11-22"
-LEARNER_THREADS = 2  # rl/config.py LearnerConfig.num_threads: the MoE tiny shape is also timed at this count
+LEARNER_THREADS = LearnerConfig.num_threads  # the learner's default: the MoE tiny shape is also timed at it
 
 
 def _clock() -> Callable[[], float]:

@@ -5,8 +5,9 @@ the one Triton already needs) into a shared library, caches it under ~/.cache/de
 $DELIBERATE_KERNEL_CACHE) keyed by source, compiler, flags and the CPU's feature flags (-march=native
 binaries are per CPU), and loads it with ctypes (whose calls release the GIL). `variants` are complete
 flag lists tried in order (e.g. with glibc's libmvec first, without it second); `native_flags()` is the
-common start of one. When no variant builds, a warning names the compiler's error and `load` returns
-None: the caller falls back to its torch path.
+common start of one, and `openmp_flags()` gives -fopenmp where the library can share torch's OpenMP
+threads. When no variant builds, a warning names the compiler's error and `load` returns None: the
+caller falls back to its torch path.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import subprocess
 import warnings
 from pathlib import Path
 
+import torch
+
 
 def native_flags() -> list[str]:
     """-O3 for this CPU, as a shared library; 512-bit vectors on x86 (gcc defaults to 256)."""
@@ -25,6 +28,19 @@ def native_flags() -> list[str]:
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-mprefer-vector-width=512")
     return flags
+
+
+def openmp_flags() -> list[str]:
+    """["-fopenmp"] when torch's parallel backend is GNU OpenMP and its libgomp is loaded: a library built
+    with gcc -fopenmp then binds to that same libgomp.so.1 and runs on torch's own threads. [] otherwise
+    (another runtime would start a second pool competing with torch's for the cores)."""
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return []
+    try:
+        with open("/proc/self/maps") as f:
+            return ["-fopenmp"] if any("libgomp" in line for line in f) else []
+    except OSError:
+        return []
 
 
 def cpu_fingerprint() -> str:

@@ -263,19 +263,6 @@ class _CpuLib:
                 self.fwd_par[dtype], self.bwd_par[dtype] = fwd, bwd
 
 
-def _torch_uses_gomp() -> bool:
-    """True when torch's parallel backend is GNU OpenMP and libgomp is loaded: a library built with gcc
-    -fopenmp then binds to the same libgomp.so.1 and shares torch's threads (with another runtime it
-    would start a second pool)."""
-    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
-        return False
-    try:
-        with open("/proc/self/maps") as f:
-            return any("libgomp" in line for line in f)
-    except OSError:
-        return False
-
-
 @functools.cache
 def _cpu_lib() -> _CpuLib | None:
     """Build (once per machine, cached) and load the C activation; None if that is not possible."""
@@ -283,7 +270,7 @@ def _cpu_lib() -> _CpuLib | None:
 
     base = cbuild.native_flags() + ["-fno-math-errno", "-fopenmp-simd"]
     mvec = ["-DUSE_MVEC", "-lmvec", "-lm"]  # glibc's libmvec vectorises expf
-    omp = ["-fopenmp"] if _torch_uses_gomp() else []
+    omp = cbuild.openmp_flags()
     variants = [base + omp + mvec, base + omp + ["-lm"]] + ([base + mvec, base + ["-lm"]] if omp else [])
     lib = cbuild.load("moe_cpu", _C_SOURCE, variants)
     return None if lib is None else _CpuLib(lib)

@@ -512,11 +512,9 @@ class RolloutEngine:
         then computes with exactly the 4-bit values, as after a QAT sync."""
         from kernels.mxfp4_checkpoint import read_state_dict, unpack_state_dict
 
-        state = read_state_dict(path)
+        state = unpack_state_dict(read_state_dict(path), torch.float32)  # other tensors pass through as read
         if VocabMap.load(path) != self.vocab:
             raise ValueError(f"{path}: vocabulary map differs from the engine's; start a new engine")
-        if any(k.endswith(("_blocks", "_scales")) for k in state):
-            state = unpack_state_dict(state, torch.float32)
         info = self.update_weights(state)
         self.checkpoint = str(path)
         return info
