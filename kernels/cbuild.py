@@ -61,10 +61,10 @@ def load(name: str, source: str, variants: list[list[str]]) -> ctypes.CDLL | Non
 
     Flags starting with -l go after the source file, where the linker wants libraries."""
     compiler = os.environ.get("CC", "cc")
-    cache = cache_dir()
+    cache, cpu = cache_dir(), cpu_fingerprint()
     errors = []
     for flags in variants:
-        key = hashlib.sha256("\0".join([source, compiler, *flags, cpu_fingerprint()]).encode()).hexdigest()[:16]
+        key = hashlib.sha256("\0".join([source, compiler, *flags, cpu]).encode()).hexdigest()[:16]
         lib_path = cache / f"{name}_{key}.so"
         try:
             if not lib_path.exists():

@@ -2,9 +2,8 @@
 
 How: a few C loops below, compiled on first use with the system C compiler (the one Triton already
 needs) at -O3 -march=native by kernels/cbuild.py, cached under ~/.cache/deliberate (or
-$DELIBERATE_KERNEL_CACHE), called
-through ctypes (which drops the GIL) from `torch.get_num_threads()` Python threads, each on its own
-range of groups.
+$DELIBERATE_KERNEL_CACHE), called through ctypes (which drops the GIL) from `torch.get_num_threads()`
+Python threads, each on its own range of groups.
 
 Dequantise: a (scale byte, block byte) -> (value of low nibble, value of high nibble) table, 256 x 256
 entries of two output elements stored as one 2x-wide integer (256 KiB for bf16: it lives in L2). Each

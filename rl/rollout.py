@@ -317,7 +317,6 @@ def _drop_chat_template_warmup(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Chat template warmup failed")
 
 
-
 def dense_copy_of_mxfp4(checkpoint: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
     """A temporary HF folder holding `checkpoint`'s released-style MXFP4 experts decoded to `dtype`
     (exactly the 4-bit values), its other weights (same values, in `dtype`) and its other files
