@@ -54,6 +54,7 @@ class SFTConfig:
     lr: float = 1e-3
     warmup_steps: int = 20
     lr_scheduler: str = "cosine"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     logging_steps: int = 25
@@ -200,6 +201,10 @@ class ConfigError(ValueError):
     """A bad config value; the message is one line naming the key."""
 
 
+def _betas_ok(betas) -> bool:
+    return len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)
+
+
 def validate(cfg: DictConfig | dict) -> DictConfig:
     """Merge onto the schema: unknown keys and wrong types fail with one line naming the key."""
     schema = OmegaConf.structured(Config)
@@ -217,6 +222,8 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         (merged.algo.ppo_epochs >= 1, "algo.ppo_epochs", ">= 1"),
         (merged.algo.old_logprobs in ("recompute", "behavior"), "algo.old_logprobs", "recompute | behavior"),
         (all(v >= 0 for v in merged.learner.lr_scale.values()), "learner.lr_scale", "multipliers >= 0"),
+        (_betas_ok(merged.sft.betas), "sft.betas", "[beta1, beta2] each in [0, 1)"),
+        (_betas_ok(merged.learner.betas), "learner.betas", "[beta1, beta2] each in [0, 1)"),
         (merged.algo.group_size >= 2, "algo.group_size", ">= 2 (GRPO needs a group)"),
         (merged.rollout.max_tokens < merged.rollout.max_model_len, "rollout.max_tokens",
          "< rollout.max_model_len (prompt must fit)"),

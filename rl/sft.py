@@ -77,6 +77,8 @@ def run_sft(model_path: str | os.PathLike, out_path: str | os.PathLike, rows: li
         learning_rate=float(cfg["lr"]),
         lr_scheduler_type=cfg.get("lr_scheduler", "cosine"),
         warmup_steps=int(cfg.get("warmup_steps", 10)),
+        adam_beta1=float(cfg.get("betas", (0.9, 0.999))[0]),
+        adam_beta2=float(cfg.get("betas", (0.9, 0.999))[1]),
         weight_decay=float(cfg.get("weight_decay", 0.0)),
         max_grad_norm=float(cfg.get("grad_clip", 1.0)),
         max_length=max_len,

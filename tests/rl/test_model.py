@@ -67,6 +67,10 @@ def test_bad_config_fails_with_one_line_naming_the_key():
         validate({"train": {"steps": "many"}})
     with pytest.raises(ConfigError, match="'rollout.max_tokens'"):
         validate({"rollout": {"max_tokens": 600, "max_model_len": 512}})
+    with pytest.raises(ConfigError, match="'sft.betas'"):
+        validate({"sft": {"betas": [0.9, 1.0]}})
+    with pytest.raises(ConfigError, match="'learner.betas'"):
+        validate({"learner": {"betas": [0.9]}})
     assert validate({}).algo.advantage == "grpo"
 
 
