@@ -8,6 +8,9 @@ Rows (ours / stock, ratio printed as stock time / our time):
     the tiny model's experts (conf/model/tiny.yaml: hidden 192 / intermediate 192 / 8 experts top-2)
     at 4096 tokens (a learner micro-batch), hidden 256 / intermediate 256 / 8 experts top-2 / 2048 tokens and hidden 512 / intermediate 512 /
     16 experts top-4 / 2048 tokens, fp32 and bf16.
+  - the tiny MoE shape again with new routing on every call, as between training steps (each call's
+    batch is new, so every expert's row count is), median time: on CPU, bf16 GEMMs go to oneDNN, which
+    builds a kernel for each new shape (`kernels.moe.CPU_PAD_DTYPES`).
   - (in the bars) the MoE GEMM floor at the tiny shape: the six expert GEMMs alone, no gather, scatter
     or activation (`moe_gemm_floor`); stock / floor bounds any implementation that runs the same GEMMs.
   - attention forward+backward: `sink_attention` against transformers' `eager_attention_forward`
@@ -34,6 +37,7 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -78,6 +82,21 @@ def best_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, flo
     return best
 
 
+def median_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median time (s) of each function over `reps` interleaved rounds, after one warm-up each: for runs
+    whose cost differs call to call (new routing, so new GEMM shapes), where the best would hide it."""
+    clock = _clock()
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = clock()
+            fn()
+            times[name].append(clock() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def peak_mib(fn: Callable[[], object]) -> float:
     if DEVICE.type == "cuda":  # allocator peak above what was allocated before the run
         torch.cuda.synchronize()
@@ -92,9 +111,11 @@ def peak_mib(fn: Callable[[], object]) -> float:
 
 
 # ---- MoE -----------------------------------------------------------------------------------------
-def moe_rows(reps: int, dtype: torch.dtype, quick: bool, threads: int | None = None) -> list[tuple]:
+def moe_rows(reps: int, dtype: torch.dtype, quick: bool, threads: int | None = None,
+             fresh: bool = False) -> list[tuple]:
     """MoE rows at the current torch thread count; with `threads`, the tiny shape alone at that many
-    threads (wall time), labelled so."""
+    threads (wall time), labelled so; with `fresh`, the tiny shape alone with new routing on every call
+    (as in training), median time."""
     if threads is not None:
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -107,21 +128,25 @@ def moe_rows(reps: int, dtype: torch.dtype, quick: bool, threads: int | None = N
 
     rows = []
     # conf/model/tiny.yaml's experts (what the demo trains) at a learner micro-batch, then larger shapes
-    shapes = [(192, 192, 8, 2, 4096), (256, 256, 8, 2, 2048)] + ([] if quick else [(512, 512, 16, 4, 2048)])
-    for H, I, E, k, N in shapes:
-        step = moe_step(H, I, E, k, N, dtype)
+    shapes = [(192, 192, 8, 2, 4096), (256, 256, 8, 2, 2048)] + ([] if quick or fresh else [(512, 512, 16, 4, 2048)])
+    for H, I, E, k, N in shapes[:1] if fresh else shapes:
+        step = moe_step(H, I, E, k, N, dtype, inputs=reps + 1 if fresh else 1)
         stock_impl = "grouped_mm"  # transformers' default for GptOss (get_correct_experts_implementation)
-        t = best_times({"ours": step(EXPERTS_IMPL), "stock": step(stock_impl)}, reps)
+        t = (median_times if fresh else best_times)({"ours": step(EXPERTS_IMPL), "stock": step(stock_impl)}, reps)
         mem = {name: peak_mib(step(impl)) for name, impl in (("ours", EXPERTS_IMPL), ("stock", stock_impl))}
         label = f"MoE fwd+bwd H{H} I{I} E{E} top{k} N{N} {str(dtype).removeprefix('torch.')}"
+        label += ", new routing every call (median)" if fresh else ""
         rows.append((label, f"{t['ours'] * 1e3:.1f} ms", f"{t['stock'] * 1e3:.1f} ms ({stock_impl})",
                      t["stock"] / t["ours"], mem["ours"], mem["stock"]))
     return rows
 
 
-def moe_step(H: int, I: int, E: int, k: int, N: int, dtype: torch.dtype) -> Callable[[str], Callable[[], None]]:
+def moe_step(H: int, I: int, E: int, k: int, N: int, dtype: torch.dtype,
+             inputs: int = 1) -> Callable[[str], Callable[[], None]]:
     """step(impl)() runs one `GptOssMLP` forward+backward on N tokens with transformers' experts
-    implementation `impl` ("grouped_mm", ..., or ours, `kernels.patch.EXPERTS_IMPL`)."""
+    implementation `impl` ("grouped_mm", ..., or ours, `kernels.patch.EXPERTS_IMPL`). With inputs > 1,
+    each step(impl) cycles through that many different token batches, so the routing (and with it every
+    expert's row count) changes from call to call, as between training steps."""
     from transformers import GptOssConfig
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
 
@@ -133,10 +158,13 @@ def moe_step(H: int, I: int, E: int, k: int, N: int, dtype: torch.dtype) -> Call
     mlp = GptOssMLP(config).to(DEVICE, dtype)
     for p in mlp.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    x = torch.randn(1, N, H, dtype=dtype, device=DEVICE, requires_grad=True)
+    xs = [torch.randn(1, N, H, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(inputs)]
 
     def step(impl: str) -> Callable[[], None]:
+        calls = iter(range(1 << 62))
+
         def run():
+            x = xs[next(calls) % inputs]
             config._experts_implementation = impl
             mlp.zero_grad(set_to_none=True)
             x.grad = None
@@ -344,6 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         floors[str(dtype).removeprefix("torch.")] = moe_gemm_floor(args.reps, dtype)
         if DEVICE.type == "cpu" and args.threads == 1 and (os.cpu_count() or 1) >= LEARNER_THREADS:
             rows += moe_rows(args.reps, dtype, args.quick, threads=LEARNER_THREADS)  # what the learner runs
+        rows += moe_rows(max(args.reps, 15), dtype, args.quick, fresh=True)  # medians need more calls
         print(*rows[-1], sep=" | ", flush=True)
     rows += attention_rows(args.reps, args.quick)
     rows += logprob_rows(args.reps, args.quick)

@@ -14,7 +14,10 @@ per-expert counts come from one `bincount` (one host sync), and the loop runs ov
 in row tiles: gather the tile's tokens, `addmm` into a row slice of the saved pre-activation, SwiGLU
 scaled by the routing weights in the same pass, `mm` down, `index_add_` back. The down biases of all
 pairs are one small matmul, out = R @ b2 with R (N, E) the dense routing weights, so no per-tile bias
-or weighting pass remains. On CPU a tile is at most `CPU_ROW_TILE` rows; on CUDA a whole expert. The
+or weighting pass remains. On CPU a tile is at most `CPU_ROW_TILE` rows; on CUDA a whole expert. In
+bf16/fp16 on CPU (oneDNN GEMMs, which build a kernel per new shape, ~10x the GEMM's own time here)
+each active expert is one tile padded to a row bucket (`_row_bucket`: weight-0 rows that add exact
+zeros), so a training run meets few shapes however the routing moves. The
 backward is written by hand (`_GroupedExperts`): it keeps only the pre-activation `u` (S, 2I),
 recomputes the SwiGLU from it fused with its own gradient (which also returns w * y for dW2, g . y for
 the routing weights and the column sums of du for db1), re-gathers tokens from `x`, and takes
@@ -353,18 +356,42 @@ class _Mxfp4Weights:
 
 
 # ---- routing bookkeeping -------------------------------------------------------------------------
-def _sort_by_expert(top_k_index: torch.Tensor, num_experts: int, tile: int):
-    """Sorted pair order, owning token of each sorted pair, and row tiles (e, start, end) of active experts."""
+def _row_bucket(n: int) -> int:
+    """Row multiple an expert's segment is padded to on oneDNN dtypes: 32, or 1/16 of n's power of two
+    above 512 (at most 16 shapes per octave, at most 6.25% padding)."""
+    return max(32, 1 << max(0, n.bit_length() - 5))
+
+
+def _sort_by_expert(top_k_index: torch.Tensor, num_experts: int, tile: int, pad: bool = False):
+    """Sorted pair order, owning token of each sorted row, row tiles (e, start, end) of active experts,
+    and `pos`: the row of each sorted pair (None = row i is pair i).
+
+    pad=True gives each active expert one tile of `_row_bucket` rows, the rows past its pairs padding:
+    their token is 0 and their routing weight 0, so they add exact zeros (the caller fills `ws` by
+    `pos`). That is for CPU GEMMs that compile a kernel per new shape (oneDNN bf16/fp16: ~2 ms a
+    shape on the 2-core box against ~0.2 ms for the GEMM); routing moves the per-expert counts every
+    step, buckets keep the shapes few and cached."""
     flat = top_k_index.reshape(-1)  # (S,) S = N * k
     order = torch.argsort(flat, stable=True)  # (S,)
     tok = order // top_k_index.shape[-1]  # (S,)
     counts = torch.bincount(flat, minlength=num_experts).tolist()  # one host sync
     tiles, start = [], 0
+    if pad:
+        rows = [-(-n // _row_bucket(n)) * _row_bucket(n) for n in counts]
+        shift, offset = [], 0  # padded start - unpadded start, per expert
+        for e, (n, r) in enumerate(zip(counts, rows)):
+            shift.append(start - offset)
+            if n:
+                tiles.append((e, start, start + r))
+            start, offset = start + r, offset + n
+        pos = torch.arange(flat.numel()) + torch.repeat_interleave(torch.tensor(shift), torch.tensor(counts))
+        tok = tok.new_zeros(start).index_copy_(0, pos, tok)
+        return order, tok, tiles, pos
     for e, n in enumerate(counts):
         parts = -(-n // tile)  # equal parts of at most `tile` rows: no tiny remainder tile
         tiles += [(e, start + n * i // parts, start + n * (i + 1) // parts) for i in range(parts)]
         start += n
-    return order, tok, tiles
+    return order, tok, tiles, None
 
 
 # Rows per tile on CPU (an expert's rows in equal parts of at most this many); None = one tile per
@@ -376,6 +403,10 @@ def _sort_by_expert(top_k_index: torch.Tensor, num_experts: int, tile: int):
 # verified with; whole experts are faster for the layer (tiny shape, 1 thread: 52.6 vs 56.2 ms fp32,
 # 23.9 vs 30.2 ms bf16) and are the better default once the SFT stage is made robust to rounding.
 CPU_ROW_TILE: int | None = 1024
+# CPU dtypes whose GEMMs go to oneDNN, which builds a kernel for every new shape: their experts are
+# padded to `_row_bucket` rows, one tile each (`_sort_by_expert`). fp32 goes to MKL (no per-shape cost
+# measured) and keeps the tiles above.
+CPU_PAD_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class _GroupedExperts(torch.autograd.Function):
@@ -390,12 +421,15 @@ class _GroupedExperts(torch.autograd.Function):
     def forward(ctx, x, routing_weights, b1, b2, w1, w2, top_k_index, weights, alpha, limit):
         # x (N, H); routing_weights (N, k); b1 (E, 2I); b2 (E, H); w1/w2 only carry autograd for dense
         N, H = x.shape
+        pad = not x.is_cuda and x.dtype in CPU_PAD_DTYPES
         tile = CPU_ROW_TILE if CPU_ROW_TILE and not x.is_cuda else max(1, top_k_index.numel())
-        order, tok, tiles = _sort_by_expert(top_k_index, b1.shape[0], tile)
-        ws = routing_weights.reshape(-1)[order].to(x.dtype)  # (S,)
+        order, tok, tiles, pos = _sort_by_expert(top_k_index, b1.shape[0], tile, pad)
+        ws = routing_weights.reshape(-1)[order].to(x.dtype)  # (S,) in pair order
+        if pos is not None:  # padding rows: weight 0
+            ws = ws.new_zeros(tok.shape[0]).index_copy_(0, pos, ws)
         # Down biases of all pairs at once: out = R @ b2 with R (N, E) the dense routing weights.
         R = x.new_zeros(N, b1.shape[0]).scatter_add_(1, top_k_index, routing_weights.to(x.dtype))
-        u = x.new_empty(order.shape[0], b1.shape[1])  # (S, 2I)
+        u = x.new_empty(tok.shape[0], b1.shape[1])  # (S, 2I), S counting padding rows
         out = R @ b2  # (N, H)
         e_prev = -1
         for e, s, t in tiles:
@@ -403,14 +437,14 @@ class _GroupedExperts(torch.autograd.Function):
                 w_up, w_down, e_prev = weights.up(e), weights.down(e), e
             ut = torch.addmm(b1[e], x.index_select(0, tok[s:t]), w_up, out=u[s:t])  # (n, 2I)
             out.index_add_(0, tok[s:t], _act(ut, ws[s:t], alpha, limit) @ w_down)  # weighted (n, H)
-        ctx.save_for_backward(x, u, ws, order, tok, b2, R, top_k_index)
+        ctx.save_for_backward(x, u, ws, order, tok, b2, R, top_k_index, pos)
         ctx.tiles, ctx.weights, ctx.alpha, ctx.limit = tiles, weights, alpha, limit
         ctx.rw_shape, ctx.rw_dtype = routing_weights.shape, routing_weights.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, u, ws, order, tok, b2, R, top_k_index = ctx.saved_tensors
+        x, u, ws, order, tok, b2, R, top_k_index, pos = ctx.saved_tensors
         tiles, weights, alpha, limit = ctx.tiles, ctx.weights, ctx.alpha, ctx.limit
         need_x, need_rw, need_b1, need_b2, need_w1, need_w2 = ctx.needs_input_grad[:6]
         grad_out = grad_out.contiguous().to(x.dtype)
@@ -447,6 +481,8 @@ class _GroupedExperts(torch.autograd.Function):
         db2 = R.t() @ grad_out if need_b2 else None  # (E, H); idle experts have R = 0
         drw = None
         if need_rw:
+            if pos is not None:
+                dws = dws[pos]  # drop the padding rows
             drw = torch.empty_like(dws)
             drw[order] = dws
             drw = drw.reshape(ctx.rw_shape) + (grad_out @ b2.t()).gather(1, top_k_index)  # + d(R @ b2)/dR

@@ -17,6 +17,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts, GptOssML
 from kernels.moe import (
     FrozenMxfp4Experts,
     GroupedExperts,
+    _row_bucket,
     _sort_by_expert,
     _act,
     _act_backward,
@@ -219,11 +220,33 @@ def test_hand_written_backward_passes_gradcheck(monkeypatch):
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)
 
 
+def test_padded_experts_pass_gradcheck(monkeypatch):
+    """The oneDNN-dtype layout (each expert padded to a row bucket, padding rows with weight 0) gives
+    the same function and gradients: float64 sent down that path for gradcheck."""
+    monkeypatch.setattr("kernels.moe.CPU_PAD_DTYPES", (torch.float64,))
+    x, idx, weights, w1, b1, w2, b2 = _dense_inputs(N=8, H=6, I=5, E=3)
+    leaves = [t.requires_grad_() for t in (x, weights, w1, b1, w2, b2)]
+
+    def f(x, weights, w1, b1, w2, b2):
+        return grouped_experts(x, idx, weights, w1, b1, w2, b2)
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-6)
+
+
+def test_padding_rows_bucket_expert_segments():
+    idx = torch.tensor([[0, 2]] * 40 + [[2, 0]] * 3)  # expert 0: 43 pairs, expert 2: 43, expert 1 idle
+    order, tok, tiles, pos = _sort_by_expert(idx, 3, 1024, pad=True)
+    assert tiles == [(0, 0, 64), (2, 64, 128)]  # 43 -> 64 rows (32-row buckets), one tile per expert
+    assert pos.tolist() == list(range(43)) + list(range(64, 107))
+    assert torch.equal(tok[pos], order // 2) and tok[43:64].eq(0).all()
+    assert [_row_bucket(n) for n in (1, 511, 512, 1023, 1024, 5000)] == [32, 32, 32, 32, 64, 256]
+
+
 def test_only_active_experts_are_visited_and_idle_ones_get_zero_grads():
     x, _, weights, w1, b1, w2, b2 = _dense_inputs(E=6, dtype=torch.float32)
     idx = torch.tensor([[0, 3]] * 5 + [[3, 5]] * 4)  # experts 1, 2, 4 idle
-    order, tok, tiles = _sort_by_expert(idx, 6, idx.numel())
-    assert [e for e, _, _ in tiles] == [0, 3, 5]
+    order, tok, tiles, pos = _sort_by_expert(idx, 6, idx.numel())
+    assert [e for e, _, _ in tiles] == [0, 3, 5] and pos is None
     assert torch.equal(idx.reshape(-1)[order], idx.reshape(-1).sort(stable=True).values)
     params = [t.requires_grad_() for t in (w1, b1, w2, b2)]
     grouped_experts(x, idx, weights, *params).sum().backward()
