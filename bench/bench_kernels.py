@@ -295,10 +295,17 @@ def step_rows(reps: int, quick: bool) -> list[tuple]:
 
 
 # ---- report --------------------------------------------------------------------------------------
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the machine type."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                platform.machine())
+
+
 def render(rows: list[tuple], command: str, threads: int, floors: dict[str, float] | None = None) -> list[str]:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
+    cpu = cpu_name()
     if DEVICE.type == "cuda":
         device = f"{torch.cuda.get_device_name(DEVICE)} (CUDA {torch.version.cuda}), host {cpu}"
         clock = "wall time between CUDA synchronisations"

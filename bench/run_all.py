@@ -4,7 +4,8 @@ Run:  make bench    (= .venv/bin/python -m bench.run_all [--only kernels,moe_thr
 
 Benchmarks (module: what it measures): bench_mxfp4 (MXFP4 quantise/dequantise GB/s vs memcpy),
 bench_kernels (MoE, attention, log-probs, learner step vs transformers' stock modules), bench_moe_threads
-(where the MoE activation's row blocks run at the learner's thread count), bench_rollout (vLLM vs HF
+(where the MoE activation's row blocks run at the learner's thread count), bench_gemm_shapes (what a new
+GEMM row count costs on CPU; MoE experts with and without row buckets under new routing), bench_rollout (vLLM vs HF
 generate, weight sync), bench_qat (rollout/learner log-prob mismatch with and without QAT, on a random
 tiny model unless run by hand with --policy). Each runs in its own process: vLLM fixes the process' torch
 thread count once it starts, and the timings must not share state. The RL experiments (bench/rl_curve.py,
@@ -21,6 +22,7 @@ BENCHMARKS = {
     "mxfp4": "bench.bench_mxfp4",
     "kernels": "bench.bench_kernels",
     "moe_threads": "bench.bench_moe_threads",
+    "gemm_shapes": "bench.bench_gemm_shapes",
     "rollout": "bench.bench_rollout",
     "qat": "bench.bench_qat",
 }
