@@ -153,10 +153,19 @@ def save_mxfp4_checkpoint(
     return out_dir
 
 
+def require_checkpoint(path: str | os.PathLike) -> Path:
+    """`path` as a Path; FileNotFoundError unless it holds `model.safetensors` or the shard index (a cheap
+    check before reading anything)."""
+    path = Path(path)
+    if not (path / INDEX_NAME).exists() and not (path / WEIGHTS_NAME).exists():
+        raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+    return path
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors checkpoint folder: `model.safetensors.index.json` + its shards when the
     index is there (the released gpt-oss layout), else `model.safetensors`."""
-    path = Path(path)
+    path = require_checkpoint(path)
     index_path = path / INDEX_NAME
     if index_path.exists():
         weight_map = json.loads(index_path.read_text()).get("weight_map")
@@ -171,8 +180,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if missing:
             raise KeyError(f"{index_path} maps {len(missing)} tensor(s) its shards do not hold, e.g. {missing[:3]}")
         return sd
-    if not (path / WEIGHTS_NAME).exists():
-        raise FileNotFoundError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
     return load_file(str(path / WEIGHTS_NAME))
 
 

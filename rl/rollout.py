@@ -509,11 +509,12 @@ class RolloutEngine:
         adapter, are not weights of this model). Released-style MXFP4 experts (`*_blocks` /
         `*_scales`, e.g. from `rl.model.export_mxfp4`) are decoded to fp32 first: the engine
         then computes with exactly the 4-bit values, as after a QAT sync."""
-        from kernels.mxfp4_checkpoint import read_state_dict, unpack_state_dict
+        from kernels.mxfp4_checkpoint import read_state_dict, require_checkpoint, unpack_state_dict
 
-        state = unpack_state_dict(read_state_dict(path), torch.float32)  # other tensors pass through as read
+        require_checkpoint(path)  # cheap checks before reading gigabytes
         if VocabMap.load(path) != self.vocab:
             raise ValueError(f"{path}: vocabulary map differs from the engine's; start a new engine")
+        state = unpack_state_dict(read_state_dict(path), torch.float32)  # other tensors pass through as read
         info = self.update_weights(state)
         self.checkpoint = str(path)
         return info

@@ -4,6 +4,9 @@ Reference: transformers' eager `GptOssForCausalLM` with the same experts decoded
 (`kernels.mxfp4_checkpoint.load_mxfp4_checkpoint`). One engine for the module, started from a
 sharded MXFP4 export (tests/rl/test_rollout.py's engine is shut down by then: one per process).
 """
+import json
+import shutil
+
 import pytest
 import torch
 import yaml
@@ -88,5 +91,12 @@ def test_update_from_path_reads_only_the_indexed_shards(engine, folders, tmp_pat
         (mxfp4 / "model-stale.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         engine.update_weights_from_path(tmp_path)  # no checkpoint there
+    other = tmp_path / "other-vocab"
+    shutil.copytree(dense, other)
+    vm = json.loads((other / "vocab_map.json").read_text())
+    vm["canonical_ids"] = vm["canonical_ids"][::-1]
+    (other / "vocab_map.json").write_text(json.dumps(vm))
+    with pytest.raises(ValueError, match="vocabulary map differs"):
+        engine.update_weights_from_path(other)
     assert _greedy(engine, prompts) == target_mxfp4, "a failed update leaves the weights as they were"
 
