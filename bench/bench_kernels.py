@@ -68,23 +68,8 @@ def _clock() -> Callable[[], float]:
     return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
-def best_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Best time (s) of each function over `reps` interleaved rounds, after one warm-up each."""
-    clock = _clock()
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = clock()
-            fn()
-            best[name] = min(best[name], clock() - t0)
-    return best
-
-
-def median_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median time (s) of each function over `reps` interleaved rounds, after one warm-up each: for runs
-    whose cost differs call to call (new routing, so new GEMM shapes), where the best would hide it."""
+def interleaved_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Every time (s) of each function over `reps` interleaved rounds, after one warm-up each."""
     clock = _clock()
     for fn in fns.values():
         fn()
@@ -94,7 +79,18 @@ def median_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, f
             t0 = clock()
             fn()
             times[name].append(clock() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def best_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Best time (s) of each function over `reps` interleaved rounds, after one warm-up each."""
+    return {name: min(ts) for name, ts in interleaved_times(fns, reps).items()}
+
+
+def median_times(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median time (s) of each function over `reps` interleaved rounds, after one warm-up each: for runs
+    whose cost differs call to call (new routing, so new GEMM shapes), where the best would hide it."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, reps).items()}
 
 
 def peak_mib(fn: Callable[[], object]) -> float:
@@ -128,7 +124,7 @@ def moe_rows(reps: int, dtype: torch.dtype, quick: bool, threads: int | None = N
 
     rows = []
     # conf/model/tiny.yaml's experts (what the demo trains) at a learner micro-batch, then larger shapes
-    shapes = [(192, 192, 8, 2, 4096), (256, 256, 8, 2, 2048)] + ([] if quick or fresh else [(512, 512, 16, 4, 2048)])
+    shapes = [(192, 192, 8, 2, 4096), (256, 256, 8, 2, 2048)] + ([] if quick else [(512, 512, 16, 4, 2048)])
     for H, I, E, k, N in shapes[:1] if fresh else shapes:
         step = moe_step(H, I, E, k, N, dtype, inputs=reps + 1 if fresh else 1)
         stock_impl = "grouped_mm"  # transformers' default for GptOss (get_correct_experts_implementation)
