@@ -24,16 +24,17 @@ import functools
 import hashlib
 import os
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from envs.types import EFFORTS, Message, Transcript
 
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 O200K_FILE = "o200k_base.tiktoken"
-EFFORTS = ("low", "medium", "high")
 
 # Special tokens of o200k_harmony (shared/reference/gpt-oss.md).
 START, END, MESSAGE, CHANNEL = 200006, 200007, 200008, 200005
 RETURN, CALL, CONSTRAIN = 200002, 200012, 200003
+ENDOFTEXT = 199999  # <|endoftext|>: padding, and what an unmappable id decodes to
 STOP_TOKENS = (RETURN, CALL)  # stop_tokens_for_assistant_actions; <|end|> is not a stop
 
 
@@ -102,27 +103,6 @@ def load_encoding():
     from openai_harmony import HarmonyEncodingName, load_harmony_encoding
 
     return load_harmony_encoding(HarmonyEncodingName.HARMONY_GPT_OSS)
-
-
-@dataclass
-class Message:
-    """One parsed assistant message."""
-
-    channel: str | None
-    recipient: str | None
-    text: str
-
-
-@dataclass
-class Transcript:
-    """A parsed completion. `final` is None when no final-channel message was produced."""
-
-    messages: list[Message] = field(default_factory=list)
-    analysis: str = ""
-    final: str | None = None
-    analysis_tokens: int = 0  # tokens of analysis-channel content (CoT length)
-    format_ok: bool = True
-    error: str | None = None
 
 
 def _system_message(effort: str):

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
-from rl.types import EFFORTS, Task
+from envs.types import EFFORTS, Task
 
 ENV_NAME = "math"
 TEST_FRACTION = 0.1

@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from rewards.registry import RewardFn, build_reward, get_reward
-from rl.types import RewardResult, Sample
+from envs.types import Sample
+from rewards.types import RewardResult
 
 
 class CompositeReward:

@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from rewards.registry import register_reward
-from rl.types import RewardResult, Sample
+from envs.types import Sample
+from rewards.types import RewardResult
 
 TINY_BUDGETS = {"low": 16, "medium": 64, "high": 256}
 

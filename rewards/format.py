@@ -7,7 +7,8 @@ turns that flag into a score so the policy is pushed towards parseable output.
 from __future__ import annotations
 
 from rewards.registry import register_reward
-from rl.types import RewardResult, Sample
+from envs.types import Sample
+from rewards.types import RewardResult
 
 
 @register_reward("format")

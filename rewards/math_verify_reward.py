@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 from rewards.registry import register_reward
-from rl.types import RewardResult, Sample
+from envs.types import Sample
+from rewards.types import RewardResult
 
 DEFAULT_TIMEOUT_S = 5.0
 _INT = re.compile(r"[+-]?\d{1,12}")

@@ -23,7 +23,8 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
-from rl.types import RewardResult, Sample
+from envs.types import Sample
+from rewards.types import RewardResult
 
 ENTRY_POINT_GROUP = "deliberate.rewards"
 RewardFn = Callable[[Sample], Optional[RewardResult]]

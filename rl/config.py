@@ -13,6 +13,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from envs.types import EFFORTS
+
 
 @dataclass
 class ModelConfig:
@@ -42,7 +44,7 @@ class EnvConfig:
     answer_key: str = "answer"
     train_size: int = 20000  # tasks in the training pool (cycled by the data cursor)
     test_size: int = 200  # held-out tasks for evaluation
-    efforts: list[str] = field(default_factory=lambda: ["low", "medium", "high"])  # rolled out per task
+    efforts: list[str] = field(default_factory=lambda: list(EFFORTS))  # rolled out per task
 
 
 @dataclass
@@ -133,7 +135,7 @@ class EvalConfig:
     tasks: int = 200
     samples_per_task: int = 1
     temperature: float = 1.0
-    efforts: list[str] = field(default_factory=lambda: ["low", "medium", "high"])
+    efforts: list[str] = field(default_factory=lambda: list(EFFORTS))
     checkpoints: list[str] = field(default_factory=list)  # `python -m rl.evaluate` only: HF folders
     out_dir: Optional[str] = None  # `python -m rl.evaluate` only: where eval.{json,md} go
 
@@ -217,7 +219,7 @@ def validate(cfg: DictConfig | dict) -> DictConfig:
         (merged.algo.advantage in ("grpo", "dr_grpo"), "algo.advantage", "grpo | dr_grpo"),
         (merged.learner.kernels in ("deliberate", "stock"), "learner.kernels", "deliberate | stock"),
         (merged.sft.kernels in ("deliberate", "stock"), "sft.kernels", "deliberate | stock"),
-        (all(e in ("low", "medium", "high") for e in merged.env.efforts), "env.efforts", "low|medium|high"),
+        (all(e in EFFORTS for e in merged.env.efforts), "env.efforts", "low|medium|high"),
         (merged.algo.mini_batches >= 1, "algo.mini_batches", ">= 1"),
         (merged.algo.ppo_epochs >= 1, "algo.ppo_epochs", ">= 1"),
         (merged.algo.old_logprobs in ("recompute", "behavior"), "algo.old_logprobs", "recompute | behavior"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from rl.types import Task
+from envs.types import Task
 
 
 def make_env(env_cfg, seed: int):

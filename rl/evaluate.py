@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from envs import harmony
-from rl.types import Task
+from envs.types import Task
+from rl.seeds import eval_seed
 
 GenerateFn = Callable[[list[list[int]], int], list[list]]  # (prompts, n) -> completions per prompt
 
@@ -100,7 +101,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
         for i, name in enumerate(names):
             if i > 0 or not own:
                 call(engine, "update_weights_from_path", checkpoints[name])
-            gen = engine_generate(engine, cfg, temperature=cfg.eval.temperature, seed=cfg.seed + 7919)
+            gen = engine_generate(engine, cfg, temperature=cfg.eval.temperature, seed=eval_seed(cfg.seed))
             results[name] = evaluate_policy(gen, tasks, cfg.eval.efforts, cfg.eval.samples_per_task,
                                             cfg.reward.math_timeout_s)
     finally:

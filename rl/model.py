@@ -22,6 +22,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from envs import harmony
+
 VOCAB_MAP_FILE = "vocab_map.json"
 
 
@@ -67,7 +69,7 @@ class VocabMap:
         n = len(self.canonical)
         # ids past the map (padding rows of the embedding) cannot be sampled after training, but
         # untrusted output must never crash: map them to <|endoftext|>.
-        return [self.canonical[i] if 0 <= i < n else 199999 for i in ids]
+        return [self.canonical[i] if 0 <= i < n else harmony.ENDOFTEXT for i in ids]
 
     def covers(self, ids: Iterable[int]) -> bool:
         return self.canonical is None or all(i in self._index for i in ids)
@@ -86,8 +88,6 @@ class VocabMap:
 
 def collect_vocab(texts: Iterable[str], extra_ids: Iterable[int] = ()) -> VocabMap:
     """Every id the corpus produces, rendered as Harmony prompts and completions, plus all specials."""
-    from envs import harmony
-
     ids: set[int] = set(harmony.special_token_ids()) | set(extra_ids)
     for text in texts:
         ids.update(harmony.encode(text))
@@ -141,7 +141,7 @@ def build_tiny_model(cfg: dict, corpus: Iterable[str], out_dir: str | os.PathLik
     vmap = collect_vocab(corpus)
     vocab_size = -(-len(vmap) // 64) * 64  # pad rows to a multiple of 64
     # Special ids inside the HF config are model ids: <|return|>, <|call|> stop; <|endoftext|> pads.
-    config = tiny_config(vocab_size, cfg, vmap.to_model([200002, 200012]), vmap.to_model([199999])[0])
+    config = tiny_config(vocab_size, cfg, vmap.to_model(list(harmony.STOP_TOKENS)), vmap.to_model([harmony.ENDOFTEXT])[0])
     torch.manual_seed(seed)
     model = GptOssForCausalLM(config)
     save_checkpoint(model, vmap, out_dir)
@@ -200,7 +200,6 @@ def _o200k_token_bytes() -> dict[int, bytes]:
     """rank -> token bytes, from the verified o200k_base.tiktoken (envs.harmony rebuilds it offline)."""
     import base64
 
-    from envs import harmony
 
     folder = harmony.ensure_vocab()
     if folder is None:

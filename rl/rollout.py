@@ -86,6 +86,7 @@ import torch
 
 from envs.harmony import STOP_TOKENS
 from rl.model import VocabMap
+from rl.seeds import request_seed
 
 FINISH_REASONS = ("stop", "length")
 
@@ -434,7 +435,7 @@ class RolloutEngine:
     ) -> list[list[Completion]]:
         """`n` completions for each prompt (canonical ids); result[i][j] is sample j of prompt i.
 
-        `seed`: sample j of prompt i uses seed*1_000_003 + i*n + j (mod 2^31), so callers that
+        `seed`: prompt i samples from `rl.seeds.request_seed(seed, i, n)`, so callers that
         give workers seed, seed+1, ... never share a stream. `stop=False` ignores the Harmony stop
         tokens and samples exactly `max_tokens` (benchmarks).
         """
@@ -454,7 +455,7 @@ class RolloutEngine:
             if not 0 < len(p) < limit:
                 raise ValueError(f"prompt {i} has {len(p)} ids; need 1 .. {limit - 1} ({limit=})")
             batch.append(TokensPrompt(prompt_token_ids=self.vocab.to_model(p)))
-        seeds = [None if seed is None else (seed * 1_000_003 + i * n) % 2**31 for i in range(len(batch))]
+        seeds = [None if seed is None else request_seed(seed, i, n) for i in range(len(batch))]
         params = [self._sampling_params(n, temperature, top_p, max_tokens, s, stop) for s in seeds]
         t0 = time.perf_counter()
         outputs = self.llm.generate(batch, params, use_tqdm=False)

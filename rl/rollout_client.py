@@ -7,7 +7,7 @@ import logging
 from typing import Any, Sequence
 
 from envs import harmony
-from rl.types import Sample, Task
+from envs.types import Sample, Task
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import torch
 
 from envs import harmony
 from rl.model import VocabMap, hf_tokenizer, load_policy, save_checkpoint
-from rl.types import EFFORTS, Task
+from envs.types import EFFORTS, Task
 
 
 def slip_final(final: str, rng: random.Random) -> str:

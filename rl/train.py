@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from rl import checkpoint
+from rl import checkpoint, seeds
+from rl.seeds import eval_seed
 from rl.algorithms import get_advantage_fn
 from rl.config import hydra_main
 from rl.data import TaskStream, make_env
@@ -169,7 +170,7 @@ def periodic_eval(state: TrainState) -> None:
     from rl.evaluate import evaluate_policy
 
     cfg = state.cfg
-    gen = engine_generate(state.workers[0], cfg, temperature=cfg.eval.temperature, seed=cfg.seed + 7919)
+    gen = engine_generate(state.workers[0], cfg, temperature=cfg.eval.temperature, seed=eval_seed(cfg.seed))
     res = evaluate_policy(gen, state.test_tasks, cfg.eval.efforts, cfg.eval.samples_per_task,
                           cfg.reward.math_timeout_s)
     for effort, m in res.items():
@@ -195,7 +196,7 @@ def train(cfg, policy_path: str | None = None) -> TrainState:
     while state.step < cfg.train.steps:
         timer = Timer()
         tasks = state.stream.next(cfg.train.tasks_per_step)
-        step_seed = cfg.seed * 1_000_003 + state.step * 7_919
+        step_seed = seeds.step_seed(cfg.seed, state.step)
         with timer("rollout"):
             samples = rollout_with_restart(state, tasks, cfg.env.efforts, cfg.algo.group_size, cfg, step_seed)
         with timer("reward"):

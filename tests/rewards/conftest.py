@@ -2,7 +2,7 @@
 import pytest
 
 from envs.harmony import END, parse_completion, render_completion, render_prompt
-from rl.types import Sample
+from envs.types import Sample
 
 
 def build_sample(final, analysis="Think.", effort="high", answer="408", question="Compute 17*24.",

@@ -59,7 +59,7 @@ def test_sft_traces_earn_full_length_reward(make_sample, effort):
 def test_malformed_output_earns_no_length_credit():
     from envs.harmony import Transcript
     from rewards.effort import EffortLengthReward
-    from rl.types import Sample
+    from envs.types import Sample
 
     bad = Transcript(analysis_tokens=5, format_ok=False, error="no final-channel message")
     s = Sample("t", "math", "low", [], [], [], [], bad)

@@ -7,7 +7,7 @@ import rewards
 from rewards import registry
 from rewards.effort import EffortLengthReward
 from rewards.format import format_reward
-from rl.types import RewardResult
+from rewards.types import RewardResult
 
 
 @pytest.fixture

@@ -118,7 +118,8 @@ def test_dapo_filter_drops_groups_whose_rewards_are_all_equal():
 
     from envs.harmony import Transcript
     from rl.train import advantages
-    from rl.types import RewardResult, Sample
+    from envs.types import Sample
+    from rewards.types import RewardResult
 
     def sample(task):
         return Sample(task, "math", "low", [1], [2], [1], [-0.5], Transcript())

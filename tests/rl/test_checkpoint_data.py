@@ -3,7 +3,7 @@ from pathlib import Path
 
 from rl import checkpoint
 from rl.data import TaskStream
-from rl.types import Task
+from envs.types import Task
 
 
 def _write(p: Path):

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from rewards.registry import register_reward
 from rl.config import validate
-from rl.types import RewardResult
+from rewards.types import RewardResult
 
 pytestmark = pytest.mark.slow
 

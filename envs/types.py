@@ -1,12 +1,35 @@
-"""Small types that cross process boundaries (DESIGN §3). Keep them small and picklable."""
+"""The types that cross package and process boundaries (docs/ARCHITECTURE.md, "Seams").
+
+They live at the bottom layer, beside the Harmony I/O that fills them, so `rewards` and `rl` import
+them downwards and nothing imports upwards. Keep them small and picklable: they travel through Ray.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from envs.harmony import Transcript
+EFFORTS = ("low", "medium", "high")  # Harmony's `Reasoning: low|medium|high`, in increasing order
 
-EFFORTS = ("low", "medium", "high")
+
+@dataclass
+class Message:
+    """One parsed assistant message."""
+
+    channel: str | None
+    recipient: str | None
+    text: str
+
+
+@dataclass
+class Transcript:
+    """A parsed completion. `final` is None when no final-channel message was produced."""
+
+    messages: list[Message] = field(default_factory=list)
+    analysis: str = ""
+    final: str | None = None
+    analysis_tokens: int = 0  # tokens of analysis-channel content (CoT length)
+    format_ok: bool = True
+    error: str | None = None
 
 
 @dataclass
@@ -39,12 +62,3 @@ class Sample:
     def group_key(self) -> tuple[str, str]:
         """GRPO group: same task and same effort."""
         return (self.task_id, self.effort)
-
-
-@dataclass
-class RewardResult:
-    """What a reward plugin returns: a score, named parts for logging, free-form info."""
-
-    score: float
-    parts: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)

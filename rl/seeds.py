@@ -1,0 +1,26 @@
+"""Seed mixing, named once: every derived seed in a run comes from here.
+
+A run's `seed` fans out to per-step rollout seeds, per-request sampling seeds and the evaluation
+stream. The multipliers are primes, so streams of different steps / requests never coincide for the
+run lengths we use.
+"""
+from __future__ import annotations
+
+STEP_PRIME = 7_919  # distance between the rollout seeds of consecutive steps
+RUN_PRIME = 1_000_003  # distance between runs (and between requests of one engine call)
+EVAL_OFFSET = 7_919  # evaluation samples from a stream distinct from training's
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The rollout seed of training step `step` (worker i adds i)."""
+    return seed * RUN_PRIME + step * STEP_PRIME
+
+
+def request_seed(seed: int, index: int, n: int) -> int:
+    """vLLM seed of prompt `index` in one engine call with `n` samples per prompt (sample j is the
+    j-th draw of that stream), folded into 31 bits."""
+    return (seed * RUN_PRIME + index * n) % 2**31
+
+
+def eval_seed(seed: int) -> int:
+    return seed + EVAL_OFFSET
