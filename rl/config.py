@@ -1,11 +1,17 @@
 """Typed, documented config schema (Hydra structured configs), validated at start.
 
-The YAML tree under `conf/` composes the values; `validate(cfg)` merges them onto these dataclasses so
-a misspelt key or a wrong type fails at start with one line naming the key. Each run writes the
-resolved config to `<run_dir>/config.yaml`.
+The YAML tree under `conf/` holds only what an experiment changes; every default lives here, once.
+`validate(cfg)` merges the composed values onto these dataclasses and returns a `Config` *object*:
+components receive typed dataclasses (`cfg.learner` is a `LearnerConfig`), never string-keyed dicts.
+A misspelt key, a wrong type or a value outside a field's declared choices fails at start with one
+line naming the key. Each run writes its resolved config to `<run_dir>/config.yaml`.
+
+Fields with a fixed set of values declare it where they are declared (`choice(...)`); `validate`
+checks every such field, lists included, and the cross-field rules in `_checks`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -15,10 +21,20 @@ from omegaconf.errors import OmegaConfBaseException
 
 from envs.types import EFFORTS
 
+KERNELS = ("deliberate", "stock")
+
+
+def choice(default, options, comment: str = ""):
+    """A field whose value (or each element, for a list) must be one of `options`."""
+    options = tuple(options)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"choices": options})
+    return field(default=default, metadata={"choices": options})
+
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"
+    name: str = "tiny"  # tiny = build from the fields below when path is null; otherwise a label for path
     path: Optional[str] = None  # HF folder; null = build the tiny model into the run folder
     hidden_size: int = 192  # multiple of 32 (MXFP4 groups)
     intermediate_size: int = 192  # expert width, multiple of 32
@@ -31,20 +47,20 @@ class ModelConfig:
     sliding_window: int = 64
     max_position_embeddings: int = 4096
     initializer_range: float = 0.02
-    dtype: str = "float32"  # learner master weights
 
 
 @dataclass
 class EnvConfig:
-    name: str = "math"  # procedural arithmetic (envs.math_tasks) or "dataset"
+    name: str = choice("math", ("math", "dataset"))  # procedural arithmetic (envs.math_tasks) | a dataset file
     difficulty: int = 1  # MathEnv difficulty level (1..3; see envs/math_tasks.DIFFICULTY)
-    families: list[str] = field(default_factory=lambda: ["add", "mul", "muladd", "chain"])  # MathEnv problem kinds
-    dataset: Optional[str] = None  # local jsonl/parquet path or Hub name (env.name=dataset)
-    question_key: str = "question"
-    answer_key: str = "answer"
+    families: list[str] = choice(["add", "mul", "muladd", "chain"],
+                                 ("add", "mul", "muladd", "chain", "digit_sum"))  # MathEnv problem kinds
+    dataset: Optional[str] = None  # env.name=dataset: local jsonl/json/parquet/csv path or Hub name
+    question_key: str = "question"  # dataset column with the question
+    answer_key: str = "answer"  # dataset column with the gold answer
+    answer_format: str = choice("raw", ("raw", "gsm8k"))  # gsm8k keeps what follows "####" in the answer
     train_size: int = 20000  # tasks in the training pool (cycled by the data cursor)
-    test_size: int = 200  # held-out tasks for evaluation
-    efforts: list[str] = field(default_factory=lambda: list(EFFORTS))  # rolled out per task
+    efforts: list[str] = choice(list(EFFORTS), EFFORTS)  # each task is rolled out at every one of these
 
 
 @dataclass
@@ -55,96 +71,128 @@ class SFTConfig:
     batch_size: int = 16
     lr: float = 1e-3
     warmup_steps: int = 20
-    lr_scheduler: str = "cosine"
+    lr_scheduler: str = "cosine"  # any transformers scheduler name
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    logging_steps: int = 25
+    logging_steps: int = 25  # a progress line (loss, lr, ETA) every this many steps
     num_threads: int = 2
-    progress: bool = False
-    kernels: str = "deliberate"  # deliberate | stock (transformers modules)
+    kernels: str = choice("deliberate", KERNELS)  # our MoE/attention kernels | transformers' modules
     final_slip_rate: float = 0.0  # fraction of cold-start traces whose final is off by one (imperfect teacher)
 
 
 @dataclass
 class AlgoConfig:
-    name: str = "grpo"
-    advantage: str = "grpo"  # grpo (mean/std) | dr_grpo (mean only)
-    loss_agg: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
+    advantage: str = choice("grpo", ("grpo", "dr_grpo"))  # mean/std | mean only (rl/algorithms.py)
+    loss_agg: str = choice("token_mean", ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"))
     clip_low: float = 0.2
     clip_high: float = 0.2  # > clip_low = DAPO clip-higher
     kl_coef: float = 0.0  # k3 KL to the initial policy; 0 = no reference model
     entropy_coef: float = 0.0  # > 0 entropy bonus, < 0 entropy minimisation (loss -= coef * H)
-    max_tokens: Optional[int] = None  # Dr.GRPO normaliser (defaults to rollout.max_tokens)
+    max_tokens: Optional[int] = None  # seq_mean_token_sum_norm's constant normaliser; null = rollout.max_tokens
     group_size: int = 8  # samples per (task, effort)
     filter_zero_std: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
     mini_batches: int = 1  # optimizer steps per pass over a rollout batch (shuffled split)
     ppo_epochs: int = 1  # passes over each rollout batch
-    old_logprobs: str = "recompute"  # recompute (learner no-grad pass) | behavior (rollout engine's)
+    old_logprobs: str = choice("recompute", ("recompute", "behavior"))  # learner no-grad pass | engine's
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "vllm"
-    num_workers: int = 1
+    """The one schema for rollout: sampling, worker pool and vLLM engine settings."""
+
+    engine: str = choice("vllm", ("vllm",))  # rollout engine (rl/engine.py)
+    num_workers: int = 1  # engines (Ray actors)
     temperature: float = 1.0  # gpt-oss recommends 1.0
     top_p: float = 1.0
     max_tokens: int = 320  # completion budget (analysis + final)
-    max_model_len: int = 512
-    kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE
-    dtype: str = "float32"
+    max_model_len: int = 512  # prompt + completion tokens per sequence
+    max_restarts: int = 2  # a crashed worker is restarted and its requests re-sent, this many times a step
     num_cpus: float = 1.0  # Ray CPUs per worker
-    num_threads: Optional[int] = 1  # engine threads; on 2 CPU cores vLLM runs 3-5x faster with 1 than 2
+    num_gpus: float = 0.0  # Ray GPUs per worker (tensor_parallel_size on a GPU node)
+    dtype: str = choice("float32", ("float32", "bfloat16", "float16", "auto"))  # fp32 on CPU: log-probs match the learner
+    kv_cache_gib: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE (whole GiB)
+    gpu_memory_utilization: float = 0.5  # GPU: fraction of device memory vLLM may take
+    tensor_parallel_size: int = 1  # GPU: shards per engine
+    enforce_eager: bool = True  # no torch.compile / CUDA graphs: start-up in seconds, not minutes
+    enable_prefix_caching: bool = True  # n samples of one prompt share its KV blocks
     max_num_seqs: int = 256  # sequences batched per engine step
-    max_restarts: int = 2  # a crashed worker is restarted and the step retried
+    # torch/OMP threads per engine; 1 is fastest on the 2-core box (tiny ops pay an OMP barrier each).
+    num_threads: Optional[int] = 1
+    log_level: str = "WARNING"  # VLLM_LOGGING_LEVEL unless already set in the environment
+
+
+@dataclass
+class LrScale:
+    """One `learner.lr_scale` rule: parameters whose name `re.search`es `pattern` get lr x `scale`."""
+
+    pattern: str = "."
+    scale: float = 1.0  # 0 freezes
 
 
 @dataclass
 class LearnerConfig:
     lr: float = 2e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])  # AdamW (beta1, beta2)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     warmup_steps: int = 0  # linear lr warm-up over this many optimizer steps
     micro_batch_size: int = 16
-    kernels: str = "deliberate"  # deliberate (our MoE/attention/log-prob kernels) | stock (transformers)
+    kernels: str = choice("deliberate", KERNELS)  # our MoE/attention/log-prob kernels | transformers'
     qat: bool = False  # experts forward on fake-quantised MXFP4 weights (STE); rollout gets those weights
-    # {regex on parameter names: lr multiplier}; first match wins, 0 freezes. E.g.
-    # {"norm\\.weight$": 1.0, ".": 0.0} trains only the RMSNorm gains (experiment=tiny; README says why).
-    lr_scale: dict[str, float] = field(default_factory=dict)
+    # Ordered rules, first match wins; unmatched parameters train at 1.0. On the command line:
+    # learner.lr_scale='[{pattern:"norm\.weight$",scale:1.0},{pattern:".",scale:0.0}]' (norm gains
+    # only); learner.lr_scale=[] trains every parameter.
+    lr_scale: list[LrScale] = field(default_factory=list)
     freeze_router: bool = False  # keep MoE routers fixed during RL (top-k flips destabilise updates)
     sync_mxfp4: bool = False  # send MXFP4-quantised experts to the rollout engine even without QAT
-    logprob_chunk: int = 1024
-    dtype: str = "float32"
+    logprob_chunk: int = 1024  # vocabulary rows per chunk of the selective log-softmax
+    dtype: str = choice("float32", ("float32", "bfloat16"))  # master weights
     num_threads: int = 2
     num_cpus: float = 1.0  # Ray CPUs for the learner actor
+    num_gpus: float = 0.0  # Ray GPUs for the learner actor
     temperature: float = 1.0  # must match rollout.temperature (log-probs of the sampling distribution)
 
 
 @dataclass
 class RewardConfig:
-    weights: dict[str, float] = field(default_factory=lambda: {"math": 1.0, "effort_length": 0.2})
-    math_timeout_s: float = 5.0
-    effort_budgets: dict[str, int] = field(default_factory=lambda: {"low": 16, "medium": 64, "high": 256})
-    plugins: list[Any] = field(default_factory=list)  # extra `_target_` specs or registered names
+    """`terms` has the composite's own shape: {name: {weight: w, **options}} (rewards/compose.py);
+    a name is a registered reward, or give `_target_` for a Hydra-built one."""
+
+    terms: dict[str, Any] = field(default_factory=lambda: {
+        "math": {"weight": 1.0, "timeout_s": 5.0},
+        "effort_length": {"weight": 0.2, "budgets": {"low": 16, "medium": 64, "high": 256}},
+    })
+    on_error: str = choice("zero", ("zero", "raise"))  # a plugin that raises/hangs: score 0 + count | stop
+    timeout_s: float = 60.0  # hard budget for one plugin call on a batch; past it: on_error
 
 
 @dataclass
 class EvalConfig:
     every: int = 0  # held-out eval every N steps during training (0 = off)
-    tasks: int = 200
+    tasks: int = 200  # held-out tasks (the env's test split)
     samples_per_task: int = 1
     temperature: float = 1.0
-    efforts: list[str] = field(default_factory=lambda: list(EFFORTS))
+    efforts: list[str] = choice(list(EFFORTS), EFFORTS)
+    metric: str = "math"  # reward term whose score is "accuracy" (the training reward's own plugin)
     checkpoints: list[str] = field(default_factory=list)  # `python -m rl.evaluate` only: HF folders
     out_dir: Optional[str] = None  # `python -m rl.evaluate` only: where eval.{json,md} go
 
 
 @dataclass
 class ClusterConfig:
-    address: Optional[str] = None  # null = embedded local Ray; "auto" or "ray://host:10001" joins one
+    address: Optional[str] = None  # null = embedded local Ray; "auto" or "host:6379" joins a running one
     num_cpus: Optional[int] = None  # local Ray only
     namespace: str = "deliberate"
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True  # <run_dir>/tensorboard
+    wandb: bool = False  # Weights & Biases (pip install .[wandb])
+    wandb_project: str = "deliberate"
+    wandb_mode: str = choice("offline", ("offline", "online", "disabled"))  # offline needs no network
+    progress: bool = True  # progress lines/bars for long stages (SFT, eval)
 
 
 @dataclass
@@ -159,7 +207,7 @@ class TrainConfig:
 class Config:
     seed: int = 0
     run_dir: str = "outputs/run"
-    resume: bool = False
+    resume: bool = False  # continue from the last complete checkpoint in <run_dir>/checkpoints
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -169,7 +217,11 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def register_schema() -> None:
@@ -187,16 +239,30 @@ def hydra_main(fn) -> None:
 
     register_schema()
 
-    conf_dir = str(Path(__file__).resolve().parents[1] / "conf")
-
-    @hydra.main(config_path=conf_dir, config_name="config", version_base=None)
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def _run(cfg):
         from hydra.core.hydra_config import HydraConfig
 
         cfg.run_dir = HydraConfig.get().runtime.output_dir
-        fn(validate(cfg))
+        try:
+            validated = validate(cfg)
+        except ConfigError as exc:
+            raise SystemExit(f"config error: {exc}") from None
+        fn(validated)
 
     _run()
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The validated config for command-line `overrides`, without running an app (tests, notebooks)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = hydra_compose("config", overrides=list(overrides))
+    return validate(cfg)
 
 
 class ConfigError(ValueError):
@@ -207,34 +273,70 @@ def _betas_ok(betas) -> bool:
     return len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)
 
 
-def validate(cfg: DictConfig | dict) -> DictConfig:
-    """Merge onto the schema: unknown keys and wrong types fail with one line naming the key."""
+def _check_choices(node, prefix: str = "") -> None:
+    """Every `choice(...)` field of the dataclass tree holds one of its options."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, key + ".")
+        options = f.metadata.get("choices")
+        if options is None:
+            continue
+        bad = [v for v in (value if isinstance(value, list) else [value]) if v not in options]
+        if bad:
+            raise ConfigError(f"bad config key '{key}': must be one of {list(options)}, got {value}")
+
+
+def _checks(c: Config) -> list[tuple[bool, str, str]]:
+    """Cross-field and range rules: (ok, key, what it must be)."""
+    return [
+        (c.algo.mini_batches >= 1, "algo.mini_batches", ">= 1"),
+        (c.algo.ppo_epochs >= 1, "algo.ppo_epochs", ">= 1"),
+        (c.algo.group_size >= 2, "algo.group_size", ">= 2 (GRPO needs a group)"),
+        (c.algo.max_tokens is None or c.algo.max_tokens >= 1, "algo.max_tokens", ">= 1 or null"),
+        (all(r.scale >= 0 for r in c.learner.lr_scale), "learner.lr_scale", "scales >= 0 (0 freezes)"),
+        (_betas_ok(c.sft.betas), "sft.betas", "[beta1, beta2] each in [0, 1)"),
+        (_betas_ok(c.learner.betas), "learner.betas", "[beta1, beta2] each in [0, 1)"),
+        (c.rollout.max_tokens < c.rollout.max_model_len, "rollout.max_tokens",
+         "< rollout.max_model_len (prompt must fit)"),
+        (c.rollout.num_workers >= 1, "rollout.num_workers", ">= 1"),
+        (c.rollout.kv_cache_gib > 0, "rollout.kv_cache_gib", "> 0"),
+        (0 < c.rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "in (0, 1]"),
+        (c.rollout.num_threads is None or c.rollout.num_threads >= 1, "rollout.num_threads", ">= 1 or null"),
+        (c.learner.temperature == c.rollout.temperature, "learner.temperature", "== rollout.temperature"),
+        (c.eval.temperature > 0 or c.eval.samples_per_task == 1, "eval.samples_per_task",
+         "1 for greedy decoding (eval.temperature=0)"),
+        (c.eval.metric in c.reward.terms, "eval.metric", f"a reward term ({sorted(c.reward.terms)})"),
+        (c.env.name != "dataset" or bool(c.env.dataset), "env.dataset", "a file or Hub name when env.name=dataset"),
+        (c.model.path is not None or c.model.name == "tiny", "model.path",
+         f"an HF checkpoint folder for model.name={c.model.name!r} (only 'tiny' is built)"),
+        (c.reward.timeout_s > 0, "reward.timeout_s", "> 0"),
+        (c.train.checkpoint_every >= 1, "train.checkpoint_every", ">= 1"),
+        (c.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1"),
+    ]
+
+
+def validate(cfg: DictConfig | dict | Config) -> Config:
+    """Merge onto the schema and return the typed `Config`; a bad key fails with one line naming it."""
     schema = OmegaConf.structured(Config)
     try:
         merged = OmegaConf.merge(schema, cfg)
+        c: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError(f"bad config key '{key}': {str(exc).splitlines()[0]}") from None
-    checks = [
-        (merged.algo.advantage in ("grpo", "dr_grpo"), "algo.advantage", "grpo | dr_grpo"),
-        (merged.learner.kernels in ("deliberate", "stock"), "learner.kernels", "deliberate | stock"),
-        (merged.sft.kernels in ("deliberate", "stock"), "sft.kernels", "deliberate | stock"),
-        (all(e in EFFORTS for e in merged.env.efforts), "env.efforts", "low|medium|high"),
-        (merged.algo.mini_batches >= 1, "algo.mini_batches", ">= 1"),
-        (merged.algo.ppo_epochs >= 1, "algo.ppo_epochs", ">= 1"),
-        (merged.algo.old_logprobs in ("recompute", "behavior"), "algo.old_logprobs", "recompute | behavior"),
-        (all(v >= 0 for v in merged.learner.lr_scale.values()), "learner.lr_scale", "multipliers >= 0"),
-        (_betas_ok(merged.sft.betas), "sft.betas", "[beta1, beta2] each in [0, 1)"),
-        (_betas_ok(merged.learner.betas), "learner.betas", "[beta1, beta2] each in [0, 1)"),
-        (merged.algo.group_size >= 2, "algo.group_size", ">= 2 (GRPO needs a group)"),
-        (merged.rollout.max_tokens < merged.rollout.max_model_len, "rollout.max_tokens",
-         "< rollout.max_model_len (prompt must fit)"),
-        (merged.learner.temperature == merged.rollout.temperature, "learner.temperature",
-         "== rollout.temperature"),
-        (merged.eval.temperature > 0 or merged.eval.samples_per_task == 1, "eval.samples_per_task",
-         "1 for greedy decoding (eval.temperature=0)"),
-    ]
-    for ok, key, want in checks:
+    _check_choices(c)
+    for ok, key, want in _checks(c):
         if not ok:
             raise ConfigError(f"bad config key '{key}': must be {want}, got {OmegaConf.select(merged, key)}")
-    return merged
+    for name, term in c.reward.terms.items():
+        if not isinstance(term, dict) or "weight" not in term:
+            raise ConfigError(f"bad config key 'reward.terms.{name}': must be a mapping with 'weight', got {term!r}")
+    if c.algo.max_tokens is None:
+        c.algo.max_tokens = c.rollout.max_tokens  # Dr.GRPO's documented default, resolved once here
+    return c
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what each run writes next to its outputs)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
