@@ -29,27 +29,53 @@ def _group_index(group_ids: Sequence[Hashable]) -> Tensor:
     return torch.tensor([dense.setdefault(g, len(dense)) for g in group_ids], dtype=torch.long)
 
 
-def _group_stats(rewards: Tensor, group_ids: Sequence[Hashable]) -> tuple[Tensor, Tensor]:
-    """Per-sample group mean and (unbiased=False) std: both (N,)."""
+def _group_stats(rewards: Tensor, group_ids: Sequence[Hashable]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample group mean, (unbiased=False) std and "all rewards equal" flag: each (N,).
+
+    Computed in float64; a group whose rewards are all equal is flagged from its min and max, not
+    from its std: a float32 mean of equal values can be one rounding step off (e.g. 8 x 1.2), which
+    would give every member (step / (step + eps)) ~ 0.1 instead of 0."""
     idx = _group_index(group_ids)
     n_groups = int(idx.max()) + 1 if len(idx) else 0
-    count = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, idx, torch.ones_like(rewards))
-    mean = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, idx, rewards) / count
-    sq = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, idx, (rewards - mean[idx]) ** 2)
+    r = rewards.to(torch.float64)
+    count = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, idx, torch.ones_like(r))
+    mean = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, idx, r) / count
+    sq = torch.zeros(n_groups, dtype=r.dtype).index_add_(0, idx, (r - mean[idx]) ** 2)
     std = (sq / count).sqrt()
-    return mean[idx], std[idx]
+    lo = torch.full((n_groups,), float("inf"), dtype=r.dtype).scatter_reduce(0, idx, r, "amin")
+    hi = torch.full((n_groups,), float("-inf"), dtype=r.dtype).scatter_reduce(0, idx, r, "amax")
+    return mean[idx], std[idx], (lo == hi)[idx]
 
 
 def grpo_advantages(rewards: Tensor, group_ids: Sequence[Hashable], eps: float = 1e-6) -> Tensor:
-    """(r - group mean) / (group std + eps). rewards: (N,) -> (N,). Constant groups give 0."""
-    mean, std = _group_stats(rewards, group_ids)
-    return (rewards - mean) / (std + eps)
+    """(r - group mean) / (group std + eps). rewards: (N,) -> (N,) float32. Constant groups give
+    exactly 0.
+
+    >>> grpo_advantages(torch.full((8,), 1.2), ["g"] * 8).abs().max().item()
+    0.0
+    """
+    mean, std, constant = _group_stats(rewards, group_ids)
+    adv = (rewards.to(torch.float64) - mean) / (std + eps)
+    return torch.where(constant, torch.zeros_like(adv), adv).to(torch.float32)
 
 
 def dr_grpo_advantages(rewards: Tensor, group_ids: Sequence[Hashable], eps: float = 0.0) -> Tensor:
-    """Dr.GRPO: r - group mean, no std normalisation. rewards: (N,) -> (N,)."""
-    mean, _ = _group_stats(rewards, group_ids)
-    return rewards - mean
+    """Dr.GRPO: r - group mean, no std normalisation. rewards: (N,) -> (N,) float32; constant groups
+    give exactly 0."""
+    mean, _, constant = _group_stats(rewards, group_ids)
+    adv = rewards.to(torch.float64) - mean
+    return torch.where(constant, torch.zeros_like(adv), adv).to(torch.float32)
+
+
+def informative_groups(rewards: Tensor, group_ids: Sequence[Hashable]) -> Tensor:
+    """DAPO dynamic sampling: (N,) bool, True for samples whose group's rewards are not all equal (a
+    constant group has zero advantage and only dilutes the token-mean loss).
+
+    >>> informative_groups(torch.tensor([1.0, 1.0, 0.0, 1.0]), ["a", "a", "b", "b"]).tolist()
+    [False, False, True, True]
+    """
+    _, _, constant = _group_stats(rewards, group_ids)
+    return ~constant
 
 
 ADVANTAGES: dict[str, Callable[..., Tensor]] = {
@@ -74,7 +100,7 @@ def aggregate(values: Tensor, mask: Tensor, mode: str, max_tokens: int | None = 
     """Reduce per-token values (B, T) with mask (B, T) to a scalar.
 
     token_mean: sum / #tokens in batch. seq_mean_token_mean: mean over sequences of per-sequence
-    token means (original GRPO). seq_mean_token_sum_norm: sum / (B * max_tokens) (Dr.GRPO).
+    token means (original GRPO). seq_mean_token_sum_norm: sum / (B * max_tokens) (Dr.GRPO; max_tokens is a constant, required).
     """
     mask = mask.to(values.dtype)
     if mode == "token_mean":
@@ -83,8 +109,12 @@ def aggregate(values: Tensor, mask: Tensor, mode: str, max_tokens: int | None = 
         per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
         return per_seq.mean()
     if mode == "seq_mean_token_sum_norm":
-        norm = max_tokens if max_tokens is not None else values.shape[-1]
-        return (values * mask).sum() / (values.shape[0] * norm)
+        if max_tokens is None or max_tokens < 1:
+            # The padded width would make the normaliser depend on each micro-batch's longest sample:
+            # the length bias Dr.GRPO removes, and a gradient scale that moves with micro_batch_size.
+            raise ValueError("loss_agg='seq_mean_token_sum_norm' needs a constant max_tokens "
+                             "(algo.max_tokens; defaults to rollout.max_tokens)")
+        return (values * mask).sum() / (values.shape[0] * max_tokens)
     raise KeyError(
         f"algo.loss_agg={mode!r} is unknown; valid: "
         "['seq_mean_token_mean', 'seq_mean_token_sum_norm', 'token_mean']"

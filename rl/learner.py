@@ -1,11 +1,16 @@
 """Learner: holds the policy, recomputes log-probs, takes GRPO optimizer steps, hands out weights.
 
 Algorithm-blind (STYLE 11): the advantage is computed by the train loop; the loss is
-`rl.algorithms.policy_loss` with the clip range/aggregation from the `algo` config. The learner only
-turns `Sample`-like dicts (canonical ids) into padded tensors, runs forward/backward with AdamW and
-gradient clipping, and returns float metrics.
+`rl.algorithms.policy_loss` with the clip range/aggregation from the `algo` config. The learner's
+input is one `rl.batch.TrainBatch` of tensors (built by `rl.batch.collate`); it runs forward/backward
+with AdamW and gradient clipping and returns float metrics.
 
-Run as a Ray actor (`LearnerActor`) in the pipeline, or in-process (tests, SFT). Log-probs use the
+The KL reference (`algo.kl_coef > 0`) is the policy the learner was constructed from, for the whole
+run: a resumed run constructs the learner from the same initial policy and then `load`s the
+checkpoint's weights and optimizer into it.
+
+Run as a Ray actor (`RemoteLearner` wraps the handle behind the same methods) in the pipeline, or
+in-process (tests, benches). Log-probs use the
 chunked selective log-softmax from `kernels.logprobs` when `learner.kernels=deliberate` (never builds
 (B, T, V) logits) and the MoE/attention kernels from `kernels.patch`; `learner.kernels=stock` keeps
 transformers' modules and full logits.
@@ -15,29 +20,17 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from rl.algorithms import policy_loss
-from rl.model import VocabMap, load_policy, save_checkpoint
+from rl.batch import TrainBatch
+from rl.config import AlgoConfig, LearnerConfig, LrScale
+from rl.model import load_policy, save_checkpoint
 
 LEARNER_STATE = "learner_state.pt"
-
-
-def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
-    """Right-pad to (B, L): input_ids, attention_mask, loss_mask."""
-    L = max(len(s) for s in seqs)
-    B = len(seqs)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, L), dtype=torch.long)
-    lmask = torch.zeros((B, L), dtype=torch.float32)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        lmask[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
-    return ids, attn, lmask
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunked: bool,
@@ -79,19 +72,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return (place(lp), place(ent)) if with_entropy else place(lp)
 
 
-def completion_values(batch: list[dict[str, Any]], values: list[list[float] | None], like: torch.Tensor) -> torch.Tensor:
-    """Per-completion-token values (log-probs) laid out like the padded batch `like` (B, L): sample i's
-    values start at its prompt length; positions without a value (prompt, padding, None) are 0."""
-    out = torch.zeros_like(like)
-    for i, (b, v) in enumerate(zip(batch, values)):
-        if v:
-            p = len(b["prompt_ids"])
-            out[i, p : p + len(v)] = torch.tensor(v, dtype=out.dtype)
-    return out
-
-
-def param_groups(model: torch.nn.Module, lr_scale: dict[str, float]) -> list[dict[str, Any]]:
-    """Optimizer groups from `learner.lr_scale` = {regex on parameter names: lr multiplier}.
+def param_groups(model: torch.nn.Module, lr_scale: Sequence[LrScale]) -> list[dict[str, Any]]:
+    """Optimizer groups from `learner.lr_scale` = ordered [LrScale(pattern, scale)] rules.
 
     The first pattern that `re.search`es a name sets its multiplier (unmatched: 1.0); 0 freezes the
     parameter (requires_grad off, no optimizer state, no backward through it if nothing above needs it).
@@ -99,7 +81,8 @@ def param_groups(model: torch.nn.Module, lr_scale: dict[str, float]) -> list[dic
     error (a typo would otherwise silently train everything), as is freezing every parameter.
 
     >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
-    >>> [(g["lr_scale"], len(g["params"])) for g in param_groups(m, {r"^0\\.": 0.0, r"bias": 0.1})]
+    >>> rules = [LrScale(r"^0\\.", 0.0), LrScale("bias", 0.1)]
+    >>> [(g["lr_scale"], len(g["params"])) for g in param_groups(m, rules)]
     [(1.0, 1), (0.1, 1)]
     >>> m[0].weight.requires_grad
     False
@@ -107,14 +90,14 @@ def param_groups(model: torch.nn.Module, lr_scale: dict[str, float]) -> list[dic
     import re
 
     pats = []
-    for pattern, scale in lr_scale.items():
+    for rule in lr_scale:
         try:
-            pats.append((re.compile(pattern), float(scale)))
+            pats.append((re.compile(rule.pattern), float(rule.scale)))
         except re.error as exc:
-            raise ValueError(f"learner.lr_scale: {pattern!r} is not a regular expression ({exc})") from None
-        if float(scale) < 0:
-            raise ValueError(f"learner.lr_scale[{pattern!r}]={scale}: multipliers must be >= 0 (0 freezes)")
-    hits = dict.fromkeys(lr_scale, 0)
+            raise ValueError(f"learner.lr_scale: {rule.pattern!r} is not a regular expression ({exc})") from None
+        if float(rule.scale) < 0:
+            raise ValueError(f"learner.lr_scale {rule.pattern!r}: scale {rule.scale} must be >= 0 (0 freezes)")
+    hits = {rule.pattern: 0 for rule in lr_scale}
     groups: dict[float, list[torch.nn.Parameter]] = {}
     for name, param in model.named_parameters():
         scale = 1.0
@@ -135,46 +118,38 @@ def param_groups(model: torch.nn.Module, lr_scale: dict[str, float]) -> list[dic
 
 
 class Learner:
-    """Policy + optimizer. `cfg` is the `learner` config node, `algo` the `algo` node (dicts)."""
+    """Policy + optimizer, configured by the typed `learner` and `algo` config objects."""
 
-    def __init__(self, model_path: str, cfg: dict, algo: dict, seed: int = 0):
+    def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgoConfig, seed: int = 0):
         torch.manual_seed(seed)
-        if cfg.get("num_threads"):
-            torch.set_num_threads(int(cfg["num_threads"]))
-        self.cfg, self.algo = dict(cfg), dict(algo)
-        dtype = getattr(torch, cfg.get("dtype", "float32"))
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.cfg, self.algo = cfg, algo
+        dtype = getattr(torch, cfg.dtype)
         self.model, self.vmap = load_policy(model_path, dtype=dtype)
-        self.kernels = cfg.get("kernels", "stock")
-        self.qat = bool(cfg.get("qat", False))
         # The rollout engine gets MXFP4-quantised experts (what a gpt-oss engine serves) under QAT or
         # when asked; without QAT the learner then computes on different experts than the sampler.
-        self.sync_mxfp4 = self.qat or bool(cfg.get("sync_mxfp4", False))
-        if self.kernels == "deliberate":
+        self.sync_mxfp4 = cfg.qat or cfg.sync_mxfp4
+        if cfg.qat and cfg.kernels != "deliberate":
+            raise ValueError("learner.qat=true needs learner.kernels=deliberate (QAT runs in our MoE kernel)")
+        if cfg.kernels == "deliberate":
             from kernels.patch import apply_kernels
 
-            apply_kernels(self.model, qat=self.qat)
-        elif self.kernels != "stock":
-            raise ValueError(f"learner.kernels={self.kernels!r}; valid: ['deliberate', 'stock']")
-        if self.qat and self.kernels != "deliberate":
-            raise ValueError("learner.qat=true needs learner.kernels=deliberate (QAT runs in our MoE kernel)")
+            apply_kernels(self.model, qat=cfg.qat)
         self.model.train()
-        self.pad_id = self.model.config.pad_token_id or 0
         self.n_vocab = None if self.vmap.canonical is None else len(self.vmap)
         self.ref = None
-        if algo.get("kl_coef", 0.0) > 0:
+        if algo.kl_coef > 0:  # the initial policy, whatever checkpoint `load` brings in later
             self.ref, _ = load_policy(model_path, dtype=dtype)
             self.ref.eval().requires_grad_(False)
-        if cfg.get("freeze_router", False):
+        if cfg.freeze_router:
             # MoE RL is unstable when small updates flip top-k routing; keep the routing fixed.
             for name, p in self.model.named_parameters():
                 if ".mlp.router." in name:
                     p.requires_grad_(False)
-        groups = param_groups(self.model, cfg.get("lr_scale") or {})
+        groups = param_groups(self.model, cfg.lr_scale)
         self.trainable = [p for g in groups for p in g["params"]]
-        self.opt = torch.optim.AdamW(
-            groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))),
-            weight_decay=cfg.get("weight_decay", 0.0),
-        )
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.step = 0  # train_step calls (rollout batches)
         self.opt_steps = 0  # optimizer steps (mini-batches x epochs per train_step)
 
@@ -182,42 +157,21 @@ class Learner:
         """Linear warm-up over `learner.warmup_steps` optimizer steps. Adam's first steps are sign
         updates of size lr on every parameter (m/sqrt(v) = g/|g| after bias correction), so a noisy
         policy gradient at full lr moves every weight by lr at once; the warm-up lets v settle first."""
-        warmup = int(self.cfg.get("warmup_steps", 0))
-        return self.cfg["lr"] * min(1.0, (self.opt_steps + 1) / warmup) if warmup > 0 else self.cfg["lr"]
+        warmup = self.cfg.warmup_steps
+        return self.cfg.lr * min(1.0, (self.opt_steps + 1) / warmup) if warmup > 0 else self.cfg.lr
 
-    # ---- batches -------------------------------------------------------------------------------
-    @staticmethod
-    def _completion_positions(batch: list[dict[str, Any]], like: torch.Tensor) -> torch.Tensor:
-        """(B, L) bool, True on each sample's completion tokens (what the learner scores)."""
-        pos = torch.zeros(like.shape, dtype=torch.bool)
-        for i, b in enumerate(batch):
-            pos[i, len(b["prompt_ids"]) : len(b["prompt_ids"]) + len(b["completion_ids"])] = True
-        return pos
-
-    def _tensors(self, batch: list[dict[str, Any]]):
-        seqs = [self.vmap.to_model(b["prompt_ids"] + b["completion_ids"]) for b in batch]
-        masks = [[0] * len(b["prompt_ids"]) + list(b["loss_mask"]) for b in batch]
-        ids, attn, lmask = pad_batch(seqs, masks, self.pad_id)
-        behav = completion_values(batch, [b.get("behavior_logprobs") for b in batch], lmask)
-        adv = torch.tensor([float(b.get("advantage", 0.0)) for b in batch])
-        return ids, attn, lmask, behav, adv
-
-    def _logprobs(self, model, ids, attn, positions=None, with_entropy: bool = False):
-        return token_logprobs(model, ids, attn, chunked=self.kernels == "deliberate", positions=positions,
-                              temperature=self.cfg.get("temperature", 1.0),
-                              chunk_size=self.cfg.get("logprob_chunk", 1024), n_vocab=self.n_vocab,
-                              with_entropy=with_entropy)
+    def _logprobs(self, model, batch: TrainBatch, with_entropy: bool = False):
+        return token_logprobs(model, batch.input_ids, batch.attention_mask, chunked=self.cfg.kernels == "deliberate",
+                              positions=batch.completion_mask, temperature=self.cfg.temperature,
+                              chunk_size=self.cfg.logprob_chunk, n_vocab=self.n_vocab, with_entropy=with_entropy)
 
     @torch.no_grad()
-    def logprobs(self, batch: list[dict[str, Any]]) -> list[list[float]]:
-        """Learner log-probs of each sample's completion tokens (canonical-id samples in)."""
-        ids, attn, lmask, _, _ = self._tensors(batch)
-        lp = self._logprobs(self.model, ids, attn, positions=self._completion_positions(batch, lmask))
-        return [lp[i, len(b["prompt_ids"]) : len(b["prompt_ids"]) + len(b["completion_ids"])].tolist()
-                for i, b in enumerate(batch)]
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        """(B, L) learner log-probs of the completion tokens (0 elsewhere)."""
+        return self._logprobs(self.model, batch)
 
     # ---- update --------------------------------------------------------------------------------
-    def train_step(self, batch: list[dict[str, Any]]) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """PPO-style update on one rollout batch: `algo.ppo_epochs` passes, each split (shuffled) into
         `algo.mini_batches` optimizer steps, each accumulated over micro-batches; returns metrics
         averaged over the optimizer steps.
@@ -228,84 +182,70 @@ class Learner:
         as verl) or behavior (the rollout engine's, no extra pass; they match the learner's to ~1e-6
         in fp32, see the rollout_logprob_diff metric).
         """
-        n_mini = int(self.algo.get("mini_batches", 1))
-        epochs = int(self.algo.get("ppo_epochs", 1))
-        if n_mini < 1 or epochs < 1:
-            raise ValueError(f"algo.mini_batches={n_mini} and algo.ppo_epochs={epochs} must be >= 1")
-        n_mini = min(n_mini, len(batch))
-        old = None
+        if batch.size == 0:
+            raise ValueError("train_step got an empty batch")
+        n_mini = min(self.algo.mini_batches, batch.size)
+        epochs = self.algo.ppo_epochs
+        old = None  # (B, L); None: on-policy, old = current
         if n_mini * epochs > 1:
-            source = self.algo.get("old_logprobs", "recompute")
-            if source == "recompute":
-                old = self.logprobs(batch)
-            elif source == "behavior":
-                old = [b.get("behavior_logprobs") for b in batch]
-                if any(o is None or len(o) != len(b["completion_ids"]) for o, b in zip(old, batch)):
-                    raise ValueError("algo.old_logprobs=behavior needs behavior_logprobs for every completion token")
-            else:
-                raise ValueError(f"algo.old_logprobs={source!r}; valid: ['behavior', 'recompute']")
+            old = self.logprobs(batch) if self.algo.old_logprobs == "recompute" else batch.behavior_logprobs
         sums: dict[str, float] = {}
         n_steps = 0
         for _ in range(epochs):
-            order = torch.randperm(len(batch)).tolist() if n_mini > 1 else list(range(len(batch)))
-            for chunk in torch.tensor_split(torch.tensor(order), n_mini):
-                idx = chunk.tolist()
-                m = self._optimizer_step([batch[i] for i in idx], None if old is None else [old[i] for i in idx])
+            order = torch.randperm(batch.size) if n_mini > 1 else torch.arange(batch.size)
+            for idx in torch.tensor_split(order, n_mini):
+                part_old = None if old is None else old[idx]
+                m = self._optimizer_step(batch.select(idx), part_old)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_steps += 1
         self.step += 1
         metrics = {k: v / n_steps for k, v in sums.items()}
-        metrics["tokens"] = float(sum(sum(b["loss_mask"]) for b in batch))
+        metrics["tokens"] = batch.num_tokens()
         metrics["optimizer_steps"] = float(n_steps)
         return metrics
 
-    def _optimizer_step(self, batch: list[dict[str, Any]], old: list[list[float]] | None) -> dict[str, float]:
-        """One AdamW step on `batch`, accumulated over micro-batches; `old` = per-sample old log-probs of
-        the completion tokens (None: on-policy, old = current)."""
-        mb = int(self.cfg.get("micro_batch_size", len(batch)))
+    def _optimizer_step(self, batch: TrainBatch, old: torch.Tensor | None) -> dict[str, float]:
+        """One AdamW step on `batch`, accumulated over micro-batches; `old` (B, L') = old log-probs
+        (None: on-policy, old = current)."""
         # Micro-batches of similar lengths pad less; the loss is a weighted sum over micro-batches, so
         # the order only changes the float summation order.
-        order = sorted(range(len(batch)), key=lambda i: len(batch[i]["prompt_ids"]) + len(batch[i]["completion_ids"]))
-        batch, old = [batch[i] for i in order], None if old is None else [old[i] for i in order]
-        total_tokens = float(sum(sum(b["loss_mask"]) for b in batch))
-        agg = self.algo.get("loss_agg", "token_mean")
+        order = torch.argsort(batch.lengths, stable=True)
+        total_tokens = max(batch.num_tokens(), 1.0)
+        agg = self.algo.loss_agg
         self.opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for start in range(0, len(batch), mb):
-            part = batch[start : start + mb]
-            ids, attn, lmask, behav, adv = self._tensors(part)
-            pos = self._completion_positions(part, lmask)
-            lp, ent = self._logprobs(self.model, ids, attn, positions=pos, with_entropy=True)  # (b, L) each
-            old_lp = lp.detach() if old is None else completion_values(part, old[start : start + mb], lmask)
+        for idx in torch.split(order, self.cfg.micro_batch_size):
+            part = batch.select(idx)
+            lp, ent = self._logprobs(self.model, part, with_entropy=True)  # (b, l) each
+            old_lp = lp.detach() if old is None else old[idx][:, : lp.shape[1]]
             ref_lp = None
             if self.ref is not None:
                 with torch.no_grad():
-                    ref_lp = self._logprobs(self.ref, ids, attn, positions=pos)
+                    ref_lp = self._logprobs(self.ref, part)
             loss, m = policy_loss(
-                lp, old_lp, adv, lmask,
-                clip_low=self.algo.get("clip_low", 0.2), clip_high=self.algo.get("clip_high", 0.2),
-                loss_agg=agg, max_tokens=self.algo.get("max_tokens"),
-                ref_logprobs=ref_lp, kl_coef=self.algo.get("kl_coef", 0.0),
-                entropy=ent, entropy_coef=self.algo.get("entropy_coef", 0.0),
+                lp, old_lp, part.advantages, part.loss_mask,
+                clip_low=self.algo.clip_low, clip_high=self.algo.clip_high,
+                loss_agg=agg, max_tokens=self.algo.max_tokens,
+                ref_logprobs=ref_lp, kl_coef=self.algo.kl_coef,
+                entropy=ent, entropy_coef=self.algo.entropy_coef,
             )
             # Re-weight micro-batch means so the sum equals the full-batch aggregate.
-            n_tok = float(lmask.sum())
-            weight = n_tok / max(total_tokens, 1.0) if agg == "token_mean" else len(part) / len(batch)
+            weight = part.num_tokens() / total_tokens if agg == "token_mean" else part.size / batch.size
             (loss * weight).backward()
             with torch.no_grad():
-                tok = lmask.bool()
+                tok = part.loss_mask.bool()
                 learner_lp = lp.detach()[tok]
-                diff = behav[tok] - learner_lp  # behaviour vs learner log-prob gap
+                diff = part.behavior_logprobs[tok] - learner_lp  # behaviour vs learner log-prob gap
                 gaps = {"rollout_logprob_diff": float(diff.abs().mean()), "rollout_kl": float(diff.mean()),
                         "entropy_proxy": float(-learner_lp.mean())} if diff.numel() else \
                     dict.fromkeys(("rollout_logprob_diff", "rollout_kl", "entropy_proxy"), 0.0)
                 for k, v in {**m, "loss": float(loss), **gaps}.items():
                     sums[k] = sums.get(k, 0.0) + v * weight
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.get("grad_clip", 1.0))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
         lr = self._lr()
         for group in self.opt.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr * group["lr_scale"]
         self.opt.step()
         self.opt_steps += 1
         return {**sums, "grad_norm": float(grad_norm), "lr": lr}
@@ -320,8 +260,15 @@ class Learner:
             state.update(quantized_expert_weights(self.model))  # exactly the QAT forward's experts
         return state
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """What `WorkerPool.update_weights` takes (the same call on `RemoteLearner` gives an ObjectRef)."""
+        return self.state_for_sync()
+
+    def close(self) -> None:
+        """Nothing to release in-process (`RemoteLearner.close` kills its actor)."""
+
     def save(self, path: str | os.PathLike) -> None:
-        """HF checkpoint + optimizer/step/RNG in `path` (caller makes the whole folder atomic)."""
+        """HF checkpoint + optimizer/step/RNG in `path` (the caller makes the whole folder atomic)."""
         path = Path(path)
         save_checkpoint(self.model, self.vmap, path)
         torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "opt_steps": self.opt_steps,
@@ -329,23 +276,54 @@ class Learner:
                    path / LEARNER_STATE)
 
     def load(self, path: str | os.PathLike) -> None:
-        """Restore weights, optimizer, step and RNG saved by `save`."""
-        from safetensors.torch import load_file
+        """Restore weights (model.safetensors or the shards its index names, MXFP4 experts decoded),
+        optimizer, step and RNG saved by `save`. The KL reference stays the initial policy."""
+        from kernels.mxfp4_checkpoint import read_state_dict, unpack_state_dict
 
         path = Path(path)
-        state = load_file(str(path / "model.safetensors"))
+        state = unpack_state_dict(read_state_dict(path), getattr(torch, self.cfg.dtype))
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k]:
             raise RuntimeError(f"checkpoint {path} does not match the policy: {missing=} {unexpected=}")
         extra = torch.load(path / LEARNER_STATE, weights_only=False)
         self.opt.load_state_dict(extra["optimizer"])
         self.step = extra["step"]
-        self.opt_steps = extra.get("opt_steps", self.step)
+        self.opt_steps = extra["opt_steps"]
         set_rng_state(extra["rng"])
 
     def get_step(self) -> int:
         return self.step
 
+
+class RemoteLearner:
+    """A `Learner` in a Ray actor behind the same methods (each call waits for its result), so the
+    train loop takes either. `weights()` returns an ObjectRef: the tensors go actor to actor through
+    Ray's object store and never through the driver."""
+
+    def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgoConfig, seed: int = 0):
+        import ray
+
+        self._ray = ray
+        self.actor = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(Learner).remote(
+            model_path, cfg, algo, seed)
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        return self._ray.get(self.actor.train_step.remote(batch))
+
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        return self._ray.get(self.actor.logprobs.remote(batch))
+
+    def weights(self):
+        return self.actor.state_for_sync.remote()
+
+    def save(self, path) -> None:
+        self._ray.get(self.actor.save.remote(str(path)))
+
+    def load(self, path) -> None:
+        self._ray.get(self.actor.load.remote(str(path)))
+
+    def close(self) -> None:
+        self._ray.kill(self.actor, no_restart=True)
 
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
@@ -355,10 +333,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-
-
-def learner_actor(num_cpus: float = 1):
-    """The Learner as a Ray actor class."""
-    import ray
-
-    return ray.remote(num_cpus=num_cpus)(Learner)

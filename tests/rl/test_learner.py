@@ -3,36 +3,57 @@ import pytest
 import torch
 
 from envs import harmony
+from envs.types import Sample, Transcript
+from rl.batch import TrainBatch, collate
+from rl.config import AlgoConfig, LearnerConfig, LrScale
 from rl.learner import Learner
+from rl.model import VocabMap
+
+VMAP: dict = {}
 
 
+def _learner(policy, algo=None, **cfg):
+    cfg.setdefault("kernels", "deliberate")
+    return Learner(str(policy), LearnerConfig(**cfg), AlgoConfig(**(algo or {})), seed=0)
 
-def _batch(adv):
+
+def _samples(adv, behavior=None):
     prompt = harmony.render_prompt("Compute 3+4+5+6.", "high")
     good = harmony.render_completion("3+4=7.", "18")
     bad = harmony.render_completion("3+4=8.", "19")
-    return [{"prompt_ids": prompt, "completion_ids": c, "loss_mask": [1] * len(c), "advantage": a}
-            for c, a in zip([good, bad], adv)]
+    out = []
+    for i, c in enumerate([good, bad] * (len(adv) // 2)):
+        lp = [0.0] * len(c) if behavior is None else behavior[i]
+        out.append(Sample("t", "math", "high", prompt, c, [1] * len(c), lp, Transcript()))
+    return out
+
+
+def _batch(adv, policy=None, behavior=None, samples=None) -> TrainBatch:
+    vmap = VMAP.setdefault("v", VocabMap.load(policy)) if policy is not None else VMAP["v"]
+    return collate(samples or _samples(adv, behavior), adv, vmap.to_model, pad_id=0)
+
+
+def _sums(lp: torch.Tensor) -> list[float]:
+    return lp.sum(-1).tolist()
 
 
 @pytest.mark.parametrize("kernels", ["deliberate", "stock"])
 def test_step_raises_positive_and_lowers_negative_advantage(policy, kernels):
-    learner = Learner(str(policy), {"lr": 1e-3, "kernels": kernels}, {}, seed=0)
-    batch = _batch([1.0, -1.0])
-    before = [sum(x) for x in learner.logprobs(batch)]
+    learner = _learner(policy, lr=1e-3, kernels=kernels)
+    batch = _batch([1.0, -1.0], policy)
+    before = _sums(learner.logprobs(batch))
     for _ in range(3):
         metrics = learner.train_step(batch)
-    after = [sum(x) for x in learner.logprobs(batch)]
+    after = _sums(learner.logprobs(batch))
     assert after[0] > before[0] and after[1] < before[1]
     assert metrics["grad_norm"] > 0 and learner.step == 3
 
 
 def test_deliberate_kernels_match_stock_logprobs_and_grads(policy):
-    a = Learner(str(policy), {"lr": 0.0, "kernels": "deliberate"}, {}, seed=0)
-    b = Learner(str(policy), {"lr": 0.0, "kernels": "stock"}, {}, seed=0)
-    batch = _batch([1.0, -0.5])
-    for x, y in zip(a.logprobs(batch), b.logprobs(batch)):
-        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=1e-4, atol=1e-5)
+    a = _learner(policy, lr=0.0, kernels="deliberate")
+    b = _learner(policy, lr=0.0, kernels="stock")
+    batch = _batch([1.0, -0.5], policy)
+    torch.testing.assert_close(a.logprobs(batch), b.logprobs(batch), rtol=1e-4, atol=1e-5)
     a.train_step(batch)
     b.train_step(batch)
     for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
@@ -44,13 +65,14 @@ def test_logprobs_on_positions_equal_the_full_pass_there(policy, chunked):
     """Scoring only the completion rows gives the full pass' values (and gradients) there, 0 elsewhere."""
     from rl.learner import token_logprobs
 
-    learner = Learner(str(policy), {"lr": 0.0, "kernels": "deliberate" if chunked else "stock"}, {}, seed=0)
-    batch = _batch([1.0, -1.0])
-    batch[1]["completion_ids"] = batch[1]["completion_ids"][:-3]  # unequal lengths: padding in row 1
-    batch[1]["loss_mask"] = batch[1]["loss_mask"][:-3]
-    ids, attn, lmask, _, _ = learner._tensors(batch)
-    pos = learner._completion_positions(batch, lmask)
-    assert pos.sum() == sum(len(b["completion_ids"]) for b in batch) and not pos[:, 0].any()
+    learner = _learner(policy, lr=0.0, kernels="deliberate" if chunked else "stock")
+    samples = _samples([1.0, -1.0])
+    s1 = samples[1]  # unequal lengths: padding in row 1
+    s1.completion_ids, s1.loss_mask, s1.behavior_logprobs = (x[:-3] for x in (s1.completion_ids, s1.loss_mask,
+                                                                               s1.behavior_logprobs))
+    batch = _batch([1.0, -1.0], policy, samples=samples)
+    ids, attn, pos = batch.input_ids, batch.attention_mask, batch.completion_mask
+    assert pos.sum() == sum(len(x.completion_ids) for x in samples) and not pos[:, 0].any()
     runs = []
     for positions in (None, pos):
         learner.model.zero_grad(set_to_none=True)
@@ -67,10 +89,10 @@ def test_logprobs_on_positions_equal_the_full_pass_there(policy, chunked):
 
 
 def test_save_load_restores_optimizer_and_step(policy, tmp_path):
-    a = Learner(str(policy), {"lr": 1e-3, "kernels": "deliberate"}, {}, seed=0)
-    a.train_step(_batch([1.0, -1.0]))
+    a = _learner(policy, lr=1e-3)
+    a.train_step(_batch([1.0, -1.0], policy))
     a.save(tmp_path / "ck")
-    b = Learner(str(tmp_path / "ck"), {"lr": 1e-3, "kernels": "deliberate"}, {}, seed=0)
+    b = _learner(policy, lr=1e-3)  # built from the initial policy, as a resumed run does
     b.load(tmp_path / "ck")
     assert b.step == 1
     ma, mb = a.train_step(_batch([0.5, -0.5])), b.train_step(_batch([0.5, -0.5]))
@@ -79,48 +101,44 @@ def test_save_load_restores_optimizer_and_step(policy, tmp_path):
         torch.testing.assert_close(p, q)
 
 
-def _batch4():
-    return _batch([1.0, -1.0]) + _batch([0.5, -0.5])
+def _batch4(policy=None, behavior=None):
+    return _batch([1.0, -1.0, 0.5, -0.5], policy, behavior)
 
 
 @pytest.mark.parametrize("source", ["recompute", "behavior"])
 def test_mini_batches_align_old_logprobs_with_tokens(policy, source):
     """lr 0: every mini-batch step is on-policy, so a correctly placed old log-prob gives ratio 1 exactly
     (one token of misalignment would not)."""
-    learner = Learner(str(policy), {"lr": 0.0, "kernels": "deliberate"},
-                      {"mini_batches": 2, "ppo_epochs": 2, "old_logprobs": source}, seed=0)
-    batch = _batch4()
-    for b, lp in zip(batch, learner.logprobs(batch)):
-        b["behavior_logprobs"] = lp
+    learner = _learner(policy, {"mini_batches": 2, "ppo_epochs": 2, "old_logprobs": source}, lr=0.0)
+    batch = _batch4(policy)
+    batch = batch._replace(behavior_logprobs=learner.logprobs(batch))
     m = learner.train_step(batch)
     assert m["optimizer_steps"] == 4 and learner.step == 1
     assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and m["clip_frac"] == 0.0
 
 
 def test_ppo_epochs_go_off_policy_and_the_clip_engages(policy):
-    learner = Learner(str(policy), {"lr": 3e-3, "kernels": "deliberate"},
-                      {"mini_batches": 2, "ppo_epochs": 3, "clip_low": 0.1, "clip_high": 0.1}, seed=0)
-    batch = _batch4()
-    before = [sum(x) for x in learner.logprobs(batch)]
+    learner = _learner(policy, {"mini_batches": 2, "ppo_epochs": 3, "clip_low": 0.1, "clip_high": 0.1}, lr=3e-3)
+    batch = _batch4(policy)
+    before = _sums(learner.logprobs(batch))
     m = learner.train_step(batch)
-    after = [sum(x) for x in learner.logprobs(batch)]
+    after = _sums(learner.logprobs(batch))
     assert m["optimizer_steps"] == 6 and m["clip_frac"] > 0 and m["ratio_mean"] != pytest.approx(1.0, abs=1e-6)
     assert after[0] - after[1] > before[0] - before[1] + 0.5  # the margin of good over bad widens
 
 
-def test_behavior_old_logprobs_must_cover_every_token(policy):
-    learner = Learner(str(policy), {"lr": 1e-3, "kernels": "deliberate"},
-                      {"mini_batches": 2, "old_logprobs": "behavior"}, seed=0)
-    with pytest.raises(ValueError, match="behavior_logprobs"):
-        learner.train_step(_batch4())
+def test_collate_refuses_samples_without_behaviour_logprobs_for_every_token(policy):
+    samples = _samples([1.0, -1.0])
+    samples[0].behavior_logprobs = samples[0].behavior_logprobs[:-1]
+    with pytest.raises(ValueError, match="behaviour log-probs"):
+        _batch([1.0, -1.0], policy, samples=samples)
 
 
 def test_lr_warms_up_per_optimizer_step_and_resumes(policy, tmp_path):
-    cfg = {"lr": 1e-3, "kernels": "deliberate", "warmup_steps": 4}
-    a = Learner(str(policy), cfg, {"mini_batches": 2}, seed=0)
-    assert a.train_step(_batch4())["lr"] == pytest.approx(1e-3 * (1 + 2) / 4 / 2)  # steps 1 and 2 of 4
+    a = _learner(policy, {"mini_batches": 2}, lr=1e-3, warmup_steps=4)
+    assert a.train_step(_batch4(policy))["lr"] == pytest.approx(1e-3 * (1 + 2) / 4 / 2)  # steps 1 and 2 of 4
     a.save(tmp_path / "ck")
-    b = Learner(str(tmp_path / "ck"), cfg, {"mini_batches": 2}, seed=0)
+    b = _learner(policy, {"mini_batches": 2}, lr=1e-3, warmup_steps=4)
     b.load(tmp_path / "ck")
     assert b.train_step(_batch4())["lr"] == pytest.approx(1e-3 * (3 / 4 + 1) / 2)  # steps 3 and 4 (full)
 
@@ -128,8 +146,8 @@ def test_lr_warms_up_per_optimizer_step_and_resumes(policy, tmp_path):
 @pytest.mark.parametrize("kernels", ["deliberate", "stock"])
 def test_entropy_minimisation_lowers_entropy(policy, kernels):
     """Zero advantages: only the entropy term acts, and a negative coefficient sharpens the policy."""
-    learner = Learner(str(policy), {"lr": 1e-3, "kernels": kernels}, {"entropy_coef": -1.0}, seed=0)
-    batch = _batch([0.0, 0.0])
+    learner = _learner(policy, {"entropy_coef": -1.0}, lr=1e-3, kernels=kernels)
+    batch = _batch([0.0, 0.0], policy)
     first = learner.train_step(batch)["entropy"]
     for _ in range(3):
         last = learner.train_step(batch)["entropy"]
@@ -139,11 +157,10 @@ def test_entropy_minimisation_lowers_entropy(policy, kernels):
 def test_lr_scale_freezes_scales_and_leaves_the_rest(policy):
     """learner.lr_scale: 0 freezes (no change, no grad), a multiplier scales Adam's step (first step
     is a sign step of size lr x multiplier), unmatched parameters keep the base lr."""
-    cfg = {"lr": 1e-3, "kernels": "deliberate",
-           "lr_scale": {r"^model\.(embed_tokens|layers)\.": 0.0, r"^model\.norm\.": 0.5}}
-    learner = Learner(str(policy), cfg, {}, seed=0)
+    rules = [LrScale(r"^model\.(embed_tokens|layers)\.", 0.0), LrScale(r"^model\.norm\.", 0.5)]
+    learner = _learner(policy, lr=1e-3, lr_scale=rules)
     start = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
-    learner.train_step(_batch([1.0, -1.0]))
+    learner.train_step(_batch([1.0, -1.0], policy))
     for n, p in learner.model.named_parameters():
         step = (p.detach() - start[n]).abs()
         if n.startswith(("model.embed_tokens.", "model.layers.")):
@@ -156,12 +173,57 @@ def test_lr_scale_freezes_scales_and_leaves_the_rest(policy):
                                                   if not n.startswith(("model.embed_tokens.", "model.layers."))}
 
 
-@pytest.mark.parametrize("lr_scale, message", [
-    ({"^no_such_param": 0.0}, "match no parameter"),
-    ({".": 0.0}, "freezes every parameter"),
-    ({"lm_head": -1.0}, ">= 0"),
-    ({"(": 1.0}, "not a regular expression"),
+@pytest.mark.parametrize("pattern, scale, message", [
+    ("^no_such_param", 0.0, "match no parameter"),
+    (".", 0.0, "freezes every parameter"),
+    ("lm_head", -1.0, ">= 0"),
+    ("(", 1.0, "not a regular expression"),
 ])
-def test_lr_scale_bad_values_name_the_problem(policy, lr_scale, message):
+def test_lr_scale_bad_values_name_the_problem(policy, pattern, scale, message):
     with pytest.raises(ValueError, match=message):
-        Learner(str(policy), {"lr": 1e-3, "kernels": "deliberate", "lr_scale": lr_scale}, {}, seed=0)
+        _learner(policy, lr=1e-3, lr_scale=[LrScale(pattern, scale)])
+
+
+def test_kl_reference_stays_the_initial_policy_after_load(policy, tmp_path):
+    """A resumed run loads a checkpoint into a learner built from the initial policy: the KL term must
+    still measure the distance to the initial policy (so it is > 0 right after the load)."""
+    a = _learner(policy, {"kl_coef": 0.1}, lr=1e-2)
+    for _ in range(3):
+        a.train_step(_batch([1.0, -1.0], policy))
+    a.save(tmp_path / "ck")
+    b = _learner(policy, {"kl_coef": 0.1}, lr=0.0)
+    b.load(tmp_path / "ck")
+    kl_after_load = b.train_step(_batch([1.0, -1.0]))["kl_ref"]
+    assert kl_after_load > 1e-6  # a reference rebuilt from the checkpoint would give exactly 0
+    fresh = _learner(policy, {"kl_coef": 0.1}, lr=0.0)
+    assert fresh.train_step(_batch([1.0, -1.0]))["kl_ref"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_load_reads_a_sharded_checkpoint(policy, tmp_path):
+    """A checkpoint saved as shards + model.safetensors.index.json (how large models are saved)."""
+    a = _learner(policy, lr=1e-2)
+    a.train_step(_batch([1.0, -1.0], policy))
+    a.save(tmp_path / "ck")
+    a.model.save_pretrained(tmp_path / "ck", max_shard_size="200KB")  # replaces the single file
+    (tmp_path / "ck" / "model.safetensors").unlink(missing_ok=True)
+    assert (tmp_path / "ck" / "model.safetensors.index.json").exists()
+    b = _learner(policy, lr=1e-2)
+    b.load(tmp_path / "ck")
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_dr_grpo_gradient_does_not_depend_on_micro_batch_size(policy):
+    """seq_mean_token_sum_norm divides by a constant (algo.max_tokens): the gradient is the same
+    whatever the micro-batching (a per-micro-batch padded width would change it)."""
+    grads = []
+    for mb in (1, 4):
+        learner = _learner(policy, {"advantage": "dr_grpo", "loss_agg": "seq_mean_token_sum_norm",
+                                    "max_tokens": 64}, lr=0.0, micro_batch_size=mb)
+        samples = _samples([1.0, -1.0, 0.5, -0.5])
+        samples[1].completion_ids = samples[1].completion_ids[:-4]  # unequal lengths
+        samples[1].loss_mask, samples[1].behavior_logprobs = samples[1].loss_mask[:-4], samples[1].behavior_logprobs[:-4]
+        learner.train_step(_batch([1.0, -1.0, 0.5, -0.5], policy, samples=samples))
+        grads.append({n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7, msg=n)
