@@ -9,10 +9,11 @@ from __future__ import annotations
 import random
 
 from envs.types import Task
+from rl.config import EnvConfig
 
 
-def make_env(env_cfg, seed: int):
-    """The task environment named by `env.name` ("math" or "dataset")."""
+def make_env(env_cfg: EnvConfig, seed: int):
+    """The task environment named by `env.name` ("math" or "dataset"; the schema checks the choice)."""
     if env_cfg.name == "math":
         from envs.math_tasks import MathEnv
 
@@ -20,8 +21,8 @@ def make_env(env_cfg, seed: int):
     if env_cfg.name == "dataset":
         from envs.datasets_loader import DatasetEnv
 
-        return DatasetEnv(env_cfg.dataset, question_key=env_cfg.question_key,
-                          answer_key=env_cfg.answer_key)
+        return DatasetEnv(env_cfg.dataset, question_key=env_cfg.question_key, answer_key=env_cfg.answer_key,
+                          answer_format=env_cfg.answer_format)
     raise ValueError(f"env.name={env_cfg.name!r} is unknown; valid: ['dataset', 'math']")
 
 
