@@ -1,63 +1,65 @@
-"""Evaluate checkpoints × reasoning efforts on held-out tasks.
+"""Evaluate checkpoints × reasoning efforts on held-out tasks, through the training reward.
 
-Metrics per (checkpoint, effort): accuracy (math-verify on the final channel), mean CoT tokens
-(analysis-channel tokens), format-failure rate (no parsable final). Writes `eval.json` and
-`eval.md` to the output folder and prints a table per effort.
+Metrics per (checkpoint, effort): accuracy (the score of reward term `eval.metric`, "math" by default:
+the very plugin training is rewarded by, so train and eval can never disagree on what is correct),
+mean reward, mean CoT tokens (analysis-channel tokens), format-failure rate (no parsable final).
+Writes `eval.json` and `eval.md` to the output folder and prints a table per effort.
 
-Run:  python -m rl.evaluate 'eval.checkpoints=[outputs/x/sft,outputs/x/checkpoints/step_000020]' \
+Run:  python -m rl.evaluate 'eval.checkpoints=[outputs/x/sft,outputs/x/checkpoints/step_000020]' \\
           eval.out_dir=outputs/x/eval       (any Hydra overrides of conf/config.yaml also apply)
-One vLLM engine serves every checkpoint: weights are swapped in place between checkpoints.
+One worker pool serves every checkpoint: weights are swapped in place between checkpoints.
 """
 from __future__ import annotations
 
 import json
 import statistics
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from envs import harmony
 from envs.types import Task
+from rl.config import Config
 from rl.seeds import eval_seed
 
-GenerateFn = Callable[[list[list[int]], int], list[list]]  # (prompts, n) -> completions per prompt
+COLUMNS = ("accuracy", "reward", "cot_tokens", "format_failure", "n")
+HEADERS = ("accuracy", "mean reward", "mean CoT tokens", "format failures", "n")
 
 
-def evaluate_policy(generate: GenerateFn, tasks: Sequence[Task], efforts: Sequence[str],
-                    samples_per_task: int = 1, timeout_s: float = 5.0) -> dict[str, dict[str, float]]:
-    """{effort: {accuracy, cot_tokens, format_failure, n}} for one policy behind `generate`."""
-    from rewards.math_verify_reward import verify_batch
+def evaluate_policy(pool, tasks: Sequence[Task], cfg: Config, reward) -> dict[str, dict[str, float]]:
+    """{effort: {accuracy, reward, cot_tokens, format_failure, n}} for the policy `pool` samples from
+    (anything with `WorkerPool.generate`), scored by `reward` (a `CompositeReward`)."""
+    from rl.workers import to_sample
 
     out: dict[str, dict[str, float]] = {}
-    for effort in efforts:
+    for effort in cfg.eval.efforts:
         prompts = [harmony.render_prompt(t.question, effort, t.developer) for t in tasks]
-        completions = generate(prompts, samples_per_task)
-        transcripts, golds = [], []
-        for task, comps in zip(tasks, completions):
-            for c in comps:
-                transcripts.append(harmony.parse_completion(c.ids))
-                golds.append(str(task.metadata["answer"]))
-        scores = verify_batch([(t.final, g) for t, g in zip(transcripts, golds)], timeout_s=timeout_s)
-        n = len(transcripts)
+        completions = pool.generate(prompts, cfg.eval.samples_per_task, temperature=cfg.eval.temperature,
+                                    seed=eval_seed(cfg.seed))
+        samples = [to_sample(t, effort, p, c) for t, p, comps in zip(tasks, prompts, completions) for c in comps]
+        results = reward.score_batch(samples)
+        n = len(samples)
         out[effort] = {
-            "accuracy": sum(scores) / n,
-            "cot_tokens": statistics.fmean(t.analysis_tokens for t in transcripts),
-            "format_failure": sum(not t.format_ok for t in transcripts) / n,
+            "accuracy": sum(r.parts.get(cfg.eval.metric, 0.0) for r in results) / n,
+            "reward": sum(r.score for r in results) / n,
+            "cot_tokens": statistics.fmean(s.transcript.analysis_tokens for s in samples),
+            "format_failure": sum(not s.transcript.format_ok for s in samples) / n,
             "n": n,
         }
     return out
 
 
+def _cells(m: dict[str, float]) -> list[str]:
+    return [f"{m['accuracy']:.3f}", f"{m['reward']:.3f}", f"{m['cot_tokens']:.1f}", f"{m['format_failure']:.3f}",
+            str(m["n"])]
+
+
 def markdown_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     """One table per effort: rows = checkpoints."""
-    efforts = list(next(iter(results.values())).keys())
     lines = []
-    for effort in efforts:
-        lines += [f"### Reasoning: {effort}", "", "| checkpoint | accuracy | mean CoT tokens | format failures | n |",
-                  "|---|---:|---:|---:|---:|"]
-        for name, per_effort in results.items():
-            m = per_effort[effort]
-            lines.append(f"| {name} | {m['accuracy']:.3f} | {m['cot_tokens']:.1f} | "
-                         f"{m['format_failure']:.3f} | {m['n']} |")
+    for effort in next(iter(results.values())):
+        lines += [f"### Reasoning: {effort}", "", "| checkpoint | " + " | ".join(HEADERS) + " |",
+                  "|---|" + "---:|" * len(HEADERS)]
+        lines += [f"| {name} | " + " | ".join(_cells(per[effort])) + " |" for name, per in results.items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -69,12 +71,11 @@ def print_tables(results: dict[str, dict[str, dict[str, float]]]) -> None:
     console = Console()
     for effort in next(iter(results.values())):
         table = Table(title=f"Reasoning: {effort}")
-        for col in ("checkpoint", "accuracy", "mean CoT tokens", "format failures", "n"):
-            table.add_column(col, justify="left" if col == "checkpoint" else "right")
+        table.add_column("checkpoint")
+        for col in HEADERS:
+            table.add_column(col, justify="right")
         for name, per_effort in results.items():
-            m = per_effort[effort]
-            table.add_row(name, f"{m['accuracy']:.3f}", f"{m['cot_tokens']:.1f}",
-                          f"{m['format_failure']:.3f}", str(m["n"]))
+            table.add_row(name, *_cells(per_effort[effort]))
         console.print(table)
 
 
@@ -85,30 +86,36 @@ def write_results(results: dict, out_dir: str | Path, extra: dict | None = None)
     (out / "eval.md").write_text(markdown_table(results))
 
 
-def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, engine=None) -> dict:
-    """Evaluate named checkpoints with one rollout engine; write and print the tables."""
+def evaluate_checkpoints(checkpoints: dict[str, str], cfg: Config, out_dir: str | Path, pool=None,
+                         reward=None) -> dict:
+    """Evaluate named checkpoints with one worker pool (a new one on Ray unless given); write and print
+    the tables."""
+    from rewards.compose import CompositeReward
     from rl.data import make_env
-    from rl.rollout_client import call, engine_generate, make_engine
 
-    env = make_env(cfg.env, cfg.seed)
-    tasks = env.tasks("test", cfg.eval.tasks)
+    tasks = make_env(cfg.env, cfg.seed).tasks("test", cfg.eval.tasks)
+    if reward is None:
+        reward = CompositeReward.from_config(cfg.reward.terms, on_error=cfg.reward.on_error,
+                                             timeout_s=cfg.reward.timeout_s)
     names = list(checkpoints)
-    own = engine is None
+    own = pool is None
     if own:
-        engine = make_engine(checkpoints[names[0]], cfg.rollout, cfg.seed)
+        from rl.cluster import init_ray
+        from rl.workers import WorkerPool
+
+        init_ray(cfg.cluster)
+        pool = WorkerPool(checkpoints[names[0]], cfg.rollout, cfg.seed)
     results = {}
     try:
         for i, name in enumerate(names):
             if i > 0 or not own:
-                call(engine, "update_weights_from_path", checkpoints[name])
-            gen = engine_generate(engine, cfg, temperature=cfg.eval.temperature, seed=eval_seed(cfg.seed))
-            results[name] = evaluate_policy(gen, tasks, cfg.eval.efforts, cfg.eval.samples_per_task,
-                                            cfg.reward.math_timeout_s)
+                pool.update_weights_from_path(checkpoints[name])
+            results[name] = evaluate_policy(pool, tasks, cfg, reward)
     finally:
         if own:
-            call(engine, "shutdown")
+            pool.close()
     write_results(results, out_dir, {"checkpoints": checkpoints, "tasks": len(tasks),
-                                     "temperature": cfg.eval.temperature})
+                                     "temperature": cfg.eval.temperature, "metric": cfg.eval.metric})
     print_tables(results)
     return results
 
@@ -116,13 +123,19 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg, out_dir: str | Path, 
 def main() -> None:
     from rl.config import hydra_main
 
-    def run(cfg):
+    def run(cfg: Config):
         if not cfg.eval.checkpoints:
             raise SystemExit("evaluate: pass eval.checkpoints=[path1,path2,...] (HF checkpoint folders)")
+        import ray
+
         names = {Path(p).name: str(p) for p in cfg.eval.checkpoints}
-        evaluate_checkpoints(names, cfg, cfg.eval.out_dir or str(Path(cfg.run_dir) / "eval"))
+        try:
+            evaluate_checkpoints(names, cfg, cfg.eval.out_dir or str(Path(cfg.run_dir) / "eval"))
+        finally:
+            ray.shutdown()
 
     hydra_main(run)
+
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -120,7 +120,7 @@ def tiny_config(vocab_size: int, cfg: dict, eos_ids: list[int], pad_id: int):
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
         tie_word_embeddings=False,
-        initializer_range=cfg.get("initializer_range", 0.02),
+        initializer_range=cfg["initializer_range"],
     )
 
 
@@ -133,10 +133,16 @@ def check_tiny_shapes(cfg: dict) -> None:
             raise ValueError(f"model.{key}={cfg[key]} must be a multiple of 32 (MXFP4 groups)")
 
 
-def build_tiny_model(cfg: dict, corpus: Iterable[str], out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Build a randomly initialised tiny gpt-oss with a trimmed vocab and save it as an HF folder."""
+def build_tiny_model(cfg: Mapping, corpus: Iterable[str], out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build a randomly initialised tiny gpt-oss with a trimmed vocab and save it as an HF folder.
+    `cfg`: architecture fields of `rl.config.ModelConfig`; missing ones take the schema's defaults."""
+    from dataclasses import asdict
+
     from transformers import GptOssForCausalLM
 
+    from rl.config import ModelConfig
+
+    cfg = {**asdict(ModelConfig()), **dict(cfg)}
     check_tiny_shapes(cfg)
     vmap = collect_vocab(corpus)
     vocab_size = -(-len(vmap) // 64) * 64  # pad rows to a multiple of 64

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from rl.config import hydra_main
+from rl.config import Config, hydra_main
 
 
-def build_model(cfg, out: Path) -> Path:
+def build_model(cfg: Config, out: Path) -> Path:
     from envs.math_tasks import solution, vocabulary_corpus
     from rl.data import make_env
     from rl.model import build_tiny_model
@@ -29,10 +28,10 @@ def build_model(cfg, out: Path) -> Path:
     for t in env.tasks("train", 200) + env.tasks("test", 50):
         corpus.append(t.question)
         corpus += [x for e in cfg.env.efforts for x in solution(t, e)]
-    return build_tiny_model(OmegaConf.to_container(cfg.model), corpus, out, seed=cfg.seed)
+    return build_tiny_model(asdict(cfg.model), corpus, out, seed=cfg.seed)
 
 
-def run_sft_stage(cfg, model_path: Path, out: Path) -> dict:
+def run_sft_stage(cfg: Config, model_path: Path, out: Path) -> dict:
     from envs.math_tasks import solution
     from rl.data import make_env
     from rl.model import VocabMap
@@ -42,13 +41,13 @@ def run_sft_stage(cfg, model_path: Path, out: Path) -> dict:
     tasks = env.tasks("train", cfg.sft.tasks, seed=cfg.seed + 1)
     rows = sft_examples(tasks, solution, VocabMap.load(model_path), cfg.env.efforts,
                         final_slip_rate=cfg.sft.final_slip_rate, seed=cfg.seed)
-    return run_sft(model_path, out, rows, OmegaConf.to_container(cfg.sft), seed=cfg.seed,
+    return run_sft(model_path, out, rows, cfg.sft, seed=cfg.seed, logging=cfg.logging,
                    logging_dir=str(Path(cfg.run_dir) / "tensorboard" / "sft"))
 
 
-def run(cfg) -> dict:
+def run(cfg: Config) -> dict:
     from rl.evaluate import evaluate_checkpoints
-    from rl.train import train
+    from rl.train import fit, session
 
     if cfg.env.name != "math" and (cfg.sft.enabled or not cfg.model.path):
         raise SystemExit(f"pipeline: env={cfg.env.name} has no generated solution traces for the tiny "
@@ -66,15 +65,12 @@ def run(cfg) -> dict:
         timings["sft"] = time.perf_counter() - t
         print(f"SFT done: {sft_metrics} in {timings['sft']:.0f}s", flush=True)
     t = time.perf_counter()
-    state = train(cfg, policy_path=str(policy))
-    timings["grpo"] = time.perf_counter() - t
-    t = time.perf_counter()
-    final = str(Path(cfg.run_dir) / "checkpoints" / f"step_{state.step:06d}")
-    names = {"sft" if cfg.sft.enabled else "initial": str(policy), "rl": final}
-    try:
-        results = evaluate_checkpoints(names, cfg, run_dir / "eval", engine=state.workers[0])
-    finally:
-        state.close()
+    with session(cfg, str(policy)) as (live, logger):
+        result = fit(cfg, live, logger)
+        timings["grpo"] = time.perf_counter() - t
+        t = time.perf_counter()
+        names = {"sft" if cfg.sft.enabled else "initial": str(policy), "rl": str(result.checkpoint)}
+        results = evaluate_checkpoints(names, cfg, run_dir / "eval", pool=live.pool, reward=live.reward)
     timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     (run_dir / "timings.json").write_text(json.dumps(timings, indent=1))
@@ -85,6 +81,7 @@ def run(cfg) -> dict:
 
 def main() -> None:
     hydra_main(run)
+
 
 if __name__ == "__main__":
     main()

@@ -175,26 +175,34 @@ def resume_point(cfg: Config, policy_path: str) -> tuple[Path | None, dict]:
 
 
 @contextmanager
-def start_run(cfg: Config, policy_path: str) -> Iterator[Run]:
-    """Ray, the learner actor, the worker pool and the reward for `cfg`; every actor is released on exit."""
+def start_run(cfg: Config, policy_path: str, make_learner=None, make_pool=None) -> Iterator[Run]:
+    """The learner, the worker pool and the reward for `cfg`; every actor is released on exit.
+
+    By default a Ray learner actor (`RemoteLearner`) and a vLLM `WorkerPool` on the cluster
+    `cfg.cluster` names; `make_learner(path, learner_cfg, algo_cfg, seed)` / `make_pool(path,
+    rollout_cfg, seed)` replace them (in-process learners, test fakes: no Ray is started then)."""
     from rewards.compose import CompositeReward
-    from rl.cluster import init_ray
-    from rl.learner import RemoteLearner
-    from rl.workers import WorkerPool
 
     resume_from, state = resume_point(cfg, policy_path)
     initial = state.get("initial_policy") or str(policy_path)
-    init_ray(cfg.cluster)
+    if make_learner is None or make_pool is None:
+        from rl.cluster import init_ray
+
+        init_ray(cfg.cluster)
+    if make_learner is None:
+        from rl.learner import RemoteLearner as make_learner
+    if make_pool is None:
+        from rl.workers import WorkerPool as make_pool
     env = make_env(cfg.env, cfg.seed)
     stream = TaskStream(env.tasks("train", cfg.env.train_size), cfg.seed, state.get("cursor", 0))
     reward = CompositeReward.from_config(cfg.reward.terms, on_error=cfg.reward.on_error,
                                          timeout_s=cfg.reward.timeout_s)
-    learner = RemoteLearner(initial, cfg.learner, cfg.algo, cfg.seed)  # KL reference = initial policy
+    learner = make_learner(initial, cfg.learner, cfg.algo, cfg.seed)  # KL reference = initial policy
     pool = None
     try:
         if resume_from is not None:
             learner.load(resume_from)
-        pool = WorkerPool(str(resume_from or initial), cfg.rollout, cfg.seed)
+        pool = make_pool(str(resume_from or initial), cfg.rollout, cfg.seed)
         yield Run(learner, pool, reward, stream, VocabMap.load(initial), state.get("step", 0), initial)
     finally:
         if pool is not None:
@@ -217,9 +225,10 @@ def periodic_eval(cfg: Config, run: Run, logger):
     return evaluate
 
 
-def train(cfg: Config, policy_path: str | None = None) -> TrainResult:
-    """GRPO from `policy_path` (or cfg.model.path) for cfg.train.steps steps; every actor is released
-    when it returns (Ray itself too, if this call started it)."""
+@contextmanager
+def session(cfg: Config, policy_path: str, make_learner=None, make_pool=None) -> Iterator[tuple[Run, Any]]:
+    """`start_run` plus the run folder, its resolved config.yaml and the metrics logger; releases every
+    actor on exit (Ray itself too, if this call started it)."""
     import ray
 
     from rl.metrics import MetricsLogger
@@ -228,14 +237,26 @@ def train(cfg: Config, policy_path: str | None = None) -> TrainResult:
     (Path(cfg.run_dir) / "config.yaml").write_text(to_yaml(cfg))
     owns_ray = not ray.is_initialized()
     try:
-        with start_run(cfg, str(policy_path or cfg.model.path)) as run, \
+        with start_run(cfg, policy_path, make_learner, make_pool) as run, \
                 MetricsLogger(cfg.run_dir, cfg.logging, config=_plain(cfg)) as logger:
-            return train_loop(cfg, run.learner, run.pool, run.reward, run.stream, logger, run.vmap,
-                              start_step=run.start_step, initial_policy=run.initial_policy,
-                              evaluate=periodic_eval(cfg, run, logger))
+            yield run, logger
     finally:
-        if owns_ray:
+        if owns_ray and ray.is_initialized():
             ray.shutdown()
+
+
+def fit(cfg: Config, run: Run, logger) -> TrainResult:
+    """`train_loop` on the parts of a `session`."""
+    return train_loop(cfg, run.learner, run.pool, run.reward, run.stream, logger, run.vmap,
+                      start_step=run.start_step, initial_policy=run.initial_policy,
+                      evaluate=periodic_eval(cfg, run, logger))
+
+
+def train(cfg: Config, policy_path: str | None = None, make_learner=None, make_pool=None) -> TrainResult:
+    """GRPO from `policy_path` (or cfg.model.path) for cfg.train.steps steps; every actor is released
+    when it returns. `make_learner`/`make_pool`: see `start_run`."""
+    with session(cfg, str(policy_path or cfg.model.path), make_learner, make_pool) as (run, logger):
+        return fit(cfg, run, logger)
 
 
 def _plain(cfg: Config) -> dict:

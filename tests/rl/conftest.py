@@ -3,7 +3,7 @@ import pytest
 
 TINY = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
-            sliding_window=16, max_position_embeddings=512)
+            sliding_window=16, max_position_embeddings=512, initializer_range=0.02)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,47 @@
+"""In-process stand-ins for the rollout worker pool, for the fast test tier.
+
+`FakePool` has `WorkerPool`'s methods and answers with real Harmony completions (rendered by
+openai-harmony, parsed the way the pool parses them) whose correctness is drawn from a seeded
+stream: deterministic for a given (seed, task, effort, sample), whatever the batch around it. It
+also gets "better" as weights are pushed, so a run's reward moves.
+"""
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+from envs import harmony
+from envs.math_tasks import solution
+from envs.types import Sample, Task
+
+
+class FakePool:
+    def __init__(self, model_path: str, cfg=None, seed: int = 0, p_correct: float = 0.5):
+        self.model_path, self.cfg, self.seed, self.p_correct = str(model_path), cfg, seed, p_correct
+        self.restarts = 0
+        self.updates = 0
+        self.closed = False
+
+    def rollout(self, tasks: Sequence[Task], efforts: Sequence[str], group_size: int, seed: int) -> list[Sample]:
+        out = []
+        for task in tasks:
+            for effort in efforts:
+                prompt = harmony.render_prompt(task.question, effort, task.developer)
+                for j in range(group_size):
+                    rng = random.Random(f"{seed}:{task.task_id}:{effort}:{j}")
+                    analysis, final = solution(task, effort)
+                    if rng.random() > self.p_correct:
+                        final = str(int(final) + 1)
+                    ids = harmony.render_completion(analysis, final)
+                    lps = [-rng.random() for _ in ids]
+                    out.append(Sample(task.task_id, task.env, effort, prompt, ids, [1] * len(ids), lps,
+                                      harmony.parse_completion(ids), dict(task.metadata)))
+        return out
+
+    def update_weights(self, weights) -> None:
+        if not weights:
+            raise ValueError("FakePool.update_weights got no weights")
+        self.updates += 1
+
+    def close(self) -> None:
+        self.closed = True
