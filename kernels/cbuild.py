@@ -8,6 +8,26 @@ flag lists tried in order (e.g. with glibc's libmvec first, without it second); 
 common start of one, and `openmp_flags()` gives -fopenmp where the library can share torch's OpenMP
 threads. When no variant builds, a warning names the compiler's error and `load` returns None: the
 caller falls back to its torch path.
+
+Why not torch.utils.cpp_extension (`load_inline` / `load`), measured on the 2-core box (torch 2.13,
+gcc 12.2; both kernels at their first flag list; cold = empty cache, warm = a new process finding it):
+
+                                   cold build (moe / mxfp4)     warm load, per process
+    cbuild (this module)           0.3-0.5 s / 1.1 s            0.005 s (hash, stat, dlopen)
+    cpp_extension.load(x.c)        0.8-1.4 s / does not build   0.27 s (writes build.ninja, runs ninja)
+    cpp_extension.load_inline      76 s (moe)                   0.28 s
+
+- `load_inline` prepends `#include <torch/extension.h>`: compiling the torch headers is the 76 s.
+- Both build a torch extension: every source is compiled as C++ (`c++ -std=c++20`; our `-std=c11` is
+  ignored) and linked against libtorch. mxfp4_cpu's C is not valid C++, and the MoE kernel's symbols
+  come out mangled (`_Z14swiglu_fwd_f32PKfS0_Pflllff`), so ctypes would not find them without
+  `extern "C"` rewrites. We want a plain C library with no torch ABI to match.
+- The warm cost is paid by every process that touches a kernel (learner, each Ray rollout actor,
+  every test process).
+- Its cache is keyed by extension name and an in-process version counter, not by CPU: a home folder
+  shared by nodes with different CPUs would hand one node another's -march=native binary (SIGILL).
+  Flag fallbacks (libmvec / OpenMP may be missing) would rebuild into one shared build folder, and it
+  needs the ninja binary, which torch does not depend on.
 """
 from __future__ import annotations
 

@@ -43,3 +43,11 @@ def test_no_compiler_warns_with_the_error_and_returns_none(cache, monkeypatch):
     with pytest.warns(UserWarning, match="no-such-cc.*using the torch path"):
         assert cbuild.load("t", SOURCE, [cbuild.native_flags()]) is None
     assert not list(cache.iterdir()), "a failed build leaves nothing behind"
+
+
+def test_another_cpu_gets_its_own_library(cache, monkeypatch):
+    """-march=native code is per CPU: a cache shared by nodes with other CPUs must not hand it over."""
+    cbuild.load("t", SOURCE, [cbuild.native_flags()])
+    monkeypatch.setattr(cbuild, "cpu_fingerprint", lambda: "flags\t\t: fpu sse2")
+    assert _add3(cbuild.load("t", SOURCE, [cbuild.native_flags()])) == 42
+    assert len(list(cache.glob("t_*.so"))) == 2
