@@ -16,11 +16,16 @@ the question (about `test_fraction` of them are "test") and train/test never sha
 
 Departure: GSM8K stores the worked solution and the answer in one field ("... #### 72");
 `answer_format="gsm8k"` keeps only what follows "####" (commas removed). The default ("raw") keeps
-the field as is.
+the field as is (stripped).
+
+Every row is checked at load: a question or answer that is missing, NaN or blank, or a gsm8k answer
+without "#### <answer>", fails with an error naming the row index (0-based) and the field, rather
+than becoming a task that can never be scored.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,18 +61,27 @@ def load_math_dataset(
     source = Path(str(path_or_name)).name or str(path_or_name)
     tasks = []
     for i, row in enumerate(ds):
-        question, answer = row[question_key], row[answer_key]
-        if question is None or answer is None:
-            raise ValueError(f"{path_or_name} row {i}: empty {question_key!r} or {answer_key!r}")
-        answer = _gsm8k_answer(str(answer)) if answer_format == "gsm8k" else str(answer).strip()
-        digest = hashlib.sha256(str(question).encode()).hexdigest()[:10]
+        where = f"{path_or_name} (split {split!r}) row {i}"
+        question = _required(row[question_key], question_key, where)
+        answer = _required(row[answer_key], answer_key, where).strip()
+        if answer_format == "gsm8k":
+            answer = _gsm8k_answer(answer, answer_key, where)
+        digest = hashlib.sha256(question.encode()).hexdigest()[:10]
         tasks.append(Task(
             task_id=f"{source}/{split}/{i}-{digest}",
             env="math",
-            question=str(question),
+            question=question,
             metadata={"answer": answer, "source": str(path_or_name), "row": i},
         ))
     return tasks
+
+
+def _required(value, key: str, where: str) -> str:
+    """The field as text (as is); a missing, NaN or blank value fails naming the row and the field."""
+    missing = value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip()
+    if missing:
+        raise ValueError(f"{where}: field {key!r} is empty ({value!r}); fill it in or drop the row")
+    return str(value)
 
 
 def _load(path_or_name: str | Path, split: str, cache_dir: str | None):
@@ -92,10 +106,14 @@ def _load(path_or_name: str | Path, split: str, cache_dir: str | None):
         ) from exc
 
 
-def _gsm8k_answer(text: str) -> str:
-    if "####" not in text:
-        raise ValueError(f"answer_format='gsm8k' expects '#### <answer>' in the answer, got {text[:80]!r}")
-    return text.rsplit("####", 1)[1].strip().replace(",", "")
+def _gsm8k_answer(text: str, key: str, where: str) -> str:
+    answer = text.rsplit("####", 1)[1].strip().replace(",", "") if "####" in text else ""
+    if not answer:
+        raise ValueError(
+            f"{where}: field {key!r} has no '#### <answer>' (answer_format='gsm8k'), got {text[-80:]!r}; "
+            "use answer_format=raw for plain answers"
+        )
+    return answer
 
 
 def _question_bucket(question: str) -> float:
@@ -113,6 +131,10 @@ class DatasetEnv:
     test_fraction: float = 0.1  # only for a single file, which has no splits of its own
     name: str = "dataset"
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format={self.answer_format!r} is not one of {ANSWER_FORMATS}")
 
     def tasks(self, split: str, n: int, seed: int | None = None) -> list[Task]:
         """Up to `n` tasks of `split` (all of them if fewer); `seed` shuffles before taking `n`."""

@@ -1,4 +1,4 @@
-"""Reward plugins and their registry (DESIGN §3). Importing the package registers the built-ins:
+"""Reward plugins and their registry (docs/ARCHITECTURE.md). Importing the package registers the built-ins:
 "math", "effort_length", "format". See `rewards.registry` for adding your own."""
 from rewards.registry import available_rewards, build_reward, get_reward, register_reward
 from rewards import effort, format, math_verify_reward  # noqa: F401,E402  (registration)

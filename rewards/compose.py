@@ -1,4 +1,4 @@
-"""Weighted composition of reward plugins into one `RewardResult` per sample.
+"""Weighted composition of reward plugins into one `RewardResult` per sample, with a failure policy.
 
     score = sum_i  w_i * score_i    over the rewards that apply to the sample (non-None)
 
@@ -7,71 +7,131 @@ simply gets no length term). Every applicable reward is logged as a part under i
 own parts as "name/part", so `parts` shows e.g. {"math": 1.0, "math/correct": 1.0, "effort_length":
 0.5, ...}. If no reward applies, the result is score 0.0 with info {"applicable": []}.
 
-Config: `CompositeReward.from_config({"math": 1.0, "effort_length": {"weight": 0.2, "budgets":
-{...}}, "format": 0.1})` — a weight, or a dict with "weight" plus the reward's options (or a Hydra
-`_target_`). `score_batch` hands whole batches to rewards that have `score_batch` (math-verify checks
-a batch in parallel in its process pool) and calls the rest per sample.
+Config (`reward.terms` in rl/config.py has this shape): `CompositeReward.from_config({"math":
+{"weight": 1.0, "timeout_s": 5.0}, "effort_length": {"weight": 0.2, "budgets": {...}}, "brevity":
+{"weight": 0.1, "_target_": "my_pkg.rewards.Brevity"}}, on_error="zero", timeout_s=60.0)`: a weight
+plus the reward's options, or a Hydra `_target_` (a bare number is shorthand for {"weight": w}).
+`score_batch` hands whole batches to rewards that have `score_batch` (math-verify checks a batch in
+parallel in its process pool) and calls the rest per sample.
+
+Failure policy. The plugin's call on a batch runs in its own daemon thread, and the composite stops
+waiting for it `timeout_s` after it started. A plugin fails on a sample when its per-sample call
+raises or returns something other than a `RewardResult` with a finite score (or None), and on the
+whole batch when its `score_batch` raises or returns a number of results different from the number
+of samples. Past the deadline, every sample it has not scored yet has failed (a per-sample plugin
+keeps the scores it finished). Then:
+- `on_error="zero"` (default): its term scores 0 on those samples, each such result gets
+  `parts["<name>/error"] = 1.0` and `info["<name>"]["error"]`, `self.errors[name]` counts the
+  failed samples since construction, and one warning per plugin and batch names the plugin, how
+  many samples failed and the (first) exception. The step goes on.
+- `on_error="raise"`: a `RuntimeError` naming the plugin and the cause stops the run.
+A timed-out call cannot be stopped from outside: its thread is abandoned and runs on in the
+background until the plugin returns (it is a daemon thread, so it does not keep the process alive).
+Plugins that can hang should bound themselves, as "math" does with its killable process pool.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+import math
+import numbers
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
-from rewards.registry import RewardFn, build_reward, get_reward
 from envs.types import Sample
+from rewards.registry import RewardFn, build_reward, get_reward
 from rewards.types import RewardResult
+
+ON_ERROR = ("zero", "raise")
+DEFAULT_TIMEOUT_S = 60.0
+log = logging.getLogger(__name__)
 
 
 class CompositeReward:
     """Weighted sum of named rewards.
 
-    >>> from envs.harmony import Transcript
+    >>> from envs.types import Transcript
     >>> s = Sample("t", "math", "low", [], [], [], [], Transcript(final="4"), {"answer": "4"})
     >>> r = CompositeReward({"math": 1.0, "format": 0.1})(s)
     >>> round(r.score, 3), r.parts["math/correct"]
     (1.1, 1.0)
     """
 
-    def __init__(self, weights: Mapping[str, float], rewards: Mapping[str, RewardFn] | None = None):
+    def __init__(self, weights: Mapping[str, float], rewards: Mapping[str, RewardFn] | None = None,
+                 on_error: str = "zero", timeout_s: float = DEFAULT_TIMEOUT_S):
         if not weights:
             raise ValueError("CompositeReward needs at least one {name: weight}")
-        bad = {k: w for k, w in weights.items() if not isinstance(w, (int, float))}
+        bad = {k: w for k, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float))}
         if bad:
             raise TypeError(f"weights must be numbers, got {bad}; use from_config for per-reward options")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error={on_error!r} is not one of {ON_ERROR}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s={timeout_s} must be positive (seconds per plugin call on a batch)")
         self.weights = {k: float(w) for k, w in weights.items()}
         rewards = dict(rewards or {})
         self.rewards = {name: rewards.get(name) or get_reward(name) for name in self.weights}
+        self.on_error, self.timeout_s = on_error, float(timeout_s)
+        self.errors: dict[str, int] = {}  # samples each plugin failed on, since construction
 
     @classmethod
-    def from_config(cls, cfg: Mapping) -> "CompositeReward":
-        """Build from `{name: weight | {"weight": w, **options or _target_}}`."""
+    def from_config(cls, terms: Mapping, on_error: str = "zero",
+                    timeout_s: float = DEFAULT_TIMEOUT_S) -> "CompositeReward":
+        """Build from `{name: {"weight": w, **options or _target_}}` (or `{name: w}`)."""
         weights, rewards = {}, {}
-        for name, entry in dict(cfg).items():
-            if isinstance(entry, (int, float)):
+        for name, entry in dict(terms).items():
+            if isinstance(entry, (int, float)) and not isinstance(entry, bool):
                 weights[name] = entry
                 continue
             if not isinstance(entry, Mapping) or "weight" not in entry:
-                raise ValueError(f"reward config {name!r}: give a number or a mapping with 'weight', got {entry!r}")
+                raise ValueError(
+                    f"reward term {name!r}: give a mapping with 'weight' (and the reward's options), "
+                    f"e.g. {{weight: 0.1}}; got {entry!r}"
+                )
             spec = {k: v for k, v in dict(entry).items() if k != "weight"}
             weights[name] = entry["weight"]
             if "_target_" not in spec:
                 spec["name"] = spec.get("name", name)
             rewards[name] = build_reward(spec)
-        return cls(weights, rewards)
+        return cls(weights, rewards, on_error=on_error, timeout_s=timeout_s)
 
     def __call__(self, sample: Sample) -> RewardResult:
         return self.score_batch([sample])[0]
 
     def score_batch(self, samples: Sequence[Sample]) -> list[RewardResult]:
         """One combined result per sample; batch-capable rewards see the whole batch at once."""
-        per_reward = {name: self._run(fn, samples) for name, fn in self.rewards.items()}
+        per_reward = {name: self._run(name, fn, samples) for name, fn in self.rewards.items()}
         return [self._combine({n: rs[i] for n, rs in per_reward.items()}) for i in range(len(samples))]
 
-    @staticmethod
-    def _run(fn: RewardFn, samples: Sequence[Sample]) -> list[RewardResult | None]:
-        batch = getattr(fn, "score_batch", None)
-        out = list(batch(samples)) if batch else [fn(s) for s in samples]
-        if len(out) != len(samples):
-            raise RuntimeError(f"reward {fn!r} returned {len(out)} results for {len(samples)} samples")
+    def _run(self, name: str, fn: RewardFn, samples: Sequence[Sample]) -> list[RewardResult | None]:
+        slots: list = [_PENDING] * len(samples)  # filled by the plugin's thread
+        try:
+            _call_with_deadline(lambda: _fill(fn, samples, slots), self.timeout_s, name)
+            whole_call = None
+        except Exception as exc:  # score_batch raised or miscounted, or the deadline passed
+            whole_call = exc
+        snapshot = list(slots)  # an abandoned thread may still write to `slots`
+        failed: dict[int, Exception] = {}
+        for i, r in enumerate(snapshot):
+            if r is _PENDING:
+                failed[i] = whole_call
+            elif isinstance(r, _Failure):
+                failed[i] = r.exc
+            elif (bad := _bad_result(r, i)) is not None:
+                failed[i] = bad
+        return self._failed(name, failed, snapshot) if failed else snapshot
+
+    def _failed(self, name: str, failed: Mapping[int, Exception], results: list) -> list[RewardResult | None]:
+        first = next(iter(failed.values()))
+        cause, where = f"{type(first).__name__}: {first}", f"{len(failed)} of {len(results)} samples"
+        if self.on_error == "raise":
+            raise RuntimeError(f"reward plugin {name!r} failed: {cause} ({where}; reward.on_error=raise)") from first
+        self.errors[name] = self.errors.get(name, 0) + len(failed)
+        log.warning("reward plugin %r failed on %s: %s; scored 0 (reward.on_error=zero, %d failed samples "
+                    "so far)", name, where, cause, self.errors[name])
+        out = list(results)
+        for i, exc in failed.items():
+            out[i] = RewardResult(0.0, {"error": 1.0}, {"error": f"{type(exc).__name__}: {exc}"})
         return out
 
     def _combine(self, results: Mapping[str, RewardResult | None]) -> RewardResult:
@@ -86,3 +146,58 @@ class CompositeReward:
             if r.info:
                 info[name] = r.info
         return RewardResult(score, parts, info)
+
+
+class _Failure(NamedTuple):
+    exc: Exception
+
+
+_PENDING = object()  # a sample the plugin has not scored (yet)
+
+
+def _fill(fn: RewardFn, samples: Sequence[Sample], slots: list) -> None:
+    """Score `samples` into `slots`: a batch at once through `score_batch`, or one by one, where an
+    exception costs only its own sample."""
+    batch = getattr(fn, "score_batch", None)
+    if batch is not None:
+        out = list(batch(samples))
+        if len(out) != len(samples):
+            raise ValueError(f"returned {len(out)} results for {len(samples)} samples")
+        slots[:] = out
+        return
+    for i, sample in enumerate(samples):
+        try:
+            slots[i] = fn(sample)
+        except Exception as exc:
+            slots[i] = _Failure(exc)
+
+
+def _call_with_deadline(call: Callable[[], None], timeout_s: float, name: str) -> None:
+    """`call()` in a daemon thread; TimeoutError if it has not returned after `timeout_s` (the thread
+    is then abandoned: Python cannot stop it)."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            call()
+        except BaseException as exc:  # re-raised in the caller's thread below
+            box["exc"] = exc
+
+    thread = threading.Thread(target=target, name=f"reward-{name}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"no result within reward.timeout_s={timeout_s:g} s (its thread is abandoned)")
+    if "exc" in box:
+        raise box["exc"]
+
+
+def _bad_result(r, i: int) -> Exception | None:
+    """Why `r` is not a valid plugin result for sample `i` (None when it is one)."""
+    if r is None:
+        return None
+    if not isinstance(r, RewardResult):
+        return TypeError(f"returned {type(r).__name__} for sample {i}; expected RewardResult or None")
+    if not isinstance(r.score, numbers.Real) or not math.isfinite(r.score):
+        return ValueError(f"returned score {r.score!r} for sample {i}; expected a finite number")
+    return None

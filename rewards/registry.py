@@ -74,9 +74,11 @@ def _load_entry_points() -> None:
         try:
             obj = ep.load()
         except Exception as exc:
+            dist = getattr(ep.dist, "name", None) or "an unknown package"
             raise ImportError(
-                f"reward plugin {ep.name!r} = {ep.value!r} (entry point group {ENTRY_POINT_GROUP!r}) "
-                f"failed to import: {exc}; fix or uninstall the package that declares it"
+                f"reward plugin {ep.name!r} = {ep.value!r} (entry point group {ENTRY_POINT_GROUP!r}, "
+                f"declared by {dist!r}) failed to import: {type(exc).__name__}: {exc}; fix or "
+                f"uninstall {dist!r}"
             ) from exc
         register_reward(ep.name)(obj)
 

@@ -54,6 +54,55 @@ def test_missing_column_lists_available(tmp_path):
         load_math_dataset(write(tmp_path, "jsonl"), "train", answer_key="label", cache_dir=tmp_path / "c")
 
 
+GOOD = {"question": "What is 1+1?", "answer": "2"}
+
+
+@pytest.mark.parametrize("fmt,bad_row,field", [
+    ("jsonl", {"question": None, "answer": "3"}, "question"),
+    ("jsonl", {"question": "What is 1+2?", "answer": None}, "answer"),
+    ("jsonl", {"question": "What is 1+2?", "answer": ""}, "answer"),
+    ("jsonl", {"question": "  \n", "answer": "3"}, "question"),
+    ("csv", {"question": "What is 1+2?", "answer": None}, "answer"),  # an empty cell
+    ("parquet", {"question": "", "answer": "3"}, "question"),
+])
+def test_row_missing_a_field_fails_naming_row_and_field(tmp_path, fmt, bad_row, field):
+    import pandas as pd
+
+    rows = [GOOD, GOOD, bad_row, GOOD]
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    elif fmt == "csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    else:
+        pd.DataFrame(rows).to_parquet(path)
+    with pytest.raises(ValueError, match=rf"row 2: field '{field}' is empty"):
+        load_math_dataset(path, "train", cache_dir=tmp_path / "c")
+
+
+@pytest.mark.parametrize("solution", ["The answer is 5.", "6*7 = 42\n#### "])
+def test_gsm8k_row_without_an_answer_fails_naming_row_and_field(tmp_path, solution):
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("\n".join(json.dumps({"question": f"q{i}", "solution": s})
+                              for i, s in enumerate(["#### 1", solution])) + "\n")
+    with pytest.raises(ValueError, match=r"row 1: field 'solution' has no '#### <answer>'"):
+        load_math_dataset(path, "train", answer_key="solution", answer_format="gsm8k", cache_dir=tmp_path / "c")
+
+
+def test_dataset_env_checks_answer_format_at_construction(tmp_path):
+    from envs.datasets_loader import DatasetEnv
+
+    with pytest.raises(ValueError, match="answer_format='gsm9k'"):
+        DatasetEnv(str(tmp_path / "x.jsonl"), "question", "answer", "gsm9k")
+
+
+def test_dataset_env_passes_answer_format_on(tmp_path):
+    from envs.datasets_loader import DatasetEnv
+
+    env = DatasetEnv(str(write(tmp_path, "jsonl")), "question", "solution", "gsm8k", test_fraction=0.0)
+    assert sorted(t.metadata["answer"] for t in env.tasks("train", 10)) == ["0.5", "1042", "5"]
+
+
 def test_missing_local_file_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_math_dataset(tmp_path / "nope.jsonl", "train")

@@ -1,10 +1,17 @@
-"""CompositeReward: weighted sum of applicable rewards, parts by name, batched math-verify."""
+"""CompositeReward: weighted sum of applicable rewards, parts by name, batched math-verify, and
+the failure policy (a plugin that raises, hangs or returns garbage)."""
+import logging
+import math
+import threading
 import time
 
 import pytest
 
+import rewards.math_verify_reward as mvr
 from rewards import CompositeReward
-from rewards.math_verify_reward import MathReward
+from rewards.effort import EffortLengthReward
+from rewards.math_verify_reward import MathReward, VerifyPool
+from rewards.types import RewardResult
 
 CFG = {"math": 1.0, "effort_length": 0.2, "format": 0.1}
 HANG = r"\boxed{\dfrac{5^{(5^{(5^{(5^5)})}-4)}-5}{16}}"
@@ -44,21 +51,44 @@ def test_from_config_with_options():
         "math": {"weight": 1.0, "timeout_s": 1.0},
         "effort_length": {"weight": 0.2, "budgets": {"low": 8, "medium": 32, "high": 128}},
         "format": 0.1,
-        "judge_stub": {"weight": 0.5, "_target_": "rewards.effort.EffortLengthReward"},
-    })
+        "judge_stub": {"weight": 0.5, "_target_": "rewards.effort.EffortLengthReward", "budgets": {"low": 4}},
+    }, on_error="raise", timeout_s=7.0)
     assert comp.weights == {"math": 1.0, "effort_length": 0.2, "format": 0.1, "judge_stub": 0.5}
     assert comp.rewards["math"].timeout_s == 1.0
     assert comp.rewards["effort_length"].budgets["high"] == 128
+    assert isinstance(comp.rewards["judge_stub"], EffortLengthReward)
+    assert comp.rewards["judge_stub"].budgets == {"low": 4}
+    assert (comp.on_error, comp.timeout_s, comp.errors) == ("raise", 7.0, {})
+
+
+def test_from_config_accepts_omegaconf_terms():
+    from omegaconf import OmegaConf
+
+    terms = OmegaConf.create({"math": {"weight": 1.0, "timeout_s": 2.0},
+                              "effort_length": {"weight": 0.2, "budgets": {"low": 8}}})
+    comp = CompositeReward.from_config(terms)
+    assert comp.weights == {"math": 1.0, "effort_length": 0.2}
+    assert comp.rewards["effort_length"].budgets == {"low": 8}
 
 
 @pytest.mark.parametrize("cfg,error", [
     ({"mathh": 1.0}, KeyError),
     ({}, ValueError),
     ({"math": "high"}, ValueError),
+    ({"math": {"timeout_s": 1.0}}, ValueError),
 ])
 def test_bad_config_fails_at_build(cfg, error):
     with pytest.raises(error):
         CompositeReward.from_config(cfg)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"on_error": "ignore"}, "on_error='ignore'"),
+    ({"timeout_s": 0}, "timeout_s=0"),
+])
+def test_bad_failure_policy_fails_at_build(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CompositeReward({"format": 1.0}, **kwargs)
 
 
 def test_score_batch_checks_math_in_one_parallel_batch(make_sample, monkeypatch):
@@ -69,13 +99,105 @@ def test_score_batch_checks_math_in_one_parallel_batch(make_sample, monkeypatch)
         calls.append(len(samples))
         return original(self, samples)
 
+    limit = 1.5
+    pool = VerifyPool(workers=2).start()
+    monkeypatch.setattr(mvr, "default_pool", lambda: pool)
     monkeypatch.setattr(MathReward, "score_batch", spy)
-    comp = CompositeReward.from_config({"math": {"weight": 1.0, "timeout_s": 1.5}, "format": 0.1})
+    comp = CompositeReward.from_config({"math": {"weight": 1.0, "timeout_s": limit}, "format": 0.1})
     samples = [make_sample(HANG), make_sample(HANG), make_sample("The answer is 408"),
                make_sample("407"), make_sample(None)]
-    t0 = time.monotonic()
-    results = comp.score_batch(samples)
+    try:
+        t0 = time.monotonic()
+        results = comp.score_batch(samples)
+        wall = time.monotonic() - t0
+    finally:
+        pool.close()
     assert calls == [5]
     assert [r.parts["math"] for r in results] == [0.0, 0.0, 1.0, 0.0, 0.0]
     assert results[0].info["math"]["status"] == "timeout"
-    assert time.monotonic() - t0 < 2 * 1.5 + 2.0  # two hangs side by side, plus a cold pool start
+    assert wall < 2 * limit  # the two hangs ran side by side, not one after the other
+
+
+# ---------------------------------------------------------------------------- failure policy
+
+def _raises(sample):
+    raise ZeroDivisionError("judge divided by zero")
+
+
+class _TooFew:
+    def score_batch(self, samples):
+        return [RewardResult(1.0)] * (len(samples) - 1)
+
+    def __call__(self, sample):
+        return RewardResult(1.0)
+
+
+BROKEN = {
+    "raises": (_raises, "ZeroDivisionError: judge divided by zero"),
+    "too_few": (_TooFew(), "returned 1 results for 2 samples"),
+    "not_a_result": (lambda s: 1.0, "returned float for sample"),
+    "nan_score": (lambda s: RewardResult(math.nan), "returned score nan for sample"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_broken_plugin_scores_zero_and_is_counted(make_sample, caplog, kind):
+    plugin, cause = BROKEN[kind]
+    comp = CompositeReward({"format": 1.0, "judge": 0.5}, {"judge": plugin})
+    samples = [make_sample("408"), make_sample(None)]
+    with caplog.at_level(logging.WARNING, logger="rewards.compose"):
+        first = comp.score_batch(samples)
+        second = comp.score_batch(samples)
+    assert [r.score for r in first] == [1.0, 0.0]  # format term only; the judge scores 0
+    assert all(r.parts["judge"] == 0.0 and r.parts["judge/error"] == 1.0 for r in first + second)
+    assert all(cause in r.info["judge"]["error"] for r in first)
+    assert "format/error" not in first[0].parts
+    assert comp.errors == {"judge": 4}  # failed samples, two per batch
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2 and all("'judge' failed on 2 of 2 samples" in w and cause in w for w in warnings)
+
+
+def test_a_per_sample_failure_costs_only_its_sample(make_sample):
+    def judge(sample):
+        if sample.effort == "high":
+            raise RuntimeError("judge unavailable")
+        return RewardResult(1.0)
+
+    comp = CompositeReward({"judge": 1.0}, {"judge": judge})
+    results = comp.score_batch([make_sample("1", effort="low"), make_sample("1", effort="high")])
+    assert [r.score for r in results] == [1.0, 0.0]
+    assert ["judge/error" in r.parts for r in results] == [False, True]
+    assert comp.errors == {"judge": 1}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_broken_plugin_stops_the_run_under_raise(make_sample, kind):
+    plugin, cause = BROKEN[kind]
+    comp = CompositeReward({"format": 1.0, "judge": 0.5}, {"judge": plugin}, on_error="raise")
+    with pytest.raises(RuntimeError, match=f"reward plugin 'judge' failed: .*{cause}"):
+        comp.score_batch([make_sample("408"), make_sample("1")])
+
+
+def test_hung_plugin_is_abandoned_at_the_deadline(make_sample):
+    release = threading.Event()
+
+    def hung(sample):
+        if sample.effort == "high":
+            release.wait(30)
+        return RewardResult(1.0)
+
+    samples = [make_sample("408", effort="low"), make_sample("408", effort="high")]
+    comp = CompositeReward({"format": 1.0, "judge": 1.0}, {"judge": hung}, timeout_s=0.5)
+    strict = CompositeReward({"format": 1.0, "judge": 1.0}, {"judge": hung}, timeout_s=0.5, on_error="raise")
+    try:
+        t0 = time.monotonic()
+        results = comp.score_batch(samples)
+        wall = time.monotonic() - t0
+        with pytest.raises(RuntimeError, match="'judge' failed: TimeoutError"):
+            strict.score_batch(samples)
+    finally:
+        release.set()  # let the abandoned threads finish
+    assert wall < 0.5 + 1.0
+    assert [r.score for r in results] == [2.0, 1.0]  # the sample scored before the deadline keeps its score
+    assert (results[1].parts["judge/error"], comp.errors) == (1.0, {"judge": 1})
+    assert "reward.timeout_s=0.5" in results[1].info["judge"]["error"]

@@ -7,7 +7,7 @@ import pytest
 
 @pytest.mark.parametrize("module", [
     "rewards.registry", "rewards.math_verify_reward", "rewards.effort", "rewards.format",
-    "rewards.compose", "envs.math_tasks",
+    "rewards.compose", "rewards.math_parse", "envs.math_tasks",
 ])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module))

@@ -25,8 +25,10 @@ def test_budget_shape(make_sample, effort, tokens, expected):
     sample = make_sample("4", analysis=analysis_of(tokens), effort=effort)
     assert sample.transcript.analysis_tokens == tokens
     r = get_reward("effort_length")(sample)
+    budget = {"low": 16, "medium": 64, "high": 256}[effort]
     assert r.score == pytest.approx(expected)
-    assert r.parts["tokens"] == tokens and r.parts["within_budget"] == float(tokens <= r.parts["budget"])
+    assert (r.parts["tokens"], r.parts["budget"]) == (tokens, budget)
+    assert r.parts["within_budget"] == float(tokens <= budget)
 
 
 def test_no_effort_is_not_applicable(make_sample):

@@ -1,5 +1,7 @@
 """Reward registry: names, decorator, options, Hydra _target_, entry-point plugins."""
-import importlib.metadata
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -86,27 +88,83 @@ def test_build_rejects_bad_specs(spec, error):
         rewards.build_reward(spec)
 
 
-def test_entry_point_plugins_load_lazily(clean_registry, monkeypatch):
-    eps = [importlib.metadata.EntryPoint("third_party_format", "rewards.format:format_reward",
-                                         registry.ENTRY_POINT_GROUP)]
-    calls = []
+PLUGIN_PYPROJECT = """
+[build-system]
+requires = ["setuptools"]
+build-backend = "setuptools.build_meta"
 
-    def fake_entry_points(group):
-        calls.append(group)
-        return eps
+[project]
+name = "{dist}"
+version = "0.0.1"
 
-    monkeypatch.setattr(registry.importlib.metadata, "entry_points", fake_entry_points)
-    monkeypatch.setattr(registry, "_entry_points_loaded", False)
-    assert rewards.get_reward("format") is format_reward and calls == []  # no plugin scan needed
-    assert rewards.get_reward("third_party_format") is format_reward
-    assert calls == [registry.ENTRY_POINT_GROUP]
-    rewards.get_reward("third_party_format")
-    assert len(calls) == 1  # scanned once
+[project.entry-points."deliberate.rewards"]
+{name} = "{module}:{attr}"
+
+[tool.setuptools]
+py-modules = ["{module}"]
+"""
+
+SHOUT_MODULE = """
+from rewards.types import RewardResult
 
 
-def test_broken_plugin_names_itself(clean_registry, monkeypatch):
-    eps = [importlib.metadata.EntryPoint("broken", "no_such_pkg.mod:fn", registry.ENTRY_POINT_GROUP)]
-    monkeypatch.setattr(registry.importlib.metadata, "entry_points", lambda group: eps)
-    monkeypatch.setattr(registry, "_entry_points_loaded", False)
-    with pytest.raises(ImportError, match="reward plugin 'broken' = 'no_such_pkg.mod:fn'"):
+def shout(sample):
+    final = sample.transcript.final or ""
+    return RewardResult(float(final.isupper()), {"upper": float(final.isupper())})
+"""
+
+
+@pytest.fixture
+def install_plugin(tmp_path, monkeypatch, clean_registry):
+    """pip-install a throw-away plugin package into tmp_path/site (offline) and put it on sys.path;
+    the registry re-scans entry points on the next lookup. Everything is restored afterwards."""
+    modules = []
+
+    def install(dist, name, module, attr, source):
+        src = tmp_path / dist
+        src.mkdir()
+        pyproject = PLUGIN_PYPROJECT.format(dist=dist, name=name, module=module, attr=attr)
+        (src / "pyproject.toml").write_text(pyproject)
+        (src / f"{module}.py").write_text(source)
+        site = tmp_path / f"{dist}-site"
+        pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index"]
+        subprocess.run([*pip, "--target", str(site), str(src)], check=True, capture_output=True,
+                       env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+        monkeypatch.syspath_prepend(str(site))
+        monkeypatch.setattr(registry, "_entry_points_loaded", False)
+        modules.append(module)
+
+    yield install
+    for module in modules:
+        sys.modules.pop(module, None)
+
+
+def test_installed_plugin_package_is_found(install_plugin, make_sample, monkeypatch):
+    install_plugin("deliberate-shout", "shout", "deliberate_shout", "shout", SHOUT_MODULE)
+    scans = []
+    real = registry.importlib.metadata.entry_points
+
+    def spy(group):
+        scans.append(group)
+        return real(group=group)
+
+    monkeypatch.setattr(registry.importlib.metadata, "entry_points", spy)
+    assert rewards.get_reward("format") is format_reward and scans == []  # registered names need no scan
+    shout = rewards.get_reward("shout")
+    assert shout.__module__ == "deliberate_shout"
+    assert shout(make_sample("YES")).score == 1.0 and shout(make_sample("no")).score == 0.0
+    assert "shout" in rewards.available_rewards()
+    assert scans == [registry.ENTRY_POINT_GROUP]  # scanned once
+    assert rewards.CompositeReward.from_config({"shout": {"weight": 2.0}})(make_sample("OK")).score == 2.0
+
+
+def test_plugins_are_not_visible_after_the_test():
+    assert "shout" not in rewards.available_rewards()
+
+
+def test_broken_plugin_package_names_itself(install_plugin):
+    install_plugin("deliberate-broken", "broken", "deliberate_broken", "score",
+                   "import no_such_dependency_xyz\n")
+    with pytest.raises(ImportError, match=r"reward plugin 'broken' = 'deliberate_broken:score'.*"
+                                          r"declared by 'deliberate-broken'.*no_such_dependency_xyz"):
         rewards.get_reward("anything")
