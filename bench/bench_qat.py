@@ -30,9 +30,10 @@ def measure(policy: str, n_tasks: int, n: int) -> list[dict]:
     from envs import harmony
     from envs.math_tasks import MathEnv
     from rl.learner import Learner
-    from rl.rollout import RolloutEngine
+    from rl.config import RolloutConfig
+    from rl.engine import RolloutEngine
 
-    engine = RolloutEngine(policy, {"max_model_len": 256, "seed": 0})
+    engine = RolloutEngine(policy, RolloutConfig(max_model_len=256, max_tokens=96), seed=0)
     tasks = MathEnv(seed=0, difficulty=1, families=("digit_sum",)).tasks("test", n_tasks)
     prompts = [harmony.render_prompt(t.question, e) for t in tasks for e in harmony.EFFORTS]
     rows = []

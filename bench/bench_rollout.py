@@ -1,4 +1,4 @@
-"""Rollout throughput, vLLM (`rl.rollout.RolloutEngine`) vs HF `generate`, and weight-sync time.
+"""Rollout throughput, vLLM (`rl.engine.RolloutEngine`) vs HF `generate`, and weight-sync time.
 
 Run:  .venv/bin/python -m bench.bench_rollout [--prompts 24 --n 8 --max-tokens 320] [--write bench/RESULTS.md]
 
@@ -92,9 +92,10 @@ def measure_hf(model, vm, prompts, args) -> dict:
 
 def measure_vllm(ckpt, prompts, state, args) -> dict:
     """RolloutEngine throughput (after a warm-up call), then weight-sync time."""
-    from rl.rollout import RolloutEngine
+    from rl.config import RolloutConfig
+    from rl.engine import RolloutEngine
 
-    eng = RolloutEngine(ckpt, {"max_model_len": 1024, "kv_cache_gib": 1, "seed": 0})
+    eng = RolloutEngine(ckpt, RolloutConfig(max_model_len=1024, kv_cache_gib=1), seed=0)
     try:
         def gen():
             out = eng.generate(prompts, n=args.n, temperature=1.0, top_p=1.0, max_tokens=args.max_tokens,

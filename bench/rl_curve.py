@@ -25,7 +25,8 @@ from bench.rl_step_probe import grpo_batch, sample_and_score
 from envs import harmony
 from envs.math_tasks import MathEnv
 from rl.learner import Learner
-from rl.rollout import RolloutEngine
+from rl.config import RolloutConfig
+from rl.engine import RolloutEngine
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
 
     env = MathEnv(families=["digit_sum"], difficulty=1)
     train, test = env.tasks("train", 1400), env.tasks("test", 150)
-    engine = RolloutEngine(args.policy, {"max_model_len": 256, "num_threads": args.threads, "seed": 0})
+    engine = RolloutEngine(args.policy, RolloutConfig(max_model_len=256, max_tokens=96, num_threads=args.threads),
+                           seed=0)
 
     def prompts(tasks):
         return [harmony.render_prompt(t.question, args.effort, t.developer) for t in tasks]

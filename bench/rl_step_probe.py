@@ -22,7 +22,8 @@ from envs.math_tasks import MathEnv
 from rewards.math_verify_reward import verify_batch
 from rl.algorithms import grpo_advantages
 from rl.learner import Learner
-from rl.rollout import RolloutEngine
+from rl.config import RolloutConfig
+from rl.engine import RolloutEngine
 
 
 def sample_and_score(engine: RolloutEngine, tasks, prompts: list[list[int]], n: int, seed: int,
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tasks = MathEnv(families=["digit_sum"], difficulty=1).tasks("train", args.tasks, seed=7)
     prompts = [harmony.render_prompt(t.question, args.effort, t.developer) for t in tasks]
-    engine = RolloutEngine(args.policy, {"max_model_len": 256, "num_threads": 1, "seed": 0})
+    engine = RolloutEngine(args.policy, RolloutConfig(max_model_len=256, max_tokens=96, num_threads=1), seed=0)
 
     def sample(n: int, seed: int):
         return sample_and_score(engine, tasks, prompts, n, seed, args.max_tokens)

@@ -2,17 +2,19 @@
 
 One in-process engine for the module (plus one inside a Ray actor for the actor test). The
 reference is transformers' eager `GptOssForCausalLM` in fp32 on the same model ids, with padded
-vocabulary rows excluded (the engine masks them; see rl/rollout.py).
+vocabulary rows excluded (the engine masks them; see rl/engine.py).
 """
 import pytest
 import torch
 import yaml
 
 from envs import harmony
-from rl.rollout import Completion, hf_to_vllm
+from rl.config import RolloutConfig
+from rl.engine import Completion
+from rl.vllm_weights import hf_to_vllm
 
 CORPUS = ["Compute 47*86+12.", "0123456789 carry Check so"]
-CFG = {"max_model_len": 512, "kv_cache_gib": 1, "seed": 0}
+CFG = RolloutConfig(max_model_len=512, kv_cache_gib=1)
 
 
 def _prompts():
@@ -30,9 +32,9 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(ckpt):
-    from rl.rollout import RolloutEngine
+    from rl.engine import RolloutEngine
 
-    eng = RolloutEngine(ckpt, CFG)
+    eng = RolloutEngine(ckpt, CFG, seed=0)
     yield eng
     eng.shutdown()
 
@@ -200,13 +202,13 @@ def test_bad_update_is_rejected_before_any_copy(engine, hf):
 def test_ray_actor_generates_and_syncs(engine, hf, ckpt):
     import ray
 
-    from rl.rollout import RolloutWorker
+    from rl.engine import RolloutWorker
 
     model, vm = hf
     prompts = _prompts()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        worker = RolloutWorker.options(num_cpus=1).remote(str(ckpt), CFG)
+        worker = RolloutWorker.options(num_cpus=1).remote(str(ckpt), CFG, 0)
         assert ray.get(worker.health.remote())["ok"]
         out = ray.get(worker.generate.remote(prompts, n=2, max_tokens=24, seed=3))
         assert [len(s) for s in out] == [2, 2, 2] and all(vm.covers(c.ids) for s in out for c in s)

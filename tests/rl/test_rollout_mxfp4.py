@@ -13,8 +13,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from envs import harmony
+from rl.config import RolloutConfig
 
-CFG = {"max_model_len": 512, "kv_cache_gib": 1, "seed": 0}
+CFG = RolloutConfig(max_model_len=512, kv_cache_gib=1)
 STEPS = 40
 
 pytestmark = pytest.mark.slow
@@ -37,9 +38,9 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(folders):
-    from rl.rollout import RolloutEngine
+    from rl.engine import RolloutEngine
 
-    eng = RolloutEngine(folders[1], CFG)
+    eng = RolloutEngine(folders[1], CFG, seed=0)
     yield eng
     copy = eng._dense_folder
     eng.shutdown()

@@ -1,0 +1,170 @@
+"""The rollout worker pool (rl/workers.py) on Ray: order, seeds, and a worker killed mid-call.
+
+Two tiers of realism, both slow (they start Ray):
+- a fake engine (RolloutEngine's methods, no vLLM) whose completions encode the weights it holds and
+  the request seed it sampled with, and which dies in the middle of a call on cue: checks which
+  requests went where, that only the dead worker's requests are sent again and the restart limit;
+- the real vLLM engines on the tiny test policy: a worker SIGKILLed while a rollout is in flight is
+  replaced by one that samples from the learner's latest weights, giving the samples the healthy
+  pool gave.
+"""
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from envs import harmony
+from envs.types import Task
+from rl.config import ClusterConfig, EnvConfig, RolloutConfig
+from rl.engine import Completion
+from rl.seeds import request_seed
+from rl.workers import WorkerPool
+
+pytestmark = pytest.mark.slow
+
+
+class FakeEngine:
+    """A completion's log-probs are (weights tag, request seed, sample index); the process exits in
+    the middle of `generate` if the file `<checkpoint>/die-<engine seed>` exists (removing it first).
+    Every generate call is logged to `<checkpoint>/calls.log` as `engine_seed pid n_prompts`."""
+
+    def __init__(self, checkpoint, cfg, seed):
+        self.dir, self.seed, self.tag = Path(checkpoint), seed, -1.0
+
+    def generate(self, prompts, n=1, temperature=None, top_p=None, max_tokens=None, seed=None, *,
+                 stop=True, first_index=0):
+        with open(self.dir / "calls.log", "a") as f:
+            f.write(f"{self.seed} {os.getpid()} {len(prompts)}\n")
+        flag = self.dir / f"die-{self.seed}"
+        if flag.exists():
+            flag.unlink()
+            os._exit(1)
+        ids = harmony.render_completion("fake", "0")
+        return [[Completion(ids, [self.tag, float(request_seed(seed, first_index + i, n)), float(j)]
+                            + [0.0] * (len(ids) - 3), "stop") for j in range(n)]
+                for i in range(len(prompts))]
+
+    def update_weights(self, state):
+        self.tag = float(state["w"])
+
+    def update_weights_from_path(self, path):
+        self.tag = float(Path(path).name)
+
+    def health(self):
+        return {"ok": True, "pid": os.getpid()}
+
+    def shutdown(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from rl.cluster import init_ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # FakeEngine travels by value
+    init_ray(ClusterConfig(num_cpus=4))
+    yield
+    ray.shutdown()
+
+
+def _tasks(n):
+    return [Task(f"t{i}", "math", f"Compute {i}+{i}.", {"answer": str(2 * i)}) for i in range(n)]
+
+
+def _calls(folder):
+    return [tuple(map(int, line.split())) for line in (folder / "calls.log").read_text().splitlines()]
+
+
+def test_pool_order_seeds_and_replacement_of_a_dead_worker(tmp_path, ray_local):
+    import ray
+
+    cfg = RolloutConfig(num_workers=2, max_restarts=1)
+    pool = WorkerPool(str(tmp_path), cfg, seed=100, worker_cls=ray.remote(FakeEngine))
+    pool.update_weights({"w": torch.tensor(7.0)})
+    tasks, efforts, n, seed = _tasks(3), ["low", "high"], 2, 5
+    healthy = pool.rollout(tasks, efforts, n, seed)
+    # Task, effort, sample order; prompt k went to worker k % 2 with seed 5 + k % 2, at position k // 2.
+    assert [(s.task_id, s.effort) for s in healthy] == [(t.task_id, e) for t in tasks for e in efforts for _ in range(n)]
+    for k in range(len(tasks) * len(efforts)):
+        for j, s in enumerate(healthy[k * n:(k + 1) * n]):
+            assert s.behavior_logprobs[:3] == [7.0, request_seed(seed + k % 2, k // 2, n), j]
+            assert s.prompt_ids == harmony.render_prompt(tasks[k // 2].question, efforts[k % 2])
+            assert s.loss_mask == [1] * len(s.completion_ids) and s.metadata == {"answer": str(2 * (k // 2))}
+    assert all(s.transcript.final == "0" for s in healthy)
+
+    (tmp_path / "calls.log").unlink()
+    (tmp_path / "die-101").touch()  # worker 1 dies in the middle of its next call
+    again = pool.rollout(tasks, efforts, n, seed)
+    assert pool.restarts == 1
+    assert [s.behavior_logprobs for s in again] == [s.behavior_logprobs for s in healthy]  # latest weights, same seeds
+    calls = _calls(tmp_path)
+    assert sorted((s, p) for s, _, p in calls) == [(100, 3), (101, 3), (101, 3)], calls  # only worker 1 re-sent
+    assert len({pid for s, pid, _ in calls if s == 101}) == 2, "the re-sent requests went to a new process"
+
+    # Evaluation chunks are seeded as one call over the whole list, whatever the number of workers.
+    prompts = [harmony.render_prompt(f"Compute {i}+1.", "low") for i in range(5)]
+    pool.update_weights_from_path(str(tmp_path / "3"))
+    out = pool.generate(prompts, 2, temperature=0.0, seed=9)
+    assert [[c.logprobs[:3] for c in cs] for cs in out] == [
+        [[3.0, request_seed(9, i, 2), j] for j in range(2)] for i in range(5)]
+
+    (tmp_path / "die-100").touch()
+    (tmp_path / "die-101").touch()  # two deaths in one call, one restart allowed
+    with pytest.raises(RuntimeError, match=r"rollout.max_restarts=1"):
+        pool.generate(prompts, 1, temperature=0.0, seed=9)
+    pool.close()
+    pool.close()  # idempotent
+
+
+@torch.no_grad()
+def _perturbed_state(policy):
+    from rl.model import load_policy
+
+    model, _ = load_policy(policy)
+    state = model.state_dict()
+    head = state["lm_head.weight"]
+    state["lm_head.weight"] = head + torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * head.std() * 3
+    return state
+
+
+def test_a_killed_worker_is_replaced_with_the_latest_weights(policy, ray_local):
+    from rl.data import make_env
+
+    cfg = RolloutConfig(num_workers=2, max_tokens=96, max_model_len=256, max_restarts=1)
+    pool = WorkerPool(str(policy), cfg, seed=0)
+    try:
+        tasks, efforts, n = make_env(EnvConfig(), 0).tasks("train", 4), ["low", "high"], 4
+        prompts = [harmony.render_prompt(tasks[0].question, e) for e in harmony.EFFORTS]
+        greedy = lambda: [c[0].ids for c in pool.generate(prompts, 1, temperature=0.0, seed=None)]  # noqa: E731
+        base = greedy()
+        pool.update_weights(_perturbed_state(policy))
+        target = greedy()  # the healthy workers on the perturbed weights
+        assert all(t != b for t, b in zip(target, base)), "the perturbation should change every greedy output"
+
+        t0 = time.perf_counter()
+        reference = pool.rollout(tasks, efforts, n, seed=11)
+        healthy_s = time.perf_counter() - t0
+        pid = pool.health()[1]["pid"]
+        killer = threading.Timer(healthy_s / 4, os.kill, (pid, signal.SIGKILL))  # while the rollout is in flight
+        t0 = time.perf_counter()
+        killer.start()
+        samples = pool.rollout(tasks, efforts, n, seed=11)
+        killer.join()
+        print(f"rollout: {healthy_s:.1f} s healthy, {time.perf_counter() - t0:.1f} s with a replaced worker")
+        assert pool.restarts == 1
+        assert len(samples) == len(tasks) * len(efforts) * n
+        for s in samples:
+            assert s.completion_ids and len(s.behavior_logprobs) == len(s.completion_ids) == len(s.loss_mask)
+            assert s.finish_reason in ("stop", "length") and s.metadata
+        assert [s.completion_ids for s in samples] == [s.completion_ids for s in reference]
+        assert pool.health()[1]["pid"] != pid
+        assert greedy() == target  # prompt 2 is worker 1's: the replacement holds the perturbed weights
+    finally:
+        pool.close()
