@@ -159,7 +159,10 @@ def save_checkpoint(model, vmap: VocabMap, out_dir: str | os.PathLike) -> None:
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    from rl.metrics import quiet_progress_bars
+
+    with quiet_progress_bars():  # no "Writing model shards" bar at every checkpoint
+        model.save_pretrained(tmp, safe_serialization=True)
     vmap.save(tmp)
     if vmap.canonical is not None:
         hf_tokenizer(vmap).save_pretrained(tmp)  # decoding/padding only (see hf_tokenizer)
@@ -178,13 +181,16 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     Released-style MXFP4 checkpoints (`*_blocks`/`*_scales` experts) load with `dtype` master weights."""
     from transformers import GptOssForCausalLM
 
-    if is_mxfp4_checkpoint(path):
-        from kernels.mxfp4_checkpoint import load_mxfp4_checkpoint
+    from rl.metrics import quiet_progress_bars
 
-        model = load_mxfp4_checkpoint(path, dtype=dtype)
-        model.set_attn_implementation("eager")
-    else:
-        model = GptOssForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+    with quiet_progress_bars():  # no "Loading weights" bar per learner/test
+        if is_mxfp4_checkpoint(path):
+            from kernels.mxfp4_checkpoint import load_mxfp4_checkpoint
+
+            model = load_mxfp4_checkpoint(path, dtype=dtype)
+            model.set_attn_implementation("eager")
+        else:
+            model = GptOssForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
     return model, VocabMap.load(path)
 
 

@@ -3,7 +3,8 @@
     build tiny gpt-oss → cold-start SFT (TRL) → GRPO (Ray + vLLM) → evaluate SFT vs RL per effort
 
 Run:  python -m rl.pipeline experiment=tiny            (≈ minutes on 2 CPU cores)
-Outputs in `run_dir`: model/ (initial), sft/, checkpoints/step_*/ (RL), tensorboard/, metrics.jsonl,
+Outputs in `run_dir`: model/ (initial), sft/, sft_logs/ (SFT metrics), checkpoints/step_*/ (RL), tensorboard/,
+metrics.jsonl,
 eval/eval.{json,md} (the table printed at the end), timings.json.
 With `model.path=...` the build step is skipped (a real gpt-oss checkpoint; set `sft.enabled=false`
 to start RL from it directly).
@@ -42,7 +43,7 @@ def run_sft_stage(cfg: Config, model_path: Path, out: Path) -> dict:
     rows = sft_examples(tasks, solution, VocabMap.load(model_path), cfg.env.efforts,
                         final_slip_rate=cfg.sft.final_slip_rate, seed=cfg.seed)
     return run_sft(model_path, out, rows, cfg.sft, seed=cfg.seed, logging=cfg.logging,
-                   logging_dir=str(Path(cfg.run_dir) / "tensorboard" / "sft"))
+                   logging_dir=str(Path(cfg.run_dir) / "sft_logs"))
 
 
 def run(cfg: Config) -> dict:
