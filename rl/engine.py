@@ -319,7 +319,8 @@ class RolloutEngine:
     def health(self) -> dict:
         """Liveness probe: one greedy token through the engine, plus counters and the pid."""
         if self.llm is None:
-            return {"ok": False, "error": "engine shut down", "pid": os.getpid(), "checkpoint": self.checkpoint}
+            return {"ok": False, "error": "engine shut down", "pid": os.getpid(),
+                    "checkpoint": self.checkpoint}
         t0 = time.perf_counter()
         probe = self.generate([self.vocab.to_canonical([0])], max_tokens=1, temperature=0.0)
         return {

@@ -52,7 +52,8 @@ class WorkerPool:
 
     # ---- sampling ----------------------------------------------------------------------------
 
-    def rollout(self, tasks: Sequence[Task], efforts: Sequence[str], group_size: int, seed: int) -> list[Sample]:
+    def rollout(self, tasks: Sequence[Task], efforts: Sequence[str], group_size: int,
+                seed: int) -> list[Sample]:
         """Every task at every effort, `group_size` samples each (temperature, top_p, max_tokens
         from the engines' `cfg`), in task, effort, sample order."""
         jobs = [(t, e, harmony.render_prompt(t.question, e, t.developer)) for t in tasks for e in efforts]
@@ -95,7 +96,7 @@ class WorkerPool:
     def _update(self, method: str, arg) -> None:
         self._latest = (method, arg)  # before sending: a replacement started now loads this one
         # A worker that dies here is replaced and loads `arg` while starting: nothing to re-send.
-        self._run(method, {i: {} for i in range(len(self._workers))}, arg=arg, resend=False)
+        self._run(method, {i: {} for i in range(len(self._workers))}, args=(arg,), resend=False)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -134,25 +135,28 @@ class WorkerPool:
             ray.get(getattr(actor, method).remote(arg))
         return actor
 
-    def _run(self, method: str, calls: dict[int, dict], arg=None, resend: bool = True) -> dict[int, Any]:
-        """Call `method` on the workers named in `calls` (worker index -> keyword arguments) at once;
-        returns worker index -> result. Dead workers are replaced and (if `resend`) called again."""
+    def _run(self, method: str, calls: dict[int, dict], args: tuple = (),
+             resend: bool = True) -> dict[int, Any]:
+        """`method(*args, **calls[i])` on every worker i named in `calls`, all at once; returns worker
+        index -> result. A dead worker is replaced as soon as it is noticed (the others keep working)
+        and, if `resend`, its call is sent again to the replacement."""
         import ray
 
+        def send(i: int):
+            return getattr(self._workers[i], method).remote(*args, **calls[i])
+
+        pending = {send(i): i for i in calls}
         results: dict[int, Any] = {}
-        pending, used = dict(calls), 0
+        used = 0  # restarts in this call
         while pending:
-            refs = {i: getattr(self._workers[i], method).remote(*([] if arg is None else [arg]), **kw)
-                    for i, kw in pending.items()}
-            dead: dict[int, Exception] = {}
-            for i, ref in refs.items():
-                try:
-                    results[i] = ray.get(ref)
-                except ray.exceptions.RayActorError as exc:
-                    dead[i] = exc
-            for i, exc in dead.items():
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            i = pending.pop(done)
+            try:
+                results[i] = ray.get(done)
+            except ray.exceptions.RayActorError as exc:
                 used = self._replace(i, exc, used, method)
-            pending = {i: pending[i] for i in dead} if resend else {}
+                if resend:
+                    pending[send(i)] = i
         return results
 
     def _replace(self, i: int, exc: Exception, used: int, method: str) -> int:
@@ -180,6 +184,8 @@ class WorkerPool:
 
 
 def to_sample(task: Task, effort: str, prompt: list[int], c: Completion) -> Sample:
+    """One completion of `prompt` (`task` at `effort`) as a `Sample`: loss mask all 1, behaviour
+    log-probs, parsed Harmony transcript, the task's metadata copied."""
     return Sample(
         task_id=task.task_id, env=task.env, effort=effort, prompt_ids=prompt,
         completion_ids=list(c.ids), loss_mask=[1] * len(c.ids), behavior_logprobs=list(c.logprobs),

@@ -91,7 +91,8 @@ def test_pool_order_seeds_and_replacement_of_a_dead_worker(tmp_path, ray_local):
     tasks, efforts, n, seed = _tasks(3), ["low", "high"], 2, 5
     healthy = pool.rollout(tasks, efforts, n, seed)
     # Task, effort, sample order; prompt k went to worker k % 2 with seed 5 + k % 2, at position k // 2.
-    assert [(s.task_id, s.effort) for s in healthy] == [(t.task_id, e) for t in tasks for e in efforts for _ in range(n)]
+    order = [(t.task_id, e) for t in tasks for e in efforts for _ in range(n)]
+    assert [(s.task_id, s.effort) for s in healthy] == order
     for k in range(len(tasks) * len(efforts)):
         for j, s in enumerate(healthy[k * n:(k + 1) * n]):
             assert s.behavior_logprobs[:3] == [7.0, request_seed(seed + k % 2, k // 2, n), j]
@@ -103,7 +104,8 @@ def test_pool_order_seeds_and_replacement_of_a_dead_worker(tmp_path, ray_local):
     (tmp_path / "die-101").touch()  # worker 1 dies in the middle of its next call
     again = pool.rollout(tasks, efforts, n, seed)
     assert pool.restarts == 1
-    assert [s.behavior_logprobs for s in again] == [s.behavior_logprobs for s in healthy]  # latest weights, same seeds
+    # The replacement holds the latest weights (tag 7) and samples with the same seeds.
+    assert [s.behavior_logprobs for s in again] == [s.behavior_logprobs for s in healthy]
     calls = _calls(tmp_path)
     assert sorted((s, p) for s, _, p in calls) == [(100, 3), (101, 3), (101, 3)], calls  # only worker 1 re-sent
     assert len({pid for s, pid, _ in calls if s == 101}) == 2, "the re-sent requests went to a new process"
@@ -130,7 +132,8 @@ def _perturbed_state(policy):
     model, _ = load_policy(policy)
     state = model.state_dict()
     head = state["lm_head.weight"]
-    state["lm_head.weight"] = head + torch.randn(head.shape, generator=torch.Generator().manual_seed(0)) * head.std() * 3
+    noise = torch.randn(head.shape, generator=torch.Generator().manual_seed(0))
+    state["lm_head.weight"] = head + noise * head.std() * 3
     return state
 
 
