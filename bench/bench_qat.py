@@ -29,24 +29,26 @@ def measure(policy: str, n_tasks: int, n: int) -> list[dict]:
 
     from envs import harmony
     from envs.math_tasks import MathEnv
-    from rl.learner import Learner
-    from rl.config import RolloutConfig
+    from rl.batch import collate
+    from rl.config import AlgoConfig, LearnerConfig, RolloutConfig
     from rl.engine import RolloutEngine
+    from rl.learner import Learner
+    from rl.model import VocabMap
+    from rl.workers import to_sample
 
     engine = RolloutEngine(policy, RolloutConfig(max_model_len=256, max_tokens=96), seed=0)
     tasks = MathEnv(seed=0, difficulty=1, families=("digit_sum",)).tasks("test", n_tasks)
-    prompts = [harmony.render_prompt(t.question, e) for t in tasks for e in harmony.EFFORTS]
+    jobs = [(t, e, harmony.render_prompt(t.question, e)) for t in tasks for e in harmony.EFFORTS]
+    vmap = VocabMap.load(policy)
     rows = []
     for label, over in MODES:
-        learner = Learner(policy, {"lr": 0.0, "kernels": "deliberate", **over}, {}, seed=0)
+        learner = Learner(policy, LearnerConfig(lr=0.0, **over), AlgoConfig(), seed=0)
         engine.update_weights(learner.state_for_sync())
-        comps = engine.generate(prompts, n=n, temperature=1.0, max_tokens=96, seed=1)
-        batch = [{"prompt_ids": p, "completion_ids": c.ids, "loss_mask": [1] * len(c.ids)}
-                 for p, cs in zip(prompts, comps) for c in cs]
-        learner_lp = learner.logprobs(batch)
-        behav = torch.tensor([x for cs in comps for c in cs for x in c.logprobs])
-        lp = torch.tensor([x for row in learner_lp for x in row])
-        d = behav - lp  # log p_behaviour - log p_learner on behaviour samples
+        comps = engine.generate([p for _, _, p in jobs], n=n, temperature=1.0, max_tokens=96, seed=1)
+        samples = [to_sample(t, e, p, c) for (t, e, p), cs in zip(jobs, comps) for c in cs]
+        batch = collate(samples, [0.0] * len(samples), vmap)
+        tok = batch.completion_mask
+        d = batch.behavior_logprobs[tok] - learner.logprobs(batch)[tok]  # log p_behaviour - log p_learner
         rows.append({"mode": label, "tokens": int(d.numel()), "kl_k1": float(d.mean()),
                      "kl_k3": float((torch.exp(-d) + d - 1).mean()), "abs": float(d.abs().mean()),
                      "max_abs": float(d.abs().max())})

@@ -22,10 +22,10 @@ import time
 import torch
 
 from bench.rl_step_probe import grpo_batch, sample_and_score
-from envs import harmony
 from envs.math_tasks import MathEnv
 from rl.learner import Learner
-from rl.config import RolloutConfig
+from rl.model import VocabMap
+from rl.config import AlgoConfig, LearnerConfig, LrScale, RolloutConfig
 from rl.engine import RolloutEngine
 
 
@@ -53,27 +53,25 @@ def main(argv: list[str] | None = None) -> None:
     engine = RolloutEngine(args.policy, RolloutConfig(max_model_len=256, max_tokens=96, num_threads=args.threads),
                            seed=0)
 
-    def prompts(tasks):
-        return [harmony.render_prompt(t.question, args.effort, t.developer) for t in tasks]
-
     def evaluate() -> float:
-        return float(sample_and_score(engine, test, prompts(test), 4, seed=12345)[1].mean())
+        return float(sample_and_score(engine, test, args.effort, 4, seed=12345)[1].mean())
 
-    cfg = {"lr": args.lr, "betas": [float(b) for b in args.betas.split(",")], "kernels": "deliberate",
-           "micro_batch_size": 128, "grad_clip": 1.0, "num_threads": args.threads,
-           "lr_scale": json.loads(args.lr_scale), "warmup_steps": args.warmup}
-    algo = {"mini_batches": args.mini_batches, "old_logprobs": "behavior"}
+    rules = [LrScale(pattern, scale) for pattern, scale in json.loads(args.lr_scale).items()]
+    cfg = LearnerConfig(lr=args.lr, betas=[float(b) for b in args.betas.split(",")], micro_batch_size=128,
+                        grad_clip=1.0, num_threads=args.threads, lr_scale=rules, warmup_steps=args.warmup)
+    algo = AlgoConfig(mini_batches=args.mini_batches, old_logprobs="behavior")
     learner = Learner(args.policy, cfg, algo, seed=0)
+    vmap = VocabMap.load(args.policy)
     n_train = sum(p.numel() for p in learner.trainable)
     curve = [(0, evaluate())]
     print(f"policy {args.policy}, effort {args.effort}, lr {args.lr:g} (warm-up {args.warmup}), "
-          f"{args.mini_batches} optimizer step(s) per batch, lr_scale {cfg['lr_scale']}: "
+          f"{args.mini_batches} optimizer step(s) per batch, lr_scale {args.lr_scale}: "
           f"{n_train} trainable weights; held-out T=1 accuracy at step 0: {curve[0][1]:.3f}", flush=True)
     rng, t0 = random.Random(0), time.perf_counter()
     for step in range(1, args.steps + 1):
         tasks = rng.sample(train, args.tasks)
-        comps, rewards = sample_and_score(engine, tasks, prompts(tasks), args.group, seed=step)
-        m = learner.train_step(grpo_batch(prompts(tasks), comps, rewards))
+        samples, rewards = sample_and_score(engine, tasks, args.effort, args.group, seed=step)
+        m = learner.train_step(grpo_batch(samples, rewards, vmap))
         engine.update_weights(learner.state_for_sync())
         if step % args.eval_every == 0 or step == args.steps:
             curve.append((step, evaluate()))

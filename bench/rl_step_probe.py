@@ -19,31 +19,29 @@ import torch
 
 from envs import harmony
 from envs.math_tasks import MathEnv
-from rewards.math_verify_reward import verify_batch
+from envs.types import Sample
+from rewards.math_verify_reward import MathReward
 from rl.algorithms import grpo_advantages
+from rl.batch import TrainBatch, collate
 from rl.learner import Learner
-from rl.config import RolloutConfig
+from rl.model import VocabMap
+from rl.workers import to_sample
+from rl.config import AlgoConfig, LearnerConfig, RolloutConfig
 from rl.engine import RolloutEngine
 
 
-def sample_and_score(engine: RolloutEngine, tasks, prompts: list[list[int]], n: int, seed: int,
-                     max_tokens: int = 96):
-    """n completions per prompt at temperature 1 and their math-verify scores: (completions, (len*n,) tensor)."""
+def sample_and_score(engine: RolloutEngine, tasks, effort: str, n: int, seed: int,
+                     max_tokens: int = 96) -> tuple[list[Sample], torch.Tensor]:
+    """n samples per task at temperature 1, scored by the "math" reward plugin: (samples, (len*n,) scores)."""
+    prompts = [harmony.render_prompt(t.question, effort, t.developer) for t in tasks]
     comps = engine.generate(prompts, n=n, temperature=1.0, top_p=1.0, max_tokens=max_tokens, seed=seed)
-    pairs = [(harmony.parse_completion(c.ids).final, str(t.metadata["answer"])) for t, cs in zip(tasks, comps)
-             for c in cs]
-    return comps, torch.tensor(verify_batch(pairs))
+    samples = [to_sample(t, effort, p, c) for t, p, cs in zip(tasks, prompts, comps) for c in cs]
+    return samples, torch.tensor([r.score for r in MathReward().score_batch(samples)])
 
 
-def grpo_batch(prompts: list[list[int]], comps, rewards: torch.Tensor) -> list[dict]:
-    """Learner batch with GRPO advantages, one group per prompt (all completion tokens trained)."""
-    adv = grpo_advantages(rewards, [i for i, cs in enumerate(comps) for _ in cs]).tolist()
-    batch = [{"prompt_ids": p, "completion_ids": list(c.ids), "loss_mask": [1] * len(c.ids),
-              "behavior_logprobs": list(c.logprobs)}
-             for p, cs in zip(prompts, comps) for c in cs]
-    for b, a in zip(batch, adv):
-        b["advantage"] = a
-    return batch
+def grpo_batch(samples: list[Sample], rewards: torch.Tensor, vmap: VocabMap) -> TrainBatch:
+    """The learner's batch with GRPO advantages over (task, effort) groups (all completion tokens trained)."""
+    return collate(samples, grpo_advantages(rewards, [s.group_key for s in samples]), vmap)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,30 +58,30 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
 
     tasks = MathEnv(families=["digit_sum"], difficulty=1).tasks("train", args.tasks, seed=7)
-    prompts = [harmony.render_prompt(t.question, args.effort, t.developer) for t in tasks]
     engine = RolloutEngine(args.policy, RolloutConfig(max_model_len=256, max_tokens=96, num_threads=1), seed=0)
 
     def sample(n: int, seed: int):
-        return sample_and_score(engine, tasks, prompts, n, seed, args.max_tokens)
+        return sample_and_score(engine, tasks, args.effort, n, seed, args.max_tokens)
 
-    comps, rewards = sample(args.train_samples, seed=0)
-    batch = grpo_batch(prompts, comps, rewards)
+    samples, rewards = sample(args.train_samples, seed=0)
+    batch = grpo_batch(samples, rewards, VocabMap.load(args.policy))
     _, before = sample(args.eval_samples, seed=99)
-    print(f"policy {args.policy}, effort {args.effort}: {len(tasks)} tasks, training batch {len(batch)} samples "
+    print(f"policy {args.policy}, effort {args.effort}: {len(tasks)} tasks, training batch {batch.size} samples "
           f"(accuracy {rewards.mean():.3f}); expected accuracy before {before.mean():.4f} "
           f"({before.numel()} samples)")
 
-    learner = Learner(args.policy, {"lr": 1.0, "kernels": "deliberate", "micro_batch_size": 128,
-                                    "grad_clip": 1e9, "num_threads": 1}, {}, seed=0)
+    learner = Learner(args.policy, LearnerConfig(lr=1.0, micro_batch_size=128, grad_clip=1e9, num_threads=1),
+                      AlgoConfig(), seed=0)
     start = {k: v.clone() for k, v in learner.model.state_dict().items()}
     runs = [("adam", float(x)) for x in args.adam_lrs.split(",") if x] + \
            [("sgd", float(x)) for x in args.sgd_lrs.split(",") if x]
     print("| optimizer | lr | expected accuracy after | change |\n|---|---:|---:|---:|")
     for opt, lr in runs:
         learner.model.load_state_dict(start)
-        learner.opt = (torch.optim.AdamW(learner.trainable, lr=lr, betas=(0.9, 0.99), weight_decay=0.0) if opt == "adam"
-                       else torch.optim.SGD(learner.trainable, lr=lr))
-        learner.cfg["lr"] = lr
+        groups = [{"params": learner.trainable, "lr_scale": 1.0}]
+        learner.opt = (torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), weight_decay=0.0) if opt == "adam"
+                       else torch.optim.SGD(groups, lr=lr))
+        learner.cfg.lr = lr
         learner.train_step(batch)
         engine.update_weights(learner.state_for_sync())
         _, after = sample(args.eval_samples, seed=99)

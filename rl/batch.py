@@ -7,12 +7,13 @@ this way, and the learner never sees a string-keyed dict or a per-sample list (d
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from envs.types import Sample
+from rl.model import VocabMap
 
 
 class TrainBatch(NamedTuple):
@@ -43,13 +44,13 @@ class TrainBatch(NamedTuple):
         return float(self.loss_mask.sum())
 
 
-def collate(samples: Sequence[Sample], advantages: Sequence[float] | Tensor,
-            to_model: Callable[[Sequence[int]], list[int]], pad_id: int) -> TrainBatch:
-    """`TrainBatch` from scored samples: ids mapped by `to_model` (the policy's `VocabMap.to_model`).
+def collate(samples: Sequence[Sample], advantages: Sequence[float] | Tensor, vmap: VocabMap) -> TrainBatch:
+    """`TrainBatch` from scored samples: canonical ids mapped to the policy's ids by its `vmap`,
+    padded with its `<|endoftext|>`.
 
     >>> from envs.types import Transcript
     >>> s = Sample("t", "math", "low", [5, 6], [7, 8, 9], [1, 1, 0], [-0.1, -0.2, -0.3], Transcript())
-    >>> b = collate([s], [0.5], lambda ids: list(ids), pad_id=0)
+    >>> b = collate([s], [0.5], VocabMap.identity())
     >>> b.input_ids.tolist(), b.completion_mask.int().tolist(), b.loss_mask.tolist()
     ([[5, 6, 7, 8, 9]], [[0, 0, 1, 1, 1]], [[0.0, 0.0, 1.0, 1.0, 0.0]])
     """
@@ -58,7 +59,7 @@ def collate(samples: Sequence[Sample], advantages: Sequence[float] | Tensor,
         raise ValueError(f"{len(samples)} samples but {adv.shape[0]} advantages")
     B = len(samples)
     L = max((len(s.prompt_ids) + len(s.completion_ids) for s in samples), default=0)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    ids = torch.full((B, L), vmap.pad_id, dtype=torch.long)
     attn = torch.zeros((B, L), dtype=torch.long)
     comp = torch.zeros((B, L), dtype=torch.bool)
     lmask = torch.zeros((B, L), dtype=torch.float32)
@@ -70,7 +71,7 @@ def collate(samples: Sequence[Sample], advantages: Sequence[float] | Tensor,
         if len(s.behavior_logprobs) != c:
             raise ValueError(f"sample {i} ({s.task_id}): {len(s.behavior_logprobs)} behaviour log-probs "
                              f"for {c} tokens")
-        ids[i, : p + c] = torch.tensor(to_model(list(s.prompt_ids) + list(s.completion_ids)), dtype=torch.long)
+        ids[i, : p + c] = torch.tensor(vmap.to_model(list(s.prompt_ids) + list(s.completion_ids)), dtype=torch.long)
         attn[i, : p + c] = 1
         comp[i, p : p + c] = True
         lmask[i, p : p + c] = torch.tensor(s.loss_mask, dtype=torch.float32)

@@ -50,6 +50,11 @@ class VocabMap:
             raise TypeError("identity VocabMap has no length")
         return len(self.canonical)
 
+    @property
+    def pad_id(self) -> int:
+        """Model id of `<|endoftext|>`, what batches are padded with (masked everywhere it appears)."""
+        return self.to_model([harmony.ENDOFTEXT])[0]
+
     def to_model(self, ids: Sequence[int]) -> list[int]:
         """Canonical -> model ids. An id outside the map is an error naming it (build-time check)."""
         if self.canonical is None:

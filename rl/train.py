@@ -26,7 +26,6 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
-from envs import harmony
 from envs.types import Sample, Task
 from rewards.types import RewardResult
 from rl import checkpoint, seeds
@@ -86,7 +85,7 @@ def build_batch(cfg: Config, samples: Sequence[Sample], results: Sequence[Reward
         if not keep.any():  # every group constant: all advantages are 0; keep the step's shape
             keep = torch.ones_like(keep)
     idx = keep.nonzero().flatten().tolist()
-    batch = collate([samples[i] for i in idx], adv[idx], vmap.to_model, pad_id=vmap.to_model([harmony.ENDOFTEXT])[0])
+    batch = collate([samples[i] for i in idx], adv[idx], vmap)
     return batch, {"kept_samples": float(len(idx)), "advantage_abs": float(adv.abs().mean())}
 
 

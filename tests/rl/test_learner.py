@@ -30,7 +30,7 @@ def _samples(adv, behavior=None):
 
 def _batch(adv, policy=None, behavior=None, samples=None) -> TrainBatch:
     vmap = VMAP.setdefault("v", VocabMap.load(policy)) if policy is not None else VMAP["v"]
-    return collate(samples or _samples(adv, behavior), adv, vmap.to_model, pad_id=0)
+    return collate(samples or _samples(adv, behavior), adv, vmap)
 
 
 def _sums(lp: torch.Tensor) -> list[float]:
