@@ -35,7 +35,7 @@ from bench import results
 import yaml
 
 SECTION = "## Rollout (vLLM vs HF generate) and weight sync"
-TARGET_RATIO = 5.0  # DESIGN §8: vLLM rollout >= 5x HF generate
+TARGET_RATIO = 5.0  # the project bar (docs/ARCHITECTURE.md, bench/RESULTS.md): vLLM rollout >= 5x HF generate
 
 
 def _questions(count: int, seed: int = 0) -> list[str]:
