@@ -178,3 +178,41 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, polic
     wa = load_file(str(straight / "checkpoints" / f"step_{steps:06d}" / "model.safetensors"))
     wb = load_file(str(killed / "checkpoints" / f"step_{steps:06d}" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+class _AnswerPool:
+    """`generate` answers each prompt with the final its task is given in `finals` (a fake engine)."""
+
+    def __init__(self, finals: dict):
+        self.finals = finals
+
+    def generate(self, prompts, n, *, temperature, seed):
+        from envs import harmony
+        from rl.engine import Completion
+
+        out = []
+        for p in prompts:
+            ids = harmony.render_completion("thinking", self.finals[tuple(p)])
+            out.append([Completion(ids, [-0.1] * len(ids), "stop") for _ in range(n)])
+        return out
+
+
+def test_evaluation_scores_through_the_training_reward():
+    """Accuracy is the training reward's own term: LaTeX golds are checked by math-verify, not by a
+    string compare, and `eval.metric` picks the term."""
+    from envs import harmony
+    from envs.types import Task
+    from rewards.compose import CompositeReward
+    from rl.evaluate import evaluate_policy
+
+    tasks = [Task("a", "math", "What is 1/2?", {"answer": "\\frac{1}{2}"}),
+             Task("b", "math", "What is 2^{10}?", {"answer": "2^{10}"})]
+    cfg = validate({"eval": {"efforts": ["low"], "samples_per_task": 2}})
+    finals = {"a": "0.5", "b": "2"}  # right (as a decimal), wrong (the leading number of the gold)
+    pool = _AnswerPool({tuple(harmony.render_prompt(t.question, "low")): finals[t.task_id] for t in tasks})
+    reward = CompositeReward.from_config(cfg.reward.terms)
+    res = evaluate_policy(pool, tasks, cfg, reward)["low"]
+    assert (res["accuracy"], res["n"], res["format_failure"]) == (0.5, 4, 0.0)
+    assert res["cot_tokens"] > 0
+    cfg.eval.metric = "effort_length"  # within budget everywhere
+    assert evaluate_policy(pool, tasks, cfg, reward)["low"]["accuracy"] == 1.0
