@@ -35,6 +35,7 @@ from kernels.mxfp4_checkpoint import INDEX_NAME, WEIGHTS_NAME
 log = logging.getLogger(__name__)
 
 TRAINER_STATE, MANIFEST, LATEST = "trainer_state.json", "MANIFEST.json", "latest"
+LEARNER_STATE = "learner_state.pt"  # optimizer, step, RNG: written by rl.learner.Learner.save
 HASH = "xxh3_128"
 _COMMITTED = re.compile(r"step_(\d+)")
 _CHUNK = 8 << 20
@@ -79,7 +80,7 @@ def save(run_dir: str | os.PathLike, step: int, write_policy: Callable[[Path], N
 
 def verify(path: str | os.PathLike, checksums: bool = True) -> None:
     """Raise CheckpointError unless `path` is complete: the manifest and trainer state parse, the
-    weights transformers reads are listed, every listed file has its size (and, with `checksums`,
+    learner state and the weights transformers reads are listed, every listed file has its size (and, with `checksums`,
     its digest). Without `checksums` only the JSON files are read."""
     path = Path(path)
     manifest = _read_json(path, MANIFEST)
@@ -87,7 +88,7 @@ def verify(path: str | os.PathLike, checksums: bool = True) -> None:
     files = manifest.get("files")
     if manifest.get("hash") != HASH or not isinstance(files, dict):
         raise CheckpointError(f"{path}: {MANIFEST} is not a {HASH} manifest ({manifest.get('hash')=})")
-    for name in [TRAINER_STATE, *_weight_files(path, files)]:
+    for name in [TRAINER_STATE, LEARNER_STATE, *_weight_files(path, files)]:
         if name not in files:
             raise CheckpointError(f"{path}: {name} is not listed in {MANIFEST}; the policy was not fully written")
     for name, entry in files.items():

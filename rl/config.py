@@ -150,7 +150,7 @@ class LearnerConfig:
     dtype: str = choice("float32", ("float32", "bfloat16"))  # master weights
     num_threads: int = 2
     num_cpus: float = 1.0  # Ray CPUs for the learner actor
-    num_gpus: float = 0.0  # Ray GPUs for the learner actor
+    num_gpus: float = 0.0  # Ray GPUs for the learner actor (must stay 0: the learner has no CUDA path yet)
     temperature: float = 1.0  # must match rollout.temperature (log-probs of the sampling distribution)
 
 
@@ -164,7 +164,7 @@ class RewardConfig:
         "effort_length": {"weight": 0.2, "budgets": {"low": 16, "medium": 64, "high": 256}},
     })
     on_error: str = choice("zero", ("zero", "raise"))  # a plugin that raises/hangs: score 0 + count | stop
-    timeout_s: float = 60.0  # hard budget for one plugin call on a batch; past it: on_error
+    timeout_s: float = 300.0  # hard budget for one plugin call on a step's batch (a hang guard); past it: on_error
 
 
 @dataclass
@@ -311,6 +311,14 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         (c.model.path is not None or c.model.name == "tiny", "model.path",
          f"an HF checkpoint folder for model.name={c.model.name!r} (only 'tiny' is built)"),
         (c.reward.timeout_s > 0, "reward.timeout_s", "> 0"),
+        (bool(c.env.efforts), "env.efforts", "at least one effort"),
+        (bool(c.eval.efforts), "eval.efforts", "at least one effort"),
+        (c.algo.old_logprobs != "behavior" or c.rollout.top_p == 1.0, "algo.old_logprobs",
+         "recompute when rollout.top_p < 1 (the engine's log-probs are of the top-p-truncated distribution)"),
+        (c.learner.num_gpus == 0, "learner.num_gpus",
+         "0: the learner runs on CPU until the GPU learner lands (rollout.num_gpus places the engines)"),
+        (c.rollout.num_gpus == 0 or c.rollout.num_gpus >= c.rollout.tensor_parallel_size, "rollout.num_gpus",
+         ">= rollout.tensor_parallel_size (one GPU per shard)"),
         (c.train.checkpoint_every >= 1, "train.checkpoint_every", ">= 1"),
         (c.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1"),
     ]
@@ -320,7 +328,12 @@ def validate(cfg: DictConfig | dict | Config) -> Config:
     """Merge onto the schema and return the typed `Config`; a bad key fails with one line naming it."""
     schema = OmegaConf.structured(Config)
     try:
-        merged = OmegaConf.merge(schema, cfg)
+        given = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg if isinstance(cfg, dict) else
+                                                                         OmegaConf.structured(cfg))
+        merged = OmegaConf.merge(schema, given)
+        terms = OmegaConf.select(given, "reward.terms", default=None)
+        if terms is not None:  # a mapping merge would bring back a term the user removed (~reward.terms.x)
+            merged.reward.terms = terms
         c: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"

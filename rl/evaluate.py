@@ -111,6 +111,9 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg: Config, out_dir: str 
             if i > 0 or not own:
                 pool.update_weights_from_path(checkpoints[name])
             results[name] = evaluate_policy(pool, tasks, cfg, reward)
+            if cfg.logging.progress:
+                print(f"eval {name} ({i + 1}/{len(names)}): " + " | ".join(
+                    f"{e} acc {m['accuracy']:.3f}" for e, m in results[name].items()), flush=True)
     finally:
         if own:
             pool.close()
@@ -118,6 +121,19 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg: Config, out_dir: str 
                                      "temperature": cfg.eval.temperature, "metric": cfg.eval.metric})
     print_tables(results)
     return results
+
+
+def checkpoint_names(paths: Sequence[str]) -> dict[str, str]:
+    """{table name: path}: the folder name, or the whole path where two folders share a name.
+
+    >>> checkpoint_names(["runs/a/sft", "runs/b/sft", "runs/a/step_000020"])
+    {'runs/a/sft': 'runs/a/sft', 'runs/b/sft': 'runs/b/sft', 'step_000020': 'runs/a/step_000020'}
+    """
+    short = [Path(p).name for p in paths]
+    names = {(s if short.count(s) == 1 else str(p)): str(p) for s, p in zip(short, paths)}
+    if len(names) != len(paths):
+        raise SystemExit(f"evaluate: eval.checkpoints lists a checkpoint twice: {list(paths)}")
+    return names
 
 
 def main() -> None:
@@ -128,7 +144,7 @@ def main() -> None:
             raise SystemExit("evaluate: pass eval.checkpoints=[path1,path2,...] (HF checkpoint folders)")
         import ray
 
-        names = {Path(p).name: str(p) for p in cfg.eval.checkpoints}
+        names = checkpoint_names(cfg.eval.checkpoints)
         try:
             evaluate_checkpoints(names, cfg, cfg.eval.out_dir or str(Path(cfg.run_dir) / "eval"))
         finally:

@@ -27,10 +27,10 @@ import torch
 
 from rl.algorithms import policy_loss
 from rl.batch import TrainBatch
+from rl.checkpoint import LEARNER_STATE
 from rl.config import AlgoConfig, LearnerConfig, LrScale
 from rl.model import load_policy, save_checkpoint
 
-LEARNER_STATE = "learner_state.pt"
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunked: bool,
@@ -141,6 +141,10 @@ class Learner:
         self.ref = None
         if algo.kl_coef > 0:  # the initial policy, whatever checkpoint `load` brings in later
             self.ref, _ = load_policy(model_path, dtype=dtype)
+            if cfg.kernels == "deliberate":  # computed exactly as the policy is (QAT experts included)
+                from kernels.patch import apply_kernels
+
+                apply_kernels(self.ref, qat=cfg.qat)
             self.ref.eval().requires_grad_(False)
         if cfg.freeze_router:
             # MoE RL is unstable when small updates flip top-k routing; keep the routing fixed.
@@ -306,6 +310,7 @@ class RemoteLearner:
         self._ray = ray
         self.actor = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(Learner).remote(
             model_path, cfg, algo, seed)
+        ray.get(self.actor.get_step.remote())  # a constructor error (bad lr_scale...) surfaces here
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return self._ray.get(self.actor.train_step.remote(batch))

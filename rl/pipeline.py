@@ -16,7 +16,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from rl import checkpoint
 from rl.config import Config, hydra_main
+from rl.seeds import sft_seed
 
 
 def build_model(cfg: Config, out: Path) -> Path:
@@ -39,7 +41,7 @@ def run_sft_stage(cfg: Config, model_path: Path, out: Path) -> dict:
     from rl.sft import run_sft, sft_examples
 
     env = make_env(cfg.env, cfg.seed)
-    tasks = env.tasks("train", cfg.sft.tasks, seed=cfg.seed + 1)
+    tasks = env.tasks("train", cfg.sft.tasks, seed=sft_seed(cfg.seed))
     rows = sft_examples(tasks, solution, VocabMap.load(model_path), cfg.env.efforts,
                         final_slip_rate=cfg.sft.final_slip_rate, seed=cfg.seed)
     return run_sft(model_path, out, rows, cfg.sft, seed=cfg.seed, logging=cfg.logging,
@@ -57,9 +59,18 @@ def run(cfg: Config) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    policy = Path(cfg.model.path) if cfg.model.path else build_model(cfg, run_dir / "model")
+    resuming = cfg.resume and (run_dir / "sft" / "config.json").exists()
+    if cfg.model.path:
+        policy = Path(cfg.model.path)
+    elif resuming:  # the initial policy of the run being resumed (its KL reference): never rebuilt
+        policy = run_dir / "model"
+    else:
+        policy = build_model(cfg, run_dir / "model")
     timings["build"] = time.perf_counter() - t0
-    if cfg.sft.enabled:
+    if cfg.sft.enabled and resuming:
+        policy = run_dir / "sft"
+        print(f"resume: keeping the SFT checkpoint {policy}", flush=True)
+    elif cfg.sft.enabled:
         t = time.perf_counter()
         sft_metrics = run_sft_stage(cfg, policy, run_dir / "sft")
         policy = run_dir / "sft"
@@ -70,7 +81,8 @@ def run(cfg: Config) -> dict:
         result = fit(cfg, live, logger)
         timings["grpo"] = time.perf_counter() - t
         t = time.perf_counter()
-        names = {"sft" if cfg.sft.enabled else "initial": str(policy), "rl": str(result.checkpoint)}
+        final = result.checkpoint or checkpoint.latest(cfg.run_dir)  # None: a resumed run that was done
+        names = {"sft" if cfg.sft.enabled else "initial": str(policy), "rl": str(final)}
         results = evaluate_checkpoints(names, cfg, run_dir / "eval", pool=live.pool, reward=live.reward)
     timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0

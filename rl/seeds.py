@@ -8,7 +8,8 @@ from __future__ import annotations
 
 STEP_PRIME = 7_919  # distance between the rollout seeds of consecutive steps
 RUN_PRIME = 1_000_003  # distance between runs (and between requests of one engine call)
-EVAL_OFFSET = 7_919  # evaluation samples from a stream distinct from training's
+EVAL_OFFSET = 500_009  # evaluation: off the step lattice (step * STEP_PRIME + worker) of any real run
+SFT_OFFSET = 1  # the cold-start SFT draws its tasks from a stream of its own
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -23,4 +24,11 @@ def request_seed(seed: int, index: int, n: int) -> int:
 
 
 def eval_seed(seed: int) -> int:
-    return seed + EVAL_OFFSET
+    """The sampling seed of held-out evaluation: never a rollout seed of the same run (step k, worker i
+    gives k * 7919 + i, which would need i = 1112 at k = 63 to meet it)."""
+    return seed * RUN_PRIME + EVAL_OFFSET
+
+
+def sft_seed(seed: int) -> int:
+    """The seed of the SFT task draw."""
+    return seed + SFT_OFFSET

@@ -164,7 +164,12 @@ def resume_point(cfg: Config, policy_path: str) -> tuple[Path | None, dict]:
         return None, {}
     path = checkpoint.latest(cfg.run_dir)
     if path is None:
-        log.warning("resume=true but %s has no complete checkpoint; starting fresh", cfg.run_dir)
+        found = sorted(p.name for p in checkpoint.ckpt_root(cfg.run_dir).glob("step_*"))
+        if found:  # starting fresh would prune them at the first save: stop instead
+            raise checkpoint.CheckpointError(
+                f"resume=true but no checkpoint in {checkpoint.ckpt_root(cfg.run_dir)} verifies ({found}); "
+                "the warnings above name the broken files. Move them away to start fresh")
+        log.warning("resume=true but %s has no checkpoint; starting fresh", cfg.run_dir)
         return None, {}
     state = checkpoint.trainer_state(path)
     if state.get("initial_policy") and state["initial_policy"] != str(policy_path):
@@ -201,7 +206,11 @@ def start_run(cfg: Config, policy_path: str, make_learner=None, make_pool=None) 
     try:
         if resume_from is not None:
             learner.load(resume_from)
-        pool = make_pool(str(resume_from or initial), cfg.rollout, cfg.seed)
+        # Engines start from the initial policy (a folder that outlives pruning: a replacement worker
+        # starts from it too) and get the learner's weights before the first rollout: after a resume,
+        # and under QAT, where the engines serve the learner's MXFP4-quantised experts.
+        pool = make_pool(initial, cfg.rollout, cfg.seed)
+        pool.update_weights(learner.weights())
         yield Run(learner, pool, reward, stream, VocabMap.load(initial), state.get("step", 0), initial)
     finally:
         if pool is not None:

@@ -34,6 +34,8 @@ from envs.types import Sample, Task
 from rl.config import RolloutConfig
 from rl.engine import Completion, RolloutWorker
 
+ENGINES = {"vllm": RolloutWorker}  # rollout.engine -> the Ray actor class (its choices in rl/config.py)
+
 log = logging.getLogger(__name__)
 
 
@@ -43,9 +45,9 @@ class WorkerPool:
     Needs a running Ray (`rl.cluster.init_ray`). `worker_cls` is the actor class (tests pass a fake
     with the same methods)."""
 
-    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, *, worker_cls=RolloutWorker):
+    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, *, worker_cls=None):
         self.model_path, self.cfg, self.seed = str(model_path), cfg, seed
-        self._worker_cls = worker_cls
+        self._worker_cls = worker_cls or ENGINES[cfg.engine]
         self.restarts = 0  # workers replaced so far (all calls)
         self._latest: tuple[str, Any] | None = None  # (engine method, its argument) of the last update
         self._workers = [self._start(i) for i in range(cfg.num_workers)]

@@ -3,7 +3,7 @@
 `FakePool` has `WorkerPool`'s methods and answers with real Harmony completions (rendered by
 openai-harmony, parsed the way the pool parses them) whose correctness is drawn from a seeded
 stream: deterministic for a given (seed, task, effort, sample), whatever the batch around it. It
-also gets "better" as weights are pushed, so a run's reward moves.
+records what it was started from and the order of weight pushes and rollouts (`events`).
 """
 from __future__ import annotations
 
@@ -21,8 +21,10 @@ class FakePool:
         self.restarts = 0
         self.updates = 0
         self.closed = False
+        self.events: list[str] = []
 
     def rollout(self, tasks: Sequence[Task], efforts: Sequence[str], group_size: int, seed: int) -> list[Sample]:
+        self.events.append("rollout")
         out = []
         for task in tasks:
             for effort in efforts:
@@ -42,6 +44,7 @@ class FakePool:
         if not weights:
             raise ValueError("FakePool.update_weights got no weights")
         self.updates += 1
+        self.events.append("update")
 
     def close(self) -> None:
         self.closed = True

@@ -104,6 +104,7 @@ def test_crash_inside_write_policy_leaves_previous_checkpoint(tmp_path):
 @pytest.mark.parametrize("written, missing", [
     (lambda f: (f.mkdir(), (f / "learner_state.pt").write_bytes(b"x")), "model.safetensors"),
     (lambda f: (sharded(f), (f / SHARDS[1]).unlink()), SHARDS[1]),
+    (lambda f: (single(f), (f / "learner_state.pt").unlink()), "learner_state.pt"),
 ])
 def test_save_refuses_a_policy_without_its_weights(tmp_path, written, missing):
     checkpoint.save(tmp_path, 1, single, {"cursor": 1})

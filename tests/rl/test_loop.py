@@ -64,7 +64,8 @@ def test_three_steps_log_per_effort_checkpoint_on_cadence_and_release(tmp_path, 
     root = checkpoint.ckpt_root(tmp_path / "run")
     assert sorted(p.name for p in root.glob("step_*")) == ["step_000002", "step_000003"]
     assert result.checkpoint == root / "step_000003" and checkpoint.latest(tmp_path / "run") == result.checkpoint
-    assert pools[0].updates == 3 and pools[0].closed  # weights pushed every step; released at the end
+    # the learner's weights before the first rollout and after every step; released at the end
+    assert pools[0].events == ["update", "rollout"] * 3 + ["update"] and pools[0].closed
     assert (tmp_path / "run" / "config.yaml").read_text().count("group_size: 4") == 1
 
 
@@ -100,7 +101,16 @@ def test_resume_continues_exactly_and_the_data_cursor_moves_on(tmp_path, policy,
     cut = tmp_path / "b"
     train(_cfg(cut, tiny_cfg, steps=2), str(policy), make_learner=Learner, make_pool=FakePool)
     assert checkpoint.trainer_state(checkpoint.latest(cut))["cursor"] == 4
-    train(_cfg(cut, tiny_cfg, steps=3, resume=True), str(policy), make_learner=Learner, make_pool=FakePool)
+    pools = []
+
+    def make_pool(path, cfg, seed):
+        pools.append(FakePool(path, cfg, seed))
+        return pools[-1]
+
+    train(_cfg(cut, tiny_cfg, steps=3, resume=True), str(policy), make_learner=Learner, make_pool=make_pool)
+    # engines start from the initial policy (a checkpoint folder may be pruned while a replacement
+    # worker still needs it) and sample the resumed weights from the first rollout on
+    assert pools[0].model_path == str(policy) and pools[0].events[:2] == ["update", "rollout"]
     a, b = _metrics(straight), _metrics(cut)
     assert [m["step"] for m in b] == [1, 2, 3]
     for key in ("reward", "loss", "grad_norm", "accuracy/high"):
@@ -108,6 +118,17 @@ def test_resume_continues_exactly_and_the_data_cursor_moves_on(tmp_path, policy,
     wa = load_file(str(straight / "checkpoints" / "step_000003" / "model.safetensors"))
     wb = load_file(str(cut / "checkpoints" / "step_000003" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_to_start_over_broken_checkpoints(tmp_path, policy, tiny_cfg):
+    """Starting fresh would prune the broken checkpoints at the first save: stop and name them."""
+    run = tmp_path / "run"
+    train(_cfg(run, tiny_cfg, steps=2), str(policy), make_learner=Learner, make_pool=FakePool)
+    for folder in checkpoint.ckpt_root(run).glob("step_*"):
+        (folder / "learner_state.pt").write_bytes(b"torn")
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint .* verifies"):
+        train(_cfg(run, tiny_cfg, steps=3, resume=True), str(policy), make_learner=Learner, make_pool=FakePool)
+    assert [p.name for p in checkpoint.ckpt_root(run).glob("step_*")] == ["step_000002"]  # kept
 
 
 def test_a_raising_reward_plugin_scores_zero_and_the_run_goes_on(tmp_path, policy, tiny_cfg):

@@ -1,0 +1,80 @@
+"""The config schema: typed objects out, one line naming the key for every bad value, overrides the
+command line can actually express."""
+import pytest
+
+from rl.config import AlgoConfig, Config, ConfigError, LearnerConfig, LrScale, compose, validate
+
+
+def test_validate_returns_typed_objects_with_schema_defaults():
+    c = validate({})
+    assert isinstance(c, Config) and isinstance(c.learner, LearnerConfig) and isinstance(c.algo, AlgoConfig)
+    assert c.algo.max_tokens == c.rollout.max_tokens  # Dr.GRPO's normaliser resolved once, to a constant
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"algo": {"advantag": "grpo"}}, "algo.advantag"),  # misspelt key
+    ({"learner": {"lr": "fast"}}, "learner.lr"),  # wrong type
+    ({"algo": {"advantage": "ppo"}}, "algo.advantage"),  # outside the declared choices
+    ({"env": {"efforts": ["low", "extreme"]}}, "env.efforts"),  # a list element outside them
+    ({"rollout": {"dtype": "int8"}}, "rollout.dtype"),
+    ({"rollout": {"max_tokens": 600, "max_model_len": 512}}, "rollout.max_tokens"),
+    ({"learner": {"temperature": 0.7}}, "learner.temperature"),
+    ({"learner": {"betas": [0.9]}}, "learner.betas"),
+    ({"learner": {"lr_scale": [{"pattern": ".", "scale": -1.0}]}}, "learner.lr_scale"),
+    ({"learner": {"num_gpus": 1}}, "learner.num_gpus"),
+    ({"rollout": {"top_p": 0.9}, "algo": {"old_logprobs": "behavior"}}, "algo.old_logprobs"),
+    ({"env": {"efforts": []}}, "env.efforts"),
+    ({"env": {"name": "dataset"}}, "env.dataset"),
+    ({"model": {"name": "gpt-oss-20b"}}, "model.path"),
+    ({"reward": {"terms": {"math": {"timeout_s": 5}}}}, "reward.terms.math"),
+    ({"eval": {"metric": "nope"}}, "eval.metric"),
+    ({"model": {"dtype": "float32"}}, "model.dtype"),  # deleted dead fields stay deleted
+    ({"algo": {"name": "grpo"}}, "algo.name"),
+    ({"env": {"test_size": 10}}, "env.test_size"),
+])
+def test_a_bad_value_fails_naming_its_key(raw, key):
+    with pytest.raises(ConfigError, match=f"'{key}'") as err:
+        validate(raw)
+    assert "\n" not in str(err.value)
+
+
+def test_lr_scale_overrides_the_command_line_can_express():
+    norms = 'learner.lr_scale=[{pattern:"norm\\.weight$",scale:1.0},{pattern:".",scale:0.0}]'
+    assert compose([norms]).learner.lr_scale == [LrScale(r"norm\.weight$", 1.0), LrScale(".", 0.0)]
+    assert compose(["experiment=tiny"]).learner.lr_scale[0].pattern == r"norm\.weight$"
+    assert compose(["experiment=tiny", "learner.lr_scale=[]"]).learner.lr_scale == []  # clears the preset
+
+
+def test_reward_terms_in_the_composites_shape():
+    c = compose(["+reward.terms.format={weight:0.1}", "reward.terms.math.timeout_s=9", "~reward.terms.effort_length"])
+    assert c.reward.terms == {"math": {"weight": 1.0, "timeout_s": 9}, "format": {"weight": 0.1}}
+    from rewards.compose import CompositeReward
+
+    assert set(CompositeReward.from_config(c.reward.terms).rewards) == {"math", "format"}
+
+
+def test_yaml_holds_only_what_differs_from_the_schema():
+    """A group file that repeats a schema default would be a second source of truth."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import yaml
+
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    defaults = asdict(Config())
+    for path in conf.glob("*/*.yaml"):
+        node = defaults.get(path.parent.name)
+        values = yaml.safe_load(path.read_text()) or {}
+        if node is None or path.parent.name == "experiment":
+            continue
+        same = {k: v for k, v in values.items() if node.get(k) == v and k not in ("name", "engine", "advantage")}
+        assert not same, f"{path.relative_to(conf)} repeats schema defaults {same}"
+
+
+def test_the_resolved_config_round_trips():
+    from omegaconf import OmegaConf
+
+    from rl.config import to_yaml
+
+    c = compose(["experiment=tiny", "algo=dapo"])
+    assert validate(OmegaConf.create(to_yaml(c))) == c
