@@ -9,7 +9,7 @@ own parts as "name/part", so `parts` shows e.g. {"math": 1.0, "math/correct": 1.
 
 Config (`reward.terms` in rl/config.py has this shape): `CompositeReward.from_config({"math":
 {"weight": 1.0, "timeout_s": 5.0}, "effort_length": {"weight": 0.2, "budgets": {...}}, "brevity":
-{"weight": 0.1, "_target_": "my_pkg.rewards.Brevity"}}, on_error="zero", timeout_s=60.0)`: a weight
+{"weight": 0.1, "_target_": "my_pkg.rewards.Brevity"}}, on_error="zero", timeout_s=300.0)`: a weight
 plus the reward's options, or a Hydra `_target_` (a bare number is shorthand for {"weight": w}).
 `score_batch` hands whole batches to rewards that have `score_batch` (math-verify checks a batch in
 parallel in its process pool) and calls the rest per sample.
@@ -43,7 +43,7 @@ from rewards.registry import RewardFn, build_reward, get_reward
 from rewards.types import RewardResult
 
 ON_ERROR = ("zero", "raise")
-DEFAULT_TIMEOUT_S = 60.0
+DEFAULT_TIMEOUT_S = 300.0  # a hang guard for a whole step's batch (rl.config.RewardConfig.timeout_s agrees)
 log = logging.getLogger(__name__)
 
 
