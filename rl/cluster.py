@@ -34,7 +34,10 @@ def runtime_env() -> dict:
     """What every Ray worker process of the run gets: the repository importable, vLLM in-process."""
     path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     return {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
-                         "PYTHONPATH": path}}
+                         "PYTHONPATH": path,
+                         # libraries' deprecation notices (vLLM's torch.distributed.reduce_op...) are not
+                         # the user's to fix; they would print once per actor into the training console
+                         "PYTHONWARNINGS": "ignore::FutureWarning"}}
 
 
 def init_ray(cfg: ClusterConfig) -> None:

@@ -191,6 +191,7 @@ class RolloutEngine:
             enable_chunked_prefill=False,
             max_num_batched_tokens=max(cfg.max_model_len, 4096),
             logprobs_mode="processed_logprobs",
+            use_tqdm_on_load=False,  # no "Loading safetensors checkpoint shards" bar per engine start
         )
 
     # ---- sampling ------------------------------------------------------------------------
