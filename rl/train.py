@@ -90,7 +90,11 @@ def build_batch(cfg: Config, samples: Sequence[Sample], results: Sequence[Reward
 
 
 def step_metrics(samples: Sequence[Sample], results: Sequence[RewardResult], metric: str) -> dict[str, float]:
-    """Reward, accuracy (reward term `metric`), CoT length and format failures, overall and per effort."""
+    """Reward, accuracy (reward term `metric`), CoT length, format failures and budget compliance
+    (with an "effort_length" term), overall and per effort; monotonicity of CoT tokens across the
+    step's efforts per task (with two efforts or more). See rl/effort_metrics.py."""
+    from rl import effort_metrics as em
+
     m: dict[str, float] = {}
     for effort in sorted({s.effort for s in samples}) + ["all"]:
         idx = [i for i, s in enumerate(samples) if effort in ("all", s.effort)]
@@ -99,6 +103,10 @@ def step_metrics(samples: Sequence[Sample], results: Sequence[RewardResult], met
         m[f"accuracy{tag}"] = sum(results[i].parts.get(metric, 0.0) for i in idx) / len(idx)
         m[f"cot_tokens{tag}"] = sum(samples[i].transcript.analysis_tokens for i in idx) / len(idx)
         m[f"format_failure{tag}"] = sum(not samples[i].transcript.format_ok for i in idx) / len(idx)
+        if (compliance := em.budget_compliance([results[i] for i in idx])) is not None:
+            m[f"budget_compliance{tag}"] = compliance
+    if (mono := em.monotonicity(samples)) is not None:
+        m["monotonicity"] = mono
     m["completion_tokens"] = sum(len(s.completion_ids) for s in samples) / len(samples)
     m["truncated"] = sum(s.finish_reason == "length" for s in samples) / len(samples)
     m["reward_errors"] = sum(any(k.endswith("/error") for k in r.parts) for r in results) / len(results)

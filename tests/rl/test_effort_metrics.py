@@ -126,3 +126,16 @@ def test_effort_summary_has_every_plainly_named_key():
     assert (m["budget_compliance"], m["truncation"], m["format_failure"]) == (1.0, 0.25, 0.25)
     no_term = em.effort_summary(samples, [RewardResult(1.0, {"math": 1.0})] * 4, "math")
     assert no_term["budget_compliance"] is None
+
+
+def test_training_step_logs_budget_compliance_per_effort_and_monotonicity():
+    from rl.train import step_metrics
+
+    samples = [_s("a", "low", 10), _s("a", "high", 90), _s("b", "low", 30), _s("b", "high", 20)]
+    results = [RewardResult(1.0, {"math": 1.0, "effort_length": 1.0, em.BUDGET_PART: w}) for w in (1, 1, 0, 1)]
+    m = step_metrics(samples, results, "math")
+    assert (m["budget_compliance/low"], m["budget_compliance/high"], m["budget_compliance"]) == (0.5, 1.0, 0.75)
+    assert m["monotonicity"] == 0.5  # a: 10 < 90; b: 30 > 20
+    plain = step_metrics(samples[::2], [RewardResult(1.0, {"math": 1.0})] * 2, "math")  # one effort, no term
+    assert not any(k.startswith(("budget_compliance", "monotonicity")) for k in plain)
+    assert plain["accuracy/low"] == 1.0
