@@ -14,6 +14,15 @@ plus the reward's options, or a Hydra `_target_` (a bare number is shorthand for
 `score_batch` hands whole batches to rewards that have `score_batch` (math-verify checks a batch in
 parallel in its process pool) and calls the rest per sample.
 
+Correctness gating. A term's option `gate: <other term>` (e.g. `effort_length: {weight: 0.2, gate:
+math}`) keeps the term's score where the gating term scored > 0 on that sample and makes it
+min(0, score) where it did not (scored <= 0, did not apply, or failed): a bonus needs a right answer,
+a penalty applies to all. That is Kimi k1.5's rule for wrong answers; for scores in [0, 1] it is the
+same as multiplying by 1[gate > 0]. So with the gated term's scores spanning at most the gate's
+weight, a wrong answer never outscores a right one. Gates are scored before the terms they gate (a
+chain gates on the gated score); the result logs `parts["<name>/gated"]` = 1.0 where the gate was
+closed. An unknown gate name or a cycle of gates fails at build.
+
 Failure policy. The plugin's call on a batch runs in its own daemon thread, and the composite stops
 waiting for it `timeout_s` after it started. A plugin fails on a sample when its per-sample call
 raises or returns something other than a `RewardResult` with a finite score (or None), and on the
@@ -58,7 +67,8 @@ class CompositeReward:
     """
 
     def __init__(self, weights: Mapping[str, float], rewards: Mapping[str, RewardFn] | None = None,
-                 on_error: str = "zero", timeout_s: float = DEFAULT_TIMEOUT_S):
+                 on_error: str = "zero", timeout_s: float = DEFAULT_TIMEOUT_S,
+                 gates: Mapping[str, str] | None = None):
         if not weights:
             raise ValueError("CompositeReward needs at least one {name: weight}")
         bad = {k: w for k, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float))}
@@ -72,13 +82,15 @@ class CompositeReward:
         rewards = dict(rewards or {})
         self.rewards = {name: rewards.get(name) or get_reward(name) for name in self.weights}
         self.on_error, self.timeout_s = on_error, float(timeout_s)
+        self.gates = dict(gates or {})  # {gated term: gating term}
+        self._order = _gate_order(self.weights, self.gates)  # every gate before the terms it gates
         self.errors: dict[str, int] = {}  # samples each plugin failed on, since construction
 
     @classmethod
     def from_config(cls, terms: Mapping, on_error: str = "zero",
                     timeout_s: float = DEFAULT_TIMEOUT_S) -> "CompositeReward":
-        """Build from `{name: {"weight": w, **options or _target_}}` (or `{name: w}`)."""
-        weights, rewards = {}, {}
+        """Build from `{name: {"weight": w, "gate": other_name, **options or _target_}}` (or `{name: w}`)."""
+        weights, rewards, gates = {}, {}, {}
         for name, entry in dict(terms).items():
             if isinstance(entry, (int, float)) and not isinstance(entry, bool):
                 weights[name] = entry
@@ -88,20 +100,27 @@ class CompositeReward:
                     f"reward term {name!r}: give a mapping with 'weight' (and the reward's options), "
                     f"e.g. {{weight: 0.1}}; got {entry!r}"
                 )
-            spec = {k: v for k, v in dict(entry).items() if k != "weight"}
+            spec = {k: v for k, v in dict(entry).items() if k not in ("weight", "gate")}
             weights[name] = entry["weight"]
+            if "gate" in entry:
+                gates[name] = entry["gate"]
             if "_target_" not in spec:
                 spec["name"] = spec.get("name", name)
             rewards[name] = build_reward(spec)
-        return cls(weights, rewards, on_error=on_error, timeout_s=timeout_s)
+        return cls(weights, rewards, on_error=on_error, timeout_s=timeout_s, gates=gates)
 
     def __call__(self, sample: Sample) -> RewardResult:
         return self.score_batch([sample])[0]
 
     def score_batch(self, samples: Sequence[Sample]) -> list[RewardResult]:
         """One combined result per sample; batch-capable rewards see the whole batch at once."""
-        per_reward = {name: self._run(name, fn, samples) for name, fn in self.rewards.items()}
-        return [self._combine({n: rs[i] for n, rs in per_reward.items()}) for i in range(len(samples))]
+        per_reward: dict[str, list[RewardResult | None]] = {}
+        for name in self._order:
+            results = self._run(name, self.rewards[name], samples)
+            if name in self.gates:
+                results = [_gated(r, g) for r, g in zip(results, per_reward[self.gates[name]])]
+            per_reward[name] = results
+        return [self._combine({n: per_reward[n][i] for n in self.rewards}) for i in range(len(samples))]
 
     def _run(self, name: str, fn: RewardFn, samples: Sequence[Sample]) -> list[RewardResult | None]:
         slots: list = [_PENDING] * len(samples)  # filled by the plugin's thread
@@ -146,6 +165,34 @@ class CompositeReward:
             if r.info:
                 info[name] = r.info
         return RewardResult(score, parts, info)
+
+
+def _gate_order(terms: Sequence[str], gates: Mapping[str, str]) -> list[str]:
+    """`terms` with every gate before the terms it gates (config order otherwise); fails on an
+    unknown name or a cycle."""
+    for name, gate in gates.items():
+        if name not in terms or gate not in terms:
+            raise ValueError(f"reward term {name!r}: gate {gate!r} is not a reward term; valid terms: "
+                             f"{', '.join(t for t in terms if t != name)}")
+    order: list[str] = []
+    for name in terms:
+        chain = [name]
+        while chain[-1] in gates and chain[-1] not in order:
+            chain.append(gates[chain[-1]])
+            if chain[-1] in chain[:-1]:
+                raise ValueError(f"reward gates form a cycle: {' -> '.join(chain)} (a term cannot "
+                                 f"gate itself, directly or through others)")
+        order.extend(t for t in reversed(chain) if t not in order)
+    return order
+
+
+def _gated(r: RewardResult | None, gate: RewardResult | None) -> RewardResult | None:
+    """`r` where the gate scored > 0; min(0, r) where it did not (see the module docstring)."""
+    if r is None:
+        return None
+    closed = gate is None or not gate.score > 0
+    score = min(0.0, r.score) if closed else r.score
+    return RewardResult(score, {**r.parts, "gated": float(closed)}, r.info)
 
 
 class _Failure(NamedTuple):

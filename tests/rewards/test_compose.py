@@ -201,3 +201,119 @@ def test_hung_plugin_is_abandoned_at_the_deadline(make_sample):
     assert [r.score for r in results] == [2.0, 1.0]  # the sample scored before the deadline keeps its score
     assert (results[1].parts["judge/error"], comp.errors) == (1.0, {"judge": 1})
     assert "reward.timeout_s=0.5" in results[1].info["judge"]["error"]
+
+
+# ---------------------------------------------------------------------------- correctness gating
+
+SHAPES = ["ceiling", "l1_exact", "l1_max", "dapo_overlong", "group_relative", "thinkprune"]
+
+
+def _words(n):
+    return "carry" + " carry" * (n - 1)
+
+
+def _gated_composite(shape, weight, gate=True):
+    term = {"weight": weight, "shape": shape, **({"gate": "math"} if gate else {})}
+    return CompositeReward.from_config({"math": {"weight": 1.0, "timeout_s": 5.0}, "effort_length": term})
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gated_wrong_short_answer_scores_below_right_long_one(make_sample, shape):
+    """Same task and effort (one GRPO group): a 1-token wrong answer vs a 100-token right one, far
+    past the low budget of 16, at the default length weight 0.2."""
+    wrong_short = make_sample("407", analysis=_words(1), effort="low")
+    right_long = make_sample("408", analysis=_words(100), effort="low")
+    wrong, right = _gated_composite(shape, 0.2).score_batch([wrong_short, right_long])
+    assert wrong.score < right.score
+    assert wrong.parts["effort_length"] <= 0.0  # no length bonus for a wrong answer
+    assert (wrong.parts["effort_length/gated"], right.parts["effort_length/gated"]) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("shape", ["ceiling", "l1_max", "thinkprune"])  # the [0, 1] bonus shapes
+def test_gate_keeps_the_order_where_the_bonus_outweighs_the_task(make_sample, shape):
+    """A length weight of 2 makes the ungated bonus beat correctness; the gate restores the order."""
+    l1 = {"alpha": 0.0625} if shape == "l1_max" else {}
+    samples = [make_sample("407", analysis=_words(1), effort="low"),
+               make_sample("408", analysis=_words(100), effort="low")]
+    scores = {}
+    for gate in (False, True):
+        term = {"weight": 2.0, "shape": shape, **l1, **({"gate": "math"} if gate else {})}
+        comp = CompositeReward.from_config({"math": 1.0, "effort_length": term})
+        scores[gate] = [r.score for r in comp.score_batch(samples)]
+    assert scores[False][0] > scores[False][1]
+    assert scores[True][0] < scores[True][1]
+
+
+@pytest.mark.parametrize("shape", ["l1_exact", "dapo_overlong"])
+def test_gate_keeps_penalties_for_wrong_answers(make_sample, shape):
+    """Penalty shapes apply to all answers (DAPO, LCPO-Exact): a wrong overlong answer is still
+    penalised, so the gate never pays for being wrong."""
+    l1 = {"alpha": 0.0625} if shape == "l1_exact" else {}
+    comp = CompositeReward.from_config({"math": 1.0, "effort_length": {
+        "weight": 0.2, "shape": shape, "gate": "math", **l1}})
+    r = comp(make_sample("407", analysis=_words(100), effort="low"))
+    assert r.parts["effort_length"] == -1.0 and r.parts["effort_length/gated"] == 1.0
+    assert r.score == pytest.approx(-0.2)
+
+
+def test_group_relative_gate_is_kimis_rule(make_sample):
+    """lambda for right answers, min(0, lambda) for wrong ones (Kimi k1.5)."""
+    comp = _gated_composite("group_relative", 1.0)
+    samples = [make_sample(final, analysis=_words(n), effort="low")
+               for final, n in [("407", 10), ("408", 10), ("408", 20), ("407", 30), ("408", 30)]]
+    assert [r.parts["effort_length"] for r in comp.score_batch(samples)] == pytest.approx(
+        [0.0, 0.5, 0.0, -0.5, -0.5])
+
+
+def test_without_gate_the_ceiling_is_unchanged(make_sample):
+    samples = [make_sample(final, analysis=_words(n), effort="low")
+               for final, n in [("407", 1), ("408", 24), ("408", 100)]]
+    results = CompositeReward(CFG).score_batch(samples)
+    assert [r.score for r in results] == pytest.approx([0.2 + 0.1, 1.0 + 0.1 + 0.1, 1.0 + 0.0 + 0.1])
+    assert not any("effort_length/gated" in r.parts for r in results)
+
+
+def test_gate_is_scored_first_whatever_the_config_order(make_sample):
+    calls = []
+
+    def judge(sample):
+        calls.append("judge")
+        return RewardResult(float(sample.effort == "high"))
+
+    def bonus(sample):
+        calls.append("bonus")
+        return RewardResult(1.0)
+
+    comp = CompositeReward({"bonus": 1.0, "judge": 0.0}, {"judge": judge, "bonus": bonus},
+                           gates={"bonus": "judge"})
+    results = comp.score_batch([make_sample("1", effort="low"), make_sample("1", effort="high")])
+    assert calls == ["judge", "judge", "bonus", "bonus"]
+    assert [r.score for r in results] == [0.0, 1.0]
+    assert results[0].info["applicable"] == ["bonus", "judge"]  # parts and logs keep config order
+
+
+def test_gate_chain_gates_on_the_gated_score(make_sample):
+    one = lambda s: RewardResult(1.0)  # noqa: E731
+    comp = CompositeReward({"a": 1.0, "b": 1.0, "c": 1.0},
+                           {"a": one, "b": one, "c": lambda s: RewardResult(0.0)}, gates={"a": "b", "b": "c"})
+    r = comp(make_sample("1"))
+    assert (r.parts["a"], r.parts["b"], r.parts["a/gated"], r.parts["b/gated"]) == (0.0, 0.0, 1.0, 1.0)
+
+
+def test_a_gate_that_does_not_apply_is_closed(make_sample):
+    comp = CompositeReward({"bonus": 1.0, "judge": 1.0},
+                           {"bonus": lambda s: RewardResult(1.0), "judge": lambda s: None},
+                           gates={"bonus": "judge"})
+    assert comp(make_sample("1")).parts == {"bonus": 0.0, "bonus/gated": 1.0}
+
+
+@pytest.mark.parametrize("gates,match", [
+    ({"effort_length": "mathh"}, "gate 'mathh' is not a reward term; valid terms: math, format"),
+    ({"effort_length": "effort_length"}, "cycle: effort_length -> effort_length"),
+    ({"effort_length": "format", "format": "math", "math": "effort_length"},
+     "cycle: math -> effort_length -> format -> math"),
+])
+def test_bad_gates_fail_at_build(gates, match):
+    terms = {name: {"weight": w, **({"gate": gates[name]} if name in gates else {})} for name, w in CFG.items()}
+    with pytest.raises(ValueError, match=match):
+        CompositeReward.from_config(terms)
