@@ -171,7 +171,9 @@ def _gate_order(terms: Sequence[str], gates: Mapping[str, str]) -> list[str]:
     """`terms` with every gate before the terms it gates (config order otherwise); fails on an
     unknown name or a cycle."""
     for name, gate in gates.items():
-        if name not in terms or gate not in terms:
+        if name not in terms:
+            raise ValueError(f"gates name {name!r}, which is not a reward term; terms: {', '.join(terms)}")
+        if gate not in terms:
             raise ValueError(f"reward term {name!r}: gate {gate!r} is not a reward term; valid terms: "
                              f"{', '.join(t for t in terms if t != name)}")
     order: list[str] = []
