@@ -1,9 +1,26 @@
 """Evaluate checkpoints × reasoning efforts on held-out tasks, through the training reward.
 
-Metrics per (checkpoint, effort): accuracy (the score of reward term `eval.metric`, "math" by default:
-the very plugin training is rewarded by, so train and eval can never disagree on what is correct),
-mean reward, mean CoT tokens (analysis-channel tokens), format-failure rate (no parsable final).
-Writes `eval.json` and `eval.md` to the output folder and prints a table per effort.
+Per (checkpoint, effort), from rl/effort_metrics.py: accuracy (the score of reward term `eval.metric`,
+"math" by default: the very plugin training is rewarded by, so train and eval can never disagree on
+what is correct) with a 95% Wilson interval, unbiased pass@k over `eval.samples_per_task` samples per
+task, CoT tokens (analysis channel: mean, p50, p90), budget compliance (the "effort_length" term's
+`within_budget`; null without that term), truncation, format failures, mean reward. Per checkpoint:
+monotonicity, the fraction of tasks whose mean CoT tokens strictly increase across the efforts.
+Writes `eval.json`, `eval.md`, `report.md` and `effort_scaling.png` (rl/report.py) to the output
+folder and prints a table per effort.
+
+eval.json schema (numbers are floats in [0, 1] unless said otherwise):
+    {"results": {<checkpoint>: {
+         <effort>: {"accuracy", "accuracy_ci95": [lo, hi],
+                    "pass@1", "pass@2", ..., "pass@<n>"   (k = 1, powers of two, n = samples_per_task),
+                    "cot_tokens", "cot_tokens_p50", "cot_tokens_p90"   (tokens),
+                    "budget_compliance"   (null without an effort_length term),
+                    "truncation", "format_failure", "reward" (mean score), "n" (int, samples)},
+         ...one per effort...,
+         "monotonicity": float | null   (null with fewer than two efforts)}},
+     "checkpoints": {<checkpoint>: path}, "efforts": [...], "tasks": int, "samples_per_task": int,
+     "temperature": float, "seed": int, "metric": str}
+e.g. `d["results"]["rl"]["high"]["budget_compliance"]`, `d["results"]["rl"]["monotonicity"]`.
 
 Run:  python -m rl.evaluate 'eval.checkpoints=[outputs/x/sft,outputs/x/checkpoints/step_000020]' \\
           eval.out_dir=outputs/x/eval       (any Hydra overrides of conf/config.yaml also apply)
@@ -12,84 +29,104 @@ One worker pool serves every checkpoint: weights are swapped in place between ch
 from __future__ import annotations
 
 import json
-import statistics
+import sys
 from pathlib import Path
 from typing import Sequence
 
 from envs import harmony
 from envs.types import Task
+from rl import report
 from rl.config import Config
+from rl.effort_metrics import effort_summary, monotonicity
 from rl.seeds import eval_seed
 
-COLUMNS = ("accuracy", "reward", "cot_tokens", "format_failure", "n")
-HEADERS = ("accuracy", "mean reward", "mean CoT tokens", "format failures", "n")
 
-
-def evaluate_policy(pool, tasks: Sequence[Task], cfg: Config, reward) -> dict[str, dict[str, float]]:
-    """{effort: {accuracy, reward, cot_tokens, format_failure, n}} for the policy `pool` samples from
-    (anything with `WorkerPool.generate`), scored by `reward` (a `CompositeReward`)."""
+def evaluate_policy(pool, tasks: Sequence[Task], cfg: Config, reward) -> dict:
+    """{effort: metrics (see the schema above), ..., "monotonicity": float | None} for the policy `pool`
+    samples from (anything with `WorkerPool.generate`), scored by `reward` (a `CompositeReward`)."""
     from rl.workers import to_sample
 
-    out: dict[str, dict[str, float]] = {}
+    out: dict = {}
+    every = []  # all efforts' samples, for monotonicity across them
     for effort in cfg.eval.efforts:
         prompts = [harmony.render_prompt(t.question, effort, t.developer) for t in tasks]
         completions = pool.generate(prompts, cfg.eval.samples_per_task, temperature=cfg.eval.temperature,
                                     seed=eval_seed(cfg.seed))
         samples = [to_sample(t, effort, p, c) for t, p, comps in zip(tasks, prompts, completions) for c in comps]
-        results = reward.score_batch(samples)
-        n = len(samples)
-        out[effort] = {
-            "accuracy": sum(r.parts.get(cfg.eval.metric, 0.0) for r in results) / n,
-            "reward": sum(r.score for r in results) / n,
-            "cot_tokens": statistics.fmean(s.transcript.analysis_tokens for s in samples),
-            "format_failure": sum(not s.transcript.format_ok for s in samples) / n,
-            "n": n,
-        }
+        out[effort] = effort_summary(samples, reward.score_batch(samples), cfg.eval.metric)
+        every += samples
+    out["monotonicity"] = monotonicity(every)
     return out
 
 
-def _cells(m: dict[str, float]) -> list[str]:
-    return [f"{m['accuracy']:.3f}", f"{m['reward']:.3f}", f"{m['cot_tokens']:.1f}", f"{m['format_failure']:.3f}",
+def scalars(res: dict, prefix: str = "eval") -> dict[str, float]:
+    """`evaluate_policy`'s result as numbers for a metrics logger: "eval/<key>/<effort>" (the CI as
+    `accuracy_ci95_lo`/`_hi`) and "eval/monotonicity"; nulls are left out.
+
+    >>> scalars({"low": {"accuracy": 0.5, "accuracy_ci95": [0.2, 0.8], "budget_compliance": None, "n": 4},
+    ...          "monotonicity": None})
+    {'eval/accuracy/low': 0.5, 'eval/accuracy_ci95_lo/low': 0.2, 'eval/accuracy_ci95_hi/low': 0.8, 'eval/n/low': 4.0}
+    """
+    out: dict[str, float] = {}
+    for effort, m in res.items():
+        if effort == "monotonicity":
+            continue
+        for key, value in m.items():
+            if key == "accuracy_ci95":
+                out[f"{prefix}/accuracy_ci95_lo/{effort}"], out[f"{prefix}/accuracy_ci95_hi/{effort}"] = value
+            elif value is not None:
+                out[f"{prefix}/{key}/{effort}"] = float(value)
+    if res.get("monotonicity") is not None:
+        out[f"{prefix}/monotonicity"] = float(res["monotonicity"])
+    return out
+
+
+def _console_cells(m: dict, k: int) -> list[str]:
+    lo, hi = m["accuracy_ci95"]
+    budget = m["budget_compliance"]
+    return [f"{m['accuracy']:.3f}", f"{lo:.2f}-{hi:.2f}", f"{m[f'pass@{k}']:.3f}", f"{m['reward']:.3f}",
+            f"{m['cot_tokens']:.1f}", f"{m['cot_tokens_p50']:.0f}/{m['cot_tokens_p90']:.0f}",
+            "-" if budget is None else f"{budget:.2f}", f"{m['truncation']:.2f}", f"{m['format_failure']:.2f}",
             str(m["n"])]
 
 
-def markdown_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    """One table per effort: rows = checkpoints."""
-    lines = []
-    for effort in next(iter(results.values())):
-        lines += [f"### Reasoning: {effort}", "", "| checkpoint | " + " | ".join(HEADERS) + " |",
-                  "|---|" + "---:|" * len(HEADERS)]
-        lines += [f"| {name} | " + " | ".join(_cells(per[effort])) + " |" for name, per in results.items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def print_tables(results: dict[str, dict[str, dict[str, float]]]) -> None:
+def print_tables(results: dict, efforts: Sequence[str]) -> None:
+    """One compact table, a row per checkpoint × effort (eval.md / report.md have the long form)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
-    for effort in next(iter(results.values())):
-        table = Table(title=f"Reasoning: {effort}")
-        table.add_column("checkpoint")
-        for col in HEADERS:
-            table.add_column(col, justify="right")
-        for name, per_effort in results.items():
-            table.add_row(name, *_cells(per_effort[effort]))
-        console.print(table)
+    first = next(iter(results.values()))[efforts[0]]
+    k = max(int(key.split("@")[1]) for key in first if key.startswith("pass@"))
+    table = Table(title="held-out eval: accuracy (95% Wilson CI), CoT tokens mean and p50/p90, "
+                  "within effort budget, truncated, format failures", box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
+    for col in ("checkpoint", "effort", "acc", "95% CI", f"pass@{k}", "reward", "CoT", "p50/p90", "budget",
+                "trunc", "fmt", "n"):
+        table.add_column(col, justify="left" if col in ("checkpoint", "effort") else "right", no_wrap=True)
+    for name, per in results.items():
+        for i, effort in enumerate(efforts):
+            table.add_row(name if i == 0 else "", effort, *_console_cells(per[effort], k),
+                          end_section=i == len(efforts) - 1)
+    console = Console(width=None if sys.stdout.isatty() else 120)  # piped to a log: no terminal to fit
+    console.print(table)
+    console.print("monotonicity (CoT tokens " + " < ".join(efforts) + " per task): " + ", ".join(
+        f"{name} {'n/a' if per['monotonicity'] is None else format(per['monotonicity'], '.3f')}"
+        for name, per in results.items()))
 
 
-def write_results(results: dict, out_dir: str | Path, extra: dict | None = None) -> None:
+def write_results(results: dict, out_dir: str | Path, settings: dict) -> None:
+    """eval.json (results + settings), eval.md (tables), report.md and effort_scaling.png."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps({"results": results, **(extra or {})}, indent=1))
-    (out / "eval.md").write_text(markdown_table(results))
+    (out / "eval.json").write_text(json.dumps({"results": results, **settings}, indent=1))
+    (out / "eval.md").write_text(report.markdown_tables(results, settings["efforts"]))
+    report.write_report(results, settings, out)
 
 
 def evaluate_checkpoints(checkpoints: dict[str, str], cfg: Config, out_dir: str | Path, pool=None,
                          reward=None) -> dict:
-    """Evaluate named checkpoints with one worker pool (a new one on Ray unless given); write and print
-    the tables."""
+    """Evaluate named checkpoints with one worker pool (a new one on Ray unless given); write eval.json,
+    the tables, the report and the figure to `out_dir`, print the tables; return eval.json's "results"."""
     from rewards.compose import CompositeReward
     from rl.data import make_env
 
@@ -113,13 +150,15 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg: Config, out_dir: str 
             results[name] = evaluate_policy(pool, tasks, cfg, reward)
             if cfg.logging.progress:
                 print(f"eval {name} ({i + 1}/{len(names)}): " + " | ".join(
-                    f"{e} acc {m['accuracy']:.3f}" for e, m in results[name].items()), flush=True)
+                    f"{e} acc {results[name][e]['accuracy']:.3f}" for e in cfg.eval.efforts), flush=True)
     finally:
         if own:
             pool.close()
-    write_results(results, out_dir, {"checkpoints": checkpoints, "tasks": len(tasks),
-                                     "temperature": cfg.eval.temperature, "metric": cfg.eval.metric})
-    print_tables(results)
+    write_results(results, out_dir, {"checkpoints": checkpoints, "efforts": list(cfg.eval.efforts),
+                                     "tasks": len(tasks), "samples_per_task": cfg.eval.samples_per_task,
+                                     "temperature": cfg.eval.temperature, "seed": cfg.seed,
+                                     "metric": cfg.eval.metric})
+    print_tables(results, cfg.eval.efforts)
     return results
 
 
