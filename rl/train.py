@@ -228,15 +228,15 @@ def start_run(cfg: Config, policy_path: str, make_learner=None, make_pool=None) 
 
 def periodic_eval(cfg: Config, run: Run, logger):
     """`evaluate(step)` for `train_loop`: held-out accuracy per effort through the training reward."""
-    from rl.evaluate import evaluate_policy
+    from rl.evaluate import evaluate_policy, scalars
 
     tasks = make_env(cfg.env, cfg.seed).tasks("test", cfg.eval.tasks)
 
     def evaluate(step: int) -> None:
         res = evaluate_policy(run.pool, tasks, cfg, run.reward)
-        logger.log({f"eval/{k}/{e}": v for e, m in res.items() for k, v in m.items()}, step)
-        print("eval " + " | ".join(f"{e}: acc {m['accuracy']:.3f} cot {m['cot_tokens']:.0f}"
-                                   for e, m in res.items()), flush=True)
+        logger.log(scalars(res), step)
+        print("eval " + " | ".join(f"{e}: acc {res[e]['accuracy']:.3f} cot {res[e]['cot_tokens']:.0f}"
+                                   for e in cfg.eval.efforts), flush=True)
 
     return evaluate
 

@@ -8,6 +8,7 @@ records what it was started from and the order of weight pushes and rollouts (`e
 from __future__ import annotations
 
 import random
+import re
 from typing import Sequence
 
 from envs import harmony
@@ -38,6 +39,26 @@ class FakePool:
                     lps = [-rng.random() for _ in ids]
                     out.append(Sample(task.task_id, task.env, effort, prompt, ids, [1] * len(ids), lps,
                                       harmony.parse_completion(ids), dict(task.metadata)))
+        return out
+
+    def generate(self, prompts, n: int, *, temperature: float, seed: int | None):
+        """Evaluation: the effort-styled solution of the "Compute <expr>." task each prompt asks."""
+        from envs.math_tasks import evaluate, parse_expr
+        from rl.engine import Completion
+
+        out = []
+        for i, prompt in enumerate(prompts):
+            text = harmony.decode(prompt)
+            expr = re.search(r"Compute (.+?)\.<\|end\|>", text).group(1)
+            effort = re.search(r"Reasoning: (\w+)", text).group(1)
+            task = Task(f"eval-{i}", "math", f"Compute {expr}.", {"expr": expr, "answer": str(evaluate(parse_expr(expr)))})
+            comps = []
+            for j in range(n):
+                rng = random.Random(f"{seed}:{expr}:{effort}:{j}")
+                analysis, final = solution(task, effort)
+                ids = harmony.render_completion(analysis, final if rng.random() <= self.p_correct else final + "1")
+                comps.append(Completion(ids, [-0.1] * len(ids), "stop"))
+            out.append(comps)
         return out
 
     def update_weights(self, weights) -> None:

@@ -73,6 +73,17 @@ def _sample(task, effort, final="1"):
     return Sample(task, "math", effort, [200006], [200008], [1], [0.0], Transcript(final=final))
 
 
+def test_periodic_evaluation_logs_held_out_metrics(tmp_path, policy, tiny_cfg):
+    cfg = _cfg(tmp_path / "run", tiny_cfg, steps=2, eval={"every": 1, "tasks": 4, "samples_per_task": 2,
+                                                            "efforts": ["low", "high"]})
+    train(cfg, str(policy), make_learner=Learner, make_pool=FakePool)
+    evals = [m for m in _metrics(tmp_path / "run") if "eval/accuracy/low" in m]
+    assert [m["step"] for m in evals] == [1, 2]
+    for m in evals:
+        assert 0.0 < m["eval/accuracy/high"] < 1.0 and m["eval/monotonicity"] == 1.0  # effort-styled traces
+        assert m["eval/accuracy_ci95_lo/low"] <= m["eval/accuracy/low"] <= m["eval/accuracy_ci95_hi/low"]
+
+
 def test_constant_groups_get_zero_advantage_and_dapo_drops_them(policy):
     vmap = VocabMap.load(policy)
     samples = [_sample("a", "low")] * 4 + [_sample("b", "low")] * 4
