@@ -78,6 +78,11 @@ class SFTConfig:
     logging_steps: int = 25  # a progress line (loss, lr, ETA) every this many steps
     num_threads: int = 2
     kernels: str = choice("deliberate", KERNELS)  # our MoE/attention kernels | transformers' modules
+    # SFT loss log-probs (rl/sft.py install_lm_head): "trl" = TRL's chunked kernel on TRL's positions (every
+    # position on CPU; the tested trajectory, bit-identical to TRL's own head) | "assistant" = our chunked
+    # kernel on the assistant tokens only (faster; a different float summation order, and the demo's SFT is
+    # chaotic in that order: README "Kernels and engines")
+    loss_head: str = choice("trl", ("trl", "assistant"))
     final_slip_rate: float = 0.0  # fraction of cold-start traces whose final is off by one (imperfect teacher)
 
 

@@ -6,6 +6,16 @@ full step-by-step with a check; `envs.math_tasks.solution`) and the final answer
 pre-tokenized with openai-harmony (canonical ids), mapped to the tiny model's ids, and passed with
 `assistant_masks`, which TRL turns into labels (-100 on prompt tokens).
 
+LM head: SFTTrainer scores tokens through a fused head on the model (TRL `add_fused_lm_head`:
+`model(**batch, labels=, fused_lm_head=True)` returns per-token log-probs, entropy and top-1 hits).
+On CPU TRL's head scores every position (prompt and padding too) and folds the entropy and top-1 into
+its tiles: about 60% of an SFT step on the tiny model (bench/RESULTS.md "SFT step"). `install_lm_head`
+puts in its place one that follows the same protocol and computes the loss's log-probs only:
+`sft.loss_head=trl` with TRL's own kernel on the same positions (bit-identical loss and weights),
+`sft.loss_head=assistant` with our chunked kernel (kernels/logprobs.py) on the assistant tokens only
+(faster again, a different float summation order, opt-in). Entropy and token accuracy, which only feed
+the logs, are computed without gradient on the assistant tokens.
+
 Console: one line every `sft.logging_steps` steps (step/total, loss, lr, elapsed, ETA) when
 `logging.progress`, in place of TRL's redrawn bar; the datasets / checkpoint-writing bars are silenced.
 
@@ -94,6 +104,94 @@ def progress_callback(show: bool, sink: MetricsLogger | None):
     return SFTProgress()
 
 
+def install_lm_head(model, loss_head: str) -> None:
+    """Replace the fused LM head SFTTrainer installed on `model` by one that computes only the loss's log-probs.
+
+    Same protocol as TRL's (`model(..., labels=, fused_lm_head=True)` -> `FusedCausalLMOutput`: `log_probs`
+    (B, T-1), zero where the label is -100, plus `entropy`, `is_top1`, `label_mask`), so SFTTrainer's
+    `compute_loss` is unchanged. `loss_head`: "trl" = TRL's chunked kernel on the positions TRL scores
+    (every position on CPU, the labelled ones on CUDA/XPU): the loss and gradients are TRL's bit for bit;
+    "assistant" = `kernels.logprobs` on the labelled (assistant) positions only."""
+    import functools
+    import types
+
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    if loss_head not in LOSS_HEADS:
+        raise ValueError(f"sft.loss_head={loss_head!r}; choose from {list(LOSS_HEADS)}")
+    unfused = model.forward  # TRL's wrapper: without fused_lm_head=True it is the model's own forward
+
+    @functools.wraps(type(model).forward)  # Trainer reads the signature to pick dataset columns
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head:
+            return unfused(*args, labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch,
+                           **kwargs)
+        if shift_labels is not None or kwargs.get("output_router_logits"):
+            raise ValueError("install_lm_head: shift_labels (sequence parallelism) and router logits (MoE aux loss) "
+                             "are not supported; set sft.loss_head to TRL's path or drop them")
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]  # (B, T-1, H)
+        labels = labels[:, 1:]  # (B, T-1) next-token targets
+        mask = labels != -100  # (B, T-1)
+        weight = self.get_output_embeddings().weight  # (V, H)
+        log_probs = LOSS_HEADS[loss_head](hidden, weight, labels, mask)  # (B, T-1), 0 off the mask
+        entropy, is_top1 = token_metrics(hidden.detach(), weight.detach(), labels, mask)
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+
+
+def trl_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
+    """TRL's fused-head log-probs, the same kernel call as `add_fused_lm_head` minus entropy and top-1 (which
+    do not touch the log-probs): (B, T, H), (V, H), (B, T), (B, T) -> (B, T), 0 off the mask."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.kernels.chunked_logprob import _use_triton
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    compact = _use_triton(hidden.device)  # TRL's rule: only the labelled positions where Triton runs
+    if compact:
+        h, targets = hidden[mask], labels[mask]  # (N, H), (N,)
+    else:
+        h, targets = hidden.reshape(-1, hidden.size(-1)), labels.clamp(min=0).reshape(-1)  # (B*T, H), (B*T,)
+    log_probs = ChunkedLogProbFunction.apply(h, weight, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0,
+                                             ("log_probs",))[0]
+    if compact:
+        return log_probs.new_zeros(mask.shape).masked_scatter(mask, log_probs)
+    return log_probs.view(mask.shape).masked_fill(~mask, 0)
+
+
+def assistant_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+    """Our chunked selective log-softmax on the labelled positions only: (B, T, H), (V, H), (B, T), (B, T) ->
+    (B, T), 0 off the mask. Same values as TRL's head to float rounding, not the same summation order."""
+    from kernels.logprobs import selective_log_softmax
+
+    log_probs = selective_log_softmax(hidden[mask], weight, labels[mask])  # (N,)
+    return log_probs.new_zeros(mask.shape).masked_scatter(mask, log_probs)
+
+
+LOSS_HEADS = {"trl": trl_head_logprobs, "assistant": assistant_head_logprobs}  # sft.loss_head
+
+
+@torch.no_grad()
+def token_metrics(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                  chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy and "target is the first argmax" (TRL's `entropy` / `mean_token_accuracy`) on the labelled
+    positions, `chunk` tokens of logits at a time, no gradient: (B, T, H), (V, H), (B, T), (B, T) -> two (B, T)."""
+    h, targets = hidden[mask], labels[mask]  # (N, H), (N,)
+    entropy = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
+    is_top1 = torch.empty(h.shape[0], device=h.device, dtype=torch.bool)
+    for a in range(0, h.shape[0], chunk):
+        logits = (h[a:a + chunk] @ weight.t()).float()  # (n, V)
+        logp = logits.log_softmax(-1)
+        entropy[a:a + chunk] = -(logp.exp() * logp).sum(-1)
+        is_top1[a:a + chunk] = logits.argmax(-1) == targets[a:a + chunk]
+    return (entropy.new_zeros(mask.shape).masked_scatter(mask, entropy),
+            is_top1.new_zeros(mask.shape).masked_scatter(mask, is_top1))
+
+
 def _trainer_args(cfg: SFTConfig, seed: int, out_path: Path, max_len: int):
     """TRL's SFTConfig for our typed `cfg` (every value from the schema; nothing re-defaulted here)."""
     from trl import SFTConfig as TRLSFTConfig
@@ -129,24 +227,34 @@ def run_sft(model_path: str | os.PathLike, out_path: str | os.PathLike, rows: li
 
     Prints a progress line every `cfg.logging_steps` steps when `logging.progress`; `logging_dir`
     (None = console only) receives the stage's metrics.jsonl / tensorboard / wandb (rl/metrics.py)."""
+    torch.set_num_threads(cfg.num_threads)
+    out_path = Path(out_path)
+    sink = MetricsLogger(logging_dir, logging, config=dataclasses.asdict(cfg), name="sft") if logging_dir else None
+    # quiet: "Loading weights", the datasets map bars ("examples/s"), the save's "Writing model shards"
+    with quiet_progress_bars(), sink or contextlib.nullcontext():
+        trainer, vmap = sft_trainer(model_path, out_path, rows, cfg, seed=seed,
+                                    callbacks=[progress_callback(logging.progress, sink)])
+        install_lm_head(trainer.model, cfg.loss_head)  # the loss's log-probs only (module docstring)
+        result = trainer.train()
+        save_checkpoint(trainer.model, vmap, out_path)
+    return {"train_loss": float(result.training_loss), "steps": int(result.global_step)}
+
+
+def sft_trainer(model_path: str | os.PathLike, out_path: Path, rows: list[dict], cfg: SFTConfig, *, seed: int,
+                callbacks: list) -> tuple:
+    """(SFTTrainer with TRL's own LM head, VocabMap) for the policy at `model_path` on `rows`; `run_sft` then
+    installs `cfg.loss_head` (`install_lm_head`). bench/bench_sft.py builds its variants here."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import SFTTrainer
 
-    torch.set_num_threads(cfg.num_threads)
-    out_path = Path(out_path)
     args = _trainer_args(cfg, seed, out_path, max(len(r["input_ids"]) for r in rows))
-    sink = MetricsLogger(logging_dir, logging, config=dataclasses.asdict(cfg), name="sft") if logging_dir else None
-    # quiet: "Loading weights", the datasets map bars ("examples/s"), the save's "Writing model shards"
-    with quiet_progress_bars(), sink or contextlib.nullcontext():
-        model, vmap = load_policy(model_path, dtype=torch.float32)
-        if cfg.kernels == "deliberate":
-            from kernels.patch import apply_kernels
+    model, vmap = load_policy(model_path, dtype=torch.float32)
+    if cfg.kernels == "deliberate":
+        from kernels.patch import apply_kernels
 
-            apply_kernels(model)  # grouped MoE + block sink attention; same weights, ~2x faster on CPU
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                             processing_class=hf_tokenizer(vmap), callbacks=[progress_callback(logging.progress, sink)])
-        trainer.remove_callback(PrinterCallback)  # disable_tqdm's stand-in prints raw log dicts
-        result = trainer.train()
-        save_checkpoint(trainer.model, vmap, out_path)
-    return {"train_loss": float(result.training_loss), "steps": int(result.global_step)}
+        apply_kernels(model)  # grouped MoE + block sink attention; same weights, ~2x faster on CPU
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=hf_tokenizer(vmap), callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # disable_tqdm's stand-in prints raw log dicts
+    return trainer, vmap
