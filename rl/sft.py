@@ -147,7 +147,7 @@ def trl_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     """TRL's fused-head log-probs, the same kernel call as `add_fused_lm_head` minus entropy and top-1 (which
     do not touch the log-probs): (B, T, H), (V, H), (B, T), (B, T) -> (B, T), 0 off the mask."""
     from trl.kernels import ChunkedLogProbFunction
-    from trl.kernels.chunked_logprob import _use_triton
+    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE, _use_triton
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
     compact = _use_triton(hidden.device)  # TRL's rule: only the labelled positions where Triton runs
@@ -155,11 +155,40 @@ def trl_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         h, targets = hidden[mask], labels[mask]  # (N, H), (N,)
     else:
         h, targets = hidden.reshape(-1, hidden.size(-1)), labels.clamp(min=0).reshape(-1)  # (B*T, H), (B*T,)
-    log_probs = ChunkedLogProbFunction.apply(h, weight, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0,
-                                             ("log_probs",))[0]
+    if not compact and h.shape[0] <= TOKEN_CHUNK_SIZE and weight.shape[0] <= _CHUNKED_LOGPROB_CHUNK_SIZE:
+        log_probs = OneTileLogprobs.apply(h, weight, targets)  # TRL's torch fold in one tile, fewer passes
+    else:
+        log_probs = ChunkedLogProbFunction.apply(h, weight, None, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None,
+                                                 1.0, ("log_probs",))[0]
     if compact:
         return log_probs.new_zeros(mask.shape).masked_scatter(mask, log_probs)
     return log_probs.view(mask.shape).masked_fill(~mask, 0)
+
+
+class OneTileLogprobs(torch.autograd.Function):
+    """TRL's `ChunkedLogProbFunction` (log-probs only, temperature 1, no bias/softcap) when the input is one
+    tile (N <= TOKEN_CHUNK_SIZE, V <= its vocabulary chunk), bit for bit: the same GEMMs and the same float
+    operations in the same order, minus TRL's exact no-ops (x * 1.0, 0 * rescale + s, zeros + grad, copies)
+    and with its logits gradient g (onehot - p) built in 3 passes over the tile instead of 11.
+    (N, H), (V, H), (N,) -> (N,). Equivalence: tests/rl/test_sft_progress.py."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        z = torch.mm(hidden, weight.t())  # (N, V)
+        top = z.amax(-1)  # (N,)
+        log_z = top + torch.log(torch.exp(z - top[:, None]).sum(-1))
+        ctx.save_for_backward(hidden, weight, targets, log_z)
+        return z.gather(-1, targets[:, None]).squeeze(-1) - log_z
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets, log_z = ctx.saved_tensors
+        g_z = torch.exp(torch.mm(hidden, weight.t()).sub_(log_z[:, None])).neg_()  # (N, V) -p
+        g_z[torch.arange(targets.shape[0], device=targets.device), targets] += 1  # onehot - p
+        g_z.mul_(grad[:, None])
+        g_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device).addmm_(g_z, weight)
+        g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device).addmm_(g_z.t(), hidden)
+        return g_hidden, g_weight, None
 
 
 def assistant_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
