@@ -25,6 +25,7 @@ BENCHMARKS = {
     "gemm_shapes": "bench.bench_gemm_shapes",
     "rollout": "bench.bench_rollout",
     "qat": "bench.bench_qat",
+    "sft": "bench.bench_sft",
 }
 
 

@@ -8,13 +8,14 @@ pre-tokenized with openai-harmony (canonical ids), mapped to the tiny model's id
 
 LM head: SFTTrainer scores tokens through a fused head on the model (TRL `add_fused_lm_head`:
 `model(**batch, labels=, fused_lm_head=True)` returns per-token log-probs, entropy and top-1 hits).
-On CPU TRL's head scores every position (prompt and padding too) and folds the entropy and top-1 into
-its tiles: about 60% of an SFT step on the tiny model (bench/RESULTS.md "SFT step"). `install_lm_head`
-puts in its place one that follows the same protocol and computes the loss's log-probs only:
-`sft.loss_head=trl` with TRL's own kernel on the same positions (bit-identical loss and weights),
-`sft.loss_head=assistant` with our chunked kernel (kernels/logprobs.py) on the assistant tokens only
-(faster again, a different float summation order, opt-in). Entropy and token accuracy, which only feed
-the logs, are computed without gradient on the assistant tokens.
+On CPU TRL's head scores every position (prompt and padding too), folds entropy and top-1 into its
+tiles with gradient bookkeeping, and allocates a (tokens, 32768) buffer per call: about half of an SFT
+step on the tiny model under torch.profiler. `install_lm_head` puts in its place one that follows the
+same protocol and computes the loss's log-probs only: `sft.loss_head=trl` (default) with TRL's fold on
+the same positions (`OneTileLogprobs`: bit-identical loss and weights), `sft.loss_head=assistant` with
+our chunked kernel (kernels/logprobs.py) on the assistant tokens only (faster again, a different float
+summation order, opt-in). Entropy and token accuracy, which only feed the logs, are computed without
+gradient on the assistant tokens (bench/RESULTS.md "SFT step").
 
 Console: one line every `sft.logging_steps` steps (step/total, loss, lr, elapsed, ETA) when
 `logging.progress`, in place of TRL's redrawn bar; the datasets / checkpoint-writing bars are silenced.
@@ -169,7 +170,7 @@ class OneTileLogprobs(torch.autograd.Function):
     """TRL's `ChunkedLogProbFunction` (log-probs only, temperature 1, no bias/softcap) when the input is one
     tile (N <= TOKEN_CHUNK_SIZE, V <= its vocabulary chunk), bit for bit: the same GEMMs and the same float
     operations in the same order, minus TRL's exact no-ops (x * 1.0, 0 * rescale + s, zeros + grad, copies)
-    and with its logits gradient g (onehot - p) built in 3 passes over the tile instead of 11.
+    and with its logits gradient g (onehot - p) built in 3 passes over the tile instead of 13.
     (N, H), (V, H), (N,) -> (N,). Equivalence: tests/rl/test_sft_progress.py."""
 
     @staticmethod
