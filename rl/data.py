@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from envs.types import Task
-from rl.config import EnvConfig
+from rl.config import EnvConfig, RewardConfig
 
 
 def make_env(env_cfg: EnvConfig, seed: int):
@@ -24,6 +24,14 @@ def make_env(env_cfg: EnvConfig, seed: int):
         return DatasetEnv(env_cfg.dataset, question_key=env_cfg.question_key, answer_key=env_cfg.answer_key,
                           answer_format=env_cfg.answer_format)
     raise ValueError(f"env.name={env_cfg.name!r} is unknown; valid: ['dataset', 'math']")
+
+
+def make_reward(reward_cfg: RewardConfig):
+    """The composite reward of the `reward` node (training and evaluation score with the same one)."""
+    from rewards.compose import CompositeReward
+
+    return CompositeReward.from_config(reward_cfg.terms, on_error=reward_cfg.on_error,
+                                       timeout_s=reward_cfg.timeout_s)
 
 
 class TaskStream:

@@ -146,6 +146,11 @@ def format_failure_rate(samples: Sequence[Sample]) -> float:
     return sum(not s.transcript.format_ok for s in samples) / len(samples)
 
 
+def mean_reward(results: Sequence[RewardResult]) -> float:
+    """Mean total reward."""
+    return sum(r.score for r in results) / len(results)
+
+
 def accuracy(results: Sequence[RewardResult], metric: str) -> float:
     """Mean score of reward term `metric` (0 where the term did not apply)."""
     return sum(r.parts.get(metric, 0.0) for r in results) / len(results)
@@ -201,4 +206,4 @@ def effort_summary(samples: Sequence[Sample], results: Sequence[RewardResult], m
     return {"accuracy": acc, "accuracy_ci95": [lo, hi], **mean_pass_at_k(samples, results, metric),
             **cot_token_stats(samples), "budget_compliance": budget_compliance(results),
             "truncation": truncation_rate(samples), "format_failure": format_failure_rate(samples),
-            "reward": sum(r.score for r in results) / n, "n": n}
+            "reward": mean_reward(results), "n": n}

@@ -127,13 +127,11 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg: Config, out_dir: str 
                          reward=None) -> dict:
     """Evaluate named checkpoints with one worker pool (a new one on Ray unless given); write eval.json,
     the tables, the report and the figure to `out_dir`, print the tables; return eval.json's "results"."""
-    from rewards.compose import CompositeReward
-    from rl.data import make_env
+    from rl.data import make_env, make_reward
 
     tasks = make_env(cfg.env, cfg.seed).tasks("test", cfg.eval.tasks)
     if reward is None:
-        reward = CompositeReward.from_config(cfg.reward.terms, on_error=cfg.reward.on_error,
-                                             timeout_s=cfg.reward.timeout_s)
+        reward = make_reward(cfg.reward)
     names = list(checkpoints)
     own = pool is None
     if own:

@@ -32,7 +32,7 @@ from rl import checkpoint, seeds
 from rl.algorithms import get_advantage_fn, informative_groups
 from rl.batch import TrainBatch, collate
 from rl.config import Config, hydra_main, to_yaml
-from rl.data import TaskStream, make_env
+from rl.data import TaskStream, make_env, make_reward
 from rl.model import VocabMap
 
 log = logging.getLogger("deliberate.train")
@@ -98,17 +98,18 @@ def step_metrics(samples: Sequence[Sample], results: Sequence[RewardResult], met
     m: dict[str, float] = {}
     for effort in sorted({s.effort for s in samples}) + ["all"]:
         idx = [i for i, s in enumerate(samples) if effort in ("all", s.effort)]
+        part, scored = [samples[i] for i in idx], [results[i] for i in idx]
         tag = "" if effort == "all" else f"/{effort}"
-        m[f"reward{tag}"] = sum(results[i].score for i in idx) / len(idx)
-        m[f"accuracy{tag}"] = sum(results[i].parts.get(metric, 0.0) for i in idx) / len(idx)
-        m[f"cot_tokens{tag}"] = sum(samples[i].transcript.analysis_tokens for i in idx) / len(idx)
-        m[f"format_failure{tag}"] = sum(not samples[i].transcript.format_ok for i in idx) / len(idx)
-        if (compliance := em.budget_compliance([results[i] for i in idx])) is not None:
+        m[f"reward{tag}"] = em.mean_reward(scored)
+        m[f"accuracy{tag}"] = em.accuracy(scored, metric)
+        m[f"cot_tokens{tag}"] = em.cot_token_stats(part)["cot_tokens"]
+        m[f"format_failure{tag}"] = em.format_failure_rate(part)
+        if (compliance := em.budget_compliance(scored)) is not None:
             m[f"budget_compliance{tag}"] = compliance
     if (mono := em.monotonicity(samples)) is not None:
         m["monotonicity"] = mono
     m["completion_tokens"] = sum(len(s.completion_ids) for s in samples) / len(samples)
-    m["truncated"] = sum(s.finish_reason == "length" for s in samples) / len(samples)
+    m["truncated"] = em.truncation_rate(samples)
     m["reward_errors"] = sum(any(k.endswith("/error") for k in r.parts) for r in results) / len(results)
     return m
 
@@ -193,8 +194,6 @@ def start_run(cfg: Config, policy_path: str, make_learner=None, make_pool=None) 
     By default a Ray learner actor (`RemoteLearner`) and a vLLM `WorkerPool` on the cluster
     `cfg.cluster` names; `make_learner(path, learner_cfg, algo_cfg, seed)` / `make_pool(path,
     rollout_cfg, seed)` replace them (in-process learners, test fakes: no Ray is started then)."""
-    from rewards.compose import CompositeReward
-
     resume_from, state = resume_point(cfg, policy_path)
     initial = state.get("initial_policy") or str(policy_path)
     if make_learner is None or make_pool is None:
@@ -207,8 +206,7 @@ def start_run(cfg: Config, policy_path: str, make_learner=None, make_pool=None) 
         from rl.workers import WorkerPool as make_pool
     env = make_env(cfg.env, cfg.seed)
     stream = TaskStream(env.tasks("train", cfg.env.train_size), cfg.seed, state.get("cursor", 0))
-    reward = CompositeReward.from_config(cfg.reward.terms, on_error=cfg.reward.on_error,
-                                         timeout_s=cfg.reward.timeout_s)
+    reward = make_reward(cfg.reward)
     learner = make_learner(initial, cfg.learner, cfg.algo, cfg.seed)  # KL reference = initial policy
     pool = None
     try:
