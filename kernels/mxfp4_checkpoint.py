@@ -162,6 +162,14 @@ def require_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
+def index_shards(weight_map, index_path: str | os.PathLike) -> list[str]:
+    """The shard files a `model.safetensors.index.json` `weight_map` names, sorted; ValueError unless it
+    is a non-empty mapping (what transformers reads; `rl.checkpoint` requires the same files)."""
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path} has no weight_map")
+    return sorted(set(weight_map.values()))
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors checkpoint folder: `model.safetensors.index.json` + its shards when the
     index is there (the released gpt-oss layout), else `model.safetensors`."""
@@ -169,10 +177,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     index_path = path / INDEX_NAME
     if index_path.exists():
         weight_map = json.loads(index_path.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index_path} has no weight_map")
         sd: dict[str, torch.Tensor] = {}
-        for name in sorted(set(weight_map.values())):
+        for name in index_shards(weight_map, index_path):
             if not (path / name).exists():
                 raise FileNotFoundError(f"{index_path} names {name}, which is not in {path}")
             sd.update(load_file(str(path / name)))

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import xxhash
 
-from kernels.mxfp4_checkpoint import INDEX_NAME, WEIGHTS_NAME
+from kernels.mxfp4_checkpoint import INDEX_NAME, WEIGHTS_NAME, index_shards
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,10 @@ def _weight_files(path: Path, files: dict) -> list[str]:
     it names when the index is there, else model.safetensors."""
     if INDEX_NAME not in files:
         return [WEIGHTS_NAME]
-    weight_map = _read_json(path, INDEX_NAME).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{path}: {INDEX_NAME} has no weight_map")
-    return [INDEX_NAME, *sorted(set(weight_map.values()))]
+    try:
+        return [INDEX_NAME, *index_shards(_read_json(path, INDEX_NAME).get("weight_map"), INDEX_NAME)]
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def latest(run_dir: str | os.PathLike) -> Path | None:
