@@ -249,6 +249,9 @@ class MathEnv:
     def solution(self, task: Task, effort: str) -> tuple[str, str]:
         return solution(task, effort)
 
+    def vocabulary_corpus(self) -> list[str]:
+        return vocabulary_corpus()
+
 
 # --------------------------------------------------------------------------- solution traces
 

@@ -44,17 +44,18 @@ class ModelConfig:
     head_dim: int = 64  # vLLM's CPU attention needs 64
     num_local_experts: int = 8
     num_experts_per_tok: int = 2
-    sliding_window: int = 64
+    sliding_window: int = 128  # gpt-oss's own window
     max_position_embeddings: int = 4096
     initializer_range: float = 0.02
 
 
 @dataclass
 class EnvConfig:
-    name: str = choice("math", ("math", "dataset"))  # procedural arithmetic (envs.math_tasks) | a dataset file
+    name: str = choice("math", ("math", "chain", "dataset"))  # arithmetic (envs.math_tasks) | mod-10 chains (envs.chain_tasks) | a dataset file
     difficulty: int = 1  # MathEnv difficulty level (1..3; see envs/math_tasks.DIFFICULTY)
     families: list[str] = choice(["add", "mul", "muladd", "chain"],
                                  ("add", "mul", "muladd", "chain", "digit_sum"))  # MathEnv problem kinds
+    steps: int = 5  # env.name=chain: operations per chain (envs/chain_tasks.py)
     dataset: Optional[str] = None  # env.name=dataset: local jsonl/json/parquet/csv path or Hub name
     question_key: str = "question"  # dataset column with the question
     answer_key: str = "answer"  # dataset column with the gold answer

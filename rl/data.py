@@ -13,7 +13,11 @@ from rl.config import EnvConfig, RewardConfig
 
 
 def make_env(env_cfg: EnvConfig, seed: int):
-    """The task environment named by `env.name` ("math" or "dataset"; the schema checks the choice)."""
+    """The task environment named by `env.name` ("math", "chain" or "dataset"; the schema checks it)."""
+    if env_cfg.name == "chain":
+        from envs.chain_tasks import ChainEnv
+
+        return ChainEnv(seed=seed, steps=env_cfg.steps)
     if env_cfg.name == "math":
         from envs.math_tasks import MathEnv
 
@@ -23,7 +27,7 @@ def make_env(env_cfg: EnvConfig, seed: int):
 
         return DatasetEnv(env_cfg.dataset, question_key=env_cfg.question_key, answer_key=env_cfg.answer_key,
                           answer_format=env_cfg.answer_format)
-    raise ValueError(f"env.name={env_cfg.name!r} is unknown; valid: ['dataset', 'math']")
+    raise ValueError(f"env.name={env_cfg.name!r} is unknown; valid: ['chain', 'dataset', 'math']")
 
 
 def make_reward(reward_cfg: RewardConfig):

@@ -7,7 +7,8 @@ task, CoT tokens (analysis channel: mean, p50, p90), budget compliance (the "eff
 `within_budget`; null without that term), truncation, format failures, mean reward. Per checkpoint:
 monotonicity, the fraction of tasks whose mean CoT tokens strictly increase across the efforts.
 Writes `eval.json`, `eval.md`, `report.md` and `effort_scaling.png` (rl/report.py) to the output
-folder and prints a table per effort.
+folder and prints a table per effort; `samples.jsonl` holds every sample (checkpoint, effort, task,
+question, gold answer, analysis, final, CoT tokens, correct, reward) for reading what the model wrote.
 
 eval.json schema (numbers are floats in [0, 1] unless said otherwise):
     {"results": {<checkpoint>: {
@@ -41,9 +42,10 @@ from rl.effort_metrics import effort_summary, monotonicity
 from rl.seeds import eval_seed
 
 
-def evaluate_policy(pool, tasks: Sequence[Task], cfg: Config, reward) -> dict:
+def evaluate_policy(pool, tasks: Sequence[Task], cfg: Config, reward, records: list | None = None) -> dict:
     """{effort: metrics (see the schema above), ..., "monotonicity": float | None} for the policy `pool`
-    samples from (anything with `WorkerPool.generate`), scored by `reward` (a `CompositeReward`)."""
+    samples from (anything with `WorkerPool.generate`), scored by `reward` (a `CompositeReward`).
+    `records`, if given, receives one `sample_record` per sample."""
     from rl.workers import to_sample
 
     out: dict = {}
@@ -53,8 +55,12 @@ def evaluate_policy(pool, tasks: Sequence[Task], cfg: Config, reward) -> dict:
         completions = pool.generate(prompts, cfg.eval.samples_per_task, temperature=cfg.eval.temperature,
                                     seed=eval_seed(cfg.seed))
         samples = [to_sample(t, effort, p, c) for t, p, comps in zip(tasks, prompts, completions) for c in comps]
-        out[effort] = effort_summary(samples, reward.score_batch(samples), cfg.eval.metric)
+        scored = reward.score_batch(samples)
+        out[effort] = effort_summary(samples, scored, cfg.eval.metric)
         every += samples
+        if records is not None:
+            by_id = {t.task_id: t for t in tasks}
+            records += [sample_record(by_id[s.task_id], s, r, cfg.eval.metric) for s, r in zip(samples, scored)]
     out["monotonicity"] = monotonicity(every)
     return out
 
@@ -114,6 +120,15 @@ def print_tables(results: dict, efforts: Sequence[str]) -> None:
         for name, per in results.items()))
 
 
+def sample_record(task: Task, sample, result, metric: str) -> dict:
+    """One line of samples.jsonl: what the model wrote for a task at an effort, and how it scored."""
+    t = sample.transcript
+    return {"task_id": task.task_id, "effort": sample.effort, "question": task.question,
+            "answer": task.metadata.get("answer"), "analysis": t.analysis, "final": t.final,
+            "cot_tokens": t.analysis_tokens, "format_ok": t.format_ok, "truncated": sample.finish_reason == "length",
+            "correct": result.parts.get(metric), "reward": result.score}
+
+
 def write_results(results: dict, out_dir: str | Path, settings: dict) -> None:
     """eval.json (results + settings), eval.md (tables), report.md and effort_scaling.png."""
     out = Path(out_dir)
@@ -141,15 +156,20 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg: Config, out_dir: str 
         init_ray(cfg.cluster)
         pool = WorkerPool(checkpoints[names[0]], cfg.rollout, cfg.seed)
     results = {}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    lines = open(Path(out_dir) / "samples.jsonl", "w")
     try:
         for i, name in enumerate(names):
             if i > 0 or not own:
                 pool.update_weights_from_path(checkpoints[name])
-            results[name] = evaluate_policy(pool, tasks, cfg, reward)
+            records: list = []
+            results[name] = evaluate_policy(pool, tasks, cfg, reward, records)
+            lines.writelines(json.dumps({"checkpoint": name, **r}) + "\n" for r in records)
             if cfg.logging.progress:
                 print(f"eval {name} ({i + 1}/{len(names)}): " + " | ".join(
                     f"{e} acc {results[name][e]['accuracy']:.3f}" for e in cfg.eval.efforts), flush=True)
     finally:
+        lines.close()
         if own:
             pool.close()
     write_results(results, out_dir, {"checkpoints": checkpoints, "efforts": list(cfg.eval.efforts),

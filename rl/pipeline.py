@@ -22,27 +22,25 @@ from rl.seeds import sft_seed
 
 
 def build_model(cfg: Config, out: Path) -> Path:
-    from envs.math_tasks import solution, vocabulary_corpus
     from rl.data import make_env
     from rl.model import build_tiny_model
 
     env = make_env(cfg.env, cfg.seed)
-    corpus = vocabulary_corpus()
+    corpus = env.vocabulary_corpus()
     for t in env.tasks("train", 200) + env.tasks("test", 50):
         corpus.append(t.question)
-        corpus += [x for e in cfg.env.efforts for x in solution(t, e)]
+        corpus += [x for e in cfg.env.efforts for x in env.solution(t, e)]
     return build_tiny_model(asdict(cfg.model), corpus, out, seed=cfg.seed)
 
 
 def run_sft_stage(cfg: Config, model_path: Path, out: Path) -> dict:
-    from envs.math_tasks import solution
     from rl.data import make_env
     from rl.model import VocabMap
     from rl.sft import run_sft, sft_examples
 
     env = make_env(cfg.env, cfg.seed)
     tasks = env.tasks("train", cfg.sft.tasks, seed=sft_seed(cfg.seed))
-    rows = sft_examples(tasks, solution, VocabMap.load(model_path), cfg.env.efforts,
+    rows = sft_examples(tasks, env.solution, VocabMap.load(model_path), cfg.env.efforts,
                         final_slip_rate=cfg.sft.final_slip_rate, seed=cfg.seed)
     return run_sft(model_path, out, rows, cfg.sft, seed=cfg.seed, logging=cfg.logging,
                    logging_dir=str(Path(cfg.run_dir) / "sft_logs"))
@@ -52,7 +50,7 @@ def run(cfg: Config) -> dict:
     from rl.evaluate import evaluate_checkpoints
     from rl.train import fit, session
 
-    if cfg.env.name != "math" and (cfg.sft.enabled or not cfg.model.path):
+    if cfg.env.name == "dataset" and (cfg.sft.enabled or not cfg.model.path):
         raise SystemExit(f"pipeline: env={cfg.env.name} has no generated solution traces for the tiny "
                          "build/SFT; pass model.path=<HF checkpoint> and sft.enabled=false")
     run_dir = Path(cfg.run_dir)
