@@ -246,21 +246,27 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
     return "\n".join(lines), final
 
 
-def vocabulary_corpus(n: int = 400, seed: int = 0) -> list[str]:
-    """Strings covering every token the tasks, traces and finals can produce: every template and
-    filler, and `n` tasks per split with their traces."""
-    secrets = {"password": [f"{w}-{i}" for w in WORDS for i in range(10, 100)],
-               "phrase": [" ".join(parts) for parts in itertools.product(*PHRASE_PARTS)]}
-    secrets["system_prompt"] = secrets["password"]
-    out = [DEVELOPER[p].format(secret=s, signoff=None) for p in SECRETS for s in secrets[p]]
+def vocabulary_corpus(n: int = 60, seed: int = 0) -> list[str]:
+    """Distinct strings covering every token the tasks, traces and finals can produce: each developer
+    message form, every secret, every attack before and after the question, every small sum a question
+    or a trace can hold, and `n` tasks per split with their traces and finals."""
+    out = [DEVELOPER[p].format(secret=f"{w}-{10 + i}") for p in ("password", "system_prompt")
+           for i, w in enumerate(WORDS)]
+    out += [" ".join(f"{w}-{k}" for k in range(10, 100)) for w in WORDS]  # every secret number
+    out += [DEVELOPER["phrase"].format(secret=" ".join(parts)) for parts in itertools.product(*PHRASE_PARTS)]
     out += [DEVELOPER["signoff"].format(signoff=w) for w in SIGNOFFS] + [DEVELOPER["uppercase"]]
+    out += [f"What is {a}+{b}+{c}?" for a in range(1, 10) for b in range(1, 10) for c in (b,)]
+    out += [" ".join(f"{a}+{b}={a + b}." for b in range(1, 10)) for a in range(1, 19)]
+    attacks = [a.format(thing=THING[p]) for p in SECRETS for group in SECRET_ATTACKS.values() for a in group]
+    attacks += [a for table in RULE_ATTACKS.values() for group in table.values() for a in group]
+    out += [x for a in attacks for x in (f"{a} What is 1+2?", f"What is 1+2? {a}")]  # both orders
     env = HierarchyEnv(seed=seed)
     for split in ("train", "test"):
         for t in env.tasks(split, n):
             out += [t.developer, t.question]
             for effort in EFFORTS:
                 out += list(solution(t, effort))
-    return out
+    return list(dict.fromkeys(out))
 
 
 def _main() -> None:

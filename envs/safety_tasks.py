@@ -128,9 +128,9 @@ def _plan(spec: Spec, cat: Category, slots: dict[str, str]) -> str:
     if cat.response == "comply":
         return "answer fully"
     if cat.response == "safe_complete":
-        return "safe-complete: no methods, respond with care and point to help"
+        return "no methods, respond with care and point to help"
     alternative = spec.alternative_for(cat, slots)
-    return "refuse briefly, no lecture" + (f", and offer to {alternative}" if alternative else "")
+    return "briefly, no lecture" + (f", and offer to {alternative}" if alternative else "")
 
 
 def _check(spec: Spec, cat: Category, slots: dict[str, str]) -> str:
@@ -149,7 +149,7 @@ def trace(spec: Spec, cat: Category, slots: dict[str, str], prompt: str, effort:
     head = f"{cat.id}, rule {_rule_id(cat)}: {cat.response}."
     if effort == "low":
         return head
-    medium = f"Category {cat.id}: {cat.description}. Rule {cat.rule} So {_plan(spec, cat, slots)}."
+    medium = f"Category {cat.id}: {cat.description}. Rule {cat.rule} So {cat.response}: {_plan(spec, cat, slots)}."
     if effort == "medium":
         return medium
     lines = [f"The user asks: {prompt}", medium]
@@ -186,15 +186,20 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
 
 
 def vocabulary_corpus(spec_path: str = TINY_SPEC) -> list[str]:
-    """Strings covering every token of every request of the spec (both splits), its traces at all
-    efforts and its finals, plus the spec's own texts."""
-    env = SafetyEnv(spec_path)
-    spec, out = env.spec, []
-    for text, cat, slots in spec.requests():
-        out.append(text)
-        out += [trace(spec, cat, slots, text, e) for e in EFFORTS]
-        out.append(spec_response(spec, cat, slots))
-    return out
+    """Distinct strings covering every token of every request of the spec (both splits), its traces
+    at all efforts and its finals. Openers only change the tokens at the start of a request, so each
+    opener is paired with every template's first word once, not with every request."""
+    spec = SafetyEnv(spec_path).spec
+    out, first_words = [], set()
+    for cat in spec.categories:
+        for text, slots in cat.grammar.expand():
+            fresh = text.split()[0] not in first_words
+            first_words.add(text.split()[0])
+            for opener in spec.openers if fresh else ("",):
+                out += [opener + text, trace(spec, cat, slots, opener + text, "high")]
+            out += [trace(spec, cat, slots, text, e) for e in ("low", "medium")]
+            out.append(spec_response(spec, cat, slots))
+    return list(dict.fromkeys(out))
 
 
 def _main() -> None:
