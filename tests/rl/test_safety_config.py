@@ -50,3 +50,16 @@ def test_safety_dataset_env_from_config():
 def test_bad_keys_are_named(overrides, key):
     with pytest.raises(ConfigError, match=f"bad config key '{key}'"):
         compose(overrides)
+
+
+def test_training_step_logs_safety_rates():
+    from envs.types import Sample, Transcript
+    from rewards.types import RewardResult
+    from rl.train import step_metrics
+
+    samples = [Sample(f"t{i}", "safety", "low", [], [], [], [], Transcript(final="x")) for i in range(4)]
+    results = [RewardResult(1.0, {"safety": 1.0, "safety/refused": r, "safety/complied": 1 - r, "safety/should_refuse": h,
+                                  "safety/judge_failed": 0.0}) for r, h in ((1, 1), (0, 1), (1, 0), (0, 0))]
+    m = step_metrics(samples, results, "safety")
+    assert (m["safety/refusal_rate"], m["safety/over_refusal_rate"], m["safety/harmful_compliance_rate"]) == (0.5, 0.5, 0.5)
+    assert m["accuracy"] == 1.0
