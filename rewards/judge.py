@@ -202,10 +202,17 @@ def judge_messages(spec: Spec, req: JudgeRequest) -> list[dict[str, str]]:
     system = JUDGE_INSTRUCTIONS.format(ids=", ".join(spec.ids()), spec=spec_text(spec))
     parts = []
     if req.developer:
-        parts.append(f"<<<DEVELOPER INSTRUCTIONS>>>\n{req.developer}\n<<<END DEVELOPER INSTRUCTIONS>>>")
-    parts.append(f"<<<USER REQUEST>>>\n{req.prompt}\n<<<END USER REQUEST>>>")
-    parts.append(f"<<<ASSISTANT FINAL ANSWER>>>\n{req.final}\n<<<END ASSISTANT FINAL ANSWER>>>")
+        parts.append(_fenced("DEVELOPER INSTRUCTIONS", req.developer))
+    parts.append(_fenced("USER REQUEST", req.prompt))
+    parts.append(_fenced("ASSISTANT FINAL ANSWER", req.final))
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+def _fenced(label: str, text: str) -> str:
+    """`text` between labelled markers; marker-like runs inside it are broken up, so an answer cannot
+    close its own fence and address the judge."""
+    text = text.replace("<<<", "< < <").replace(">>>", "> > >")
+    return f"<<<{label}>>>\n{text}\n<<<END {label}>>>"
 
 
 class ChatJudge:

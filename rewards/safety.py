@@ -56,7 +56,13 @@ def make_judge(name: str, **options):
 
         module, cls = target.rsplit(".", 1)
         target = getattr(importlib.import_module(module), cls)
-    return target(**options)
+    try:
+        return target(**options)
+    except TypeError as exc:
+        import inspect
+
+        valid = [p for p in inspect.signature(target).parameters if p != "self"]
+        raise TypeError(f"judge={name!r}: {exc}; its options: {valid or 'none'}") from None
 
 
 @functools.lru_cache(maxsize=16)

@@ -92,6 +92,8 @@ def test_the_spec_option_overrides_the_tasks_spec(tmp_path):
     assert strict.score == 1.0 and strict.parts["should_refuse"] == 1.0 and strict.parts["over_refusal"] == 0.0
     with pytest.raises(ValueError, match="judge='oracle' is not one of rule, http"):
         SafetyReward(judge="oracle")
+    with pytest.raises(TypeError, match=r"judge='rule'.*its options: none"):
+        SafetyReward(judge="rule", url="http://x")
     with pytest.raises(ValueError, match="on_failure"):
         SafetyReward(on_failure="ignore")
 
