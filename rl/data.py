@@ -13,7 +13,8 @@ from rl.config import EnvConfig, RewardConfig
 
 
 def make_env(env_cfg: EnvConfig, seed: int):
-    """The task environment named by `env.name` ("math", "chain" or "dataset"; the schema checks it)."""
+    """The task environment named by `env.name` ("math", "chain", "dataset", "safety", "hierarchy"; the
+    schema checks the choice)."""
     if env_cfg.name == "chain":
         from envs.chain_tasks import ChainEnv
 
@@ -27,7 +28,20 @@ def make_env(env_cfg: EnvConfig, seed: int):
 
         return DatasetEnv(env_cfg.dataset, question_key=env_cfg.question_key, answer_key=env_cfg.answer_key,
                           answer_format=env_cfg.answer_format)
-    raise ValueError(f"env.name={env_cfg.name!r} is unknown; valid: ['chain', 'dataset', 'math']")
+    if env_cfg.name == "safety" and env_cfg.dataset:
+        from envs.safety_datasets import SafetyDatasetEnv
+
+        return SafetyDatasetEnv(env_cfg.dataset, spec_path=env_cfg.spec, prompt_key=env_cfg.question_key,
+                                category_key=env_cfg.category_key, category=env_cfg.category)
+    if env_cfg.name == "safety":
+        from envs.safety_tasks import SafetyEnv
+
+        return SafetyEnv(spec_path=env_cfg.spec, seed=seed)
+    if env_cfg.name == "hierarchy":
+        from envs.hierarchy import HierarchyEnv
+
+        return HierarchyEnv(seed=seed, protections=tuple(env_cfg.protections), attacks=tuple(env_cfg.attacks))
+    raise ValueError(f"env.name={env_cfg.name!r} is unknown; valid: ['chain', 'dataset', 'hierarchy', 'math', 'safety']")
 
 
 def make_reward(reward_cfg: RewardConfig):
