@@ -13,6 +13,8 @@ What it does
   model output never raises: it yields `Transcript(format_ok=False, error=...)`.
 - `render_training(...)` renders a full conversation for SFT with a loss mask on the tokens the
   assistant generates (headers after `<|start|>assistant`, content, `<|end|>`/`<|return|>`).
+- `open_channel(ids)`, `analysis_header()`, `forced_final_header()`: what budget forcing
+  (rl/forcing.py) needs to know of a completion cut short and the exact ids it inserts.
 
 Departure from openai-harmony: its `auto_drop_analysis` only drops analysis before the first final;
 we render single-turn tasks, where the rule does not matter.
@@ -217,6 +219,24 @@ def channel_token_counts(token_ids: list[int]) -> dict[str, int]:
     """Content tokens per channel, counted on the sampled ids themselves (never re-tokenized, so
     text that spells a special token cannot break it). Headers run up to `<|message|>`, content up
     to `<|end|>`, `<|return|>`, `<|call|>` or a new `<|start|>`."""
+    return _scan_channels(token_ids)[0]
+
+
+def open_channel(token_ids: list[int]) -> str | None:
+    """The channel whose message content `token_ids` end inside ("" for a message without a channel),
+    or None when they end between messages or inside a header: what budget forcing asks of a
+    completion cut at its analysis cap.
+
+    >>> ids = render_completion("7*6=42.", "42")  # <|channel|>analysis<|message|>7*6=42.<|end|><|start|>...
+    >>> end = ids.index(END)
+    >>> open_channel(ids[:2]), open_channel(ids[:4]), open_channel(ids[:end + 1]), open_channel(ids[:-1])
+    (None, 'analysis', None, 'final')
+    """
+    return _scan_channels(token_ids)[1]
+
+
+def _scan_channels(token_ids: list[int]) -> tuple[dict[str, int], str | None]:
+    """(content tokens per channel, the channel whose content is still open at the end or None)."""
     enc = load_encoding()
     counts: dict[str, int] = {}
     header: list[int] = []
@@ -232,7 +252,32 @@ def channel_token_counts(token_ids: list[int]) -> dict[str, int]:
             channel, in_content = (words[0] if words else None), True
         else:
             header.append(tok)
-    return counts
+    return counts, (channel or "") if in_content else None
+
+
+@functools.cache
+def analysis_header() -> tuple[int, ...]:
+    """`<|channel|>analysis<|message|>`: what a completion writes before its chain of thought (the
+    prompt already ends with `<|start|>assistant`), as openai-harmony renders it."""
+    ids = _empty_assistant_message("analysis")
+    return tuple(ids[len(_assistant_header()) : -1])
+
+
+@functools.cache
+def forced_final_header() -> tuple[int, ...]:
+    """`<|end|><|start|>assistant<|channel|>final<|message|>`: closes an open analysis message and
+    opens the final one (budget forcing inserts these ids), as openai-harmony renders it."""
+    return (END, *_empty_assistant_message("final")[:-1])
+
+
+def _empty_assistant_message(channel: str) -> list[int]:
+    """`<|start|>assistant<|channel|>{channel}<|message|><|end|>` rendered by openai-harmony."""
+    from openai_harmony import Message as HMessage, Role
+
+    ids = load_encoding().render(HMessage.from_role_and_content(Role.ASSISTANT, "").with_channel(channel))
+    if ids[-2:] != [MESSAGE, END] or ids[: len(_assistant_header())] != _assistant_header():
+        raise RuntimeError(f"unexpected rendering of an empty {channel} message: {ids}")
+    return ids
 
 
 def decode(token_ids: list[int]) -> str:

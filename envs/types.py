@@ -52,11 +52,12 @@ class Sample:
     effort: str
     prompt_ids: list[int]
     completion_ids: list[int]
-    loss_mask: list[int]  # 1 on tokens the policy generated
+    loss_mask: list[int]  # 1 on tokens the policy generated (0: inserted, e.g. by budget forcing)
     behavior_logprobs: list[float]  # rollout engine's log-probs of completion_ids
     transcript: Transcript
     metadata: dict[str, Any] = field(default_factory=dict)
     finish_reason: str = "stop"  # "stop" | "length"
+    budget_forced: bool = False  # rollout closed the analysis at its cap and opened the final (rl/forcing.py)
 
     @property
     def group_key(self) -> tuple[str, str]:

@@ -137,6 +137,7 @@ def policy_loss(
     entropy_coef: float = 0.0,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped token-level surrogate. logprobs/old/ref/entropy/mask: (B, T); advantages: (B,).
+    Positions where `mask` is 0 contribute nothing, whatever their old/ref log-probs hold.
 
     loss_t = -min(ratio_t * A, clip(ratio_t, 1 - clip_low, 1 + clip_high) * A) [+ kl_coef * k3_t]
              [- entropy_coef * H_t]
@@ -149,13 +150,16 @@ def policy_loss(
     if advantages.shape != logprobs.shape[:1]:
         raise ValueError(f"{advantages.shape=} must be (B,) for {logprobs.shape=}")
     adv = advantages.unsqueeze(-1)  # (B, 1)
-    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    # Masked positions (padding, ids inserted by budget forcing) may hold placeholder log-probs: keep
+    # them out of exp(), so that no value there (however large) reaches the loss or its gradient.
+    live = mask.bool()  # (B, T)
+    ratio = torch.exp(torch.where(live, logprobs - old_logprobs, torch.zeros_like(logprobs)))  # (B, T)
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
     metrics: dict[str, float] = {}
     if ref_logprobs is not None and kl_coef > 0:
-        kl = kl_k3(logprobs, ref_logprobs)
+        kl = kl_k3(logprobs, torch.where(live, ref_logprobs, logprobs.detach()))  # 0 where masked
         per_token = per_token + kl_coef * kl
         metrics["kl_ref"] = float(aggregate(kl.detach(), mask, "token_mean"))
     if entropy is not None:

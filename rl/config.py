@@ -117,6 +117,20 @@ class AlgoConfig:
 
 
 @dataclass
+class BudgetForcingConfig:
+    """s1-style budget forcing at rollout time (rl/forcing.py): an analysis message that reaches its
+    effort's cap is closed and the final channel opened by inserted ids (loss mask 0). Training
+    rollouts only; evaluation never forces."""
+
+    enabled: bool = False
+    # Hard cap of analysis tokens per effort. Its own numbers, not the effort_length reward's budgets
+    # (a soft target the reward shapes around; forcing is a wall): 2x the tiny budgets 16/64/256, where
+    # the default ceiling shape already scores 0. gpt-oss scale: e.g. 2k/8k/32k. A cap >= rollout.max_tokens
+    # - 9 never binds (no room to insert the 3 + 6 header ids and answer): set it so to leave an effort free.
+    caps: dict[str, int] = field(default_factory=lambda: {"low": 32, "medium": 128, "high": 512})
+
+
+@dataclass
 class RolloutConfig:
     """The one schema for rollout: sampling, worker pool and vLLM engine settings."""
 
@@ -139,6 +153,7 @@ class RolloutConfig:
     # torch/OMP threads per engine; 1 is fastest on the 2-core box (tiny ops pay an OMP barrier each).
     num_threads: Optional[int] = 1
     log_level: str = "WARNING"  # VLLM_LOGGING_LEVEL unless already set in the environment
+    budget_forcing: BudgetForcingConfig = field(default_factory=BudgetForcingConfig)
 
 
 @dataclass
@@ -332,6 +347,9 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         (c.rollout.kv_cache_gib > 0, "rollout.kv_cache_gib", "> 0"),
         (0 < c.rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "in (0, 1]"),
         (c.rollout.num_threads is None or c.rollout.num_threads >= 1, "rollout.num_threads", ">= 1 or null"),
+        (set(c.rollout.budget_forcing.caps) <= set(EFFORTS)
+         and all(v >= 1 for v in c.rollout.budget_forcing.caps.values()), "rollout.budget_forcing.caps",
+         f"a mapping from efforts {list(EFFORTS)} to caps >= 1 (analysis tokens)"),
         (c.learner.temperature == c.rollout.temperature, "learner.temperature", "== rollout.temperature"),
         (c.eval.temperature > 0 or c.eval.samples_per_task == 1, "eval.samples_per_task",
          "1 for greedy decoding (eval.temperature=0)"),

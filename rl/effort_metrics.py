@@ -141,6 +141,11 @@ def truncation_rate(samples: Sequence[Sample]) -> float:
     return sum(s.finish_reason == "length" for s in samples) / len(samples)
 
 
+def budget_forced_rate(samples: Sequence[Sample]) -> float:
+    """Fraction of samples whose analysis rollout closed at its cap (rl/forcing.py)."""
+    return sum(s.budget_forced for s in samples) / len(samples)
+
+
 def format_failure_rate(samples: Sequence[Sample]) -> float:
     """Fraction of samples with no parsable final answer."""
     return sum(not s.transcript.format_ok for s in samples) / len(samples)

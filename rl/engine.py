@@ -13,6 +13,9 @@ What it does
   behaviour log-prob of every sampled token and the finish reason. Harmony's `<|return|>` and
   `<|call|>` stop sampling and are the last id of a "stop" completion, so
   `envs.harmony.parse_completion` sees them. Sampling settings not given come from `cfg`.
+  `analysis_caps` (one per prompt, None = uncapped) turns on budget forcing (rl/forcing.py): an
+  analysis message that reaches its cap is closed and the final channel opened by inserted ids,
+  which the completion marks (`sampled` 0 there, `budget_forced`); still one `Completion` per sample.
 - `update_weights(state_dict)` loads an HF-named `GptOssForCausalLM.state_dict()` into the live
   engine in place (rl/vllm_weights.py): no restart, no disk. `update_weights_from_path(path)` does
   the same from a checkpoint folder. Both reset vLLM's prefix cache so no KV computed with old
@@ -57,6 +60,7 @@ Run `.venv/bin/python -m bench.bench_rollout` for throughput and sync time.
 """
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -70,7 +74,9 @@ from typing import Iterable, Mapping, Sequence
 import ray
 import torch
 
+from envs import harmony
 from envs.harmony import STOP_TOKENS
+from rl import forcing
 from rl.config import RolloutConfig
 from rl.model import VocabMap
 from rl.seeds import request_seed
@@ -81,11 +87,23 @@ FINISH_REASONS = ("stop", "length")
 
 @dataclass
 class Completion:
-    """One sampled completion: canonical ids, behaviour log-prob per id, "stop" | "length"."""
+    """One sampled completion: canonical ids, behaviour log-prob per id, "stop" | "length".
+
+    `sampled[k]` is 1 where the policy sampled `ids[k]` and 0 where budget forcing inserted it
+    (rl/forcing.py; the sample's loss mask); all 1 when not given. `budget_forced`: ids were inserted."""
 
     ids: list[int]
     logprobs: list[float]
     finish_reason: str
+    sampled: list[int] | None = None
+    budget_forced: bool = False
+
+    def __post_init__(self):
+        if self.sampled is None:
+            self.sampled = [1] * len(self.ids)
+        if not len(self.ids) == len(self.logprobs) == len(self.sampled):
+            raise ValueError(f"Completion needs one log-prob and one sampled flag per id: {len(self.ids)} ids, "
+                             f"{len(self.logprobs)} log-probs, {len(self.sampled)} flags")
 
 
 def _prepare_environment(cfg: RolloutConfig) -> bool:
@@ -149,8 +167,11 @@ class RolloutEngine:
         vocab_size = json.loads(Path(self.checkpoint, "config.json").read_text())["vocab_size"]
         n_real = vocab_size if self.vocab.canonical is None else len(self.vocab)
         self._allowed = list(range(n_real)) if n_real < vocab_size else None
+        if cfg.budget_forcing.enabled:
+            self._check_forcing_ids()  # fail at start, not at the first capped rollout
         self.weights_version = 0
-        self.stats = {"generate_calls": 0, "tokens": 0, "generate_s": 0.0, "last_update_s": None}
+        self.stats = {"generate_calls": 0, "tokens": 0, "generate_s": 0.0, "last_update_s": None,
+                      "budget_forced": 0}
 
         t0 = time.perf_counter()
         self._on_cpu = _prepare_environment(cfg)
@@ -227,6 +248,7 @@ class RolloutEngine:
         *,
         stop: bool = True,
         first_index: int = 0,
+        analysis_caps: Sequence[int | None] | None = None,
     ) -> list[list[Completion]]:
         """`n` completions for each prompt (canonical ids); result[i][j] is sample j of prompt i.
 
@@ -235,6 +257,8 @@ class RolloutEngine:
         seed, seed+1, ... never share a stream, and a caller that splits one prompt list into
         chunks (giving each its offset as `first_index`) gets what one call would have given.
         `stop=False` ignores the Harmony stop tokens and samples exactly `max_tokens` (benchmarks).
+        `analysis_caps[i]`: at most this many analysis tokens for prompt i, by budget forcing
+        (rl/forcing.py; None = no cap); None = no forcing at all.
         """
         temperature = self.cfg.temperature if temperature is None else temperature
         top_p = self.cfg.top_p if top_p is None else top_p
@@ -247,26 +271,46 @@ class RolloutEngine:
             raise RuntimeError("generate on a shut-down RolloutEngine; start a new one")
         if not prompts:
             return []
-        from vllm.inputs import TokensPrompt
-
         limit = self.cfg.max_model_len
-        batch = []
         for i, p in enumerate(prompts):
             if not 0 < len(p) < limit:
                 raise ValueError(f"prompt {i} has {len(p)} ids; need 1 .. {limit - 1} ({limit=})")
-            batch.append(TokensPrompt(prompt_token_ids=self.vocab.to_model(p)))
-        seeds = [None if seed is None else request_seed(seed, first_index + i, n) for i in range(len(batch))]
-        params = [self._sampling_params(n, temperature, top_p, max_tokens, s, stop) for s in seeds]
+        seeds = [None if seed is None else request_seed(seed, first_index + i, n) for i in range(len(prompts))]
+        sample = functools.partial(self._sample, sampling=(temperature, top_p, stop))
+        if analysis_caps is None:
+            return sample([forcing.Request(list(p), n, max_tokens, s) for p, s in zip(prompts, seeds)])
+        if len(analysis_caps) != len(prompts):
+            raise ValueError(f"{len(analysis_caps)} analysis caps for {len(prompts)} prompts")
+        self._check_forcing_ids()
+        budgets = [min(max_tokens, limit - len(p)) for p in prompts]  # vLLM stops at the model length
+        result = forcing.generate(sample, prompts, n, analysis_caps, budgets, seeds)
+        self.stats["budget_forced"] += sum(c.budget_forced for comps in result for c in comps)
+        return result
+
+    def _sample(self, requests: Sequence[forcing.Request], sampling: tuple) -> list[list[Completion]]:
+        """One vLLM call: `r.n` completions of each request's prompt; `sampling` = (temperature,
+        top_p, stop)."""
+        from vllm.inputs import TokensPrompt
+
+        temperature, top_p, stop = sampling
+        batch = [TokensPrompt(prompt_token_ids=self.vocab.to_model(r.prompt)) for r in requests]
+        params = [self._sampling_params(r.n, temperature, top_p, r.max_tokens, r.seed, stop) for r in requests]
         t0 = time.perf_counter()
         outputs = self.llm.generate(batch, params, use_tqdm=False)
         self.stats["generate_s"] += time.perf_counter() - t0
         self.stats["generate_calls"] += 1
         result = []
-        for i, out in enumerate(outputs):
-            if len(out.outputs) != n:
-                raise RuntimeError(f"prompt {i}: vLLM returned {len(out.outputs)} samples, asked for {n}")
+        for i, (r, out) in enumerate(zip(requests, outputs)):
+            if len(out.outputs) != r.n:
+                raise RuntimeError(f"prompt {i}: vLLM returned {len(out.outputs)} samples, asked for {r.n}")
             result.append([self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)])
         return result
+
+    def _check_forcing_ids(self) -> None:
+        ids = harmony.forced_final_header()
+        if not self.vocab.covers(ids):
+            raise ValueError(f"{self.checkpoint}: budget forcing inserts {list(ids)} (Harmony's final-channel "
+                             "header), which the model's vocabulary map lacks; rebuild it with them")
 
     def _completion(self, c) -> Completion:
         ids = list(c.token_ids)

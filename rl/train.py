@@ -90,11 +90,11 @@ def build_batch(cfg: Config, samples: Sequence[Sample], results: Sequence[Reward
 
 
 def step_metrics(samples: Sequence[Sample], results: Sequence[RewardResult], metric: str) -> dict[str, float]:
-    """Reward, accuracy (reward term `metric`), CoT length, format failures and budget compliance
-    (with an "effort_length" term), overall and per effort; monotonicity of CoT tokens across the
-    step's efforts per task (with two efforts or more). See rl/effort_metrics.py. With "safety" or
-    "hierarchy" terms: refusal, over-refusal, harmful-compliance, judge-failure, leak and rule-break rates
-    (rewards.safety.safety_metrics)."""
+    """Reward, accuracy (reward term `metric`), CoT length, format failures, budget forcing rate and
+    budget compliance (with an "effort_length" term), overall and per effort; monotonicity of CoT
+    tokens across the step's efforts per task (with two efforts or more). See rl/effort_metrics.py. With
+    "safety" or "hierarchy" terms: refusal, over-refusal, harmful-compliance, judge-failure, leak and
+    rule-break rates (rewards.safety.safety_metrics)."""
     from rewards.safety import safety_metrics
     from rl import effort_metrics as em
 
@@ -107,6 +107,7 @@ def step_metrics(samples: Sequence[Sample], results: Sequence[RewardResult], met
         m[f"accuracy{tag}"] = em.accuracy(scored, metric)
         m[f"cot_tokens{tag}"] = em.cot_token_stats(part)["cot_tokens"]
         m[f"format_failure{tag}"] = em.format_failure_rate(part)
+        m[f"budget_forced{tag}"] = em.budget_forced_rate(part)
         if (compliance := em.budget_compliance(scored)) is not None:
             m[f"budget_compliance{tag}"] = compliance
     if (mono := em.monotonicity(samples)) is not None:

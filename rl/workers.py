@@ -10,7 +10,8 @@ How requests are spread
 - `rollout`: every task at every effort is one prompt (`envs.harmony.render_prompt`) sampled
   `group_size` times. Prompt k goes to worker k mod W, and worker i samples with seed `seed + i`
   (each prompt's own stream is `rl.seeds.request_seed(seed + i, position, n)`). Samples come back in
-  task, effort, sample order whichever worker answered first.
+  task, effort, sample order whichever worker answered first. With `rollout.budget_forcing.enabled`
+  each prompt carries its effort's analysis cap (rl/forcing.py).
 - `generate`: contiguous chunks, each told its offset (`first_index`), so the result is what one
   engine would give for the whole list, whatever the number of workers.
 
@@ -31,6 +32,7 @@ from typing import Any, Sequence
 
 from envs import harmony
 from envs.types import Sample, Task
+from rl import forcing
 from rl.config import RolloutConfig
 from rl.engine import Completion, RolloutWorker
 
@@ -62,6 +64,10 @@ class WorkerPool:
         width = len(self._workers)
         calls = {i: {"prompts": [p for _, _, p in jobs[i::width]], "n": group_size, "seed": seed + i}
                  for i in range(width) if jobs[i::width]}
+        for i, call in calls.items():
+            caps = forcing.analysis_caps(self.cfg.budget_forcing, [e for _, e, _ in jobs[i::width]])
+            if caps is not None:  # only then: the call stays what it was without forcing
+                call["analysis_caps"] = caps
         answers = self._run("generate", calls)
         per_job: list[list[Completion]] = [[] for _ in jobs]
         for i, comps in answers.items():
@@ -72,8 +78,9 @@ class WorkerPool:
 
     def generate(self, prompts: list[list[int]], n: int, *, temperature: float,
                  seed: int | None) -> list[list[Completion]]:
-        """`n` completions per prompt (evaluation; top_p and max_tokens from `cfg`); result[i][j] is
-        sample j of prompt i, the same for any number of workers when `seed` is given."""
+        """`n` completions per prompt (evaluation; top_p and max_tokens from `cfg`; never budget-forced:
+        evaluation measures the policy alone); result[i][j] is sample j of prompt i, the same for any
+        number of workers when `seed` is given."""
         size = math.ceil(len(prompts) / len(self._workers)) if prompts else 0
         calls = {i: {"prompts": prompts[i * size:(i + 1) * size], "n": n, "temperature": temperature,
                      "seed": seed, "first_index": i * size}
@@ -186,10 +193,11 @@ class WorkerPool:
 
 
 def to_sample(task: Task, effort: str, prompt: list[int], c: Completion) -> Sample:
-    """One completion of `prompt` (`task` at `effort`) as a `Sample`: loss mask all 1, behaviour
-    log-probs, parsed Harmony transcript, the task's metadata copied."""
+    """One completion of `prompt` (`task` at `effort`) as a `Sample`: loss mask 1 on sampled ids and
+    0 on ids budget forcing inserted, behaviour log-probs, parsed Harmony transcript, the task's
+    metadata copied."""
     return Sample(
         task_id=task.task_id, env=task.env, effort=effort, prompt_ids=prompt,
-        completion_ids=list(c.ids), loss_mask=[1] * len(c.ids), behavior_logprobs=list(c.logprobs),
+        completion_ids=list(c.ids), loss_mask=list(c.sampled), behavior_logprobs=list(c.logprobs),
         transcript=harmony.parse_completion(c.ids), metadata=dict(task.metadata),
-        finish_reason=c.finish_reason)
+        finish_reason=c.finish_reason, budget_forced=c.budget_forced)

@@ -136,3 +136,25 @@ def test_dr_grpo_normaliser_is_required():
     # a constant normaliser: padding the tensors wider does not change the loss
     wide = torch.nn.functional.pad(values, (0, 5)), torch.nn.functional.pad(mask, (0, 5))
     assert aggregate(values, mask, "seq_mean_token_sum_norm", 10) == aggregate(*wide, "seq_mean_token_sum_norm", 10)
+
+
+def test_masked_positions_cannot_reach_the_loss_ratios_or_gradient():
+    """Positions with mask 0 (padding, ids inserted by budget forcing) hold placeholder old/ref
+    log-probs; no value there, however extreme, changes the loss, its gradient or the metrics."""
+    g = torch.Generator().manual_seed(0)
+    lp0 = -torch.rand(2, 6, generator=g) * 3  # (B, T)
+    old = lp0 + 0.1 * torch.randn(2, 6, generator=g)
+    ref = lp0 + 0.1 * torch.randn(2, 6, generator=g)
+    mask = torch.tensor([[1, 1, 0, 0, 0, 1], [1, 0, 0, 1, 1, 0]])
+    runs = []
+    for placeholder in (0.0, -1e4, 1e4):  # exp(lp - old) overflows to inf at -1e4 if it is ever taken
+        o, r = old.masked_fill(mask == 0, placeholder), ref.masked_fill(mask == 0, placeholder)
+        lp = lp0.clone().requires_grad_(True)
+        loss, m = policy_loss(lp, o, torch.tensor([1.0, -0.5]), mask, clip_low=0.2, clip_high=0.28,
+                              ref_logprobs=r, kl_coef=0.1)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
+        assert (lp.grad[mask == 0] == 0).all()
+        runs.append((loss.item(), lp.grad, m))
+    for loss, grad, m in runs[1:]:
+        assert loss == runs[0][0] and torch.equal(grad, runs[0][1]) and m == runs[0][2]

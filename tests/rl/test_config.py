@@ -28,6 +28,9 @@ def test_validate_returns_typed_objects_with_schema_defaults():
     ({"model": {"name": "gpt-oss-20b"}}, "model.path"),
     ({"reward": {"terms": {"math": {"timeout_s": 5}}}}, "reward.terms.math"),
     ({"eval": {"metric": "nope"}}, "eval.metric"),
+    ({"rollout": {"budget_forcing": {"caps": {"low": 0}}}}, "rollout.budget_forcing.caps"),
+    ({"rollout": {"budget_forcing": {"caps": {"extreme": 8}}}}, "rollout.budget_forcing.caps"),
+    ({"rollout": {"budget_forcing": {"caps": {"low": "short"}}}}, "rollout.budget_forcing.caps.low"),
     ({"model": {"dtype": "float32"}}, "model.dtype"),  # deleted dead fields stay deleted
     ({"algo": {"name": "grpo"}}, "algo.name"),
     ({"env": {"test_size": 10}}, "env.test_size"),

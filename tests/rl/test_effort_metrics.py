@@ -139,3 +139,12 @@ def test_training_step_logs_budget_compliance_per_effort_and_monotonicity():
     plain = step_metrics(samples[::2], [RewardResult(1.0, {"math": 1.0})] * 2, "math")  # one effort, no term
     assert not any(k.startswith(("budget_compliance", "monotonicity")) for k in plain)
     assert plain["accuracy/low"] == 1.0
+
+
+def test_training_step_logs_the_budget_forced_rate_per_effort():
+    from rl.train import step_metrics
+
+    samples = [_s("a", "low"), _s("b", "low"), _s("a", "high"), _s("b", "high")]
+    samples[0].budget_forced = samples[1].budget_forced = samples[2].budget_forced = True
+    m = step_metrics(samples, [RewardResult(1.0, {"math": 1.0})] * 4, "math")
+    assert (m["budget_forced/low"], m["budget_forced/high"], m["budget_forced"]) == (1.0, 0.5, 0.75)

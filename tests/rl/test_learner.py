@@ -227,3 +227,36 @@ def test_dr_grpo_gradient_does_not_depend_on_micro_batch_size(policy):
         grads.append({n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None})
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_budget_forced_ids_carry_no_loss_whatever_their_placeholder(policy):
+    """A budget-forced sample (rl/forcing.py): the inserted final header has loss mask 0 and a
+    placeholder behaviour log-prob. With the engine's log-probs as the PPO old log-probs, the
+    learner's steps are the same whatever that placeholder holds (even values whose ratio would
+    overflow), and the inserted ids are not counted as loss tokens."""
+    prompt = harmony.render_prompt("Compute 3+4+5+6.", "high")
+    forced = list(harmony.forced_final_header())
+    samples = []
+    for final in ("18", "19"):
+        ids = [*harmony.analysis_header(), *harmony.encode("3+4=7. 7+5")]
+        tail = harmony.encode(final) + [harmony.RETURN]
+        mask = [1] * len(ids) + [0] * len(forced) + [1] * len(tail)
+        samples.append(Sample("t", "math", "high", prompt, ids + forced + tail, mask, [0.0] * len(mask),
+                              Transcript(), budget_forced=True))
+    algo = {"mini_batches": 2, "ppo_epochs": 2, "old_logprobs": "behavior"}
+    probe = _learner(policy, algo, lr=0.0)
+    base = _batch([1.0, -1.0], policy, samples=samples)
+    behaviour = probe.logprobs(base)  # (B, L): what the engine would have reported at sampled ids
+    inserted = base.completion_mask & (base.loss_mask == 0)  # (B, L)
+    assert int(inserted.sum()) == 2 * len(forced)
+    weights, metrics = [], []
+    for placeholder in (0.0, -1e4, 1e4):
+        learner = _learner(policy, algo, lr=1e-3)
+        batch = base._replace(behavior_logprobs=behaviour.masked_fill(inserted, placeholder))
+        metrics.append(learner.train_step(batch))
+        weights.append([p.detach().clone() for p in learner.model.parameters()])
+    assert metrics[0]["tokens"] == sum(sum(s.loss_mask) for s in samples)
+    for m, w in zip(metrics[1:], weights[1:]):
+        assert m == metrics[0]
+        assert all(torch.equal(a, b) for a, b in zip(w, weights[0]))
+    assert all(torch.isfinite(p).all() for p in weights[0])

@@ -29,15 +29,16 @@ pytestmark = pytest.mark.slow
 
 
 class FakeEngine:
-    """A completion's log-probs are (weights tag, request seed, sample index); the process exits in
-    the middle of `generate` if the file `<checkpoint>/die-<engine seed>` exists (removing it first).
-    Every generate call is logged to `<checkpoint>/calls.log` as `engine_seed pid n_prompts`."""
+    """A completion's log-probs are (weights tag, request seed, sample index, analysis cap or -1); the
+    process exits in the middle of `generate` if the file `<checkpoint>/die-<engine seed>` exists
+    (removing it first). Every generate call is logged to `<checkpoint>/calls.log` as `engine_seed pid
+    n_prompts`. With caps, the completion's first id counts as inserted (`sampled` 0, budget-forced)."""
 
     def __init__(self, checkpoint, cfg, seed):
         self.dir, self.seed, self.tag = Path(checkpoint), seed, -1.0
 
     def generate(self, prompts, n=1, temperature=None, top_p=None, max_tokens=None, seed=None, *,
-                 stop=True, first_index=0):
+                 stop=True, first_index=0, analysis_caps=None):
         with open(self.dir / "calls.log", "a") as f:
             f.write(f"{self.seed} {os.getpid()} {len(prompts)}\n")
         flag = self.dir / f"die-{self.seed}"
@@ -45,8 +46,11 @@ class FakeEngine:
             flag.unlink()
             os._exit(1)
         ids = harmony.render_completion("fake", "0")
-        return [[Completion(ids, [self.tag, float(request_seed(seed, first_index + i, n)), float(j)]
-                            + [0.0] * (len(ids) - 3), "stop") for j in range(n)]
+        caps = analysis_caps or [None] * len(prompts)
+        return [[Completion(ids, [self.tag, float(request_seed(seed, first_index + i, n)), float(j),
+                                  -1.0 if caps[i] is None else float(caps[i])] + [0.0] * (len(ids) - 4), "stop",
+                            sampled=None if caps[i] is None else [0] + [1] * (len(ids) - 1),
+                            budget_forced=caps[i] is not None) for j in range(n)]
                 for i in range(len(prompts))]
 
     def update_weights(self, state):
@@ -123,6 +127,26 @@ def test_pool_order_seeds_and_replacement_of_a_dead_worker(tmp_path, ray_local):
         pool.generate(prompts, 1, temperature=0.0, seed=9)
     pool.close()
     pool.close()  # idempotent
+
+
+def test_budget_forcing_sends_every_prompt_its_efforts_cap(tmp_path, ray_local):
+    import ray
+
+    from rl.config import BudgetForcingConfig
+
+    caps = {"low": 4, "medium": 9, "high": 16}
+    cfg = RolloutConfig(num_workers=2, budget_forcing=BudgetForcingConfig(enabled=True, caps=caps))
+    pool = WorkerPool(str(tmp_path), cfg, seed=0, worker_cls=ray.remote(FakeEngine))
+    try:
+        efforts = ["low", "medium", "high"]
+        samples = pool.rollout(_tasks(2), efforts, 2, seed=3)  # 6 prompts over 2 workers
+        assert [s.behavior_logprobs[3] for s in samples] == [caps[e] for _ in range(2) for e in efforts for _ in "ab"]
+        assert all(s.budget_forced and s.loss_mask == [0] + [1] * (len(s.completion_ids) - 1) for s in samples)
+        # Evaluation never forces.
+        out = pool.generate([harmony.render_prompt("Compute 1+1.", "low")], 1, temperature=0.0, seed=1)
+        assert out[0][0].logprobs[3] == -1.0 and not out[0][0].budget_forced
+    finally:
+        pool.close()
 
 
 @torch.no_grad()
