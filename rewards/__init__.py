@@ -1,7 +1,7 @@
 """Reward plugins and their registry (docs/ARCHITECTURE.md). Importing the package registers the built-ins:
-"math", "effort_length", "format". See `rewards.registry` for adding your own."""
+"math", "effort_length", "format", "code". See `rewards.registry` for adding your own."""
 from rewards.registry import available_rewards, build_reward, get_reward, register_reward
-from rewards import effort, format, math_verify_reward  # noqa: F401,E402  (registration)
+from rewards import code_reward, effort, format, math_verify_reward  # noqa: F401,E402  (registration)
 from rewards.compose import CompositeReward  # noqa: E402
 
 __all__ = ["available_rewards", "build_reward", "get_reward", "register_reward", "CompositeReward"]
