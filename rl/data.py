@@ -13,7 +13,7 @@ from rl.config import EnvConfig, RewardConfig
 
 
 def make_env(env_cfg: EnvConfig, seed: int):
-    """The task environment named by `env.name` ("math" or "dataset"; the schema checks the choice)."""
+    """The task environment named by `env.name` ("math", "dataset" or "code"; the schema checks the choice)."""
     if env_cfg.name == "math":
         from envs.math_tasks import MathEnv
 
@@ -22,8 +22,16 @@ def make_env(env_cfg: EnvConfig, seed: int):
         from envs.datasets_loader import DatasetEnv
 
         return DatasetEnv(env_cfg.dataset, question_key=env_cfg.question_key, answer_key=env_cfg.answer_key,
-                          answer_format=env_cfg.answer_format)
-    raise ValueError(f"env.name={env_cfg.name!r} is unknown; valid: ['dataset', 'math']")
+                          answer_format=env_cfg.answer_format, test_fraction=env_cfg.test_fraction)
+    if env_cfg.name == "code" and env_cfg.dataset:
+        from envs.code_datasets import CodeDatasetEnv
+
+        return CodeDatasetEnv(env_cfg.dataset, layout=env_cfg.code_layout, test_fraction=env_cfg.test_fraction)
+    if env_cfg.name == "code":
+        from envs.code_tasks import CodeEnv
+
+        return CodeEnv(seed=seed, families=tuple(env_cfg.code_families))
+    raise ValueError(f"env.name={env_cfg.name!r} is unknown; valid: ['code', 'dataset', 'math']")
 
 
 def make_reward(reward_cfg: RewardConfig):
