@@ -61,6 +61,7 @@ NOBODY = 65534  # the overflow uid/gid: owns nothing on the host
 INSTALL_HINT = ("install bubblewrap: `sudo apt-get install bubblewrap` (Debian/Ubuntu), `sudo dnf install "
                 "bubblewrap` (Fedora), or run scripts/setup.sh, which installs it")
 _CHUNK = 1 << 16
+_REAP_S = 2.0  # how long a killed sandbox may take to empty its pid namespace
 
 
 class SandboxUnavailable(RuntimeError):
@@ -178,7 +179,9 @@ def _run(bwrap: str, config: SandboxConfig, code: str, stdin: str | bytes | None
         "RLIMIT_NOFILE": config.max_open_files,
         "RLIMIT_CORE": 0,
     }}
-    argv = bwrap_argv(bwrap, config, init_fd=fds[0], main_fd=fds[1]) + [
+    info_r, info_w = os.pipe()  # bwrap writes {"child-pid": N} there: the sandbox's init, seen from here
+    fds.append(info_w)
+    argv = bwrap_argv(bwrap, config, init_fd=fds[0], main_fd=fds[1]) + ["--info-fd", str(info_w)] + [
         config.python, "-I", "-S", "/sandbox/init.py", json.dumps(limits), config.python, "-I", "/sandbox/main.py"]
     drop = {"user": config.uid, "group": config.uid, "extra_groups": []} if os.geteuid() == 0 else {}
     start = time.monotonic()
@@ -186,13 +189,16 @@ def _run(bwrap: str, config: SandboxConfig, code: str, stdin: str | bytes | None
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 pass_fds=fds, env={"PATH": "/usr/bin:/bin"}, cwd="/",
                                 start_new_session=True, **drop)
+    except BaseException:
+        os.close(info_r)
+        raise
     finally:
         for fd in fds:
             os.close(fd)
     try:
         out, err, timed_out, truncated = _communicate(proc, data, start + timeout_s, config.output_bytes)
     finally:
-        _kill_tree(proc)
+        _kill_tree(proc, info_r)
     returncode = None if (timed_out or truncated) else proc.returncode
     return ExecResult(returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace"),
                       timed_out, truncated, time.monotonic() - start)
@@ -277,21 +283,47 @@ def _communicate(proc: subprocess.Popen, data: bytes, deadline: float, cap: int)
     return bytes(outputs[proc.stdout]), bytes(outputs[proc.stderr]), timed_out, truncated
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL bwrap's process group (a no-op once it exited) and reap it; its init in the sandbox dies
-    with it (--die-with-parent) and takes the whole pid namespace along."""
-    if proc.poll() is None:
+def _kill_tree(proc: subprocess.Popen, info_fd: int) -> None:
+    """SIGKILL bwrap's process group (unless it exited) and reap it. The sandbox's init then dies too
+    (--die-with-parent) and the kernel kills every process of its pid namespace before the init is
+    gone; we wait for that (at most `_REAP_S`), so that nothing of the run outlives the call. When bwrap
+    exits by itself it has already reaped its init, so there is nothing to wait for."""
+    killed = proc.poll() is None
+    if killed:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     proc.wait()
+    try:
+        os.set_blocking(info_fd, False)
+        info = os.read(info_fd, 4096) if killed else b""
+    except BlockingIOError:  # killed before bwrap wrote it: no sandbox was started
+        info = b""
+    finally:
+        os.close(info_fd)
+    if info:
+        _wait_gone(json.loads(info.split(b"}")[0] + b"}").get("child-pid"))
     for f in (proc.stdin, proc.stdout, proc.stderr):
         if f is not None and not f.closed:
             try:
                 f.close()
             except BrokenPipeError:
                 pass
+
+
+def _wait_gone(pid: int | None) -> None:
+    """Wait until process `pid` has exited (gone, or a zombie nobody reaped yet), at most _REAP_S."""
+    deadline = time.monotonic() + _REAP_S
+    while pid and time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return
+        if state in (b"Z", b"X"):
+            return
+        time.sleep(0.005)
 
 
 # --------------------------------------------------------------------------- pool
