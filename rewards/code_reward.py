@@ -10,7 +10,8 @@ What
   `run_tests_many` runs many programs concurrently on a `SandboxPool`.
 - `score_code(code, tests, mode="pass_rate", ...) -> float`: pass_rate = passed / len(tests);
   all_pass = 1.0 only if every test passed (HumanEval's pass@1 criterion, Chen et al. 2021).
-- Reward "code" (`CodeReward`; options `mode`, `timeout_s` per test, `memory_mb`, `max_workers`):
+- Reward "code" (`CodeReward`; options `mode`, `timeout_s` per test, `memory_mb`, `max_workers`
+  (concurrent sandboxes; default half the cores), `bwrap` (its path, when not on PATH)):
   applies to samples whose metadata has "tests" (else None). Parts: `pass_rate`, `all_pass`,
   `format` (1 when code was found in a well-formed final answer), and the fraction of tests per
   failure kind: `compile_error`, `runtime_error`, `timeout`, `wrong_answer`. Task metadata may add
@@ -206,13 +207,13 @@ class CodeReward:
     """
 
     def __init__(self, mode: str = "pass_rate", timeout_s: float = DEFAULT_TIMEOUT_S, memory_mb: int = 512,
-                 max_workers: int | None = None, tests_key: str = "tests"):
+                 max_workers: int | None = None, tests_key: str = "tests", bwrap: str = "bwrap"):
         if mode not in MODES:
             raise ValueError(f"code reward mode={mode!r} is not one of {MODES}")
         if timeout_s <= 0:
             raise ValueError(f"code reward timeout_s={timeout_s} must be positive (seconds per test)")
         self.mode, self.timeout_s, self.tests_key = mode, timeout_s, tests_key
-        self.config = SandboxConfig(memory_mb=memory_mb)
+        self.config = SandboxConfig(bwrap=bwrap, memory_mb=memory_mb)
         self.max_workers = max_workers
         check_sandbox(self.config)  # no bubblewrap: fail when the run starts, never run unsandboxed
         self._pool: SandboxPool | None = None
