@@ -46,9 +46,11 @@ sandboxes wait for the CPU, by design.
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import math
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -180,7 +182,7 @@ def _run(bwrap: str, config: SandboxConfig, code: str, stdin: str | bytes | None
     if timeout_s <= 0 or memory_mb <= 0:
         raise ValueError(f"timeout_s={timeout_s} and memory_mb={memory_mb} must be positive")
     data = stdin.encode("utf-8", "surrogateescape") if isinstance(stdin, str) else (stdin or b"")
-    fds = [_memfd("init", INIT_SCRIPT.read_bytes()),
+    fds = [_memfd("init", _init_script()),
            _memfd("main", code.encode("utf-8", "surrogateescape"))]
     limits = {"nice": config.nice, "rlimits": {
         "RLIMIT_CPU": math.ceil(timeout_s) + 1,
@@ -235,6 +237,11 @@ def bwrap_argv(bwrap: str, config: SandboxConfig, init_fd: int, main_fd: int) ->
              "--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
              "--new-session", "--die-with-parent"]
     return argv
+
+
+@functools.cache
+def _init_script() -> bytes:
+    return INIT_SCRIPT.read_bytes()
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -313,8 +320,9 @@ def _kill_tree(proc: subprocess.Popen, info_fd: int) -> None:
         info = b""
     finally:
         os.close(info_fd)
-    if info:
-        _wait_gone(json.loads(info.split(b"}")[0] + b"}").get("child-pid"))
+    child = re.search(rb'"child-pid"\s*:\s*(\d+)', info)
+    if child:
+        _wait_gone(int(child.group(1)))
     for f in (proc.stdin, proc.stdout, proc.stderr):
         if f is not None and not f.closed:
             try:
@@ -323,10 +331,10 @@ def _kill_tree(proc: subprocess.Popen, info_fd: int) -> None:
                 pass
 
 
-def _wait_gone(pid: int | None) -> None:
+def _wait_gone(pid: int) -> None:
     """Wait until process `pid` has exited (gone, or a zombie nobody reaped yet), at most _REAP_S."""
     deadline = time.monotonic() + _REAP_S
-    while pid and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 state = f.read().rsplit(b")", 1)[1].split()[0]
