@@ -14,7 +14,8 @@ What
 
 Security model (docs/ARCHITECTURE.md#faults; verified by tests/rewards/test_sandbox.py)
 - bubblewrap (`bwrap`) with every namespace unshared (`--unshare-all --unshare-user`): no network
-  (only a loopback-less net namespace), own pid/ipc/uts/cgroup namespaces, no nested user namespaces.
+  (a new network namespace whose only interface is its own loopback; the host's is out of reach), own
+  pid/ipc/uts/cgroup namespaces, no nested user namespaces.
 - Filesystem: /usr read-only (with the /bin, /lib, /lib64, /sbin links or read-only binds of the
   host), a fresh /proc and a minimal read-only /dev; a fresh tmpfs /tmp of `scratch_mb` is the only
   writable place (also the working directory and HOME). /etc, /home, /root, the repository and the

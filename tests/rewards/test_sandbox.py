@@ -82,7 +82,7 @@ def test_network_is_unreachable_even_the_hosts_loopback():
         server.close()
     assert r.returncode == 0, r.stderr
     assert "CONNECTED" not in r.stdout and r.stdout.count("blocked") == 3
-    assert r.stdout.splitlines()[-1] == "['lo']"  # a fresh network namespace: loopback only, and down
+    assert r.stdout.splitlines()[-1] == "['lo']"  # a fresh network namespace: its own loopback only
 
 
 def test_only_the_fresh_scratch_folder_is_writable():
