@@ -1,21 +1,23 @@
-"""The tiny world where thinking pays: labelled chains of mod-10 operations ("chain").
+r"""The tiny world where thinking pays: labelled chains of mod-10 operations ("chain").
 
 What
-- `ChainEnv(seed, steps=5)` yields tasks such as
-  "x=7; a: +5, b: *3, c: -8, d: +6, e: *7. Keep the last digit. Final x?"
-  (answer "6": 7+5=2, 2*3=6, 6-8=8, 8+6=4, 4*7=8... every step keeps the last digit only).
+- `ChainEnv(seed, steps=5)` yields tasks such as "x=7\na: +3\nb: *2\nc: -1\nd: +2\ne: *3\nKeep the last
+  digit. Final x?" (answer "3": 7+3=0, 0*2=0, 0-1=9, 9+2=1, 1*3=3; every step keeps the last digit).
   `metadata["answer"]` is the final digit as a string, so the math-verify reward scores it.
 - `solution(task, effort, variant)` writes a partial scratchpad: the first `j` steps one per line
   ("a: 7+5=2"), then the value of x after the rest, stated in one shot ("x = 6."). `j` is how much of
-  the chain the trace works out; the rest is composed in one forward pass.
+  the chain the trace works out ("c: 0 -1 = 9"); the rest is composed in one forward pass.
 - Train and test never overlap: a problem's split is a pure function of (start, ops), hashed.
 
 Why this world (measured before choosing; README "A tiny world where thinking pays")
-- Every written step is one fact of a 270-entry table (digit, op, digit -> digit) that a 4-layer
-  model learns in a few hundred SFT steps, and the operand it needs is found by *content*: the step
-  label ("c:") is repeated in the trace, so copying the op is an induction-head lookup, not counting
-  positions. The previous tiny world (running digit sums) failed exactly there: its one-digit-per-line
-  traces needed the k-th term by position, and high effort scored *below* low effort.
+- Every written step is one fact of an 80-entry table (digit, op -> digit; ops +1..+3, -1..-3, *2,
+  *3), and the op it needs is found by *content*: a trace line starts with the same tokens as the
+  question's line for that step ("c:" then " -", "1"), so copying the op is an induction-head lookup,
+  not counting positions. Measured before choosing (README "A tiny world where thinking pays"): with
+  all 270 facts of + - * by 1-9 and the question's ops on one line (other tokens than the trace's),
+  1,200 SFT steps left the facts at chance (p = 0.1 per written result); the previous tiny world's
+  running sums of digits had 405 facts at p ~ 0.75 each, so its 4-step traces were right less often
+  than its one-shot answers, and accuracy fell with effort.
 - The answer in one shot is hard: + - and * do not commute, so the final digit depends on the order of
   the whole chain and cannot be read off an average the way a sum can (attention computes sums
   easily; that is why one-shot digit sums scored 0.57). Accuracy falls with the number of steps left
@@ -42,8 +44,9 @@ ENV_NAME = "math"  # scored by the math reward: the final answer is an integer
 TEST_FRACTION = 0.1
 LABELS = "abcdefghij"
 OPS = ("+", "-", "*")
-QUESTION_RE = re.compile(r"^x=(\d); (.*)\. Keep the last digit\. Final x\?$")
+QUESTION_RE = re.compile(r"^x=(\d)\n((?:[a-j]: [-+*]\d\n)+)Keep the last digit\. Final x\?$")
 OP_RE = re.compile(r"^([a-j]): ([-+*])(\d)$")
+OP_DIGITS = {"+": (1, 2, 3), "-": (1, 2, 3), "*": (2, 3)}  # 8 ops: an 80-fact table
 
 # Written steps j per effort as (j, weight); "all" = every step, "all+check" = every step, then the
 # chain again as a check (longer than the high budget). Relative to a chain of `steps` operations.
@@ -82,21 +85,22 @@ def run_chain(start: int, ops: list[str]) -> list[int]:
 
 
 def question(start: int, ops: list[str]) -> str:
-    body = ", ".join(f"{LABELS[i]}: {op}" for i, op in enumerate(ops))
-    return f"x={start}; {body}. Keep the last digit. Final x?"
+    body = "".join(f"{LABELS[i]}: {op}\n" for i, op in enumerate(ops))
+    return f"x={start}\n{body}Keep the last digit. Final x?"
 
 
 def parse_question(text: str) -> tuple[int, list[str]]:
     """(start, ops) of a chain question; ValueError naming the problem otherwise.
 
-    >>> parse_question("x=7; a: +5, b: *3. Keep the last digit. Final x?")
-    (7, ['+5', '*3'])
+    >>> parse_question("x=7\\na: +3\\nb: *2\\nKeep the last digit. Final x?")
+    (7, ['+3', '*2'])
     """
     m = QUESTION_RE.match(text.strip())
     if not m:
-        raise ValueError(f"{text!r} is not a chain question (x=<digit>; a: <op>, ... Final x?)")
+        raise ValueError(f"{text!r} is not a chain question (x=<digit>, lines 'a: <op>', Keep the last digit. "
+                         "Final x?)")
     ops = []
-    for i, part in enumerate(m.group(2).split(", ")):
+    for i, part in enumerate(m.group(2).splitlines()):
         om = OP_RE.match(part)
         if not om or om.group(1) != LABELS[i]:
             raise ValueError(f"{text!r}: step {i + 1} is {part!r}, expected '{LABELS[i]}: <+|-|*><digit>'")
@@ -116,12 +120,12 @@ def split_of(start: int, ops: list[str]) -> str:
 
 def _op(rng: random.Random) -> str:
     sym = rng.choice(OPS)
-    return f"{sym}{rng.randint(2, 9) if sym == '*' else rng.randint(1, 9)}"
+    return f"{sym}{rng.choice(OP_DIGITS[sym])}"
 
 
 def step_line(i: int, x: int, op: str) -> str:
-    """The written form of step i from value x: "c: 6-8=8"."""
-    return f"{LABELS[i]}: {x}{op}={apply(x, op)}"
+    """The written form of step i from value x: "c: 0 -1 = 9" (the op's tokens are the question's)."""
+    return f"{LABELS[i]}: {x} {op} = {apply(x, op)}"
 
 
 def _pick(rng: random.Random, weighted) -> object:
@@ -233,7 +237,7 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
 def budgets(steps: int) -> dict[str, int]:
     """CoT token budget per effort for chains of `steps` ops: the tokens of the trace writing
     `BUDGET_STEPS[effort]` steps, plus 2 tokens of margin (every chain of the same length tokenizes to
-    the same count: one token per digit, label, sign and separator)."""
+    the same count: one token per digit, label, sign and separator; 10 per written step)."""
     from envs.harmony import encode
 
     start, ops = 0, ["+1"] * steps
@@ -254,7 +258,7 @@ def vocabulary_corpus(steps: int = 5) -> list[str]:
         out.append(trace(start, ops, steps, check=True))
     for sym in OPS:
         for x in range(10):
-            out += [f"{LABELS[i]}: {x}{sym}{d}={x}" for i in range(len(LABELS)) for d in range(10)]
+            out += [step_line(i, x, f"{sym}{d}") for i in range(len(LABELS)) for d in OP_DIGITS[sym]]
     return out
 
 

@@ -11,7 +11,7 @@ from envs.chain_tasks import (
 from envs.harmony import encode
 from envs.types import EFFORTS
 
-STEP = re.compile(r"^([a-j]): (\d)([-+*])(\d)=(\d)$")
+STEP = re.compile(r"^([a-j]): (\d) ([-+*])(\d) = (\d)$")
 
 
 def test_apply_is_last_digit_arithmetic():
@@ -49,8 +49,9 @@ def test_tasks_are_seeded_distinct_and_answered_right():
         assert t.metadata["answer"] == str(x)
 
 
-@pytest.mark.parametrize("bad", ["x=7; a: +5. Final x?", "x=7; b: +5. Keep the last digit. Final x?",
-                                 "x=7; a: /5. Keep the last digit. Final x?", ""])
+@pytest.mark.parametrize("bad", ["x=7\na: +3\nFinal x?", "x=7\nb: +3\nKeep the last digit. Final x?",
+                                 "x=7\na: /3\nKeep the last digit. Final x?", "x=7\nKeep the last digit. Final x?",
+                                 ""])
 def test_parse_question_rejects_text_outside_the_grammar(bad):
     with pytest.raises(ValueError):
         parse_question(bad)
@@ -101,15 +102,19 @@ def test_budgets_fit_the_budget_steps_exactly():
         for effort, n in BUDGET_STEPS.items():
             written = steps if n == "all" else min(n, steps)
             fits = len(encode(trace(start, ops, written)))
-            assert fits <= b[effort] < fits + 9  # one more step would not fit (9 tokens a step)
+            assert fits <= b[effort] < fits + 10  # one more step would not fit (10 tokens a step)
             if written < steps:
                 assert len(encode(trace(start, ops, written + 1))) > b[effort]
 
 
 def test_question_and_step_lines_tokenize_one_token_per_symbol():
     # one token per digit, sign, label and separator: what makes the budgets exact per step count
-    assert len(encode(step_line(2, 6, "-8"))) == len(encode(step_line(0, 1, "+1"))) == 8
-    assert len(encode(question(7, ["+5", "*3"]))) == len(encode(question(0, ["-1", "+9"])))
+    assert len(encode(step_line(2, 6, "-3"))) == len(encode(step_line(0, 1, "+1"))) == 9
+    assert len(encode(question(7, ["+3", "*2"]))) == len(encode(question(0, ["-1", "+2"])))
+    # the op's tokens in a trace line are the tokens of the question's line for that step
+    q = encode(question(7, ["+3", "*2"]))
+    assert encode(" *2") == encode("b: *2\n")[2:4] and encode(step_line(1, 0, "*2"))[4:6] == encode(" *2")
+    assert all(i in q for i in encode("b: *2"))
 
 
 def test_vocabulary_corpus_covers_every_task_token():
@@ -123,4 +128,4 @@ def test_vocabulary_corpus_covers_every_task_token():
 
 
 def test_run_chain_values():
-    assert run_chain(7, ["+5", "*3", "-8"]) == [2, 6, 8]
+    assert run_chain(7, ["+3", "*2", "-1", "+2", "*3"]) == [0, 0, 9, 1, 3]
