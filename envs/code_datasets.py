@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from envs.datasets_loader import cached_split_tasks
 from envs.types import Task
 
 LAYOUTS = ("auto", "humaneval", "mbpp", "livecodebench", "plain")
@@ -238,12 +238,7 @@ class CodeDatasetEnv:
 
     def tasks(self, split: str, n: int, seed: int | None = None) -> list[Task]:
         """Up to `n` tasks of `split` (all of them if fewer); `seed` shuffles before taking `n`."""
-        if split not in self._cache:
-            self._cache[split] = self._load(split)
-        rows = list(self._cache[split])
-        if seed is not None:
-            random.Random(f"code-dataset:{seed}:{split}").shuffle(rows)
-        return rows[:n]
+        return cached_split_tasks(self, split, n, seed)
 
     def _load(self, split: str) -> list[Task]:
         single = self.path_or_name == "humaneval" or Path(self.path_or_name).is_file()

@@ -120,6 +120,17 @@ def _question_bucket(question: str) -> float:
     return int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "big") / 2**64
 
 
+def cached_split_tasks(env, split: str, n: int, seed: int | None) -> list[Task]:
+    """Up to `n` tasks of `split` from a file-backed env: `env._load(split)` once (kept in `env._cache`),
+    then a seeded shuffle (tag: `env.name`) before taking `n`. Shared by the dataset envs."""
+    if split not in env._cache:
+        env._cache[split] = env._load(split)
+    rows = list(env._cache[split])
+    if seed is not None:
+        random.Random(f"{env.name}:{seed}:{split}").shuffle(rows)
+    return rows[:n]
+
+
 @dataclass
 class DatasetEnv:
     """A question/answer dataset as a task environment with disjoint train/test splits."""
@@ -138,12 +149,7 @@ class DatasetEnv:
 
     def tasks(self, split: str, n: int, seed: int | None = None) -> list[Task]:
         """Up to `n` tasks of `split` (all of them if fewer); `seed` shuffles before taking `n`."""
-        if split not in self._cache:
-            self._cache[split] = self._load(split)
-        rows = list(self._cache[split])
-        if seed is not None:
-            random.Random(f"dataset:{seed}:{split}").shuffle(rows)
-        return rows[:n]
+        return cached_split_tasks(self, split, n, seed)
 
     def _load(self, split: str) -> list[Task]:
         kwargs = dict(question_key=self.question_key, answer_key=self.answer_key,
