@@ -1,32 +1,32 @@
-r"""The tiny world where thinking pays: labelled chains of mod-10 operations ("chain").
+r"""The tiny world where thinking pays: follow a permutation of the digits k times ("chain").
 
 What
-- `ChainEnv(seed, steps=5)` yields tasks such as "x=7\na: +3\nb: *2\nc: -1\nd: +2\ne: *3\nKeep the last
-  digit. Final x?" (answer "3": 7+3=0, 0*2=0, 0-1=9, 9+2=1, 1*3=3; every step keeps the last digit).
-  `metadata["answer"]` is the final digit as a string, so the math-verify reward scores it.
-- `solution(task, effort, variant)` writes a partial scratchpad: the first `j` steps one per line
-  ("a: 7+5=2"), then the value of x after the rest, stated in one shot ("x = 6."). `j` is how much of
-  the chain the trace works out ("c: 0 -1 = 9"); the rest is composed in one forward pass.
-- Train and test never overlap: a problem's split is a pure function of (start, ops), hashed.
+- `ChainEnv(seed, steps=5)` yields tasks such as "f:\n0→3\n1→7\n...\n9→2\nx=4. Apply f 5 times. Final x?":
+  f is a random permutation of 0-9 given as a table, and the answer is f applied `steps` times to x
+  (f(f(f(f(f(4)))))), a digit. `metadata["answer"]` is that digit as a string, so the math-verify
+  reward scores it.
+- `solution(task, effort)` writes a partial scratchpad: the first `j` applications one per line
+  ("a: 4→9", "b: 9→2", ...), then the value after the rest, stated in one shot ("x = 5."). `j` is how
+  much of the chain the trace works out; the rest is composed inside one forward pass.
+- Train and test never overlap: a problem's split is a pure function of (table, x, steps), hashed.
 
 Why this world (measured before choosing; README "A tiny world where thinking pays")
-- Every written step is one fact of an 80-entry table (digit, op -> digit; ops +1..+3, -1..-3, *2,
-  *3), and the op it needs is found by *content*: a trace line starts with the same tokens as the
-  question's line for that step ("c:" then " -", "1"), so copying the op is an induction-head lookup,
-  not counting positions. Measured before choosing (README "A tiny world where thinking pays"): with
-  all 270 facts of + - * by 1-9 and the question's ops on one line (other tokens than the trace's),
-  1,200 SFT steps left the facts at chance (p = 0.1 per written result); the previous tiny world's
-  running sums of digits had 405 facts at p ~ 0.75 each, so its 4-step traces were right less often
-  than its one-shot answers, and accuracy fell with effort.
-- The answer in one shot is hard: + - and * do not commute, so the final digit depends on the order of
-  the whole chain and cannot be read off an average the way a sum can (attention computes sums
-  easily; that is why one-shot digit sums scored 0.57). Accuracy falls with the number of steps left
-  to compose implicitly, and rises with the number written out: effort pays (Nye et al. 2021, "Show
-  your work": scratchpads turn a long computation into steps a small model does reliably).
+- A written step is one lookup the tiny model does reliably: "4→" in the trace is the same three
+  tokens as the table's line "4→9", so the next token is an induction-head copy, not an arithmetic fact
+  and not a position count. Composing several lookups in one forward pass is what a shallow transformer
+  cannot do (k-hop composition needs depth that grows with k: Sanford, Hsu & Telgarsky 2024,
+  "Transformers, parallel computation, and logarithmic depth"; a scratchpad turns it into k one-hop
+  steps: Nye et al. 2021, "Show your work"). So accuracy rises with the steps written: effort pays.
+- Rejected after measuring (1,200 SFT steps, 400 held-out samples per effort, outputs/exp-chain*):
+  mod-10 chains of + - * ops ("a: 7 +3 = 0"). With ops on one question line the op copy was right 35-70%
+  of the time and the results at chance; with the question's lines sharing the trace's tokens the copy
+  reached 99%, but the 80-fact table stayed at 0.6 per written result (greedy), so high effort scored
+  0.21. The previous tiny world (running digit sums) had its 405 addition facts at p ~ 0.75 and fell
+  with effort. The tiny model copies well and memorises arithmetic slowly; this world needs only copies.
 
 Effort styles (the SFT cold start; lengths vary around the effort budgets on purpose, so that budget
 compliance is something RL has to learn: `STYLE`): low writes 0-2 steps, medium 2-4, high all of
-them and sometimes re-checks the chain (over the high budget). `budgets(steps)` gives the CoT token
+them and sometimes checks the chain again (over the high budget). `budgets(steps)` gives the CoT token
 budgets that fit low = 1 step, medium = 3 steps, high = every step once.
 
 Run `python -m envs.chain_tasks` to print one task per effort and the token counts per style.
@@ -43,13 +43,10 @@ from envs.types import EFFORTS, Task
 ENV_NAME = "math"  # scored by the math reward: the final answer is an integer
 TEST_FRACTION = 0.1
 LABELS = "abcdefghij"
-OPS = ("+", "-", "*")
-QUESTION_RE = re.compile(r"^x=(\d)\n((?:[a-j]: [-+*]\d\n)+)Keep the last digit\. Final x\?$")
-OP_RE = re.compile(r"^([a-j]): ([-+*])(\d)$")
-OP_DIGITS = {"+": (1, 2, 3), "-": (1, 2, 3), "*": (2, 3)}  # 8 ops: an 80-fact table
+QUESTION_RE = re.compile(r"^f:\n((?:\d→\d\n){10})x=(\d)\. Apply f (\d+) times\. Final x\?$")
 
 # Written steps j per effort as (j, weight); "all" = every step, "all+check" = every step, then the
-# chain again as a check (longer than the high budget). Relative to a chain of `steps` operations.
+# chain again as a check (longer than the high budget). Relative to a chain of `steps` lookups.
 STYLE = {
     "low": ((0, 0.35), (1, 0.35), (2, 0.30)),
     "medium": ((2, 0.30), (3, 0.40), (4, 0.30)),
@@ -59,73 +56,61 @@ STYLE = {
 BUDGET_STEPS = {"low": 1, "medium": 3, "high": "all"}
 
 
-def apply(x: int, op: str) -> int:
-    """One step on the last digit: "+5", "-8", "*3" applied to x in 0..9, result mod 10.
+def run_chain(table: list[int], start: int, steps: int) -> list[int]:
+    """Values of x after each application of f (`steps` values); f(d) = table[d].
 
-    >>> apply(7, "+5"), apply(6, "-8"), apply(2, "*3")
-    (2, 8, 6)
+    >>> run_chain([3, 7, 9, 0, 6, 8, 1, 4, 5, 2], 4, 3)
+    [6, 1, 7]
     """
-    sym, d = op[0], int(op[1:])
-    if sym == "+":
-        return (x + d) % 10
-    if sym == "-":
-        return (x - d) % 10
-    if sym == "*":
-        return (x * d) % 10
-    raise ValueError(f"op {op!r} is not one of +d, -d, *d")
-
-
-def run_chain(start: int, ops: list[str]) -> list[int]:
-    """Values of x after each op (len(ops) values)."""
     out, x = [], start
-    for op in ops:
-        x = apply(x, op)
+    for _ in range(steps):
+        x = table[x]
         out.append(x)
     return out
 
 
-def question(start: int, ops: list[str]) -> str:
-    body = "".join(f"{LABELS[i]}: {op}\n" for i, op in enumerate(ops))
-    return f"x={start}\n{body}Keep the last digit. Final x?"
+def question(table: list[int], start: int, steps: int) -> str:
+    rows = "".join(f"{d}→{v}\n" for d, v in enumerate(table))
+    return f"f:\n{rows}x={start}. Apply f {steps} times. Final x?"
 
 
-def parse_question(text: str) -> tuple[int, list[str]]:
-    """(start, ops) of a chain question; ValueError naming the problem otherwise.
+def parse_question(text: str) -> tuple[list[int], int, int]:
+    """(table, start, steps) of a chain question; ValueError naming the problem otherwise.
 
-    >>> parse_question("x=7\\na: +3\\nb: *2\\nKeep the last digit. Final x?")
-    (7, ['+3', '*2'])
+    >>> parse_question(question([3, 7, 9, 0, 6, 8, 1, 4, 5, 2], 4, 5))
+    ([3, 7, 9, 0, 6, 8, 1, 4, 5, 2], 4, 5)
     """
     m = QUESTION_RE.match(text.strip())
     if not m:
-        raise ValueError(f"{text!r} is not a chain question (x=<digit>, lines 'a: <op>', Keep the last digit. "
-                         "Final x?)")
-    ops = []
-    for i, part in enumerate(m.group(2).splitlines()):
-        om = OP_RE.match(part)
-        if not om or om.group(1) != LABELS[i]:
-            raise ValueError(f"{text!r}: step {i + 1} is {part!r}, expected '{LABELS[i]}: <+|-|*><digit>'")
-        ops.append(om.group(2) + om.group(3))
-    return int(m.group(1)), ops
+        raise ValueError(f"{text!r} is not a chain question (f:, ten lines 'd→v', x=<digit>. Apply f <k> "
+                         "times. Final x?)")
+    table = []
+    for d, line in enumerate(m.group(1).splitlines()):
+        key, value = line.split("→")
+        if int(key) != d:
+            raise ValueError(f"{text!r}: line {d + 1} of the table is {line!r}, expected '{d}→<digit>'")
+        table.append(int(value))
+    if sorted(table) != list(range(10)):
+        raise ValueError(f"{text!r}: f is not a permutation of 0-9")
+    steps = int(m.group(3))
+    if not 1 <= steps <= len(LABELS):
+        raise ValueError(f"{text!r}: {steps} steps, expected 1..{len(LABELS)}")
+    return table, int(m.group(2)), steps
 
 
-def canonical_key(start: int, ops: list[str]) -> str:
-    return f"{start}|{','.join(ops)}"
+def canonical_key(table: list[int], start: int, steps: int) -> str:
+    return f"{''.join(map(str, table))}|{start}|{steps}"
 
 
-def split_of(start: int, ops: list[str]) -> str:
+def split_of(table: list[int], start: int, steps: int) -> str:
     """"test" for about TEST_FRACTION of all chains, else "train"; depends on the chain only."""
-    digest = hashlib.sha256(canonical_key(start, ops).encode()).digest()
+    digest = hashlib.sha256(canonical_key(table, start, steps).encode()).digest()
     return "test" if int.from_bytes(digest[:8], "big") % 10_000 < TEST_FRACTION * 10_000 else "train"
 
 
-def _op(rng: random.Random) -> str:
-    sym = rng.choice(OPS)
-    return f"{sym}{rng.choice(OP_DIGITS[sym])}"
-
-
-def step_line(i: int, x: int, op: str) -> str:
-    """The written form of step i from value x: "c: 0 -1 = 9" (the op's tokens are the question's)."""
-    return f"{LABELS[i]}: {x} {op} = {apply(x, op)}"
+def step_line(i: int, x: int, table: list[int]) -> str:
+    """The written form of step i from value x: "c: 4→9" (the table's own tokens for that lookup)."""
+    return f"{LABELS[i]}: {x}→{table[x]}"
 
 
 def _pick(rng: random.Random, weighted) -> object:
@@ -137,20 +122,20 @@ def _pick(rng: random.Random, weighted) -> object:
     return weighted[-1][0]
 
 
-def trace(start: int, ops: list[str], written: int, check: bool = False) -> str:
+def trace(table: list[int], start: int, steps: int, written: int, check: bool = False) -> str:
     """The analysis text that works out the first `written` steps and states the rest in one shot."""
-    if not 0 <= written <= len(ops):
-        raise ValueError(f"written={written} must be in 0..{len(ops)}")
-    values = run_chain(start, ops)
+    if not 0 <= written <= steps:
+        raise ValueError(f"written={written} must be in 0..{steps}")
+    values = run_chain(table, start, steps)
     lines, x = [], start
     for i in range(written):
-        lines.append(step_line(i, x, ops[i]))
+        lines.append(step_line(i, x, table))
         x = values[i]
     if check:
         lines.append("Check:")
         x = start
-        for i in range(len(ops)):
-            lines.append(step_line(i, x, ops[i]))
+        for i in range(steps):
+            lines.append(step_line(i, x, table))
             x = values[i]
     lines.append(f"x = {values[-1]}.")
     return "\n".join(lines)
@@ -158,18 +143,18 @@ def trace(start: int, ops: list[str], written: int, check: bool = False) -> str:
 
 @dataclass
 class ChainEnv:
-    """Seeded source of labelled mod-10 chains. `tasks("train"|"test", n, seed)` never mixes splits.
+    """Seeded source of permutation chains. `tasks("train"|"test", n, seed)` never mixes splits.
 
     >>> env = ChainEnv(seed=0)
     >>> t = env.tasks("test", 1)[0]
-    >>> start, ops = parse_question(t.question)
-    >>> split_of(start, ops), len(ops), t.metadata["answer"] == str(run_chain(start, ops)[-1])
+    >>> table, start, steps = parse_question(t.question)
+    >>> split_of(table, start, steps), steps, t.metadata["answer"] == str(run_chain(table, start, steps)[-1])
     ('test', 5, True)
     """
 
     name = "chain"
     seed: int = 0
-    steps: int = 5  # operations per chain
+    steps: int = 5  # applications of f per chain
 
     def __post_init__(self):
         if not 1 <= self.steps <= len(LABELS):
@@ -184,23 +169,25 @@ class ChainEnv:
         for _ in range(n * 50 + 1000):
             if len(out) == n:
                 break
-            start, ops = rng.randint(0, 9), [_op(rng) for _ in range(self.steps)]
-            key = canonical_key(start, ops)
-            if key in seen or split_of(start, ops) != split:
+            table = list(range(10))
+            rng.shuffle(table)
+            start = rng.randint(0, 9)
+            key = canonical_key(table, start, self.steps)
+            if key in seen or split_of(table, start, self.steps) != split:
                 continue
             seen.add(key)
-            out.append(self._task(start, ops, split))
+            out.append(self._task(table, start, split))
         if len(out) < n:
             raise ValueError(f"only {len(out)} distinct {split} chains of {self.steps} steps; ask for fewer than {n}")
         return out
 
-    def _task(self, start: int, ops: list[str], split: str) -> Task:
-        key = canonical_key(start, ops)
+    def _task(self, table: list[int], start: int, split: str) -> Task:
+        key = canonical_key(table, start, self.steps)
         return Task(
             task_id=f"chain-{hashlib.sha256(key.encode()).hexdigest()[:12]}",
             env=ENV_NAME,
-            question=question(start, ops),
-            metadata={"answer": str(run_chain(start, ops)[-1]), "split": split, "steps": len(ops)},
+            question=question(table, start, self.steps),
+            metadata={"answer": str(run_chain(table, start, self.steps)[-1]), "split": split, "steps": self.steps},
         )
 
     def solution(self, task: Task, effort: str) -> tuple[str, str]:
@@ -225,26 +212,25 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
     """
     if effort not in EFFORTS:
         raise ValueError(f"effort={effort!r} is not one of {EFFORTS}")
-    start, ops = parse_question(task.question)
+    table, start, steps = parse_question(task.question)
     rng = random.Random(f"style:{task.task_id}:{effort}")
     style = _pick(rng, STYLE[effort])
-    check = style == "all+check"
-    written = len(ops) if isinstance(style, str) else min(int(style), len(ops))
-    answer = str(run_chain(start, ops)[-1])
-    return trace(start, ops, written, check), answer
+    written = steps if isinstance(style, str) else min(int(style), steps)
+    answer = str(run_chain(table, start, steps)[-1])
+    return trace(table, start, steps, written, check=style == "all+check"), answer
 
 
 def budgets(steps: int) -> dict[str, int]:
-    """CoT token budget per effort for chains of `steps` ops: the tokens of the trace writing
+    """CoT token budget per effort for chains of `steps` lookups: the tokens of the trace writing
     `BUDGET_STEPS[effort]` steps, plus 2 tokens of margin (every chain of the same length tokenizes to
-    the same count: one token per digit, label, sign and separator; 10 per written step)."""
+    the same count: one token per digit, label, arrow and separator; 7 per written step)."""
     from envs.harmony import encode
 
-    start, ops = 0, ["+1"] * steps
+    table = list(range(10))
     out = {}
     for effort, n in BUDGET_STEPS.items():
         written = steps if n == "all" else min(n, steps)
-        out[effort] = len(encode(trace(start, ops, written))) + 2
+        out[effort] = len(encode(trace(table, 0, steps, written))) + 2
     return out
 
 
@@ -253,12 +239,13 @@ def vocabulary_corpus(steps: int = 5) -> list[str]:
     rng = random.Random(0)
     out = [" ".join(str(i) for i in range(10)), "Check:", "x = 0."]
     for _ in range(200):
-        start, ops = rng.randint(0, 9), [_op(rng) for _ in range(steps)]
-        out.append(question(start, ops))
-        out.append(trace(start, ops, steps, check=True))
-    for sym in OPS:
-        for x in range(10):
-            out += [step_line(i, x, f"{sym}{d}") for i in range(len(LABELS)) for d in OP_DIGITS[sym]]
+        table = list(range(10))
+        rng.shuffle(table)
+        start = rng.randint(0, 9)
+        out.append(question(table, start, steps))
+        out.append(trace(table, start, steps, steps, check=True))
+    out += [step_line(i, x, list(range(10))) for i in range(len(LABELS)) for x in range(10)]
+    out += [f"Apply f {k} times." for k in range(1, len(LABELS) + 1)]
     return out
 
 

@@ -5,23 +5,14 @@ import re
 import pytest
 
 from envs.chain_tasks import (
-    BUDGET_STEPS, LABELS, STYLE, ChainEnv, apply, budgets, parse_question, question, run_chain, solution,
-    split_of, step_line, trace, vocabulary_corpus,
+    BUDGET_STEPS, LABELS, STYLE, ChainEnv, budgets, parse_question, question, run_chain, solution, split_of,
+    step_line, trace, vocabulary_corpus,
 )
 from envs.harmony import encode
 from envs.types import EFFORTS
 
-STEP = re.compile(r"^([a-j]): (\d) ([-+*])(\d) = (\d)$")
-
-
-def test_apply_is_last_digit_arithmetic():
-    for x in range(10):
-        for d in range(10):
-            assert apply(x, f"+{d}") == (x + d) % 10
-            assert apply(x, f"-{d}") == (x - d) % 10
-            assert apply(x, f"*{d}") == (x * d) % 10
-    with pytest.raises(ValueError, match="not one of"):
-        apply(3, "/2")
+STEP = re.compile(r"^([a-j]): (\d)→(\d)$")
+TABLE = [3, 7, 9, 0, 6, 8, 1, 4, 5, 2]
 
 
 def test_train_and_test_never_share_a_chain():
@@ -41,17 +32,21 @@ def test_tasks_are_seeded_distinct_and_answered_right():
     assert [t.question for t in a] != [t.question for t in env.tasks("train", 50, seed=1)]
     assert len({t.task_id for t in a}) == 50
     for t in a:
-        start, ops = parse_question(t.question)
-        assert len(ops) == 4 and t.env == "math"
+        table, start, steps = parse_question(t.question)
+        assert steps == 4 and t.env == "math" and sorted(table) == list(range(10))
         x = start
-        for op in ops:  # independent re-computation with Python integers
-            x = eval(f"{x}{op}") % 10
+        for _ in range(steps):  # independent re-computation
+            x = dict(enumerate(table))[x]
         assert t.metadata["answer"] == str(x)
 
 
-@pytest.mark.parametrize("bad", ["x=7\na: +3\nFinal x?", "x=7\nb: +3\nKeep the last digit. Final x?",
-                                 "x=7\na: /3\nKeep the last digit. Final x?", "x=7\nKeep the last digit. Final x?",
-                                 ""])
+@pytest.mark.parametrize("bad", [
+    question(TABLE, 4, 5).replace("Final x?", "x?"),                 # not the grammar
+    question(TABLE, 4, 5).replace("3→0", "3→1"),                     # not a permutation
+    question(TABLE, 4, 5).replace("0→3\n1→7", "1→7\n0→3"),           # table out of order
+    question(TABLE, 4, 5).replace("Apply f 5", "Apply f 11"),        # too many steps
+    "",
+])
 def test_parse_question_rejects_text_outside_the_grammar(bad):
     with pytest.raises(ValueError):
         parse_question(bad)
@@ -60,20 +55,20 @@ def test_parse_question_rejects_text_outside_the_grammar(bad):
 @pytest.mark.parametrize("effort", EFFORTS)
 def test_traces_are_correct_step_by_step(effort):
     for t in ChainEnv(seed=1).tasks("train", 100):
-        start, ops = parse_question(t.question)
+        table, start, steps = parse_question(t.question)
         analysis, final = solution(t, effort)
         assert final == t.metadata["answer"]
-        *steps, last = analysis.splitlines()
+        *lines, last = analysis.splitlines()
         assert last == f"x = {final}."
         x, i = start, 0
-        for line in steps:
+        for line in lines:
             if line == "Check:":  # the check re-derives the chain from the start
                 x, i = start, 0
                 continue
             m = STEP.match(line)
             assert m, line
-            label, a, sym, d, b = m.groups()
-            assert (label, int(a), sym + d) == (LABELS[i], x, ops[i]) and int(b) == apply(x, ops[i])
+            label, a, b = m.groups()
+            assert (label, int(a), int(b)) == (LABELS[i], x, table[x])
             x, i = int(b), i + 1
 
 
@@ -98,29 +93,26 @@ def test_effort_styles_vary_around_the_budgets():
 def test_budgets_fit_the_budget_steps_exactly():
     for steps in (3, 5, 7):
         b = budgets(steps)
-        start, ops = 4, ["*7"] * steps
         for effort, n in BUDGET_STEPS.items():
             written = steps if n == "all" else min(n, steps)
-            fits = len(encode(trace(start, ops, written)))
-            assert fits <= b[effort] < fits + 10  # one more step would not fit (10 tokens a step)
+            fits = len(encode(trace(TABLE, 4, steps, written)))
+            assert fits <= b[effort] < fits + 7  # one more step would not fit (7 tokens a step)
             if written < steps:
-                assert len(encode(trace(start, ops, written + 1))) > b[effort]
+                assert len(encode(trace(TABLE, 4, steps, written + 1))) > b[effort]
 
 
-def test_question_and_step_lines_tokenize_one_token_per_symbol():
-    # one token per digit, sign, label and separator: what makes the budgets exact per step count
-    assert len(encode(step_line(2, 6, "-3"))) == len(encode(step_line(0, 1, "+1"))) == 9
-    assert len(encode(question(7, ["+3", "*2"]))) == len(encode(question(0, ["-1", "+2"])))
-    # the op's tokens in a trace line are the tokens of the question's line for that step
-    q = encode(question(7, ["+3", "*2"]))
-    assert encode(" *2") == encode("b: *2\n")[2:4] and encode(step_line(1, 0, "*2"))[4:6] == encode(" *2")
-    assert all(i in q for i in encode("b: *2"))
+def test_a_written_step_repeats_the_tables_tokens():
+    # "c: 4→6" ends with the very tokens of the table's line "4→6": the lookup is an induction copy
+    q = encode(question(TABLE, 4, 5))
+    line = encode(step_line(2, 4, TABLE))
+    assert line[-3:] == encode("4→6") and len(line) == 6
+    assert any(q[i:i + 3] == line[-3:] for i in range(len(q)))
+    assert len(encode(question(TABLE, 4, 5))) == len(encode(question(list(range(10)), 0, 5)))
 
 
 def test_vocabulary_corpus_covers_every_task_token():
     vocab = {i for s in vocabulary_corpus(5) for i in encode(s)}
-    env = ChainEnv(seed=5)
-    for t in env.tasks("test", 50):
+    for t in ChainEnv(seed=5).tasks("test", 50):
         ids = set(encode(t.question))
         for effort in EFFORTS:
             ids |= {i for s in solution(t, effort) for i in encode(s)}
@@ -128,4 +120,6 @@ def test_vocabulary_corpus_covers_every_task_token():
 
 
 def test_run_chain_values():
-    assert run_chain(7, ["+3", "*2", "-1", "+2", "*3"]) == [0, 0, 9, 1, 3]
+    assert run_chain(TABLE, 4, 5) == [6, 1, 7, 4, 6]
+    with pytest.raises(ValueError, match="written"):
+        trace(TABLE, 4, 5, 6)
