@@ -1,28 +1,30 @@
-r"""The tiny world where thinking pays: follow a permutation of the digits k times ("chain").
+r"""The tiny world where thinking pays: pointer chasing through ten boxes ("chain").
 
 What
-- `ChainEnv(seed, steps=5)` yields tasks such as "f:\n0→3\n1→7\n...\n9→2\nx=4. Apply f 5 times. Final x?":
-  f is a random permutation of 0-9 given as a table, and the answer is f applied `steps` times to x
-  (f(f(f(f(f(4)))))), a digit. `metadata["answer"]` is that digit as a string, so the math-verify
-  reward scores it.
-- `solution(task, effort)` writes a partial scratchpad: the first `j` applications one per line
-  ("a: 4→9", "b: 9→2", ...), then the value after the rest, stated in one shot ("x = 5."). `j` is how
-  much of the chain the trace works out; the rest is composed inside one forward pass.
-- Train and test never overlap: a problem's split is a pure function of (table, x, steps), hashed.
+- `ChainEnv(seed, steps=5)` yields tasks such as
+  "Boxes a-j (a=0, j=9):\na: 3\nb: 7\n...\nj: 2\nStart at c. Follow 5 times. Final number?":
+  each box holds a digit that names the next box (0 = a, ..., 9 = j; the digits are a permutation).
+  Open box c, read its number, go to the box it names, and so on `steps` times; the answer is the last
+  number read. `metadata["answer"]` is that digit as a string, so the math-verify reward scores it.
+- `solution(task, effort)` writes a partial scratchpad: the first `j` boxes opened, one per line
+  ("1|c: 7", "2|h: 1", ...), then the last number, stated in one shot ("Answer: 4."). `j` is how much of
+  the chain the trace works out; the rest is composed inside one forward pass.
+- Train and test never overlap: a problem's split is a pure function of (boxes, start, steps), hashed.
 
 Why this world (measured before choosing; README "A tiny world where thinking pays")
-- A written step is one lookup the tiny model does reliably: "4→" in the trace is the same three
-  tokens as the table's line "4→9", so the next token is an induction-head copy, not an arithmetic fact
-  and not a position count. Composing several lookups in one forward pass is what a shallow transformer
-  cannot do (k-hop composition needs depth that grows with k: Sanford, Hsu & Telgarsky 2024,
-  "Transformers, parallel computation, and logarithmic depth"; a scratchpad turns it into k one-hop
-  steps: Nye et al. 2021, "Show your work"). So accuracy rises with the steps written: effort pays.
+- A written step is what the tiny model does reliably: the line "c: 7" after "2|" is the very tokens
+  of the question's line for box c (box letters are unique tokens, numbers another kind), so reading
+  a box is an induction-head copy; going from the number 7 to box h is one 10-entry bijection. Nothing
+  needs counting positions or memorising arithmetic. Composing several hops in one forward pass is
+  what a shallow transformer cannot do (k-hop composition needs depth growing with k: Sanford, Hsu &
+  Telgarsky 2024, "Transformers, parallel computation, and logarithmic depth"; a scratchpad turns it
+  into k one-hop steps: Nye et al. 2021, "Show your work"). So accuracy rises with the steps written.
 - Rejected after measuring (1,200 SFT steps, 400 held-out samples per effort, outputs/exp-chain*):
-  mod-10 chains of + - * ops ("a: 7 +3 = 0"). With ops on one question line the op copy was right 35-70%
-  of the time and the results at chance; with the question's lines sharing the trace's tokens the copy
-  reached 99%, but the 80-fact table stayed at 0.6 per written result (greedy), so high effort scored
-  0.21. The previous tiny world (running digit sums) had its 405 addition facts at p ~ 0.75 and fell
-  with effort. The tiny model copies well and memorises arithmetic slowly; this world needs only copies.
+  (1) mod-10 chains of + - * ops ("a: 7 +3 = 0"): with the question's lines sharing the trace's tokens
+  the op copy reached 99%, but the 80-fact table stayed at 0.6 per written result (greedy), so high
+  effort scored 0.21; (2) a permutation table "4→9" read by digit keys: lookups at chance (0.11),
+  because each digit is both a key and a value in the table, so the key is not a unique token. The
+  previous tiny world (running digit sums) had its 405 addition facts at p ~ 0.75 and fell with effort.
 
 Effort styles (the SFT cold start; lengths vary around the effort budgets on purpose, so that budget
 compliance is something RL has to learn: `STYLE`): low writes 0-2 steps, medium 2-4, high all of
@@ -43,7 +45,9 @@ from envs.types import EFFORTS, Task
 ENV_NAME = "math"  # scored by the math reward: the final answer is an integer
 TEST_FRACTION = 0.1
 LABELS = "abcdefghij"
-QUESTION_RE = re.compile(r"^f:\n((?:\d→\d\n){10})x=(\d)\. Apply f (\d+) times\. Final x\?$")
+BOXES = "abcdefghij"  # box n is BOXES[n]
+QUESTION_RE = re.compile(r"^Boxes a-j \(a=0, j=9\):\n((?:[a-j]: \d\n){10})Start at ([a-j])\. Follow (\d+) times\. "
+                         r"Final number\?$")
 
 # Written steps j per effort as (j, weight); "all" = every step, "all+check" = every step, then the
 # chain again as a check (longer than the high budget). Relative to a chain of `steps` lookups.
@@ -57,45 +61,45 @@ BUDGET_STEPS = {"low": 1, "medium": 3, "high": "all"}
 
 
 def run_chain(table: list[int], start: int, steps: int) -> list[int]:
-    """Values of x after each application of f (`steps` values); f(d) = table[d].
+    """Numbers read in the boxes opened, starting at box `start` (`steps` numbers); box d holds table[d].
 
-    >>> run_chain([3, 7, 9, 0, 6, 8, 1, 4, 5, 2], 4, 3)
-    [6, 1, 7]
+    >>> run_chain([3, 7, 9, 0, 6, 8, 1, 4, 5, 2], 2, 3)
+    [9, 2, 9]
     """
-    out, x = [], start
+    out, box = [], start
     for _ in range(steps):
-        x = table[x]
-        out.append(x)
+        box = table[box]
+        out.append(box)
     return out
 
 
 def question(table: list[int], start: int, steps: int) -> str:
-    rows = "".join(f"{d}→{v}\n" for d, v in enumerate(table))
-    return f"f:\n{rows}x={start}. Apply f {steps} times. Final x?"
+    rows = "".join(f"{BOXES[d]}: {v}\n" for d, v in enumerate(table))
+    return f"Boxes a-j (a=0, j=9):\n{rows}Start at {BOXES[start]}. Follow {steps} times. Final number?"
 
 
 def parse_question(text: str) -> tuple[list[int], int, int]:
-    """(table, start, steps) of a chain question; ValueError naming the problem otherwise.
+    """(table, start box, steps) of a chain question; ValueError naming the problem otherwise.
 
     >>> parse_question(question([3, 7, 9, 0, 6, 8, 1, 4, 5, 2], 4, 5))
     ([3, 7, 9, 0, 6, 8, 1, 4, 5, 2], 4, 5)
     """
     m = QUESTION_RE.match(text.strip())
     if not m:
-        raise ValueError(f"{text!r} is not a chain question (f:, ten lines 'd→v', x=<digit>. Apply f <k> "
-                         "times. Final x?)")
+        raise ValueError(f"{text!r} is not a chain question (Boxes a-j (a=0, j=9):, ten lines '<box>: <digit>', "
+                         "Start at <box>. Follow <k> times. Final number?)")
     table = []
     for d, line in enumerate(m.group(1).splitlines()):
-        key, value = line.split("→")
-        if int(key) != d:
-            raise ValueError(f"{text!r}: line {d + 1} of the table is {line!r}, expected '{d}→<digit>'")
+        box, value = line.split(": ")
+        if box != BOXES[d]:
+            raise ValueError(f"{text!r}: line {d + 1} of the boxes is {line!r}, expected '{BOXES[d]}: <digit>'")
         table.append(int(value))
     if sorted(table) != list(range(10)):
-        raise ValueError(f"{text!r}: f is not a permutation of 0-9")
+        raise ValueError(f"{text!r}: the numbers in the boxes are not a permutation of 0-9")
     steps = int(m.group(3))
     if not 1 <= steps <= len(LABELS):
         raise ValueError(f"{text!r}: {steps} steps, expected 1..{len(LABELS)}")
-    return table, int(m.group(2)), steps
+    return table, BOXES.index(m.group(2)), steps
 
 
 def canonical_key(table: list[int], start: int, steps: int) -> str:
@@ -108,9 +112,9 @@ def split_of(table: list[int], start: int, steps: int) -> str:
     return "test" if int.from_bytes(digest[:8], "big") % 10_000 < TEST_FRACTION * 10_000 else "train"
 
 
-def step_line(i: int, x: int, table: list[int]) -> str:
-    """The written form of step i from value x: "c: 4→9" (the table's own tokens for that lookup)."""
-    return f"{LABELS[i]}: {x}→{table[x]}"
+def step_line(i: int, box: int, table: list[int]) -> str:
+    """Step i (0-based) opening `box`: "2|h: 1" (after the step number, the question's own line for h)."""
+    return f"{i + 1}|{BOXES[box]}: {table[box]}"
 
 
 def _pick(rng: random.Random, weighted) -> object:
@@ -137,7 +141,7 @@ def trace(table: list[int], start: int, steps: int, written: int, check: bool = 
         for i in range(steps):
             lines.append(step_line(i, x, table))
             x = values[i]
-    lines.append(f"x = {values[-1]}.")
+    lines.append(f"Answer: {values[-1]}.")
     return "\n".join(lines)
 
 
@@ -207,7 +211,7 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
 
     >>> t = ChainEnv().tasks("train", 1)[0]
     >>> analysis, final = solution(t, "high")
-    >>> analysis.splitlines()[-1] == f"x = {final}." and analysis.startswith("a: ")
+    >>> analysis.splitlines()[-1] == f"Answer: {final}." and analysis.startswith("1|")
     True
     """
     if effort not in EFFORTS:
@@ -223,7 +227,7 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
 def budgets(steps: int) -> dict[str, int]:
     """CoT token budget per effort for chains of `steps` lookups: the tokens of the trace writing
     `BUDGET_STEPS[effort]` steps, plus 2 tokens of margin (every chain of the same length tokenizes to
-    the same count: one token per digit, label, arrow and separator; 7 per written step)."""
+    the same count: one token per digit, box, step number and separator; 7 per written step)."""
     from envs.harmony import encode
 
     table = list(range(10))
@@ -237,7 +241,7 @@ def budgets(steps: int) -> dict[str, int]:
 def vocabulary_corpus(steps: int = 5) -> list[str]:
     """Strings covering every token chain questions and traces can produce."""
     rng = random.Random(0)
-    out = [" ".join(str(i) for i in range(10)), "Check:", "x = 0."]
+    out = [" ".join(str(i) for i in range(10)), "Check:", "Answer: 0."]
     for _ in range(200):
         table = list(range(10))
         rng.shuffle(table)
@@ -245,7 +249,7 @@ def vocabulary_corpus(steps: int = 5) -> list[str]:
         out.append(question(table, start, steps))
         out.append(trace(table, start, steps, steps, check=True))
     out += [step_line(i, x, list(range(10))) for i in range(len(LABELS)) for x in range(10)]
-    out += [f"Apply f {k} times." for k in range(1, len(LABELS) + 1)]
+    out += [f"Start at {b}. Follow {k} times." for b in BOXES for k in range(1, len(LABELS) + 1)]
     return out
 
 

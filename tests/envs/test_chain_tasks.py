@@ -5,13 +5,13 @@ import re
 import pytest
 
 from envs.chain_tasks import (
-    BUDGET_STEPS, LABELS, STYLE, ChainEnv, budgets, parse_question, question, run_chain, solution, split_of,
+    BOXES, BUDGET_STEPS, STYLE, ChainEnv, budgets, parse_question, question, run_chain, solution, split_of,
     step_line, trace, vocabulary_corpus,
 )
 from envs.harmony import encode
 from envs.types import EFFORTS
 
-STEP = re.compile(r"^([a-j]): (\d)→(\d)$")
+STEP = re.compile(r"^(\d+)\|([a-j]): (\d)$")
 TABLE = [3, 7, 9, 0, 6, 8, 1, 4, 5, 2]
 
 
@@ -34,17 +34,19 @@ def test_tasks_are_seeded_distinct_and_answered_right():
     for t in a:
         table, start, steps = parse_question(t.question)
         assert steps == 4 and t.env == "math" and sorted(table) == list(range(10))
-        x = start
-        for _ in range(steps):  # independent re-computation
-            x = dict(enumerate(table))[x]
-        assert t.metadata["answer"] == str(x)
+        box, number = start, None
+        for _ in range(steps):  # independent re-computation: read the box, go where its number points
+            number = table[box]
+            box = number
+        assert t.metadata["answer"] == str(number)
 
 
 @pytest.mark.parametrize("bad", [
-    question(TABLE, 4, 5).replace("Final x?", "x?"),                 # not the grammar
-    question(TABLE, 4, 5).replace("3→0", "3→1"),                     # not a permutation
-    question(TABLE, 4, 5).replace("0→3\n1→7", "1→7\n0→3"),           # table out of order
-    question(TABLE, 4, 5).replace("Apply f 5", "Apply f 11"),        # too many steps
+    question(TABLE, 4, 5).replace("Final number?", "number?"),       # not the grammar
+    question(TABLE, 4, 5).replace("d: 0", "d: 1"),                   # not a permutation
+    question(TABLE, 4, 5).replace("a: 3\nb: 7", "b: 7\na: 3"),       # boxes out of order
+    question(TABLE, 4, 5).replace("Follow 5", "Follow 11"),          # too many steps
+    question(TABLE, 4, 5).replace("at e.", "at k."),                 # no such box
     "",
 ])
 def test_parse_question_rejects_text_outside_the_grammar(bad):
@@ -59,17 +61,17 @@ def test_traces_are_correct_step_by_step(effort):
         analysis, final = solution(t, effort)
         assert final == t.metadata["answer"]
         *lines, last = analysis.splitlines()
-        assert last == f"x = {final}."
-        x, i = start, 0
+        assert last == f"Answer: {final}."
+        box, i = start, 0
         for line in lines:
             if line == "Check:":  # the check re-derives the chain from the start
-                x, i = start, 0
+                box, i = start, 0
                 continue
             m = STEP.match(line)
             assert m, line
-            label, a, b = m.groups()
-            assert (label, int(a), int(b)) == (LABELS[i], x, table[x])
-            x, i = int(b), i + 1
+            step, letter, number = m.groups()
+            assert (int(step), letter, int(number)) == (i + 1, BOXES[box], table[box])
+            box, i = int(number), i + 1
 
 
 def test_effort_styles_vary_around_the_budgets():
@@ -101,12 +103,15 @@ def test_budgets_fit_the_budget_steps_exactly():
                 assert len(encode(trace(TABLE, 4, steps, written + 1))) > b[effort]
 
 
-def test_a_written_step_repeats_the_tables_tokens():
-    # "c: 4→6" ends with the very tokens of the table's line "4→6": the lookup is an induction copy
+def test_a_written_step_repeats_the_questions_tokens():
+    # "3|e: 6" ends with the very tokens of the question's line "e: 6": reading a box is an induction copy,
+    # and box letters are tokens no number uses
     q = encode(question(TABLE, 4, 5))
     line = encode(step_line(2, 4, TABLE))
-    assert line[-3:] == encode("4→6") and len(line) == 6
-    assert any(q[i:i + 3] == line[-3:] for i in range(len(q)))
+    assert line[2:] == encode("e: 6") and len(line) == 6
+    assert any(q[i:i + 4] == line[2:] for i in range(len(q)))
+    letters = {encode(b)[0] for b in BOXES}
+    assert len(letters) == 10 and not letters & {encode(str(d))[0] for d in range(10)}
     assert len(encode(question(TABLE, 4, 5))) == len(encode(question(list(range(10)), 0, 5)))
 
 
@@ -121,5 +126,6 @@ def test_vocabulary_corpus_covers_every_task_token():
 
 def test_run_chain_values():
     assert run_chain(TABLE, 4, 5) == [6, 1, 7, 4, 6]
+    assert step_line(0, 4, TABLE) == "1|e: 6"
     with pytest.raises(ValueError, match="written"):
         trace(TABLE, 4, 5, 6)
