@@ -2,20 +2,20 @@ r"""The tiny world where thinking pays: pointer chasing through ten boxes ("chai
 
 What
 - `ChainEnv(seed, steps=5)` yields tasks such as
-  "Boxes a-j (a=0, j=9):\na: 3\nb: 7\n...\nj: 2\nStart at c. Follow 5 times. Final number?":
-  each box holds a digit that names the next box (0 = a, ..., 9 = j; the digits are a permutation).
+  "Boxes a-j (a=0, j=9):\na3\nb7\n...\nj2\nStart at c. Follow 5 times. Final number?" (box a holds 3,
+  box b holds 7, ...): each box's digit names the next box (0 = a, ..., 9 = j; a permutation).
   Open box c, read its number, go to the box it names, and so on `steps` times; the answer is the last
   number read. `metadata["answer"]` is that digit as a string, so the math-verify reward scores it.
 - `solution(task, effort)` writes a partial scratchpad: the first `j` boxes opened, one per line
-  ("1|c: 7", "2|h: 1", ...), then the last number, stated in one shot ("Answer: 4."). `j` is how much of
+  ("1|c9", "2|j2", ...), then the last number, stated in one shot ("Answer: 4."). `j` is how much of
   the chain the trace works out; the rest is composed inside one forward pass.
 - Train and test never overlap: a problem's split is a pure function of (boxes, start, steps), hashed.
 
 Why this world (measured before choosing; README "A tiny world where thinking pays")
-- A written step is what the tiny model does reliably: the line "c: 7" after "2|" is the very tokens
-  of the question's line for box c (box letters are unique tokens, numbers another kind), so reading
-  a box is an induction-head copy; going from the number 7 to box h is one 10-entry bijection. Nothing
-  needs counting positions or memorising arithmetic. Composing several hops in one forward pass is
+- A written step is what the tiny model does reliably: after the box letter "c" the next token is the
+  one that followed "c" in the question (box letters are unique tokens, numbers another kind), the
+  canonical one-token induction-head copy (Olsson et al. 2022); going from the number 9 to box j is one
+  10-entry bijection. Nothing needs counting positions or memorising arithmetic. Composing several hops in one forward pass is
   what a shallow transformer cannot do (k-hop composition needs depth growing with k: Sanford, Hsu &
   Telgarsky 2024, "Transformers, parallel computation, and logarithmic depth"; a scratchpad turns it
   into k one-hop steps: Nye et al. 2021, "Show your work"). So accuracy rises with the steps written.
@@ -23,7 +23,9 @@ Why this world (measured before choosing; README "A tiny world where thinking pa
   (1) mod-10 chains of + - * ops ("a: 7 +3 = 0"): with the question's lines sharing the trace's tokens
   the op copy reached 99%, but the 80-fact table stayed at 0.6 per written result (greedy), so high
   effort scored 0.21; (2) a permutation table "4→9" read by digit keys: lookups at chance (0.11),
-  because each digit is both a key and a value in the table, so the key is not a unique token. The
+  because each digit is both a key and a value in the table, so the key is not a unique token; (3)
+  boxes written "c: 7" (letter, colon, space, digit): reads at chance again (0.105; the bijection from
+  a number to the next box was right 94%): the digit sat three tokens after its key. The
   previous tiny world (running digit sums) had its 405 addition facts at p ~ 0.75 and fell with effort.
 
 Effort styles (the SFT cold start; lengths vary around the effort budgets on purpose, so that budget
@@ -46,7 +48,7 @@ ENV_NAME = "math"  # scored by the math reward: the final answer is an integer
 TEST_FRACTION = 0.1
 LABELS = "abcdefghij"
 BOXES = "abcdefghij"  # box n is BOXES[n]
-QUESTION_RE = re.compile(r"^Boxes a-j \(a=0, j=9\):\n((?:[a-j]: \d\n){10})Start at ([a-j])\. Follow (\d+) times\. "
+QUESTION_RE = re.compile(r"^Boxes a-j \(a=0, j=9\):\n((?:[a-j]\d\n){10})Start at ([a-j])\. Follow (\d+) times\. "
                          r"Final number\?$")
 
 # Written steps j per effort as (j, weight); "all" = every step, "all+check" = every step, then the
@@ -74,7 +76,7 @@ def run_chain(table: list[int], start: int, steps: int) -> list[int]:
 
 
 def question(table: list[int], start: int, steps: int) -> str:
-    rows = "".join(f"{BOXES[d]}: {v}\n" for d, v in enumerate(table))
+    rows = "".join(f"{BOXES[d]}{v}\n" for d, v in enumerate(table))
     return f"Boxes a-j (a=0, j=9):\n{rows}Start at {BOXES[start]}. Follow {steps} times. Final number?"
 
 
@@ -86,13 +88,13 @@ def parse_question(text: str) -> tuple[list[int], int, int]:
     """
     m = QUESTION_RE.match(text.strip())
     if not m:
-        raise ValueError(f"{text!r} is not a chain question (Boxes a-j (a=0, j=9):, ten lines '<box>: <digit>', "
+        raise ValueError(f"{text!r} is not a chain question (Boxes a-j (a=0, j=9):, ten lines '<box><digit>', "
                          "Start at <box>. Follow <k> times. Final number?)")
     table = []
     for d, line in enumerate(m.group(1).splitlines()):
-        box, value = line.split(": ")
+        box, value = line[0], line[1:]
         if box != BOXES[d]:
-            raise ValueError(f"{text!r}: line {d + 1} of the boxes is {line!r}, expected '{BOXES[d]}: <digit>'")
+            raise ValueError(f"{text!r}: line {d + 1} of the boxes is {line!r}, expected '{BOXES[d]}<digit>'")
         table.append(int(value))
     if sorted(table) != list(range(10)):
         raise ValueError(f"{text!r}: the numbers in the boxes are not a permutation of 0-9")
@@ -113,8 +115,8 @@ def split_of(table: list[int], start: int, steps: int) -> str:
 
 
 def step_line(i: int, box: int, table: list[int]) -> str:
-    """Step i (0-based) opening `box`: "2|h: 1" (after the step number, the question's own line for h)."""
-    return f"{i + 1}|{BOXES[box]}: {table[box]}"
+    """Step i (0-based) opening `box`: "2|h1" (after the step number, the question's own line for h)."""
+    return f"{i + 1}|{BOXES[box]}{table[box]}"
 
 
 def _pick(rng: random.Random, weighted) -> object:
@@ -227,7 +229,7 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
 def budgets(steps: int) -> dict[str, int]:
     """CoT token budget per effort for chains of `steps` lookups: the tokens of the trace writing
     `BUDGET_STEPS[effort]` steps, plus 2 tokens of margin (every chain of the same length tokenizes to
-    the same count: one token per digit, box, step number and separator; 7 per written step)."""
+    the same count: one token per digit, box, step number and separator; 5 per written step)."""
     from envs.harmony import encode
 
     table = list(range(10))

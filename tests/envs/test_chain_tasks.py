@@ -11,7 +11,7 @@ from envs.chain_tasks import (
 from envs.harmony import encode
 from envs.types import EFFORTS
 
-STEP = re.compile(r"^(\d+)\|([a-j]): (\d)$")
+STEP = re.compile(r"^(\d+)\|([a-j])(\d)$")
 TABLE = [3, 7, 9, 0, 6, 8, 1, 4, 5, 2]
 
 
@@ -43,8 +43,8 @@ def test_tasks_are_seeded_distinct_and_answered_right():
 
 @pytest.mark.parametrize("bad", [
     question(TABLE, 4, 5).replace("Final number?", "number?"),       # not the grammar
-    question(TABLE, 4, 5).replace("d: 0", "d: 1"),                   # not a permutation
-    question(TABLE, 4, 5).replace("a: 3\nb: 7", "b: 7\na: 3"),       # boxes out of order
+    question(TABLE, 4, 5).replace("d0", "d1"),                       # not a permutation
+    question(TABLE, 4, 5).replace("a3\nb7", "b7\na3"),               # boxes out of order
     question(TABLE, 4, 5).replace("Follow 5", "Follow 11"),          # too many steps
     question(TABLE, 4, 5).replace("at e.", "at k."),                 # no such box
     "",
@@ -98,18 +98,18 @@ def test_budgets_fit_the_budget_steps_exactly():
         for effort, n in BUDGET_STEPS.items():
             written = steps if n == "all" else min(n, steps)
             fits = len(encode(trace(TABLE, 4, steps, written)))
-            assert fits <= b[effort] < fits + 7  # one more step would not fit (7 tokens a step)
+            assert fits <= b[effort] < fits + 5  # one more step would not fit (5 tokens a step)
             if written < steps:
                 assert len(encode(trace(TABLE, 4, steps, written + 1))) > b[effort]
 
 
 def test_a_written_step_repeats_the_questions_tokens():
-    # "3|e: 6" ends with the very tokens of the question's line "e: 6": reading a box is an induction copy,
-    # and box letters are tokens no number uses
+    # "3|e6" ends with the very tokens of the question's line "e6": after the box letter, the number is a
+    # one-token induction copy; box letters are tokens no number uses
     q = encode(question(TABLE, 4, 5))
     line = encode(step_line(2, 4, TABLE))
-    assert line[2:] == encode("e: 6") and len(line) == 6
-    assert any(q[i:i + 4] == line[2:] for i in range(len(q)))
+    assert line[2:] == encode("e6") and len(line) == 4
+    assert any(q[i:i + 2] == line[2:] for i in range(len(q)))
     letters = {encode(b)[0] for b in BOXES}
     assert len(letters) == 10 and not letters & {encode(str(d))[0] for d in range(10)}
     assert len(encode(question(TABLE, 4, 5))) == len(encode(question(list(range(10)), 0, 5)))
@@ -126,6 +126,6 @@ def test_vocabulary_corpus_covers_every_task_token():
 
 def test_run_chain_values():
     assert run_chain(TABLE, 4, 5) == [6, 1, 7, 4, 6]
-    assert step_line(0, 4, TABLE) == "1|e: 6"
+    assert step_line(0, 4, TABLE) == "1|e6"
     with pytest.raises(ValueError, match="written"):
         trace(TABLE, 4, 5, 6)
