@@ -96,8 +96,6 @@ def parse_question(text: str) -> tuple[list[int], int, int]:
         if box != BOXES[d]:
             raise ValueError(f"{text!r}: line {d + 1} of the boxes is {line!r}, expected '{BOXES[d]}<digit>'")
         table.append(int(value))
-    if sorted(table) != list(range(10)):
-        raise ValueError(f"{text!r}: the numbers in the boxes are not a permutation of 0-9")
     steps = int(m.group(3))
     if not 1 <= steps <= len(LABELS):
         raise ValueError(f"{text!r}: {steps} steps, expected 1..{len(LABELS)}")
@@ -175,8 +173,7 @@ class ChainEnv:
         for _ in range(n * 50 + 1000):
             if len(out) == n:
                 break
-            table = list(range(10))
-            rng.shuffle(table)
+            table = [rng.randint(0, 9) for _ in range(10)]
             start = rng.randint(0, 9)
             key = canonical_key(table, start, self.steps)
             if key in seen or split_of(table, start, self.steps) != split:
