@@ -3,7 +3,7 @@ r"""The tiny world where thinking pays: pointer chasing through ten boxes ("chai
 What
 - `ChainEnv(seed, steps=5)` yields tasks such as
   "Boxes a-j (a=0, j=9):\na3\nb7\n...\nj2\nStart at c. Follow 5 times. Final number?" (box a holds 3,
-  box b holds 7, ...): each box's digit names the next box (0 = a, ..., 9 = j; a permutation).
+  box b holds 7, ...): each box's digit names the next box (0 = a, ..., 9 = j; digits may repeat).
   Open box c, read its number, go to the box it names, and so on `steps` times; the answer is the last
   number read. `metadata["answer"]` is that digit as a string, so the math-verify reward scores it.
 - `solution(task, effort)` writes a partial scratchpad: the first `j` boxes opened, one per line
@@ -15,18 +15,20 @@ Why this world (measured before choosing; README "A tiny world where thinking pa
 - A written step is what the tiny model does reliably: after the box letter "c" the next token is the
   one that followed "c" in the question (box letters are unique tokens, numbers another kind), the
   canonical one-token induction-head copy (Olsson et al. 2022); going from the number 9 to box j is one
-  10-entry bijection. Nothing needs counting positions or memorising arithmetic. Composing several hops in one forward pass is
-  what a shallow transformer cannot do (k-hop composition needs depth growing with k: Sanford, Hsu &
-  Telgarsky 2024, "Transformers, parallel computation, and logarithmic depth"; a scratchpad turns it
+  10-entry bijection. Nothing needs counting positions or memorising arithmetic. Composing several
+  hops in one forward pass is what a shallow transformer cannot do (k-hop composition needs depth
+  growing with k: Sanford, Hsu & Telgarsky 2024, "Transformers, parallel computation, and logarithmic depth"; a scratchpad turns it
   into k one-hop steps: Nye et al. 2021, "Show your work"). So accuracy rises with the steps written.
 - Rejected after measuring (1,200 SFT steps, 400 held-out samples per effort, outputs/exp-chain*):
   (1) mod-10 chains of + - * ops ("a: 7 +3 = 0"): with the question's lines sharing the trace's tokens
   the op copy reached 99%, but the 80-fact table stayed at 0.6 per written result (greedy), so high
-  effort scored 0.21; (2) a permutation table "4→9" read by digit keys: lookups at chance (0.11),
-  because each digit is both a key and a value in the table, so the key is not a unique token; (3)
-  boxes written "c: 7" (letter, colon, space, digit): reads at chance again (0.105; the bijection from
-  a number to the next box was right 94%): the digit sat three tokens after its key. The
-  previous tiny world (running digit sums) had its 405 addition facts at p ~ 0.75 and fell with effort.
+  effort scored 0.21; (2)-(4) tables holding a permutation of 0-9, read as "4→9", as boxes "c: 7" and
+  as boxes "c7": reads at chance (0.095-0.107) in all three, and in (4) even the final channel's copy
+  of "Answer: N." sat at p ~ 0.1. A question that holds every digit exactly once gives a head that
+  attends to "the digits" the uniform distribution, the best it can do before the lookup forms, and
+  SFT stayed there. With a random function (digits repeat, some are missing) the same "c7" reads
+  reached 0.70 per step at T=1. The previous tiny world (running digit sums) had its 405 addition
+  facts at p ~ 0.75 and fell with effort.
 
 Effort styles (the SFT cold start; lengths vary around the effort budgets on purpose, so that budget
 compliance is something RL has to learn: `STYLE`): low writes 0-2 steps, medium 2-4, high all of
@@ -147,7 +149,7 @@ def trace(table: list[int], start: int, steps: int, written: int, check: bool = 
 
 @dataclass
 class ChainEnv:
-    """Seeded source of permutation chains. `tasks("train"|"test", n, seed)` never mixes splits.
+    """Seeded source of box chains. `tasks("train"|"test", n, seed)` never mixes splits.
 
     >>> env = ChainEnv(seed=0)
     >>> t = env.tasks("test", 1)[0]

@@ -15,6 +15,13 @@ STEP = re.compile(r"^(\d+)\|([a-j])(\d)$")
 TABLE = [3, 7, 9, 0, 6, 8, 1, 4, 5, 2]
 
 
+def test_box_numbers_repeat_digits():
+    """Box numbers are a random function, not a permutation: a question holding every digit exactly once
+    kept SFT's reads at chance (README "Effort that pays: the world study")."""
+    tables = [parse_question(t.question)[0] for t in ChainEnv(seed=0).tasks("train", 200)]
+    assert sum(len(set(tb)) < 10 for tb in tables) > 190
+
+
 def test_train_and_test_never_share_a_chain():
     train, test = set(), set()
     for seed in range(3):
@@ -33,7 +40,7 @@ def test_tasks_are_seeded_distinct_and_answered_right():
     assert len({t.task_id for t in a}) == 50
     for t in a:
         table, start, steps = parse_question(t.question)
-        assert steps == 4 and t.env == "math" and sorted(table) == list(range(10))
+        assert steps == 4 and t.env == "math" and all(0 <= v <= 9 for v in table)
         box, number = start, None
         for _ in range(steps):  # independent re-computation: read the box, go where its number points
             number = table[box]
@@ -43,7 +50,7 @@ def test_tasks_are_seeded_distinct_and_answered_right():
 
 @pytest.mark.parametrize("bad", [
     question(TABLE, 4, 5).replace("Final number?", "number?"),       # not the grammar
-    question(TABLE, 4, 5).replace("d0", "d1"),                       # not a permutation
+    question(TABLE, 4, 5).replace("d0", "d12"),                      # not one digit
     question(TABLE, 4, 5).replace("a3\nb7", "b7\na3"),               # boxes out of order
     question(TABLE, 4, 5).replace("Follow 5", "Follow 11"),          # too many steps
     question(TABLE, 4, 5).replace("at e.", "at k."),                 # no such box
