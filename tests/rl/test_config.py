@@ -81,3 +81,15 @@ def test_the_resolved_config_round_trips():
 
     c = compose(["experiment=tiny", "algo=dapo"])
     assert validate(OmegaConf.create(to_yaml(c))) == c
+
+
+def test_chain_experiment_budgets_are_the_worlds_budgets():
+    """experiment=chain scores ThinkPrune's reward against budgets that fit 1 / 3 / all hops of its chains:
+    a copy of envs.chain_tasks.budgets, checked here so the two cannot drift apart."""
+    from envs.chain_tasks import ChainEnv
+
+    c = compose(["experiment=chain"])
+    term = c.reward.terms["effort_length"]
+    assert c.env.name == "chain" and term["shape"] == "thinkprune" and term["gate"] == "math"
+    assert dict(term["budgets"]) == ChainEnv(steps=c.env.steps).budgets()
+    assert c.reward.terms["math"]["weight"] == 0.0 and c.eval.metric == "math"
