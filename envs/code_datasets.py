@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from envs.datasets_loader import cached_split_tasks
+from envs.datasets_loader import cached_split_tasks, load_hf_split
 from envs.types import Task
 
 LAYOUTS = ("auto", "humaneval", "mbpp", "livecodebench", "plain")
@@ -66,7 +66,9 @@ def load_code_dataset(path_or_name: str | Path, split: str, layout: str = "auto"
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
     source = humaneval_path() if str(path_or_name) == "humaneval" else path_or_name
-    ds = _load(source, split, None if cache_dir is None else str(cache_dir))
+    ds = load_hf_split(source, split, None if cache_dir is None else str(cache_dir), BUILDERS, compressed=True,
+                       offline_hint="Offline? Point to a local jsonl/parquet file, or use 'humaneval' "
+                                    "(ships in a wheel)")
     if layout == "auto":
         layout = detect_layout(ds.column_names)
     if limit is not None:
@@ -101,27 +103,6 @@ def detect_layout(columns: list[str]) -> str:
     raise KeyError(f"columns {sorted(cols)} match no known code layout; expected HumanEval (prompt, test, "
                    "entry_point), MBPP (text, test_list), LiveCodeBench (question_content, public_test_cases) "
                    "or plain (prompt, tests[, setup, entry_point])")
-
-
-def _load(path_or_name: str | Path, split: str, cache_dir: str | None):
-    from datasets import load_dataset
-
-    path = Path(path_or_name)
-    if path.is_file():
-        suffixes = [s.lower() for s in path.suffixes if s.lower() not in (".gz", ".bz2", ".xz", ".zst")]
-        builder = BUILDERS.get(suffixes[-1] if suffixes else "")
-        if builder is None:
-            raise ValueError(f"{path}: unsupported file type; use one of {sorted(BUILDERS)} (optionally .gz)")
-        return load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
-    if path.is_dir():
-        return load_dataset(str(path), split=split, cache_dir=cache_dir)
-    if str(path_or_name).startswith((".", "/")) or path.suffix.lower() in BUILDERS:
-        raise FileNotFoundError(f"{path_or_name} does not exist (expected a local file or folder)")
-    try:
-        return load_dataset(str(path_or_name), split=split, cache_dir=cache_dir)
-    except (ConnectionError, OSError) as exc:
-        raise RuntimeError(f"could not load Hub dataset {path_or_name!r} split {split!r}: {exc}. Offline? "
-                           "Point to a local jsonl/parquet file, or use 'humaneval' (ships in a wheel)") from exc
 
 
 # --------------------------------------------------------------------------- layouts

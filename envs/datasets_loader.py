@@ -49,7 +49,8 @@ def load_math_dataset(
     `cache_dir` overrides where `datasets` writes its Arrow cache."""
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(f"answer_format={answer_format!r} is not one of {ANSWER_FORMATS}")
-    ds = _load(path_or_name, split, None if cache_dir is None else str(cache_dir))
+    ds = load_hf_split(path_or_name, split, None if cache_dir is None else str(cache_dir), BUILDERS,
+                       offline_hint="Offline? Download it once, or point to a local jsonl/parquet/csv file")
     missing = [k for k in (question_key, answer_key) if k not in ds.column_names]
     if missing:
         raise KeyError(
@@ -84,26 +85,37 @@ def _required(value, key: str, where: str) -> str:
     return str(value)
 
 
-def _load(path_or_name: str | Path, split: str, cache_dir: str | None):
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+
+
+def load_hf_split(path_or_name: str | Path, split: str, cache_dir: str | None, builders: dict[str, str], *,
+                  offline_hint: str, compressed: bool = False):
+    """One split through `datasets`: a local file (its builder chosen from `builders` by suffix; with
+    `compressed`, a trailing .gz/.bz2/.xz/.zst is looked through), a local folder, or a Hub name. A
+    missing local path and an unreachable Hub fail with a clear message (`offline_hint` ends the latter).
+    Shared by the math and code dataset envs."""
     from datasets import load_dataset
 
     path = Path(path_or_name)
     if path.is_file():
-        builder = BUILDERS.get("".join(path.suffixes[-1:]).lower())
+        if compressed:
+            suffixes = [s.lower() for s in path.suffixes if s.lower() not in COMPRESSED]
+            builder = builders.get(suffixes[-1] if suffixes else "")
+        else:
+            builder = builders.get("".join(path.suffixes[-1:]).lower())
         if builder is None:
-            raise ValueError(f"{path}: unsupported file type; use one of {sorted(BUILDERS)}")
+            raise ValueError(f"{path}: unsupported file type; use one of {sorted(builders)}"
+                             + (" (optionally .gz)" if compressed else ""))
         return load_dataset(builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir)
     if path.is_dir():
         return load_dataset(str(path), split=split, cache_dir=cache_dir)
-    if str(path_or_name).startswith((".", "/")) or path.suffix.lower() in BUILDERS:
+    if str(path_or_name).startswith((".", "/")) or path.suffix.lower() in builders:
         raise FileNotFoundError(f"{path_or_name} does not exist (expected a local file or folder)")
     try:
         return load_dataset(str(path_or_name), split=split, cache_dir=cache_dir)
     except (ConnectionError, OSError) as exc:
-        raise RuntimeError(
-            f"could not load Hub dataset {path_or_name!r} split {split!r}: {exc}. "
-            "Offline? Download it once, or point to a local jsonl/parquet/csv file"
-        ) from exc
+        raise RuntimeError(f"could not load Hub dataset {path_or_name!r} split {split!r}: {exc}. "
+                           + offline_hint) from exc
 
 
 def _gsm8k_answer(text: str, key: str, where: str) -> str:
