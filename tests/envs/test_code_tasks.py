@@ -103,7 +103,7 @@ def test_traces_compute_the_right_numbers(family):
             assert checked or (family, effort) in {("piecewise", "medium"), ("words", "medium")}, analysis
 
 
-@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (scripts/setup.sh installs it)")
 def test_reference_solutions_pass_in_the_sandbox():
     from rewards.code_reward import extract_code, score_code
     from rewards.sandbox import SandboxPool

@@ -25,7 +25,7 @@ def test_env_humaneval_is_an_evaluation_preset():
     assert isinstance(env, CodeDatasetEnv) and len(env.tasks("test", c.eval.tasks)) == 164
 
 
-@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (scripts/setup.sh installs it)")
 def test_the_presets_reward_scores_code_samples():
     from envs.types import Sample, Transcript
 
