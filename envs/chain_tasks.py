@@ -51,7 +51,7 @@ TEST_FRACTION = 0.1
 LABELS = "abcdefghij"
 BOXES = "abcdefghij"  # box n is BOXES[n]
 QUESTION_RE = re.compile(r"^Boxes a-j \(a=0, j=9\):\n((?:[a-j]\d\n){10})Start at ([a-j])\. Follow (\d+) times\. "
-                         r"Final number\?$")
+                         r"Final number\?$")  # the ten rows in any order, each box once
 
 # Written steps j per effort as (j, weight); "all" = every step, "all+check" = every step, then the
 # chain again as a check (longer than the high budget). Relative to a chain of `steps` lookups.
@@ -77,8 +77,12 @@ def run_chain(table: list[int], start: int, steps: int) -> list[int]:
     return out
 
 
-def question(table: list[int], start: int, steps: int) -> str:
-    rows = "".join(f"{BOXES[d]}{v}\n" for d, v in enumerate(table))
+def question(table: list[int], start: int, steps: int, order: list[int] | None = None) -> str:
+    """The question text; `order` lists the boxes in the order their rows appear (None = a to j)."""
+    order = list(range(len(table))) if order is None else order
+    if sorted(order) != list(range(len(table))):
+        raise ValueError(f"order={order} must list each of the {len(table)} boxes once")
+    rows = "".join(f"{BOXES[d]}{table[d]}\n" for d in order)
     return f"Boxes a-j (a=0, j=9):\n{rows}Start at {BOXES[start]}. Follow {steps} times. Final number?"
 
 
@@ -92,12 +96,12 @@ def parse_question(text: str) -> tuple[list[int], int, int]:
     if not m:
         raise ValueError(f"{text!r} is not a chain question (Boxes a-j (a=0, j=9):, ten lines '<box><digit>', "
                          "Start at <box>. Follow <k> times. Final number?)")
-    table = []
-    for d, line in enumerate(m.group(1).splitlines()):
-        box, value = line[0], line[1:]
-        if box != BOXES[d]:
-            raise ValueError(f"{text!r}: line {d + 1} of the boxes is {line!r}, expected '{BOXES[d]}<digit>'")
-        table.append(int(value))
+    table: list[int | None] = [None] * len(BOXES)
+    for line in m.group(1).splitlines():
+        box, value = BOXES.index(line[0]), int(line[1:])
+        if table[box] is not None:
+            raise ValueError(f"{text!r}: box {line[0]} has two rows; each box a-j needs exactly one")
+        table[box] = value
     steps = int(m.group(3))
     if not 1 <= steps <= len(LABELS):
         raise ValueError(f"{text!r}: {steps} steps, expected 1..{len(LABELS)}")
@@ -161,6 +165,8 @@ class ChainEnv:
     name = "chain"
     seed: int = 0
     steps: int = 5  # applications of f per chain
+    shuffle_rows: bool = True  # rows in a random order: a box's row is found by its letter, not its place
+    fixed_points: bool = False  # allow a box to name itself (f(x) = x); False keeps chains from stalling
 
     def __post_init__(self):
         if not 1 <= self.steps <= len(LABELS):
@@ -176,22 +182,27 @@ class ChainEnv:
             if len(out) == n:
                 break
             table = [rng.randint(0, 9) for _ in range(10)]
+            if not self.fixed_points:  # f(x) != x: redraw x's digit among the other nine, uniformly
+                table = [v if v != x else (v + rng.randint(1, 9)) % 10 for x, v in enumerate(table)]
             start = rng.randint(0, 9)
+            order = list(range(10))
+            if self.shuffle_rows:
+                rng.shuffle(order)
             key = canonical_key(table, start, self.steps)
             if key in seen or split_of(table, start, self.steps) != split:
                 continue
             seen.add(key)
-            out.append(self._task(table, start, split))
+            out.append(self._task(table, start, split, order))
         if len(out) < n:
             raise ValueError(f"only {len(out)} distinct {split} chains of {self.steps} steps; ask for fewer than {n}")
         return out
 
-    def _task(self, table: list[int], start: int, split: str) -> Task:
+    def _task(self, table: list[int], start: int, split: str, order: list[int]) -> Task:
         key = canonical_key(table, start, self.steps)
         return Task(
             task_id=f"chain-{hashlib.sha256(key.encode()).hexdigest()[:12]}",
             env=ENV_NAME,
-            question=question(table, start, self.steps),
+            question=question(table, start, self.steps, order),
             metadata={"answer": str(run_chain(table, start, self.steps)[-1]), "split": split, "steps": self.steps},
         )
 

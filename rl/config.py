@@ -52,7 +52,7 @@ class ModelConfig:
 
 @dataclass
 class EnvConfig:
-    # procedural arithmetic (envs.math_tasks) | mod-10 operation chains (envs.chain_tasks) | a math dataset
+    # procedural arithmetic (envs.math_tasks) | pointer chasing through ten boxes (envs.chain_tasks) | a math dataset
     # file | safety requests (envs.safety_tasks; with env.dataset: envs.safety_datasets) | instruction
     # hierarchy (envs.hierarchy) | code: procedural function writing (envs.code_tasks), or with env.dataset a
     # code dataset (envs.code_datasets)
@@ -60,7 +60,9 @@ class EnvConfig:
     difficulty: int = 1  # MathEnv difficulty level (1..3; see envs/math_tasks.DIFFICULTY)
     families: list[str] = choice(["add", "mul", "muladd", "chain"],
                                  ("add", "mul", "muladd", "chain", "digit_sum"))  # MathEnv problem kinds
-    steps: int = 5  # env.name=chain: operations per chain (envs/chain_tasks.py)
+    steps: int = 5  # env.name=chain: boxes opened per chain (envs/chain_tasks.py)
+    chain_shuffle_rows: bool = True  # env.name=chain: the ten rows in a random order per task
+    chain_fixed_points: bool = False  # env.name=chain: allow a box that names itself
     code_families: list[str] = choice(["expr", "expr2", "words", "examples", "piecewise"],
                                       ("expr", "expr2", "words", "examples", "piecewise"))  # CodeEnv phrasings
     # env.name=dataset: local jsonl/json/parquet/csv path or Hub name; env.name=code: a code dataset

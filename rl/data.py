@@ -18,7 +18,8 @@ def make_env(env_cfg: EnvConfig, seed: int):
     if env_cfg.name == "chain":
         from envs.chain_tasks import ChainEnv
 
-        return ChainEnv(seed=seed, steps=env_cfg.steps)
+        return ChainEnv(seed=seed, steps=env_cfg.steps, shuffle_rows=env_cfg.chain_shuffle_rows,
+                        fixed_points=env_cfg.chain_fixed_points)
     if env_cfg.name == "math":
         from envs.math_tasks import MathEnv
 

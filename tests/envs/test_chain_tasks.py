@@ -22,6 +22,29 @@ def test_box_numbers_repeat_digits():
     assert sum(len(set(tb)) < 10 for tb in tables) > 190
 
 
+def test_rows_are_shuffled_and_no_box_names_itself_by_default():
+    """Rows in a random order make a box's row something found by its letter (an induction-head lookup)
+    rather than by its place; without fixed points a chain never stalls on one box."""
+    tasks = ChainEnv(seed=0).tasks("train", 200)
+    orders = {tuple(line[0] for line in t.question.splitlines()[1:11]) for t in tasks}
+    assert len(orders) > 190
+    for t in tasks:
+        table, start, steps = parse_question(t.question)
+        assert all(v != x for x, v in enumerate(table))
+    sorted_env = ChainEnv(seed=0, shuffle_rows=False, fixed_points=True)
+    plain = sorted_env.tasks("train", 200)
+    assert all(t.question.splitlines()[1:11] == [f"{b}{v}" for b, v in zip(BOXES, parse_question(t.question)[0])]
+               for t in plain)
+    assert any(any(v == x for x, v in enumerate(parse_question(t.question)[0])) for t in plain)
+
+
+def test_question_order_must_list_every_box_once():
+    with pytest.raises(ValueError, match="each of the 10 boxes once"):
+        question(TABLE, 0, 5, order=[0] * 10)
+    shuffled = question(TABLE, 4, 5, order=[9, 8, 7, 6, 5, 4, 3, 2, 1, 0])
+    assert shuffled.splitlines()[1] == "j2" and parse_question(shuffled) == (TABLE, 4, 5)
+
+
 def test_train_and_test_never_share_a_chain():
     train, test = set(), set()
     for seed in range(3):
@@ -51,7 +74,7 @@ def test_tasks_are_seeded_distinct_and_answered_right():
 @pytest.mark.parametrize("bad", [
     question(TABLE, 4, 5).replace("Final number?", "number?"),       # not the grammar
     question(TABLE, 4, 5).replace("d0", "d12"),                      # not one digit
-    question(TABLE, 4, 5).replace("a3\nb7", "b7\na3"),               # boxes out of order
+    question(TABLE, 4, 5).replace("a3\nb7", "a3\na7"),               # box a twice, no box b
     question(TABLE, 4, 5).replace("Follow 5", "Follow 11"),          # too many steps
     question(TABLE, 4, 5).replace("at e.", "at k."),                 # no such box
     "",
