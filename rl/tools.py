@@ -5,8 +5,9 @@ What it does
   - `task_prompt(task, effort, cfg)` renders every rollout and evaluation prompt with the tool's
     description in the system message (`description`: "sandbox" or openai-harmony's "harmony" text);
     with the tool off it is exactly `envs.harmony.render_prompt(question, effort, developer)`.
-  - `RolloutEngine` (rl/engine.py) starts a `SandboxExecutor` with the engine, refusing to start
-    without a working bubblewrap (`rewards.sandbox.SandboxUnavailable`, saying how to install it), and
+  - `WorkerPool` (in the driver) and `RolloutEngine` (rl/engine.py, on each rollout worker's node)
+    refuse to start without a working bubblewrap (`require_sandbox`: `rewards.sandbox.SandboxUnavailable`,
+    saying how to install it); the engine starts a `SandboxExecutor` with itself, and
     `generate(..., python_tool=True)` (what `WorkerPool.rollout` and `WorkerPool.generate` ask for)
     runs `episodes(...)`: `n` tool episodes per prompt through the engine's one-call sampler.
   - `SandboxExecutor(cfg)(codes)` runs one round's programs concurrently on a `SandboxPool`
@@ -60,14 +61,20 @@ def answer_text(r: ExecResult, timeout_s: float) -> str:
     return text
 
 
+def require_sandbox(cfg: PythonToolConfig) -> SandboxConfig:
+    """The sandbox settings of the tool's calls; `SandboxUnavailable` (saying how to install
+    bubblewrap) when untrusted code cannot be contained here."""
+    config = SandboxConfig(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb)
+    check_sandbox(config)
+    return config
+
+
 class SandboxExecutor:
     """Runs a round's calls concurrently in the bubblewrap sandbox; refuses to exist without one."""
 
     def __init__(self, cfg: PythonToolConfig):
         self.cfg = cfg
-        config = SandboxConfig(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb)
-        check_sandbox(config)  # SandboxUnavailable (how to install bubblewrap) before any rollout
-        self.pool = SandboxPool(cfg.max_workers, config)
+        self.pool = SandboxPool(cfg.max_workers, require_sandbox(cfg))
 
     def __call__(self, codes: Sequence[str]) -> list[str]:
         return [answer_text(r, self.cfg.timeout_s) for r in self.pool.run_many(list(codes))]

@@ -51,6 +51,8 @@ class WorkerPool:
 
     def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, *, worker_cls=None):
         self.model_path, self.cfg, self.seed = str(model_path), cfg, seed
+        if cfg.tools.python.enabled:
+            tools.require_sandbox(cfg.tools.python)  # fail here, not as workers dying at their first call
         self._worker_cls = worker_cls or ENGINES[cfg.engine]
         self.restarts = 0  # workers replaced so far (all calls)
         self._latest: tuple[str, Any] | None = None  # (engine method, its argument) of the last update

@@ -127,6 +127,8 @@ def test_the_tool_refuses_to_start_without_bubblewrap(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(SandboxUnavailable, match="install bubblewrap"):
         tools.SandboxExecutor(ON)
+    with pytest.raises(SandboxUnavailable, match="install bubblewrap"):  # before any worker starts
+        WorkerPool("/nonexistent/model", RolloutConfig(tools=ToolsConfig(ON)), 0, worker_cls=object)
 
 
 class _Executor:
