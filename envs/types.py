@@ -6,18 +6,20 @@ them downwards and nothing imports upwards. Keep them small and picklable: they 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 EFFORTS = ("low", "medium", "high")  # Harmony's `Reasoning: low|medium|high`, in increasing order
+INSERTED_LOGPROB = 0.0  # behaviour log-prob stored for inserted ids (finite: the learner masks them out)
 
 
 @dataclass
 class Message:
-    """One parsed assistant message."""
+    """One parsed message of a completion: the policy's ("assistant") or a tool's answer ("python")."""
 
     channel: str | None
     recipient: str | None
     text: str
+    author: str = "assistant"  # "assistant", or the tool that answered (a Harmony tool message's name)
 
 
 @dataclass
@@ -31,6 +33,11 @@ class Transcript:
     format_ok: bool = True
     error: str | None = None
 
+    @property
+    def tool_calls(self) -> int:
+        """Messages the policy addressed to a tool (answered or not)."""
+        return sum(m.author == "assistant" and bool(m.recipient) for m in self.messages)
+
 
 @dataclass
 class Task:
@@ -43,6 +50,16 @@ class Task:
     developer: str | None = None  # developer instructions rendered into the prompt
 
 
+class Request(NamedTuple):
+    """One prompt for an engine's one-call sampler: `n` completions of at most `max_tokens` ids (budget
+    forcing, rl/forcing.py, and python-tool episodes, envs/tool_episode.py, sample through it)."""
+
+    prompt: list[int]  # canonical ids
+    n: int
+    max_tokens: int
+    seed: int | None  # vLLM seed (sample j is the j-th draw of its stream); None = the engine's stream
+
+
 @dataclass
 class Sample:
     """One rollout: canonical o200k_harmony ids in and out, never re-tokenized."""
@@ -52,7 +69,7 @@ class Sample:
     effort: str
     prompt_ids: list[int]
     completion_ids: list[int]
-    loss_mask: list[int]  # 1 on tokens the policy generated (0: inserted, e.g. by budget forcing)
+    loss_mask: list[int]  # 1 on tokens the policy generated (0: inserted by budget forcing or a tool)
     behavior_logprobs: list[float]  # rollout engine's log-probs of completion_ids
     transcript: Transcript
     metadata: dict[str, Any] = field(default_factory=dict)

@@ -140,6 +140,32 @@ class BudgetForcingConfig:
 
 
 @dataclass
+class PythonToolConfig:
+    """The python tool in rollouts (envs/tool_episode.py, rl/tools.py): a call `to=python` ending at
+    `<|call|>` runs in the bubblewrap sandbox (rewards/sandbox.py) and its output is inserted as the
+    tool's answer (loss mask 0); sampling continues until a final answer or a cap. Training rollouts
+    and evaluation alike; prompts then describe the tool in the system message."""
+
+    enabled: bool = False
+    max_calls: int = 4  # tool calls answered per episode; a call past it ends the episode unanswered
+    timeout_s: float = 10.0  # wall clock per call; the sandbox kills the whole process tree past it
+    memory_mb: int = 512  # address space per sandboxed process
+    max_output_tokens: int = 256  # ids of one answer kept (stdout, then stderr); the rest is cut and marked
+    max_workers: Optional[int] = None  # sandboxes at once per rollout worker; null = half the cores
+    # The description in the system message: "sandbox" = openai-harmony's purpose paragraph + what this
+    # tool does (a stateless script without network, its printed output, timeout_s); "harmony" =
+    # openai-harmony's built-in text as gpt-oss was trained with it (a stateful Jupyter notebook, 120 s).
+    description: str = choice("sandbox", ("sandbox", "harmony"))
+
+
+@dataclass
+class ToolsConfig:
+    """Tools the policy may call during rollouts (Harmony recipients)."""
+
+    python: PythonToolConfig = field(default_factory=PythonToolConfig)
+
+
+@dataclass
 class RolloutConfig:
     """The one schema for rollout: sampling, worker pool and vLLM engine settings."""
 
@@ -163,6 +189,7 @@ class RolloutConfig:
     num_threads: Optional[int] = 1
     log_level: str = "WARNING"  # VLLM_LOGGING_LEVEL unless already set in the environment
     budget_forcing: BudgetForcingConfig = field(default_factory=BudgetForcingConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
 
 
 @dataclass
@@ -359,6 +386,14 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         (set(c.rollout.budget_forcing.caps) <= set(EFFORTS)
          and all(v >= 1 for v in c.rollout.budget_forcing.caps.values()), "rollout.budget_forcing.caps",
          f"a mapping from efforts {list(EFFORTS)} to caps >= 1 (analysis tokens)"),
+        (not (c.rollout.tools.python.enabled and c.rollout.budget_forcing.enabled), "rollout.tools.python.enabled",
+         "false while rollout.budget_forcing.enabled (budget forcing and the python tool are not combined yet)"),
+        (c.rollout.tools.python.max_calls >= 1, "rollout.tools.python.max_calls", ">= 1"),
+        (c.rollout.tools.python.timeout_s > 0, "rollout.tools.python.timeout_s", "> 0"),
+        (c.rollout.tools.python.memory_mb > 0, "rollout.tools.python.memory_mb", "> 0"),
+        (c.rollout.tools.python.max_output_tokens >= 1, "rollout.tools.python.max_output_tokens", ">= 1"),
+        (c.rollout.tools.python.max_workers is None or c.rollout.tools.python.max_workers >= 1,
+         "rollout.tools.python.max_workers", ">= 1 or null"),
         (c.learner.temperature == c.rollout.temperature, "learner.temperature", "== rollout.temperature"),
         (c.eval.temperature > 0 or c.eval.samples_per_task == 1, "eval.samples_per_task",
          "1 for greedy decoding (eval.temperature=0)"),

@@ -16,6 +16,9 @@ What it does
   `analysis_caps` (one per prompt, None = uncapped) turns on budget forcing (rl/forcing.py): an
   analysis message that reaches its cap is closed and the final channel opened by inserted ids,
   which the completion marks (`sampled` 0 there, `budget_forced`); still one `Completion` per sample.
+  `python_tool=True` (with `rollout.tools.python.enabled`) runs python-tool episodes instead
+  (rl/tools.py, envs/tool_episode.py): a call `to=python` is answered by the sandbox, the answer is
+  inserted (`sampled` 0) and sampling goes on; one `Completion` per sample, all its turns in it.
 - `update_weights(state_dict)` loads an HF-named `GptOssForCausalLM.state_dict()` into the live
   engine in place (rl/vllm_weights.py): no restart, no disk. `update_weights_from_path(path)` does
   the same from a checkpoint folder. Both reset vLLM's prefix cache so no KV computed with old
@@ -76,7 +79,7 @@ import torch
 
 from envs import harmony
 from envs.harmony import STOP_TOKENS
-from rl import forcing
+from rl import forcing, tools
 from rl.config import RolloutConfig
 from rl.model import VocabMap
 from rl.seeds import request_seed
@@ -89,8 +92,9 @@ FINISH_REASONS = ("stop", "length")
 class Completion:
     """One sampled completion: canonical ids, behaviour log-prob per id, "stop" | "length".
 
-    `sampled[k]` is 1 where the policy sampled `ids[k]` and 0 where budget forcing inserted it
-    (rl/forcing.py; the sample's loss mask); all 1 when not given. `budget_forced`: ids were inserted."""
+    `sampled[k]` is 1 where the policy sampled `ids[k]` and 0 where it was inserted (budget forcing,
+    rl/forcing.py; a python tool's answer, rl/tools.py; the sample's loss mask); all 1 when not given.
+    `budget_forced`: budget forcing inserted ids."""
 
     ids: list[int]
     logprobs: list[float]
@@ -169,9 +173,13 @@ class RolloutEngine:
         self._allowed = list(range(n_real)) if n_real < vocab_size else None
         if cfg.budget_forcing.enabled:
             self._check_forcing_ids()  # fail at start, not at the first capped rollout
+        self._python = None  # the sandbox the python tool runs in (rl/tools.py), started with the engine
+        if cfg.tools.python.enabled:
+            self._check_ids(tools.header_ids(), "the python tool's answers insert the headers")
+            self._python = tools.SandboxExecutor(cfg.tools.python)  # no bubblewrap: fails here, at start
         self.weights_version = 0
         self.stats = {"generate_calls": 0, "tokens": 0, "generate_s": 0.0, "last_update_s": None,
-                      "budget_forced": 0}
+                      "budget_forced": 0, "tool_calls": 0}
 
         t0 = time.perf_counter()
         self._on_cpu = _prepare_environment(cfg)
@@ -249,6 +257,7 @@ class RolloutEngine:
         stop: bool = True,
         first_index: int = 0,
         analysis_caps: Sequence[int | None] | None = None,
+        python_tool: bool = False,
     ) -> list[list[Completion]]:
         """`n` completions for each prompt (canonical ids); result[i][j] is sample j of prompt i.
 
@@ -258,7 +267,9 @@ class RolloutEngine:
         chunks (giving each its offset as `first_index`) gets what one call would have given.
         `stop=False` ignores the Harmony stop tokens and samples exactly `max_tokens` (benchmarks).
         `analysis_caps[i]`: at most this many analysis tokens for prompt i, by budget forcing
-        (rl/forcing.py; None = no cap); None = no forcing at all.
+        (rl/forcing.py; None = no cap); None = no forcing at all. `python_tool`: calls `to=python`
+        are answered by the sandbox and sampling goes on (rl/tools.py; needs
+        `rollout.tools.python.enabled`); `max_tokens` then bounds each whole episode.
         """
         temperature = self.cfg.temperature if temperature is None else temperature
         top_p = self.cfg.top_p if top_p is None else top_p
@@ -277,12 +288,14 @@ class RolloutEngine:
                 raise ValueError(f"prompt {i} has {len(p)} ids; need 1 .. {limit - 1} ({limit=})")
         seeds = [None if seed is None else request_seed(seed, first_index + i, n) for i in range(len(prompts))]
         sample = functools.partial(self._sample, sampling=(temperature, top_p, stop))
+        budgets = [min(max_tokens, limit - len(p)) for p in prompts]  # vLLM stops at the model length
+        if python_tool:
+            return self._tool_episodes(sample, prompts, n, budgets, seeds, analysis_caps)
         if analysis_caps is None:
             return sample([forcing.Request(list(p), n, max_tokens, s) for p, s in zip(prompts, seeds)])
         if len(analysis_caps) != len(prompts):
             raise ValueError(f"{len(analysis_caps)} analysis caps for {len(prompts)} prompts")
         self._check_forcing_ids()
-        budgets = [min(max_tokens, limit - len(p)) for p in prompts]  # vLLM stops at the model length
         result = forcing.generate(sample, prompts, n, analysis_caps, budgets, seeds)
         self.stats["budget_forced"] += sum(c.budget_forced for comps in result for c in comps)
         return result
@@ -306,11 +319,25 @@ class RolloutEngine:
             result.append([self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)])
         return result
 
+    def _tool_episodes(self, sample, prompts, n, budgets, seeds, analysis_caps) -> list[list[Completion]]:
+        if self._python is None:
+            raise ValueError("generate(python_tool=True) needs rollout.tools.python.enabled: the engine starts "
+                             "the tool's sandbox pool with it")
+        if analysis_caps is not None:
+            raise ValueError("budget forcing and the python tool are not combined; pass one of them")
+        vocab = self.vocab
+        keep = None if vocab.canonical is None else (lambda t: vocab.covers((t,)))
+        episodes = tools.episodes(sample, prompts, n, budgets, seeds, self.cfg.tools.python, self._python, keep)
+        self.stats["tool_calls"] += sum(e.calls for eps in episodes for e in eps)
+        return [[Completion(e.ids, e.logprobs, e.finish_reason, e.sampled) for e in eps] for eps in episodes]
+
     def _check_forcing_ids(self) -> None:
-        ids = harmony.forced_final_header()
+        self._check_ids(harmony.forced_final_header(), "budget forcing inserts Harmony's final-channel header")
+
+    def _check_ids(self, ids, what: str) -> None:
         if not self.vocab.covers(ids):
-            raise ValueError(f"{self.checkpoint}: budget forcing inserts {list(ids)} (Harmony's final-channel "
-                             "header), which the model's vocabulary map lacks; rebuild it with them")
+            raise ValueError(f"{self.checkpoint}: {what} {list(ids)}, which the model's vocabulary map lacks; "
+                             "rebuild it with them")
 
     def _completion(self, c) -> Completion:
         ids = list(c.token_ids)
@@ -389,6 +416,9 @@ class RolloutEngine:
     def shutdown(self) -> None:
         """Free the engine (and vLLM's process-group state, so another engine can start here)."""
         self._remove_dense_folder()
+        if getattr(self, "_python", None) is not None:
+            self._python.close()
+            self._python = None
         llm = getattr(self, "llm", None)
         if llm is None:
             return

@@ -34,12 +34,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from envs import harmony
 from envs.types import Task
 from rl import report
 from rl.config import Config
 from rl.effort_metrics import effort_summary, monotonicity
 from rl.seeds import eval_seed
+from rl.tools import task_prompt
 
 
 def evaluate_policy(pool, tasks: Sequence[Task], cfg: Config, reward, records: list | None = None) -> dict:
@@ -51,7 +51,7 @@ def evaluate_policy(pool, tasks: Sequence[Task], cfg: Config, reward, records: l
     out: dict = {}
     every = []  # all efforts' samples, for monotonicity across them
     for effort in cfg.eval.efforts:
-        prompts = [harmony.render_prompt(t.question, effort, t.developer) for t in tasks]
+        prompts = [task_prompt(t, effort, cfg.rollout.tools.python) for t in tasks]
         completions = pool.generate(prompts, cfg.eval.samples_per_task, temperature=cfg.eval.temperature,
                                     seed=eval_seed(cfg.seed))
         samples = [to_sample(t, effort, p, c) for t, p, comps in zip(tasks, prompts, completions) for c in comps]

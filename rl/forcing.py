@@ -44,26 +44,17 @@ does on its own (budget compliance would be 100% by construction otherwise).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from envs import harmony
+from envs.types import INSERTED_LOGPROB, Request
 from rl.seeds import continuation_seed
 
 if TYPE_CHECKING:
     from rl.config import BudgetForcingConfig
     from rl.engine import Completion
 
-FORCED_LOGPROB = 0.0  # behaviour log-prob stored for inserted ids (finite: the learner masks them)
-
-
-class Request(NamedTuple):
-    """One prompt for the engine's sampler: `n` completions of at most `max_tokens` ids."""
-
-    prompt: list[int]  # canonical ids
-    n: int
-    max_tokens: int
-    seed: int | None  # vLLM seed (sample j is the j-th draw of its stream); None = the engine's stream
-
+FORCED_LOGPROB = INSERTED_LOGPROB  # behaviour log-prob stored for inserted ids (finite: the learner masks them)
 
 Sampler = Callable[[Sequence[Request]], "list[list[Completion]]"]  # one engine call: result[i][j]
 

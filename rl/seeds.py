@@ -10,7 +10,7 @@ STEP_PRIME = 7_919  # distance between the rollout seeds of consecutive steps
 RUN_PRIME = 1_000_003  # distance between runs (and between requests of one engine call)
 EVAL_OFFSET = 500_009  # evaluation: off the step lattice (step * STEP_PRIME + worker) of any real run
 SFT_OFFSET = 1  # the cold-start SFT draws its tasks from a stream of its own
-CONTINUATION_OFFSET = 3_000_017  # budget forcing's second phase: off the request lattice of its own call
+CONTINUATION_OFFSET = 3_000_017  # continuations (forcing's phase 2, tool turns): off the request lattice
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -24,10 +24,15 @@ def request_seed(seed: int, index: int, n: int) -> int:
     return (seed * RUN_PRIME + index * n) % 2**31
 
 
-def continuation_seed(seed: int, sample: int) -> int:
-    """vLLM seed of the second phase of sample `sample` of a request seeded `seed` (budget forcing,
-    rl/forcing.py: the continuation after the inserted tokens), folded into 31 bits."""
-    return (seed * RUN_PRIME + CONTINUATION_OFFSET + sample) % 2**31
+def continuation_seed(seed: int, sample: int, turn: int = 1) -> int:
+    """vLLM seed of continuation `turn` (>= 1) of sample `sample` of a request seeded `seed`: what is
+    sampled after inserted ids (budget forcing's second phase, rl/forcing.py; the turn after the k-th
+    tool answer of a python-tool episode, rl/tools.py), folded into 31 bits.
+
+    >>> continuation_seed(5, 2) == continuation_seed(5, 2, turn=1) != continuation_seed(5, 2, turn=2)
+    True
+    """
+    return (seed * RUN_PRIME + CONTINUATION_OFFSET * turn + sample) % 2**31
 
 
 def eval_seed(seed: int) -> int:

@@ -92,7 +92,7 @@ def build_batch(cfg: Config, samples: Sequence[Sample], results: Sequence[Reward
 def step_metrics(samples: Sequence[Sample], results: Sequence[RewardResult], metric: str) -> dict[str, float]:
     """Reward, accuracy (reward term `metric`), CoT length, format failures, budget forcing rate and
     budget compliance (with an "effort_length" term), overall and per effort; monotonicity of CoT
-    tokens across the step's efforts per task (with two efforts or more). See rl/effort_metrics.py. With
+    tokens across the step's efforts per task (with two efforts or more); tool calls per sample. See rl/effort_metrics.py. With
     "safety" or "hierarchy" terms: refusal, over-refusal, harmful-compliance, judge-failure, leak and
     rule-break rates (rewards.safety.safety_metrics)."""
     from rewards.safety import safety_metrics
@@ -114,6 +114,7 @@ def step_metrics(samples: Sequence[Sample], results: Sequence[RewardResult], met
         m["monotonicity"] = mono
     m["completion_tokens"] = sum(len(s.completion_ids) for s in samples) / len(samples)
     m["truncated"] = em.truncation_rate(samples)
+    m["tool_calls"] = sum(s.transcript.tool_calls for s in samples) / len(samples)  # per sample (python tool)
     m["reward_errors"] = sum(any(k.endswith("/error") for k in r.parts) for r in results) / len(results)
     m.update(safety_metrics(results))
     return m

@@ -7,11 +7,13 @@
     pool.close()
 
 How requests are spread
-- `rollout`: every task at every effort is one prompt (`envs.harmony.render_prompt`) sampled
+- `rollout`: every task at every effort is one prompt (`rl.tools.task_prompt`) sampled
   `group_size` times. Prompt k goes to worker k mod W, and worker i samples with seed `seed + i`
   (each prompt's own stream is `rl.seeds.request_seed(seed + i, position, n)`). Samples come back in
   task, effort, sample order whichever worker answered first. With `rollout.budget_forcing.enabled`
-  each prompt carries its effort's analysis cap (rl/forcing.py).
+  each prompt carries its effort's analysis cap (rl/forcing.py). With `rollout.tools.python.enabled`
+  prompts describe the python tool and the engines answer its calls (rl/tools.py), in `rollout` and
+  in `generate` alike (evaluation measures the policy with the tools it was trained with).
 - `generate`: contiguous chunks, each told its offset (`first_index`), so the result is what one
   engine would give for the whole list, whatever the number of workers.
 
@@ -32,7 +34,7 @@ from typing import Any, Sequence
 
 from envs import harmony
 from envs.types import Sample, Task
-from rl import forcing
+from rl import forcing, tools
 from rl.config import RolloutConfig
 from rl.engine import Completion, RolloutWorker
 
@@ -49,6 +51,8 @@ class WorkerPool:
 
     def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, *, worker_cls=None):
         self.model_path, self.cfg, self.seed = str(model_path), cfg, seed
+        if cfg.tools.python.enabled:
+            tools.require_sandbox(cfg.tools.python)  # fail here, not as workers dying at their first call
         self._worker_cls = worker_cls or ENGINES[cfg.engine]
         self.restarts = 0  # workers replaced so far (all calls)
         self._latest: tuple[str, Any] | None = None  # (engine method, its argument) of the last update
@@ -60,7 +64,7 @@ class WorkerPool:
                 seed: int) -> list[Sample]:
         """Every task at every effort, `group_size` samples each (temperature, top_p, max_tokens
         from the engines' `cfg`), in task, effort, sample order."""
-        jobs = [(t, e, harmony.render_prompt(t.question, e, t.developer)) for t in tasks for e in efforts]
+        jobs = [(t, e, tools.task_prompt(t, e, self.cfg.tools.python)) for t in tasks for e in efforts]
         width = len(self._workers)
         calls = {i: {"prompts": [p for _, _, p in jobs[i::width]], "n": group_size, "seed": seed + i}
                  for i in range(width) if jobs[i::width]}
@@ -68,6 +72,7 @@ class WorkerPool:
             caps = forcing.analysis_caps(self.cfg.budget_forcing, [e for _, e, _ in jobs[i::width]])
             if caps is not None:  # only then: the call stays what it was without forcing
                 call["analysis_caps"] = caps
+            call.update(self._tool_args())
         answers = self._run("generate", calls)
         per_job: list[list[Completion]] = [[] for _ in jobs]
         for i, comps in answers.items():
@@ -83,10 +88,14 @@ class WorkerPool:
         number of workers when `seed` is given."""
         size = math.ceil(len(prompts) / len(self._workers)) if prompts else 0
         calls = {i: {"prompts": prompts[i * size:(i + 1) * size], "n": n, "temperature": temperature,
-                     "seed": seed, "first_index": i * size}
+                     "seed": seed, "first_index": i * size, **self._tool_args()}
                  for i in range(len(self._workers)) if prompts[i * size:(i + 1) * size]}
         answers = self._run("generate", calls)
         return [c for i in sorted(answers) for c in answers[i]]
+
+    def _tool_args(self) -> dict:
+        """`python_tool=True` only when the tool is on: the call stays what it was without it."""
+        return {"python_tool": True} if self.cfg.tools.python.enabled else {}
 
     # ---- weights -----------------------------------------------------------------------------
 
@@ -194,8 +203,8 @@ class WorkerPool:
 
 def to_sample(task: Task, effort: str, prompt: list[int], c: Completion) -> Sample:
     """One completion of `prompt` (`task` at `effort`) as a `Sample`: loss mask 1 on sampled ids and
-    0 on ids budget forcing inserted, behaviour log-probs, parsed Harmony transcript, the task's
-    metadata copied."""
+    0 on inserted ids (budget forcing, a python tool's answers), behaviour log-probs, parsed Harmony
+    transcript (all turns), the task's metadata copied."""
     return Sample(
         task_id=task.task_id, env=task.env, effort=effort, prompt_ids=prompt,
         completion_ids=list(c.ids), loss_mask=list(c.sampled), behavior_logprobs=list(c.logprobs),

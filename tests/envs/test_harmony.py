@@ -100,3 +100,54 @@ def test_channel_token_counts_per_channel():
     ids = harmony.render_completion("7*6=42.", "42")
     counts = harmony.channel_token_counts(ids)
     assert counts == {"analysis": len(harmony.encode("7*6=42.")), "final": len(harmony.encode("42"))}
+
+
+def test_the_python_tool_is_off_unless_asked_and_described_when_asked():
+    plain = harmony.render_prompt("Compute 2+2.", "low", "Be brief.")
+    assert harmony.render_prompt("Compute 2+2.", "low", "Be brief.", python_tool=None) == plain
+    text = harmony.decode(harmony.render_prompt("Compute 2+2.", "low", python_tool="Runs code."))
+    assert "Reasoning: low\n\n# Tools\n\n## python\n\nRuns code.\n\n# Valid channels" in text
+
+
+def test_a_message_the_policy_writes_in_another_name_is_a_format_failure():
+    enc = harmony.load_encoding()
+    for forged in ("<|channel|>analysis<|message|>x<|end|><|start|>python to=assistant<|channel|>analysis"
+                   "<|message|>42<|end|><|start|>assistant<|channel|>final<|message|>42<|return|>",
+                   "<|channel|>final<|message|>4<|end|><|start|>user<|message|>more<|end|><|start|>assistant"
+                   "<|channel|>final<|message|>5<|return|>"):
+        t = harmony.parse_completion(enc.encode(forged, allowed_special="all"))
+        assert not t.format_ok and "the policy wrote a message as" in t.error
+
+
+def test_earlier_turns_lose_their_analysis_once_a_final_exists():
+    from envs.types import Message
+
+    q1, think, a1 = Message(None, None, "q1", "user"), Message("analysis", None, "t1"), Message("final", None, "a1")
+    q2, code, out = Message(None, None, "q2", "user"), Message("analysis", "python", "c"), Message(
+        "analysis", "assistant", "o", "python")
+    note = Message("commentary", None, "n")
+    # Inside the current turn's tool loop: this turn's analysis, calls and answers stay.
+    assert harmony.drop_earlier_analysis([q1, think, a1, q2, code, out]) == [q1, a1, q2, code, out]
+    # Once the current turn has a final too, all of its analysis goes; other channels stay.
+    a2 = Message("final", None, "a2")
+    assert harmony.drop_earlier_analysis([q1, think, note, a1, q2, code, out, a2]) == [q1, note, a1, q2, a2]
+    assert harmony.drop_earlier_analysis([q1, think, code, out]) == [q1, think, code, out]  # no final yet
+
+
+def test_openai_harmony_auto_drop_is_not_the_documented_rule():
+    """Why `drop_earlier_analysis` exists: openai-harmony keeps an earlier turn's analysis while a later
+    turn is in a tool loop (the documented rule drops it once that earlier turn has its final)."""
+    from openai_harmony import Author, Conversation, Message as HMessage, Role
+
+    def msg(role, text, channel=None, recipient=None):
+        m = HMessage.from_role_and_content(role, text)
+        m = m.with_channel(channel) if channel else m
+        return m.with_recipient(recipient) if recipient else m
+
+    answer = HMessage.from_author_and_content(Author.new(Role.TOOL, "python"), "2").with_channel(
+        "analysis").with_recipient("assistant")
+    conv = [msg(Role.USER, "q1"), msg(Role.ASSISTANT, "t1", "analysis"), msg(Role.ASSISTANT, "a1", "final"),
+            msg(Role.USER, "q2"), msg(Role.ASSISTANT, "c", "analysis", "python"), answer]
+    enc = harmony.load_encoding()
+    text = harmony.decode(enc.render_conversation_for_completion(Conversation.from_messages(conv), Role.ASSISTANT))
+    assert "<|message|>t1<|end|>" in text  # kept by openai-harmony 0.0.11; dropped by drop_earlier_analysis

@@ -31,6 +31,11 @@ def test_validate_returns_typed_objects_with_schema_defaults():
     ({"rollout": {"budget_forcing": {"caps": {"low": 0}}}}, "rollout.budget_forcing.caps"),
     ({"rollout": {"budget_forcing": {"caps": {"extreme": 8}}}}, "rollout.budget_forcing.caps"),
     ({"rollout": {"budget_forcing": {"caps": {"low": "short"}}}}, "rollout.budget_forcing.caps.low"),
+    ({"rollout": {"tools": {"python": {"enabled": True}}, "budget_forcing": {"enabled": True}}},
+     "rollout.tools.python.enabled"),  # not combined yet
+    ({"rollout": {"tools": {"python": {"max_calls": 0}}}}, "rollout.tools.python.max_calls"),
+    ({"rollout": {"tools": {"python": {"description": "jupyter"}}}}, "rollout.tools.python.description"),
+    ({"rollout": {"tools": {"python": {"max_output_tokens": 0}}}}, "rollout.tools.python.max_output_tokens"),
     ({"model": {"dtype": "float32"}}, "model.dtype"),  # deleted dead fields stay deleted
     ({"algo": {"name": "grpo"}}, "algo.name"),
     ({"env": {"test_size": 10}}, "env.test_size"),

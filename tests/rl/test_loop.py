@@ -104,6 +104,7 @@ def test_step_metrics_split_by_effort_with_the_configured_accuracy_term():
     m = step_metrics(samples, results, "math")
     assert (m["accuracy/low"], m["accuracy/high"], m["accuracy"]) == (1.0, 0.5, pytest.approx(2 / 3))
     assert m["reward/high"] == pytest.approx(0.6) and m["reward_errors"] == pytest.approx(1 / 3)
+    assert m["tool_calls"] == 0.0  # no python tool in these samples
 
 
 def test_resume_continues_exactly_and_the_data_cursor_moves_on(tmp_path, policy, tiny_cfg):
