@@ -500,6 +500,16 @@ def _check_shapes(x, top_k_index, routing_weights, b1, b2):
                          f"{tuple(b2.shape)=} should be (E, {x.shape[1]})")
 
 
+def expert_compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype dense experts compute in: the weights' own, as transformers' eager path does, except on
+    CUDA under autocast, where they take the autocast dtype (the learner's bf16 autocast over fp32 master
+    weights: bf16 grouped GEMMs with fp32 accumulation; the casts route gradients back to the fp32
+    weights). CPU keeps the weights' dtype under autocast (TRL's bf16 SFT trains fp32 experts)."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return weight.dtype
+
+
 def grouped_experts(x: torch.Tensor, top_k_index: torch.Tensor, routing_weights: torch.Tensor,
                     gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor, down_proj: torch.Tensor,
                     down_proj_bias: torch.Tensor, alpha: float = SWIGLU_ALPHA,
@@ -510,9 +520,10 @@ def grouped_experts(x: torch.Tensor, top_k_index: torch.Tensor, routing_weights:
     if gate_up_proj.shape != (gate_up_proj_bias.shape[0], x.shape[1], gate_up_proj_bias.shape[1]):
         raise ValueError(f"{tuple(gate_up_proj.shape)=} should be (E, H, 2I) = "
                          f"{(gate_up_proj_bias.shape[0], x.shape[1], gate_up_proj_bias.shape[1])}")
-    x_in = x.to(gate_up_proj.dtype)
+    dtype = expert_compute_dtype(x, gate_up_proj)
+    x_in, gate_up_proj, down_proj = x.to(dtype), gate_up_proj.to(dtype), down_proj.to(dtype)
     # Autocast (e.g. TRL's default bf16 on CPU) would recast the addmms inside the Function and break
-    # its dtype bookkeeping: the experts compute in the weights' dtype, as transformers' eager path does.
+    # its dtype bookkeeping: the experts compute in one dtype chosen above, with autocast off inside.
     with torch.autocast(device_type=x.device.type, enabled=False):
         if x.is_cuda and CUDA_TRITON_GEMMS:
             from kernels.moe_grouped_triton import grouped_experts_triton

@@ -43,6 +43,15 @@ class TrainBatch(NamedTuple):
         """Tokens that carry loss."""
         return float(self.loss_mask.sum())
 
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        """Every tensor on `device` (the same tensors when already there)."""
+        return TrainBatch(*(t.to(device) for t in self))
+
+    def right_padded(self) -> bool:
+        """Whether every row is real tokens then padding (what `collate` builds): no 0 before a 1."""
+        m = self.attention_mask
+        return bool((m[:, 1:] <= m[:, :-1]).all()) if m.shape[1] > 1 else True
+
 
 def collate(samples: Sequence[Sample], advantages: Sequence[float] | Tensor, vmap: VocabMap) -> TrainBatch:
     """`TrainBatch` from scored samples: canonical ids mapped to the policy's ids by its `vmap`,

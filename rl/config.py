@@ -23,6 +23,9 @@ from envs.hierarchy import ATTACKS, PROTECTIONS
 from envs.types import EFFORTS
 
 KERNELS = ("deliberate", "stock")
+DEVICES = ("auto", "cpu", "cuda")  # learner.device (rl/device.py)
+AUTOCAST = ("auto", "off", "bfloat16")  # learner.autocast (rl/device.py)
+PLACEMENTS = ("none", "separate", "colocate")  # cluster.placement (rl/placement.py)
 
 
 def choice(default, options, comment: str = ""):
@@ -184,6 +187,9 @@ class RolloutConfig:
     tensor_parallel_size: int = 1  # GPU: shards per engine
     enforce_eager: bool = True  # no torch.compile / CUDA graphs: start-up in seconds, not minutes
     enable_prefix_caching: bool = True  # n samples of one prompt share its KV blocks
+    # GPU: null = what the checkpoint's config.json says (vLLM reads its quantization_config); "mxfp4" = the
+    # checkpoint must be a released-style MXFP4 folder served 4-bit (bf16 activations), never decoded dense
+    quantization: Optional[str] = choice(None, (None, "mxfp4"))
     max_num_seqs: int = 256  # sequences batched per engine step
     # torch/OMP threads per engine; 1 is fastest on the 2-core box (tiny ops pay an OMP barrier each).
     num_threads: Optional[int] = 1
@@ -198,6 +204,16 @@ class LrScale:
 
     pattern: str = "."
     scale: float = 1.0  # 0 freezes
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters over the frozen base (issue 17 §3, not implemented: rank > 0 is refused at run start).
+    Declared so presets and rl/memory_plan.py can state their plan."""
+
+    rank: int = 0  # 0 = off (full-parameter training)
+    alpha: float = 32.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 @dataclass
@@ -218,9 +234,15 @@ class LearnerConfig:
     sync_mxfp4: bool = False  # send MXFP4-quantised experts to the rollout engine even without QAT
     logprob_chunk: int = 1024  # vocabulary rows per chunk of the selective log-softmax
     dtype: str = choice("float32", ("float32", "bfloat16"))  # master weights
+    # cpu | cuda | auto = cuda when torch sees one and (in a Ray actor) Ray gave the actor a GPU (rl/device.py)
+    device: str = choice("auto", DEVICES)
+    autocast: str = choice("auto", AUTOCAST)  # auto = bf16 autocast on CUDA over fp32 weights, none on CPU
+    gradient_checkpointing: bool = False  # recompute each decoder layer in backward (activations: one layer's)
     num_threads: int = 2
     num_cpus: float = 1.0  # Ray CPUs for the learner actor
-    num_gpus: float = 0.0  # Ray GPUs for the learner actor (must stay 0: the learner has no CUDA path yet)
+    num_gpus: float = 0.0  # Ray GPUs for the learner actor, at most 1 (0.5: share one with a rollout worker)
+    world_size: int = 1  # learner ranks; > 1 is the FSDP2 group of issue 17 §2 (not implemented: refused at start)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     temperature: float = 1.0  # must match rollout.temperature (log-probs of the sampling distribution)
 
 
@@ -254,6 +276,16 @@ class ClusterConfig:
     address: Optional[str] = None  # null = embedded local Ray; "auto" or "host:6379" joins a running one
     num_cpus: Optional[int] = None  # local Ray only
     namespace: str = "deliberate"
+    # Ray placement group for the run's actors (rl/placement.py): none = Ray places each actor by its
+    # num_cpus/num_gpus | separate = learner ranks and rollout workers in their own bundles (own GPUs) |
+    # colocate = learner rank i and rollout worker i share bundle i (one GPU, split by their num_gpus)
+    placement: str = choice("none", PLACEMENTS)
+    placement_strategy: str = choice("PACK", ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    placement_timeout_s: float = 600.0  # wait this long for the cluster to hold every bundle, then fail
+    # What the cluster has (0 = not stated). The GPU count check and rl/memory_plan.py read them.
+    nodes: int = 1
+    gpus_per_node: int = 0
+    gpu_memory_gib: float = 0.0  # memory of one GPU, e.g. 80 for an H100 80GB
 
 
 @dataclass
@@ -316,6 +348,7 @@ def hydra_main(fn) -> None:
         cfg.run_dir = HydraConfig.get().runtime.output_dir
         try:
             validated = validate(cfg)
+            require_implemented(validated)
         except ConfigError as exc:
             raise SystemExit(f"config error: {exc}") from None
         fn(validated)
@@ -411,13 +444,55 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         (bool(c.eval.efforts), "eval.efforts", "at least one effort"),
         (c.algo.old_logprobs != "behavior" or c.rollout.top_p == 1.0, "algo.old_logprobs",
          "recompute when rollout.top_p < 1 (the engine's log-probs are of the top-p-truncated distribution)"),
-        (c.learner.num_gpus == 0, "learner.num_gpus",
-         "0: the learner runs on CPU until the GPU learner lands (rollout.num_gpus places the engines)"),
-        (c.rollout.num_gpus == 0 or c.rollout.num_gpus >= c.rollout.tensor_parallel_size, "rollout.num_gpus",
+        (0 <= c.learner.num_gpus <= 1, "learner.num_gpus", "in [0, 1] (one learner rank uses at most one GPU)"),
+        (c.learner.world_size >= 1, "learner.world_size", ">= 1"),
+        (c.learner.lora.rank >= 0, "learner.lora.rank", ">= 0 (0 = off)"),
+        (c.rollout.num_gpus >= 0, "rollout.num_gpus", ">= 0"),
+        (c.rollout.num_gpus == 0 or c.rollout.tensor_parallel_size == 1
+         or c.rollout.num_gpus >= c.rollout.tensor_parallel_size, "rollout.num_gpus",
          ">= rollout.tensor_parallel_size (one GPU per shard)"),
+        *_placement_checks(c),
         (c.train.checkpoint_every >= 1, "train.checkpoint_every", ">= 1"),
         (c.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1"),
     ]
+
+
+def _placement_checks(c: Config) -> list[tuple[bool, str, str]]:
+    """GPU layout rules: a colocated rank and worker share one GPU; the run fits the stated cluster."""
+    from rl.placement import gpus_needed
+
+    colocate = c.cluster.placement == "colocate"
+    have = c.cluster.nodes * c.cluster.gpus_per_node
+    return [
+        (not colocate or c.rollout.num_workers == c.learner.world_size, "rollout.num_workers",
+         f"== learner.world_size ({c.learner.world_size}) with cluster.placement=colocate (one worker per rank)"),
+        (not colocate or c.rollout.tensor_parallel_size == 1, "rollout.tensor_parallel_size",
+         "1 with cluster.placement=colocate (an engine shares its rank's one GPU)"),
+        (not colocate or c.learner.num_gpus + c.rollout.num_gpus <= 1, "rollout.num_gpus",
+         f"<= 1 - learner.num_gpus ({c.learner.num_gpus}) with cluster.placement=colocate (they share one GPU)"),
+        (c.cluster.gpus_per_node == 0 or gpus_needed(c) <= have, "cluster.gpus_per_node",
+         f"enough for the run: it needs {gpus_needed(c):g} GPUs, cluster.nodes x gpus_per_node gives {have}"),
+    ]
+
+
+def not_implemented(learner: LearnerConfig) -> list[str]:
+    """Learner settings the schema declares (presets and the memory plan state them) but the learner
+    cannot run yet, each as one line naming its key and the issue section that brings it."""
+    gaps = []
+    if learner.lora.rank > 0:
+        gaps.append(f"learner.lora.rank={learner.lora.rank} needs LoRA over the MXFP4 base (issue 17 §3); "
+                    "not implemented yet (learner.lora.rank=0 trains every parameter)")
+    if learner.world_size > 1:
+        gaps.append(f"learner.world_size={learner.world_size} needs the FSDP2 learner group (issue 17 §2); "
+                    "not implemented yet (learner.world_size=1)")
+    return gaps
+
+
+def require_implemented(c: Config) -> None:
+    """Refuse, at the start of a run, a config that only the memory plan can use (`not_implemented`)."""
+    gaps = not_implemented(c.learner)
+    if gaps:
+        raise ConfigError(f"bad config key '{gaps[0].split('=')[0]}': {gaps[0]}")
 
 
 def validate(cfg: DictConfig | dict | Config) -> Config:

@@ -14,6 +14,17 @@ in-process (tests, benches). Log-probs use the
 chunked selective log-softmax from `kernels.logprobs` when `learner.kernels=deliberate` (never builds
 (B, T, V) logits) and the MoE/attention kernels from `kernels.patch`; `learner.kernels=stock` keeps
 transformers' modules and full logits.
+
+Device (`learner.device`, rl/device.py): the policy, the KL reference, the optimizer state and every
+batch live on it; batches arrive on CPU and move once per `train_step`; `state_for_sync` and
+`logprobs` hand back CPU tensors. On CUDA the same `learner.kernels=deliberate` switch selects the
+Triton kernels, by tensor device: MoE experts as grouped Triton GEMMs (kernels/moe_grouped_triton.py,
+in the autocast dtype under autocast), attention with sinks in Triton (kernels/attention_triton.py;
+right-padded batches are passed without their padding mask on CUDA, because under causal attention no
+real token sees a padded key, and a mask would send attention to the blocked torch path). The chunked
+log-prob kernel has no Triton twin: it runs as torch ops on the GPU. `learner.autocast=auto` adds bf16
+autocast over fp32 master weights on CUDA and nothing on CPU, where results are bit-identical to a
+learner without these options.
 """
 from __future__ import annotations
 
@@ -28,7 +39,8 @@ import torch
 from rl.algorithms import policy_loss
 from rl.batch import TrainBatch
 from rl.checkpoint import LEARNER_STATE
-from rl.config import AlgoConfig, LearnerConfig, LrScale
+from rl.config import AlgoConfig, LearnerConfig, LrScale, not_implemented
+from rl.device import autocast, autocast_dtype, resolve_device
 from rl.model import load_policy, save_checkpoint
 
 
@@ -121,12 +133,19 @@ class Learner:
     """Policy + optimizer, configured by the typed `learner` and `algo` config objects."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgoConfig, seed: int = 0):
+        if gaps := not_implemented(cfg):
+            raise NotImplementedError(gaps[0])
         torch.manual_seed(seed)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.cfg, self.algo = cfg, algo
+        self.device = resolve_device(cfg.device)
+        self.autocast_dtype = autocast_dtype(self.device, cfg.autocast, cfg.dtype)
         dtype = getattr(torch, cfg.dtype)
         self.model, self.vmap = load_policy(model_path, dtype=dtype)
+        self.model.to(self.device)
+        if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs and our autograd Functions
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # The rollout engine gets MXFP4-quantised experts (what a gpt-oss engine serves) under QAT or
         # when asked; without QAT the learner then computes on different experts than the sampler.
         self.sync_mxfp4 = cfg.qat or cfg.sync_mxfp4
@@ -141,6 +160,7 @@ class Learner:
         self.ref = None
         if algo.kl_coef > 0:  # the initial policy, whatever checkpoint `load` brings in later
             self.ref, _ = load_policy(model_path, dtype=dtype)
+            self.ref.to(self.device)
             if cfg.kernels == "deliberate":  # computed exactly as the policy is (QAT experts included)
                 from kernels.patch import apply_kernels
 
@@ -165,14 +185,20 @@ class Learner:
         return self.cfg.lr * min(1.0, (self.opt_steps + 1) / warmup) if warmup > 0 else self.cfg.lr
 
     def _logprobs(self, model, batch: TrainBatch, with_entropy: bool = False):
-        return token_logprobs(model, batch.input_ids, batch.attention_mask, chunked=self.cfg.kernels == "deliberate",
-                              positions=batch.completion_mask, temperature=self.cfg.temperature,
-                              chunk_size=self.cfg.logprob_chunk, n_vocab=self.n_vocab, with_entropy=with_entropy)
+        """`token_logprobs` on a batch already on `self.device`, under the learner's autocast."""
+        mask = batch.attention_mask
+        if self.device.type == "cuda" and batch.right_padded():
+            mask = None  # causal: no real token sees a padded key; None lets the Triton attention run
+        with autocast(self.device, self.autocast_dtype):
+            return token_logprobs(model, batch.input_ids, mask, chunked=self.cfg.kernels == "deliberate",
+                                  positions=batch.completion_mask, temperature=self.cfg.temperature,
+                                  chunk_size=self.cfg.logprob_chunk, n_vocab=self.n_vocab,
+                                  with_entropy=with_entropy)
 
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        """(B, L) learner log-probs of the completion tokens (0 elsewhere)."""
-        return self._logprobs(self.model, batch)
+        """(B, L) learner log-probs of the completion tokens (0 elsewhere), on CPU."""
+        return self._logprobs(self.model, batch.to(self.device)).cpu()
 
     # ---- update --------------------------------------------------------------------------------
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -188,11 +214,16 @@ class Learner:
         """
         if batch.size == 0:
             raise ValueError("train_step got an empty batch")
+        batch = batch.to(self.device)
         n_mini = min(self.algo.mini_batches, batch.size)
         epochs = self.algo.ppo_epochs
         old = None  # (B, L); None: on-policy, old = current
         if n_mini * epochs > 1:
-            old = self.logprobs(batch) if self.algo.old_logprobs == "recompute" else batch.behavior_logprobs
+            if self.algo.old_logprobs == "recompute":
+                with torch.no_grad():
+                    old = self._logprobs(self.model, batch)
+            else:
+                old = batch.behavior_logprobs
         sums: dict[str, float] = {}
         n_steps = 0
         for _ in range(epochs):
@@ -257,12 +288,12 @@ class Learner:
     # ---- weights and state ---------------------------------------------------------------------
     def state_for_sync(self) -> dict[str, torch.Tensor]:
         """HF-named tensors for the rollout engine (detached, contiguous, CPU)."""
-        state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
+        state = dict(self.model.state_dict())
         if self.sync_mxfp4:
             from kernels.qat import quantized_expert_weights
 
             state.update(quantized_expert_weights(self.model))  # exactly the QAT forward's experts
-        return state
+        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
     def weights(self) -> dict[str, torch.Tensor]:
         """What `WorkerPool.update_weights` takes (the same call on `RemoteLearner` gives an ObjectRef)."""
@@ -289,7 +320,7 @@ class Learner:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k]:
             raise RuntimeError(f"checkpoint {path} does not match the policy: {missing=} {unexpected=}")
-        extra = torch.load(path / LEARNER_STATE, weights_only=False)
+        extra = torch.load(path / LEARNER_STATE, weights_only=False, map_location="cpu")  # optimizer state moves to its params
         self.opt.load_state_dict(extra["optimizer"])
         self.step = extra["step"]
         self.opt_steps = extra["opt_steps"]
@@ -304,12 +335,15 @@ class RemoteLearner:
     train loop takes either. `weights()` returns an ObjectRef: the tensors go actor to actor through
     Ray's object store and never through the driver."""
 
-    def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgoConfig, seed: int = 0):
+    def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgoConfig, seed: int = 0, *,
+                 options: dict[str, Any] | None = None):
+        """`options`: Ray actor options (`rl.placement.RunPlacement.learner_options`: resources and the
+        placement-group bundle); default `learner.num_cpus` / `learner.num_gpus`, placed by Ray."""
         import ray
 
         self._ray = ray
-        self.actor = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)(Learner).remote(
-            model_path, cfg, algo, seed)
+        opts = options or {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
+        self.actor = ray.remote(Learner).options(**opts).remote(model_path, cfg, algo, seed)
         ray.get(self.actor.get_step.remote())  # a constructor error (bad lr_scale...) surfaces here
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:

@@ -17,6 +17,7 @@ ones on Ray and releases them when it returns.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from contextlib import contextmanager
@@ -202,14 +203,21 @@ def start_run(cfg: Config, policy_path: str, make_learner=None, make_pool=None) 
     rollout_cfg, seed)` replace them (in-process learners, test fakes: no Ray is started then)."""
     resume_from, state = resume_point(cfg, policy_path)
     initial = state.get("initial_policy") or str(policy_path)
+    placement = None  # the run's Ray placement group (cluster.placement; rl/placement.py)
     if make_learner is None or make_pool is None:
         from rl.cluster import init_ray
+        from rl.placement import RunPlacement
 
         init_ray(cfg.cluster)
+        placement = RunPlacement.create(cfg)
     if make_learner is None:
-        from rl.learner import RemoteLearner as make_learner
+        from rl.learner import RemoteLearner
+
+        make_learner = functools.partial(RemoteLearner, options=placement.learner_options(0))
     if make_pool is None:
-        from rl.workers import WorkerPool as make_pool
+        from rl.workers import WorkerPool
+
+        make_pool = functools.partial(WorkerPool, options=placement.worker_options)
     env = make_env(cfg.env, cfg.seed)
     stream = TaskStream(env.tasks("train", cfg.env.train_size), cfg.seed, state.get("cursor", 0))
     reward = make_reward(cfg.reward)
@@ -228,6 +236,8 @@ def start_run(cfg: Config, policy_path: str, make_learner=None, make_pool=None) 
         if pool is not None:
             pool.close()
         learner.close()
+        if placement is not None:
+            placement.remove()
 
 
 def periodic_eval(cfg: Config, run: Run, logger):

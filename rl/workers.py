@@ -49,8 +49,11 @@ class WorkerPool:
     Needs a running Ray (`rl.cluster.init_ray`). `worker_cls` is the actor class (tests pass a fake
     with the same methods)."""
 
-    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, *, worker_cls=None):
+    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int, *, worker_cls=None, options=None):
+        """`options(i)`: Ray actor options for worker slot i (`rl.placement.RunPlacement.worker_options`:
+        resources and the placement-group bundle); default `cfg.num_cpus` / `cfg.num_gpus`, placed by Ray."""
         self.model_path, self.cfg, self.seed = str(model_path), cfg, seed
+        self._options = options or (lambda i: {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus})
         if cfg.tools.python.enabled:
             tools.require_sandbox(cfg.tools.python)  # fail here, not as workers dying at their first call
         self._worker_cls = worker_cls or ENGINES[cfg.engine]
@@ -145,9 +148,7 @@ class WorkerPool:
         """Actor for worker slot `i` (engine seed `seed + i`), loaded with the latest weights."""
         import ray
 
-        cfg = self.cfg
-        actor = self._worker_cls.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus).remote(
-            self.model_path, cfg, self.seed + i)
+        actor = self._worker_cls.options(**self._options(i)).remote(self.model_path, self.cfg, self.seed + i)
         if self._latest is not None:
             method, arg = self._latest
             ray.get(getattr(actor, method).remote(arg))

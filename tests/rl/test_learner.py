@@ -14,6 +14,7 @@ VMAP: dict = {}
 
 def _learner(policy, algo=None, **cfg):
     cfg.setdefault("kernels", "deliberate")
+    cfg.setdefault("device", "cpu")  # these tests compare CPU numbers; tests/rl/test_device.py covers CUDA
     return Learner(str(policy), LearnerConfig(**cfg), AlgoConfig(**(algo or {})), seed=0)
 
 
