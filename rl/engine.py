@@ -57,7 +57,13 @@ Departures / limits
 - Chunked prefill is off: with it, vLLM 0.32 on CPU crashes on seeded requests whose prompt is
   split across steps. Prompts are prefilled whole (up to max(max_model_len, 4096) tokens a step).
 - The GPU path (tensor parallelism, `reload_weights`) is written to vLLM's documented API but has
-  not run on a GPU in this project yet.
+  not run on a GPU in this project yet. GPU settings come from `rollout.*`: `dtype`,
+  `tensor_parallel_size` (the worker's Ray `num_gpus` must cover it), `gpu_memory_utilization`,
+  `enforce_eager` (false = CUDA graphs), `quantization` (null = the checkpoint's own; `mxfp4` =
+  refuse to start unless the released 4-bit experts are served as such). Weight sync into a 4-bit
+  engine: `reload_weights` takes checkpoint-format tensors, i.e. packed `*_blocks`/`*_scales` for
+  an MXFP4 engine, while the learner sends dense (QAT: fake-quantised) experts; unverified, and the
+  packed sync belongs with the bucketed sync of issue 17 §2.
 
 Run `.venv/bin/python -m bench.bench_rollout` for throughput and sync time.
 """
@@ -153,6 +159,20 @@ def dense_copy_of_mxfp4(checkpoint: str | os.PathLike, dtype: torch.dtype = torc
     return out
 
 
+def _check_mxfp4_serving(checkpoint: str, cfg: RolloutConfig, on_cpu: bool) -> None:
+    """`rollout.quantization=mxfp4` promises 4-bit experts in the engine: refuse what would decode them."""
+    from rl.model import is_mxfp4_checkpoint
+
+    if not is_mxfp4_checkpoint(checkpoint):
+        raise ValueError(f"rollout.quantization=mxfp4 but {checkpoint} is not a released-style MXFP4 folder "
+                         "(config.json has no quantization_config with quant_method mxfp4); set "
+                         "rollout.quantization=null to serve its weights as stored")
+    if on_cpu or cfg.dtype != "bfloat16":
+        raise ValueError(f"rollout.quantization=mxfp4 needs a GPU and rollout.dtype=bfloat16 (vLLM's MXFP4 MoE); "
+                         f"here on_cpu={on_cpu}, rollout.dtype={cfg.dtype}. rollout.quantization=null decodes the "
+                         "experts to a dense copy instead")
+
+
 class RolloutEngine:
     """vLLM in this process; canonical ids in and out. See the module docstring."""
 
@@ -186,6 +206,8 @@ class RolloutEngine:
         self._dense_folder = None  # decoded copy of an MXFP4 checkpoint, removed at shutdown
         from rl.model import is_mxfp4_checkpoint
 
+        if cfg.quantization == "mxfp4":
+            _check_mxfp4_serving(self.checkpoint, cfg, self._on_cpu)
         if is_mxfp4_checkpoint(self.checkpoint) and (self._on_cpu or cfg.dtype != "bfloat16"):
             # vLLM's MXFP4 MoE needs bf16 activations and a GPU: on CPU it rejects fp32 and dies of
             # SIGILL in bf16. Decode the experts once; the engine then samples from the same values.
@@ -212,7 +234,8 @@ class RolloutEngine:
             gpu_memory_utilization=cfg.gpu_memory_utilization,  # CPU: kv_cache_gib decides instead
             max_model_len=cfg.max_model_len,
             seed=self.seed,
-            enforce_eager=cfg.enforce_eager,
+            enforce_eager=cfg.enforce_eager,  # False: CUDA graphs for decode (GPU; minutes of capture at start)
+            quantization=cfg.quantization,  # None: the checkpoint's quantization_config decides
             max_num_seqs=cfg.max_num_seqs,
             enable_prefix_caching=cfg.enable_prefix_caching,
             # vLLM 0.32 CPU bug: a seeded request whose prefill is split across steps crashes the
