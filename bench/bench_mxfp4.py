@@ -1,6 +1,6 @@
 """MXFP4 quantise / dequantise bandwidth against memcpy, every path side by side in one run.
 
-Run:  .venv/bin/python -m bench.bench_mxfp4 [--experts 8] [--write bench/RESULTS.md]
+Run:  .venv/bin/python -m bench.bench_mxfp4 [--experts 8] [--device auto|cpu|cuda] [--write bench/RESULTS.md]
 
 Workload: E experts of a gpt-oss-sized 2880 x 2880 expert matrix (the real layer has 32; scaled down so
 one measurement takes about a second). Bytes counted for every row, memcpy included, are the bytes of
@@ -12,6 +12,8 @@ wall time over repeats (the box is shared; best-of filters out the neighbours).
 The torch reference paths are slow, so they run on one expert (their GB/s is size-independent).
 Peak memory: the peak resident set (CPU; /proc VmHWM, reset before each row) or the peak CUDA
 allocation above what was live before the row.
+`--device`: auto (default) = CUDA when torch sees one, else CPU; cpu / cuda force it. CUDA results go
+to their own RESULTS.md section, so a GPU run never replaces the CPU table.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from kernels.mxfp4_cpu import empty_hugepages
 
 DIM = 2880  # gpt-oss hidden size = expert intermediate size
 SECTION = "## MXFP4 quantise/dequantise"
+CUDA_SECTION = "## MXFP4 quantise/dequantise on CUDA"
 _LIBC = ctypes.CDLL(None)
 
 
@@ -163,24 +166,30 @@ def run(experts: int, min_time: float, device: torch.device) -> tuple[list[str],
     return header, table
 
 
-def write_section(results_md: Path, command: str, header: list[str], table: list[str]) -> None:
-    """This benchmark's section of RESULTS.md, with the command and today's date."""
+def write_section(results_md: Path, command: str, header: list[str], table: list[str], title: str = SECTION) -> None:
+    """This benchmark's section (`title`) of RESULTS.md, with the command and today's date."""
     today = datetime.date.today().isoformat()
-    results.write_section(results_md, SECTION, ["", f"Command: `{command}` ({today})", "", *header, "", *table, ""])
+    results.write_section(results_md, title, ["", f"Command: `{command}` ({today})", "", *header, "", *table, ""])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=8, help="2880 x 2880 expert matrices to convert")
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds of repeats per row (at least)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto (default): CUDA when torch sees one, else CPU")
     parser.add_argument("--write", type=Path, default=None, help="update this RESULTS.md section")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    title = CUDA_SECTION if device.type == "cuda" else SECTION
     header, table = run(args.experts, args.min_time, device)
-    print("\n".join([SECTION, "", *header, "", *table]))
+    print("\n".join([title, "", *header, "", *table]))
     if args.write is not None:
         command = ".venv/bin/python -m bench.bench_mxfp4 " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_section(args.write, command.strip(), header, table)
+        write_section(args.write, command.strip(), header, table, title)
 
 
 if __name__ == "__main__":
