@@ -51,6 +51,16 @@ class ModelConfig:
     sliding_window: int = 64  # gpt-oss uses 128; the tiny demo was measured with 64
     max_position_embeddings: int = 4096
     initializer_range: float = 0.02
+    # Real models (conf/model/gpt_oss_*.yaml): what the released config.json says. The tiny model keeps
+    # the rest at these gpt-oss values; its vocabulary is the trimmed one it is built with.
+    vocab_size: Optional[int] = None  # null = the tiny model's trimmed vocabulary; gpt-oss: 201088 (o200k_harmony)
+    rope_theta: float = 150000.0
+    rope_yarn_factor: float = 32.0  # YaRN: context extended 32x over the original window below
+    rope_original_max_position_embeddings: int = 4096
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rms_norm_eps: float = 1e-5
+    swiglu_limit: float = 7.0  # clamp of the expert SwiGLU (gate <= 7, -7 <= linear <= 7)
 
 
 @dataclass

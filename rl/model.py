@@ -102,13 +102,16 @@ def collect_vocab(texts: Iterable[str], extra_ids: Iterable[int] = ()) -> VocabM
     return VocabMap.from_ids(ids)
 
 
-def tiny_config(vocab_size: int, cfg: dict, eos_ids: list[int], pad_id: int):
-    """GptOssConfig for the tiny world from the Hydra `model` node (eos/pad given as model ids)."""
+def gpt_oss_config(cfg: Mapping, vocab_size: int | None = None, **special_ids):
+    """`GptOssConfig` from a `model` config node (the fields of `rl.config.ModelConfig`): the one builder
+    for the tiny world and the real presets (conf/model/gpt_oss_*.yaml). Layers alternate sliding /
+    full attention (even sliding), YaRN RoPE, untied embeddings, no router auxiliary loss (RL turns it
+    off). `vocab_size` defaults to `cfg["vocab_size"]`; `special_ids`: eos_token_id, pad_token_id."""
     from transformers import GptOssConfig
 
     n_layers = cfg["num_hidden_layers"]
     return GptOssConfig(
-        vocab_size=vocab_size,
+        vocab_size=vocab_size or cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
         intermediate_size=cfg["intermediate_size"],
         num_hidden_layers=n_layers,
@@ -120,13 +123,22 @@ def tiny_config(vocab_size: int, cfg: dict, eos_ids: list[int], pad_id: int):
         sliding_window=cfg["sliding_window"],
         max_position_embeddings=cfg["max_position_embeddings"],
         layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
+        rope_parameters={"rope_type": "yarn", "rope_theta": cfg["rope_theta"], "factor": cfg["rope_yarn_factor"],
+                         "original_max_position_embeddings": cfg["rope_original_max_position_embeddings"],
+                         "beta_fast": cfg["rope_beta_fast"], "beta_slow": cfg["rope_beta_slow"], "truncate": False},
+        rms_norm_eps=cfg["rms_norm_eps"],
+        swiglu_limit=cfg["swiglu_limit"],
         router_aux_loss_coef=0.0,  # RL frameworks turn the aux loss off
         output_router_logits=False,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
         tie_word_embeddings=False,
         initializer_range=cfg["initializer_range"],
+        **special_ids,
     )
+
+
+def tiny_config(vocab_size: int, cfg: dict, eos_ids: list[int], pad_id: int):
+    """GptOssConfig for the tiny world from the Hydra `model` node (eos/pad given as model ids)."""
+    return gpt_oss_config(cfg, vocab_size, eos_token_id=eos_ids, pad_token_id=pad_id)
 
 
 def check_tiny_shapes(cfg: dict) -> None:
@@ -173,6 +185,59 @@ def save_checkpoint(model, vmap: VocabMap, out_dir: str | os.PathLike) -> None:
         hf_tokenizer(vmap).save_pretrained(tmp)  # decoding/padding only (see hf_tokenizer)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+# What a named preset (conf/model/gpt_oss_*.yaml) and the checkpoint's config.json must agree on.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok", "sliding_window")
+
+
+def resolve_checkpoint(model) -> Path:
+    """The local folder `model.path` (an `rl.config.ModelConfig`) names, checked against the preset.
+
+    A folder is used as is. Anything else must be a Hub id ("openai/gpt-oss-20b"), fetched once into the
+    Hugging Face cache by `huggingface_hub.snapshot_download` (HF_HOME; with HF_HUB_OFFLINE=1 only the
+    cache is read): the drivers call this once at start, so the learner and every rollout worker get
+    the same local folder (on a multi-node cluster it must be on a filesystem every node sees). For a
+    named real model (`model.name` other than "tiny"), the folder's config.json must match the preset's
+    `ARCHITECTURE_FIELDS`, so a 120b folder under `model=gpt_oss_20b` fails here, not in the memory plan."""
+    path = Path(model.path)
+    if not path.is_dir():
+        if path.is_absolute() or str(model.path).startswith(".") or str(model.path).count("/") != 1:
+            raise FileNotFoundError(f"model.path={model.path}: no such folder (nor a Hub id like openai/gpt-oss-20b)")
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            path = Path(snapshot_download(model.path))
+        except (OSError, HfHubHTTPError) as exc:
+            raise FileNotFoundError(
+                f"model.path={model.path}: not a local folder, and fetching it from the Hugging Face Hub failed "
+                f"({type(exc).__name__}); download the released folder where every node sees it and pass its "
+                "path") from exc
+    if model.name != "tiny":
+        check_architecture(model, path)
+    return path
+
+
+def check_architecture(model, path: str | os.PathLike) -> None:
+    """Raise naming every `ARCHITECTURE_FIELDS` entry where `path`'s config.json and the preset differ."""
+    found = json.loads(Path(path, "config.json").read_text())
+    wrong = {k: (getattr(model, k), found.get(k)) for k in ARCHITECTURE_FIELDS if getattr(model, k) != found.get(k)}
+    if wrong:
+        raise ValueError(f"model.path={path} does not hold model={model.name}: "
+                         + ", ".join(f"model.{k}={want} but config.json says {got}" for k, (want, got) in wrong.items()))
+
+
+def meta_model(model):
+    """`GptOssForCausalLM` for a `model` config node on the meta device: shapes and parameter counts, no
+    memory (the real presets' size check and the memory plan's cross-check)."""
+    from dataclasses import asdict
+
+    from transformers import GptOssForCausalLM
+
+    with torch.device("meta"):
+        return GptOssForCausalLM(gpt_oss_config(asdict(model)))
 
 
 def is_mxfp4_checkpoint(path: str | os.PathLike) -> bool:

@@ -6,8 +6,9 @@ Run:  python -m rl.pipeline experiment=tiny            (≈ minutes on 2 CPU cor
 Outputs in `run_dir`: model/ (initial), sft/, sft_logs/ (SFT metrics), checkpoints/step_*/ (RL), tensorboard/,
 metrics.jsonl,
 eval/eval.{json,md} (the table printed at the end), timings.json.
-With `model.path=...` the build step is skipped (a real gpt-oss checkpoint; set `sft.enabled=false`
-to start RL from it directly).
+With `model.path=...` the build step is skipped (a real gpt-oss checkpoint: a folder or a Hub id, see
+`rl.model.resolve_checkpoint`; set `sft.enabled=false` to start RL from it directly, as the
+`experiment=gpt_oss_*` presets do).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def run_sft_stage(cfg: Config, model_path: Path, out: Path) -> dict:
 
 def run(cfg: Config) -> dict:
     from rl.evaluate import evaluate_checkpoints
+    from rl.model import resolve_checkpoint
     from rl.train import fit, session
 
     if cfg.env.name == "dataset" and (cfg.sft.enabled or not cfg.model.path):
@@ -58,8 +60,8 @@ def run(cfg: Config) -> dict:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     resuming = cfg.resume and (run_dir / "sft" / "config.json").exists()
-    if cfg.model.path:
-        policy = Path(cfg.model.path)
+    if cfg.model.path:  # a folder, or a Hub id fetched into the cache; a named preset must match it
+        policy = resolve_checkpoint(cfg.model)
     elif resuming:  # the initial policy of the run being resumed (its KL reference): never rebuilt
         policy = run_dir / "model"
     else:

@@ -299,7 +299,9 @@ def main() -> None:
     def run(cfg: Config):
         if not cfg.model.path:
             raise SystemExit("train: set model.path to an HF checkpoint (or run `python -m rl.pipeline`)")
-        train(cfg)
+        from rl.model import resolve_checkpoint
+
+        train(cfg, resolve_checkpoint(cfg.model))  # a Hub id becomes its cached folder
 
     hydra_main(run)
 
