@@ -58,7 +58,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     `n_vocab` restricts the softmax to the first rows of the unembedding: the tiny model pads its
     embedding past the vocab map and the rollout engine masks those rows, so the learner must too."""
-    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+    # use_cache=False: a training pass needs no KV cache (on a GPU it would hold every layer's K and V)
+    out = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = out.last_hidden_state  # (B, L, H)
     h = hidden[:, :-1]  # (B, L-1, H) predicts tokens 1..L-1
     targets = input_ids[:, 1:]  # (B, L-1)
     sel = None
@@ -320,7 +322,8 @@ class Learner:
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected or [k for k in missing if "lm_head" not in k]:
             raise RuntimeError(f"checkpoint {path} does not match the policy: {missing=} {unexpected=}")
-        extra = torch.load(path / LEARNER_STATE, weights_only=False, map_location="cpu")  # optimizer state moves to its params
+        # on CPU: the RNG states must be CPU tensors; the optimizer moves its state to its parameters' device
+        extra = torch.load(path / LEARNER_STATE, weights_only=False, map_location="cpu")
         self.opt.load_state_dict(extra["optimizer"])
         self.step = extra["step"]
         self.opt_steps = extra["opt_steps"]

@@ -191,7 +191,8 @@ def _learner(cfg: Config, capacity: float) -> GpuBudget:
     per_layer = layer_activation_bytes(m, compute, residual)
     if lrn.gradient_checkpointing:
         act = T * (L * m.hidden_size * residual + 2 * per_layer)
-        how = f"{T} tokens x ({L} layer inputs x {m.hidden_size} x {residual} B + 2 layers x {per_layer / 1024:.0f} KiB)"
+        how = (f"{T} tokens x ({L} layer inputs x {m.hidden_size} x {residual} B"
+               f" + 2 layers x {per_layer / 1024:.0f} KiB)")
     else:
         act, how = T * (L + 1) * per_layer, f"{T} tokens x {L + 1} layers x {per_layer / 1024:.0f} KiB"
     b.items.append(("activations (one micro-batch)", act, how))

@@ -225,8 +225,8 @@ def check_architecture(model, path: str | os.PathLike) -> None:
     found = json.loads(Path(path, "config.json").read_text())
     wrong = {k: (getattr(model, k), found.get(k)) for k in ARCHITECTURE_FIELDS if getattr(model, k) != found.get(k)}
     if wrong:
-        raise ValueError(f"model.path={path} does not hold model={model.name}: "
-                         + ", ".join(f"model.{k}={want} but config.json says {got}" for k, (want, got) in wrong.items()))
+        said = ", ".join(f"model.{k}={want} but config.json says {got}" for k, (want, got) in wrong.items())
+        raise ValueError(f"model.path={path} does not hold model={model.name}: {said}")
 
 
 def meta_model(model):

@@ -106,7 +106,8 @@ def test_memory_arithmetic_by_hand():
     assert kv == 2 * 1024 * 24 * 2 * 8 * 64 * 2
     # one token, one layer, bf16 everywhere: norms 4 x 2880 x 2, attention 2 x (3 x 4096 + 3 x 512) + 4 x 64 heads,
     # MoE 4 x 32 router logits + 2 x (2 x 2880 + 4 experts x 5760)
-    assert layer_activation_bytes(m, 2, 2) == 4 * 2880 * 2 + 2 * (3 * 4096 + 3 * 512) + 256 + 128 + 2 * (5760 + 4 * 5760)
+    want = 4 * 2880 * 2 + 2 * (3 * 4096 + 3 * 512) + 256 + 128 + 2 * (5760 + 4 * 5760)
+    assert layer_activation_bytes(m, 2, 2) == want
     # LoRA r=16 on q/k/v/o: 16 x ((2880 + 4096) + 2 x (2880 + 512) + (4096 + 2880)) per layer
     assert lora_params(m, 16, ["q_proj", "k_proj", "v_proj", "o_proj"]) == 24 * 16 * (2 * 6976 + 2 * 3392)
     with pytest.raises(ValueError, match="unknown; valid"):
