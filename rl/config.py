@@ -190,6 +190,9 @@ class RolloutConfig:
     max_tokens: int = 320  # completion budget (analysis + final)
     max_model_len: int = 512  # prompt + completion tokens per sequence
     max_restarts: int = 2  # a crashed worker is restarted and its requests re-sent, this many times a step
+    # (task, effort) groups per engine call, each call handed to whichever worker is free (rl/dispatch.py);
+    # null = every group in one call with one worker, else about 4 calls per worker a rollout
+    groups_per_call: Optional[int] = None
     num_cpus: float = 1.0  # Ray CPUs per worker
     num_gpus: float = 0.0  # Ray GPUs per worker (tensor_parallel_size on a GPU node)
     dtype: str = choice("float32", ("float32", "bfloat16", "float16", "auto"))  # fp32 on CPU: log-probs match the learner
@@ -396,6 +399,8 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         (c.algo.correction == "none" or c.algo.old_logprobs == "recompute"
          or c.algo.mini_batches * c.algo.ppo_epochs == 1, "algo.correction",
          "none when algo.old_logprobs=behavior with several optimizer steps (set old_logprobs=recompute)"),
+        (c.rollout.groups_per_call is None or c.rollout.groups_per_call >= 1, "rollout.groups_per_call",
+         ">= 1 or null"),
         (all(r.scale >= 0 for r in c.learner.lr_scale), "learner.lr_scale", "scales >= 0 (0 freezes)"),
         (_betas_ok(c.sft.betas), "sft.betas", "[beta1, beta2] each in [0, 1)"),
         (_betas_ok(c.learner.betas), "learner.betas", "[beta1, beta2] each in [0, 1)"),
