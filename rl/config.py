@@ -286,6 +286,11 @@ class LoggingConfig:
 class TrainConfig:
     steps: int = 20
     tasks_per_step: int = 8  # tasks per step; each at every effort x algo.group_size samples
+    # 0: each step's rollout samples the weights of the step before (synchronous). 1: one-step-off, the
+    # rollout of step t+1 runs while the learner trains step t; samples are then one learner step old
+    # (rl/async_rollouts.py; pair with algo.correction or algo.old_logprobs=behavior). Samples older
+    # than this many steps are dropped.
+    max_staleness: int = 0
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
 
@@ -399,6 +404,8 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         (c.algo.correction == "none" or c.algo.old_logprobs == "recompute"
          or c.algo.mini_batches * c.algo.ppo_epochs == 1, "algo.correction",
          "none when algo.old_logprobs=behavior with several optimizer steps (set old_logprobs=recompute)"),
+        (c.train.max_staleness in (0, 1), "train.max_staleness",
+         "0 (synchronous) or 1 (one-step-off; deeper pipelines are not built)"),
         (c.rollout.groups_per_call is None or c.rollout.groups_per_call >= 1, "rollout.groups_per_call",
          ">= 1 or null"),
         (all(r.scale >= 0 for r in c.learner.lr_scale), "learner.lr_scale", "scales >= 0 (0 freezes)"),

@@ -258,6 +258,7 @@ def test_learner_logs_the_mismatch_and_icepop_drops_every_token_outside_its_band
     ({"algo": {"objective": "grpo"}}, "algo.objective"),
     ({"algo": {"correction_cap": 1.0}}, "algo.correction_cap"),
     ({"algo": {"offpolicy_mask": -0.1}}, "algo.offpolicy_mask"),
+    ({"train": {"max_staleness": 2}}, "train.max_staleness"),
     ({"rollout": {"groups_per_call": 0}}, "rollout.groups_per_call"),
 ])
 def test_bad_offpolicy_config_names_the_key(raw, key):
@@ -269,6 +270,7 @@ def test_bad_offpolicy_config_names_the_key(raw, key):
 
 @pytest.mark.parametrize("overrides", [
     ["algo=gspo"], ["algo=cispo"], ["algo=sapo", "algo.correction=tis"],
+    ["experiment=tiny", "train.max_staleness=1"],
     ["algo.correction=icepop", "algo.mini_batches=4", "algo.old_logprobs=recompute", "algo.offpolicy_mask=0.5"],
 ])
 def test_presets_compose(overrides):
