@@ -18,6 +18,8 @@ Guarantees and limits
   next free worker; any other exception propagates at once.
 - One call in flight per worker: a worker idles for one round trip between chunks. Chunks are
   whole prompts, so a group's samples share a worker and a weights version.
+- Smaller chunks balance better but batch less, and each call waits for its longest completion;
+  `rollout.groups_per_call` trades one for the other (one worker: one call, as before the queue).
 Departures: verl and prime-rl split a batch evenly across engines (a slow one stalls the step);
 AReaL/slime stream single requests to a router. Chunks sit between: vLLM still batches within a
 chunk, and the queue absorbs uneven workers.
