@@ -75,6 +75,9 @@ class Sample:
     metadata: dict[str, Any] = field(default_factory=dict)
     finish_reason: str = "stop"  # "stop" | "length"
     budget_forced: bool = False  # rollout closed the analysis at its cap and opened the final (rl/forcing.py)
+    # The learner step whose weights sampled it (the `version` of the pool's last weight update,
+    # rl/workers.py); None = not recorded. Async training drops samples staler than train.max_staleness.
+    policy_version: int | None = None
 
     @property
     def group_key(self) -> tuple[str, str]:

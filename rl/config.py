@@ -136,6 +136,20 @@ class AlgoConfig:
     mini_batches: int = 1  # optimizer steps per pass over a rollout batch (shuffled split)
     ppo_epochs: int = 1  # passes over each rollout batch
     old_logprobs: str = choice("recompute", ("recompute", "behavior"))  # learner no-grad pass | engine's
+    # Policy objective (rl/algorithms.py OBJECTIVES): clipped token ratio | GSPO sequence ratio (clip
+    # ~3e-4/4e-4: conf/algo/gspo.yaml) | CISPO capped-weight REINFORCE | SAPO soft gate
+    objective: str = choice("ppo", ("ppo", "gspo", "cispo", "sapo"))
+    cispo_cap: float = 5.0  # objective=cispo: the detached ratio weight is capped here (ScaleRL / TRL: 5)
+    sapo_tau_pos: float = 1.0  # objective=sapo: gate temperature for A > 0
+    sapo_tau_neg: float = 1.05  # objective=sapo: gate temperature for A <= 0 (sharper)
+    # Rollout/learner mismatch correction by rho = pi_learner / pi_behaviour per token (rl/algorithms.py
+    # CORRECTIONS): none | tis: weight min(rho, cap) | mis: rho, 0 above cap | icepop: rho, 0 outside
+    # [1/cap, cap]. Needs the learner's own old log-probs (old_logprobs=recompute, or one optimizer step).
+    correction: str = choice("none", ("none", "tis", "mis", "icepop"))
+    correction_cap: float = 2.0  # > 1: the TIS cap, the MIS threshold, the IcePop band [1/cap, cap]
+    # Off-policy sequence masking (DeepSeek-V3.2): drop a sequence with A < 0 whose mean per-token
+    # KL(behaviour || current) exceeds this (e.g. 0.5); null = off
+    offpolicy_mask: Optional[float] = None
 
 
 @dataclass
@@ -189,6 +203,9 @@ class RolloutConfig:
     max_tokens: int = 320  # completion budget (analysis + final)
     max_model_len: int = 512  # prompt + completion tokens per sequence
     max_restarts: int = 2  # a crashed worker is restarted and its requests re-sent, this many times a step
+    # (task, effort) groups per engine call, each call handed to whichever worker is free (rl/dispatch.py);
+    # null = every group in one call with one worker, else about 4 calls per worker a rollout
+    groups_per_call: Optional[int] = None
     num_cpus: float = 1.0  # Ray CPUs per worker
     num_gpus: float = 0.0  # Ray GPUs per worker (tensor_parallel_size on a GPU node)
     dtype: str = choice("float32", ("float32", "bfloat16", "float16", "auto"))  # fp32 on CPU: log-probs match the learner
@@ -311,6 +328,11 @@ class LoggingConfig:
 class TrainConfig:
     steps: int = 20
     tasks_per_step: int = 8  # tasks per step; each at every effort x algo.group_size samples
+    # 0: each step's rollout samples the weights of the step before (synchronous). 1: one-step-off, the
+    # rollout of step t+1 runs while the learner trains step t; samples are then one learner step old
+    # (rl/async_rollouts.py; pair with algo.correction or algo.old_logprobs=behavior). Samples older
+    # than this many steps are dropped.
+    max_staleness: int = 0
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
 
@@ -417,6 +439,18 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         (c.algo.ppo_epochs >= 1, "algo.ppo_epochs", ">= 1"),
         (c.algo.group_size >= 2, "algo.group_size", ">= 2 (GRPO needs a group)"),
         (c.algo.max_tokens is None or c.algo.max_tokens >= 1, "algo.max_tokens", ">= 1 or null"),
+        (c.algo.correction_cap > 1.0, "algo.correction_cap", "> 1"),
+        (c.algo.cispo_cap > 0, "algo.cispo_cap", "> 0"),
+        (c.algo.sapo_tau_pos > 0 and c.algo.sapo_tau_neg > 0, "algo.sapo_tau_pos", "> 0 (and sapo_tau_neg)"),
+        (c.algo.offpolicy_mask is None or c.algo.offpolicy_mask >= 0, "algo.offpolicy_mask", ">= 0 or null"),
+        # With the engine's log-probs as the old policy, rho would be 1 everywhere: nothing to correct.
+        (c.algo.correction == "none" or c.algo.old_logprobs == "recompute"
+         or c.algo.mini_batches * c.algo.ppo_epochs == 1, "algo.correction",
+         "none when algo.old_logprobs=behavior with several optimizer steps (set old_logprobs=recompute)"),
+        (c.train.max_staleness in (0, 1), "train.max_staleness",
+         "0 (synchronous) or 1 (one-step-off; deeper pipelines are not built)"),
+        (c.rollout.groups_per_call is None or c.rollout.groups_per_call >= 1, "rollout.groups_per_call",
+         ">= 1 or null"),
         (all(r.scale >= 0 for r in c.learner.lr_scale), "learner.lr_scale", "scales >= 0 (0 freezes)"),
         (_betas_ok(c.sft.betas), "sft.betas", "[beta1, beta2] each in [0, 1)"),
         (_betas_ok(c.learner.betas), "learner.betas", "[beta1, beta2] each in [0, 1)"),

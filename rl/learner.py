@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from rl.algorithms import policy_loss
+from rl.algorithms import loss_options, mismatch_metrics, policy_loss
 from rl.batch import TrainBatch
 from rl.checkpoint import LEARNER_STATE
 from rl.config import AlgoConfig, LearnerConfig, LrScale, not_implemented
@@ -213,6 +213,8 @@ class Learner:
         policy that sampled: `algo.old_logprobs` = recompute (a no-grad learner pass before updating,
         as verl) or behavior (the rollout engine's, no extra pass; they match the learner's to ~1e-6
         in fp32, see the rollout_logprob_diff metric).
+        The loss gets the engine's log-probs too (`algo.correction`, `algo.offpolicy_mask`), and the
+        returned metrics hold `rl.algorithms.mismatch_metrics` over every loss token of the first pass.
         """
         if batch.size == 0:
             raise ValueError("train_step got an empty batch")
@@ -228,23 +230,29 @@ class Learner:
                 old = batch.behavior_logprobs
         sums: dict[str, float] = {}
         n_steps = 0
-        for _ in range(epochs):
+        gap: tuple[list, list] = ([], [])  # learner / behaviour log-probs of every loss token, first pass
+        for epoch in range(epochs):
             order = torch.randperm(batch.size) if n_mini > 1 else torch.arange(batch.size)
             for idx in torch.tensor_split(order, n_mini):
                 part_old = None if old is None else old[idx]
-                m = self._optimizer_step(batch.select(idx), part_old)
+                m = self._optimizer_step(batch.select(idx), part_old, gap if epoch == 0 else None)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_steps += 1
         self.step += 1
         metrics = {k: v / n_steps for k, v in sums.items()}
         metrics["tokens"] = batch.num_tokens()
+        metrics.update(mismatch_metrics(torch.cat(gap[0]), torch.cat(gap[1]), correction=self.algo.correction,
+                                        correction_cap=self.algo.correction_cap))
         metrics["optimizer_steps"] = float(n_steps)
         return metrics
 
-    def _optimizer_step(self, batch: TrainBatch, old: torch.Tensor | None) -> dict[str, float]:
+    def _optimizer_step(self, batch: TrainBatch, old: torch.Tensor | None, gap: tuple[list, list] | None = None
+                        ) -> dict[str, float]:
         """One AdamW step on `batch`, accumulated over micro-batches; `old` (B, L') = old log-probs
-        (None: on-policy, old = current)."""
+        (None: on-policy, old = current). `gap`: lists that get the learner's and the engine's
+        log-probs of the loss tokens (the learner's: the proximal ones, or the current ones when the
+        engine's are the old policy)."""
         # Micro-batches of similar lengths pad less; the loss is a weighted sum over micro-batches, so
         # the order only changes the float summation order.
         order = torch.argsort(batch.lengths, stable=True)
@@ -260,19 +268,18 @@ class Learner:
             if self.ref is not None:
                 with torch.no_grad():
                     ref_lp = self._logprobs(self.ref, part)
-            loss, m = policy_loss(
-                lp, old_lp, part.advantages, part.loss_mask,
-                clip_low=self.algo.clip_low, clip_high=self.algo.clip_high,
-                loss_agg=agg, max_tokens=self.algo.max_tokens,
-                ref_logprobs=ref_lp, kl_coef=self.algo.kl_coef,
-                entropy=ent, entropy_coef=self.algo.entropy_coef,
-            )
+            loss, m = policy_loss(lp, old_lp, part.advantages, part.loss_mask, behavior_logprobs=part.behavior_logprobs,
+                                  ref_logprobs=ref_lp, entropy=ent, **loss_options(self.algo))
             # Re-weight micro-batch means so the sum equals the full-batch aggregate.
             weight = part.num_tokens() / total_tokens if agg == "token_mean" else part.size / batch.size
             (loss * weight).backward()
             with torch.no_grad():
                 tok = part.loss_mask.bool()
                 learner_lp = lp.detach()[tok]
+                if gap is not None:
+                    gap[0].append((learner_lp if old is not None and self.algo.old_logprobs == "behavior"
+                                   else old_lp[tok]).double())
+                    gap[1].append(part.behavior_logprobs[tok].double())
                 diff = part.behavior_logprobs[tok] - learner_lp  # behaviour vs learner log-prob gap
                 gaps = {"rollout_logprob_diff": float(diff.abs().mean()), "rollout_kl": float(diff.mean()),
                         "entropy_proxy": float(-learner_lp.mean())} if diff.numel() else \

@@ -10,6 +10,9 @@ the resumable stream, roll each out at every effort in `env.efforts` with `algo.
 (`WorkerPool.rollout`: token ids in/out, behaviour log-probs), score with the composite reward,
 compute group advantages over (task, effort) groups, collate one `TrainBatch`, take one learner step,
 push the new weights into the workers in place. Each step prints one line with the time split.
+With `train.max_staleness=1` the next step's rollout runs while the learner trains
+(rl/async_rollouts.py: one-step-off, every sample stamped with the weights version that drew it;
+the sync waits for that rollout, so none mixes two versions).
 
 `train_loop` receives its learner, worker pool, reward and logger as arguments (anything with the same
 methods), so the fast test tier drives whole steps with in-process fakes; `train` builds the real
@@ -23,14 +26,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from concurrent.futures import Future
 from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
 from envs.types import Sample, Task
 from rewards.types import RewardResult
-from rl import checkpoint, seeds
+from rl import checkpoint
 from rl.algorithms import get_advantage_fn, informative_groups
+from rl.async_rollouts import RolloutQueue
 from rl.batch import TrainBatch, collate
 from rl.config import Config, hydra_main, to_yaml
 from rl.data import TaskStream, make_env, make_reward
@@ -52,9 +57,9 @@ class Rollouts(Protocol):
 
     restarts: int
 
-    def rollout(self, tasks: Sequence[Task], efforts: Sequence[str], group_size: int,
-                seed: int) -> list[Sample]: ...
-    def update_weights(self, weights) -> None: ...
+    def submit(self, tasks: Sequence[Task], efforts: Sequence[str], group_size: int,
+               seed: int) -> "Future[list[Sample]]": ...
+    def update_weights(self, weights, version: int | None = None) -> None: ...
 
 
 class Timer:
@@ -134,27 +139,29 @@ def train_loop(cfg: Config, learner: Policy, pool: Rollouts, reward, stream: Tas
     """Steps `start_step + 1 .. cfg.train.steps`; checkpoints every `train.checkpoint_every` steps and
     at the end. `evaluate(step)` (optional) runs every `eval.every` steps."""
     step, last = start_step, None
+    rollouts = RolloutQueue(cfg, pool, stream, start_step)  # up to train.max_staleness steps ahead
     while step < cfg.train.steps:
         timer = Timer()
-        tasks = stream.next(cfg.train.tasks_per_step)
         with timer("rollout"):
-            samples = pool.rollout(tasks, cfg.env.efforts, cfg.algo.group_size, seeds.step_seed(cfg.seed, step))
+            samples, staleness = rollouts.take(step + 1)  # submits the next step's first when async
         with timer("reward"):
             results = reward.score_batch(samples)
         with timer("advantage"):
             batch, extra = build_batch(cfg, samples, results, vmap)
         with timer("learner"):
             metrics = learner.train_step(batch)
+        with timer("rollout"):
+            rollouts.drain()  # async: the next step's rollout (running since this step began) ends first
         with timer("sync"):
-            pool.update_weights(learner.weights())
+            pool.update_weights(learner.weights(), version=step + 1)
         step += 1
-        metrics = {**step_metrics(samples, results, cfg.eval.metric), **metrics, **extra,
+        metrics = {**step_metrics(samples, results, cfg.eval.metric), **metrics, **extra, **staleness,
                    "worker_restarts": float(pool.restarts), **{f"time/{k}": v for k, v in timer.t.items()}}
         logger.log(metrics, step)
         print(step_line(cfg, step, metrics, timer.t), flush=True)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             last = checkpoint.save(cfg.run_dir, step, learner.save,
-                                   {"cursor": stream.cursor, "seed": cfg.seed, "initial_policy": initial_policy},
+                                   {"cursor": rollouts.cursor, "seed": cfg.seed, "initial_policy": initial_policy},
                                    keep=cfg.train.keep_checkpoints)
         if evaluate is not None and cfg.eval.every and step % cfg.eval.every == 0:
             evaluate(step)
@@ -230,7 +237,7 @@ def start_run(cfg: Config, policy_path: str, make_learner=None, make_pool=None) 
         # starts from it too) and get the learner's weights before the first rollout: after a resume,
         # and under QAT, where the engines serve the learner's MXFP4-quantised experts.
         pool = make_pool(initial, cfg.rollout, cfg.seed)
-        pool.update_weights(learner.weights())
+        pool.update_weights(learner.weights(), version=state.get("step", 0))
         yield Run(learner, pool, reward, stream, VocabMap.load(initial), state.get("step", 0), initial)
     finally:
         if pool is not None:

@@ -2,20 +2,34 @@
 
     pool = WorkerPool(model_path, cfg.rollout, seed)
     samples = pool.rollout(tasks, efforts, group_size, seed=step_seed)   # training
+    future = pool.submit(tasks, efforts, group_size, seed=step_seed)     # the same, without waiting
     completions = pool.generate(prompts, n, temperature=0.0, seed=None)  # evaluation
-    pool.update_weights(learner.state_for_sync.remote())                 # in place, every worker
+    pool.update_weights(learner.state_for_sync.remote(), version=step)   # in place, every worker
     pool.close()
 
 How requests are spread
 - `rollout`: every task at every effort is one prompt (`rl.tools.task_prompt`) sampled
-  `group_size` times. Prompt k goes to worker k mod W, and worker i samples with seed `seed + i`
-  (each prompt's own stream is `rl.seeds.request_seed(seed + i, position, n)`). Samples come back in
-  task, effort, sample order whichever worker answered first. With `rollout.budget_forcing.enabled`
-  each prompt carries its effort's analysis cap (rl/forcing.py). With `rollout.tools.python.enabled`
-  prompts describe the python tool and the engines answer its calls (rl/tools.py), in `rollout` and
-  in `generate` alike (evaluation measures the policy with the tools it was trained with).
-- `generate`: contiguous chunks, each told its offset (`first_index`), so the result is what one
-  engine would give for the whole list, whatever the number of workers.
+  `group_size` times. The prompts are cut into chunks (`rollout.groups_per_call`; by default all in
+  one call with one worker, about four calls per worker with several) and a chunk goes to whichever
+  worker is free (rl/dispatch.py), so a slow worker does not stall the step. Prompt k samples from
+  `rl.seeds.request_seed(seed, k, n)` whichever worker serves it (chunk [a, b) is told
+  `first_index=a`): the samples do not depend on the number of workers or on timing, and with one
+  worker they are those of a single call. Samples come back in task, effort, sample order, each
+  stamped with `policy_version`, the `version` of the weights the workers held. With
+  `rollout.budget_forcing.enabled` each prompt carries its effort's analysis cap (rl/forcing.py).
+  With `rollout.tools.python.enabled` prompts describe the python tool and the engines answer its
+  calls (rl/tools.py), in `rollout` and in `generate` alike (evaluation measures the policy with the
+  tools it was trained with).
+- `generate`: the same queue of chunks, so the result is what one engine would give for the whole
+  list, whatever the number of workers.
+
+Ordering (what async training relies on)
+  Every rollout, evaluation and weight update runs on one pool thread, in the order they were
+  called: `submit` returns at once, and an `update_weights` called while rollouts are in flight waits
+  for them to finish, then loads the weights into every worker; rollouts submitted after it sample
+  the new weights. So a rollout never mixes two weight versions, and no weight load races with a
+  generate call (a Ray actor runs its calls one at a time anyway; the FIFO makes the version of
+  every sample known).
 
 Faults
   A worker whose process dies mid-call (Ray raises `RayActorError`) is replaced: a new actor starts
@@ -29,13 +43,14 @@ Faults
 from __future__ import annotations
 
 import logging
-import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
 from envs import harmony
 from envs.types import Sample, Task
 from rl import forcing, tools
 from rl.config import RolloutConfig
+from rl.dispatch import plan_chunks, run_queue
 from rl.engine import Completion, RolloutWorker
 
 ENGINES = {"vllm": RolloutWorker}  # rollout.engine -> the Ray actor class (its choices in rl/config.py)
@@ -58,7 +73,11 @@ class WorkerPool:
             tools.require_sandbox(cfg.tools.python)  # fail here, not as workers dying at their first call
         self._worker_cls = worker_cls or ENGINES[cfg.engine]
         self.restarts = 0  # workers replaced so far (all calls)
+        self.version: int | None = None  # `version` of the last weight update (stamped on samples)
+        self.served: list[int] = []  # chunks each worker served in the last rollout / generate
         self._latest: tuple[str, Any] | None = None  # (engine method, its argument) of the last update
+        self._closing = False
+        self._ops = ThreadPoolExecutor(1, thread_name_prefix="rollout-pool")  # the FIFO of pool operations
         self._workers = [self._start(i) for i in range(cfg.num_workers)]
 
     # ---- sampling ----------------------------------------------------------------------------
@@ -67,34 +86,50 @@ class WorkerPool:
                 seed: int) -> list[Sample]:
         """Every task at every effort, `group_size` samples each (temperature, top_p, max_tokens
         from the engines' `cfg`), in task, effort, sample order."""
+        return self.submit(tasks, efforts, group_size, seed).result()
+
+    def submit(self, tasks: Sequence[Task], efforts: Sequence[str], group_size: int,
+               seed: int) -> "Future[list[Sample]]":
+        """`rollout` without waiting: a Future of its samples, run after every operation called before
+        it (module docstring, "Ordering")."""
         jobs = [(t, e, tools.task_prompt(t, e, self.cfg.tools.python)) for t in tasks for e in efforts]
-        width = len(self._workers)
-        calls = {i: {"prompts": [p for _, _, p in jobs[i::width]], "n": group_size, "seed": seed + i}
-                 for i in range(width) if jobs[i::width]}
-        for i, call in calls.items():
-            caps = forcing.analysis_caps(self.cfg.budget_forcing, [e for _, e, _ in jobs[i::width]])
-            if caps is not None:  # only then: the call stays what it was without forcing
-                call["analysis_caps"] = caps
-            call.update(self._tool_args())
-        answers = self._run("generate", calls)
-        per_job: list[list[Completion]] = [[] for _ in jobs]
-        for i, comps in answers.items():
-            for k, c in zip(range(i, len(jobs), width), comps):  # worker i had jobs i, i+W, ...
-                per_job[k] = c
-        return [to_sample(task, effort, prompt, c) for (task, effort, prompt), comps in zip(jobs, per_job)
-                for c in comps]
+        return self._ops.submit(self._rollout, jobs, group_size, seed)
+
+    def _rollout(self, jobs: list[tuple[Task, str, list[int]]], group_size: int, seed: int) -> list[Sample]:
+        caps = forcing.analysis_caps(self.cfg.budget_forcing, [e for _, e, _ in jobs])
+        comps = self._sample([p for _, _, p in jobs], {"n": group_size, "seed": seed, **self._tool_args()}, caps)
+        return [to_sample(task, effort, prompt, c, self.version)
+                for (task, effort, prompt), cs in zip(jobs, comps) for c in cs]
 
     def generate(self, prompts: list[list[int]], n: int, *, temperature: float,
                  seed: int | None) -> list[list[Completion]]:
         """`n` completions per prompt (evaluation; top_p and max_tokens from `cfg`; never budget-forced:
         evaluation measures the policy alone); result[i][j] is sample j of prompt i, the same for any
         number of workers when `seed` is given."""
-        size = math.ceil(len(prompts) / len(self._workers)) if prompts else 0
-        calls = {i: {"prompts": prompts[i * size:(i + 1) * size], "n": n, "temperature": temperature,
-                     "seed": seed, "first_index": i * size, **self._tool_args()}
-                 for i in range(len(self._workers)) if prompts[i * size:(i + 1) * size]}
-        answers = self._run("generate", calls)
-        return [c for i in sorted(answers) for c in answers[i]]
+        call = {"n": n, "temperature": temperature, "seed": seed, **self._tool_args()}
+        return self._ops.submit(self._sample, list(prompts), call).result()
+
+    def _sample(self, prompts: list[list[int]], call: dict, caps: list | None = None) -> list[list[Completion]]:
+        """`generate(prompts, **call)` through the work queue: chunk [a, b) gets `first_index=a` (and
+        its prompts' analysis caps); result[i] holds prompt i's completions."""
+        import ray
+
+        def send(i: int, chunk: range):
+            kwargs = {**call, "prompts": prompts[chunk.start:chunk.stop], "first_index": chunk.start}
+            if caps is not None:  # only then: the call stays what it was without forcing
+                kwargs["analysis_caps"] = caps[chunk.start:chunk.stop]
+            return self._workers[i].generate.remote(**kwargs)
+
+        used = 0  # restarts in this call
+
+        def replace(i: int, exc: BaseException) -> None:
+            nonlocal used
+            used = self._replace(i, exc, used, "generate")
+
+        chunks = plan_chunks(len(prompts), len(self._workers), self.cfg.groups_per_call)
+        answers, self.served = run_queue(chunks, len(self._workers), send, _wait_one, ray.get,
+                                         faults=(ray.exceptions.RayActorError,), replace=replace)
+        return [c for answer in answers for c in answer]
 
     def _tool_args(self) -> dict:
         """`python_tool=True` only when the tool is on: the call stays what it was without it."""
@@ -102,22 +137,23 @@ class WorkerPool:
 
     # ---- weights -----------------------------------------------------------------------------
 
-    def update_weights(self, weights) -> None:
+    def update_weights(self, weights, version: int | None = None) -> None:
         """Load HF-named tensors (a dict, or a Ray ObjectRef to one, e.g. the learner actor's
-        `state_for_sync.remote()`) into every worker in place; remembered for replacements."""
+        `state_for_sync.remote()`) into every worker in place, after the rollouts already submitted;
+        remembered for replacements. `version` (the learner step of these weights) is stamped on the
+        samples drawn with them. Returns when every worker holds them."""
         import ray
 
-        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)  # stored once
-        self._update("update_weights", ref)
+        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)  # a snapshot, stored once
+        self._ops.submit(self._update, "update_weights", ref, version).result()
 
-    def update_weights_from_path(self, path: str) -> None:
+    def update_weights_from_path(self, path: str, version: int | None = None) -> None:
         """Load an HF checkpoint folder (same vocabulary) into every worker; remembered too."""
-        self._update("update_weights_from_path", str(path))
+        self._ops.submit(self._update, "update_weights_from_path", str(path), version).result()
 
-    def _update(self, method: str, arg) -> None:
-        self._latest = (method, arg)  # before sending: a replacement started now loads this one
-        # A worker that dies here is replaced and loads `arg` while starting: nothing to re-send.
-        self._run(method, {i: {} for i in range(len(self._workers))}, args=(arg,), resend=False)
+    def _update(self, method: str, arg, version: int | None) -> None:
+        self._latest, self.version = (method, arg), version  # before sending: a replacement started now loads it
+        self._broadcast(method, arg)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -128,9 +164,12 @@ class WorkerPool:
         return ray.get([w.health.remote() for w in self._workers])
 
     def close(self) -> None:
-        """Shut the engines down (removes their temporary folders) and kill the actors; idempotent."""
+        """Shut the engines down (removes their temporary folders) and kill the actors; idempotent. An
+        operation still in flight ends with an error (no worker is restarted after this)."""
         import ray
 
+        self._closing = True
+        self._ops.shutdown(wait=False, cancel_futures=True)
         workers, self._workers = self._workers, []
         if not workers or not ray.is_initialized():
             return
@@ -154,34 +193,27 @@ class WorkerPool:
             ray.get(getattr(actor, method).remote(arg))
         return actor
 
-    def _run(self, method: str, calls: dict[int, dict], args: tuple = (),
-             resend: bool = True) -> dict[int, Any]:
-        """`method(*args, **calls[i])` on every worker i named in `calls`, all at once; returns worker
-        index -> result. A dead worker is replaced as soon as it is noticed (the others keep working)
-        and, if `resend`, its call is sent again to the replacement."""
+    def _broadcast(self, method: str, arg) -> None:
+        """`method(arg)` on every worker at once. A worker that dies is replaced as soon as it is noticed
+        (the others keep working); the replacement loads `_latest`, this very update, while starting."""
         import ray
 
-        def send(i: int):
-            return getattr(self._workers[i], method).remote(*args, **calls[i])
-
-        pending = {send(i): i for i in calls}
-        results: dict[int, Any] = {}
+        pending = {getattr(w, method).remote(arg): i for i, w in enumerate(self._workers)}
         used = 0  # restarts in this call
         while pending:
-            [done], _ = ray.wait(list(pending), num_returns=1)
+            done = _wait_one(list(pending))
             i = pending.pop(done)
             try:
-                results[i] = ray.get(done)
+                ray.get(done)
             except ray.exceptions.RayActorError as exc:
                 used = self._replace(i, exc, used, method)
-                if resend:
-                    pending[send(i)] = i
-        return results
 
     def _replace(self, i: int, exc: Exception, used: int, method: str) -> int:
         """Start a new worker in slot `i`; returns the restarts used by this call so far."""
         import ray
 
+        if self._closing:
+            raise RuntimeError(f"rollout worker {i} died during {method} while the pool was closing") from exc
         while True:
             if used >= self.cfg.max_restarts:
                 raise RuntimeError(
@@ -202,12 +234,20 @@ class WorkerPool:
                 exc = again
 
 
-def to_sample(task: Task, effort: str, prompt: list[int], c: Completion) -> Sample:
+def _wait_one(refs: list):
+    """The first of `refs` to finish (Ray)."""
+    import ray
+
+    [done], _ = ray.wait(refs, num_returns=1)
+    return done
+
+
+def to_sample(task: Task, effort: str, prompt: list[int], c: Completion, version: int | None = None) -> Sample:
     """One completion of `prompt` (`task` at `effort`) as a `Sample`: loss mask 1 on sampled ids and
     0 on inserted ids (budget forcing, a python tool's answers), behaviour log-probs, parsed Harmony
-    transcript (all turns), the task's metadata copied."""
+    transcript (all turns), the task's metadata copied, the weights `version` that sampled it."""
     return Sample(
         task_id=task.task_id, env=task.env, effort=effort, prompt_ids=prompt,
         completion_ids=list(c.ids), loss_mask=list(c.sampled), behavior_logprobs=list(c.logprobs),
         transcript=harmony.parse_completion(c.ids), metadata=dict(task.metadata),
-        finish_reason=c.finish_reason, budget_forced=c.budget_forced)
+        finish_reason=c.finish_reason, budget_forced=c.budget_forced, policy_version=version)

@@ -169,15 +169,17 @@ def test_engine_generate_runs_episodes_when_asked():
 
 
 def test_worker_pool_asks_for_the_tool_in_rollouts_and_evaluation():
+    from concurrent.futures import ThreadPoolExecutor
+
     pool = WorkerPool.__new__(WorkerPool)
-    pool.cfg, pool._workers, sent = RolloutConfig(tools=ToolsConfig(ON)), [object()], []
+    pool.cfg, pool.version, pool._ops, sent = RolloutConfig(tools=ToolsConfig(ON)), None, ThreadPoolExecutor(1), []
     ids = harmony.render_completion(None, "4")
 
-    def run(method, calls, args=(), resend=True):
-        sent.append(calls[0])
-        return {0: [[Completion(ids, [0.0] * len(ids), "stop")] * calls[0]["n"] for _ in calls[0]["prompts"]]}
+    def sample(prompts, call, caps=None):  # what the work queue would send, as one call
+        sent.append({**call, "prompts": prompts})
+        return [[Completion(ids, [0.0] * len(ids), "stop")] * call["n"] for _ in prompts]
 
-    pool._run = run
+    pool._sample = sample
     samples = pool.rollout([Task("t", "math", "Compute 2+2.")], ["low"], 2, seed=1)
     assert len(samples) == 2 and sent[0]["python_tool"] is True
     assert "## python" in harmony.decode(sent[0]["prompts"][0]) and "## python" in harmony.decode(samples[0].prompt_ids)
@@ -186,3 +188,4 @@ def test_worker_pool_asks_for_the_tool_in_rollouts_and_evaluation():
     pool.cfg = RolloutConfig()  # off: the calls are what they were before the tool existed
     pool.rollout([Task("t", "math", "Compute 2+2.")], ["low"], 2, seed=1)
     assert "python_tool" not in sent[2] and "## python" not in harmony.decode(sent[2]["prompts"][0])
+    pool._ops.shutdown()

@@ -2,8 +2,10 @@
 
 Two tiers of realism, both slow (they start Ray):
 - a fake engine (RolloutEngine's methods, no vLLM) whose completions encode the weights it holds and
-  the request seed it sampled with, and which dies in the middle of a call on cue: checks which
-  requests went where, that only the dead worker's requests are sent again and the restart limit;
+  the request seed it sampled with, which dies in the middle of a call on cue and can be made slow:
+  checks the seeds, that only the dead worker's chunk is sent again and the restart limit, that a
+  slow worker does not stall a rollout (the work queue), and that a weight update waits for the
+  rollout in flight (each sample's `policy_version`);
 - the real vLLM engines on the tiny test policy: a worker SIGKILLed while a rollout is in flight is
   replaced by one that samples from the learner's latest weights, giving the samples the healthy
   pool gave.
@@ -31,8 +33,9 @@ pytestmark = pytest.mark.slow
 class FakeEngine:
     """A completion's log-probs are (weights tag, request seed, sample index, analysis cap or -1); the
     process exits in the middle of `generate` if the file `<checkpoint>/die-<engine seed>` exists
-    (removing it first). Every generate call is logged to `<checkpoint>/calls.log` as `engine_seed pid
-    n_prompts`. With caps, the completion's first id counts as inserted (`sampled` 0, budget-forced)."""
+    (removing it first), and every call sleeps the seconds written in `<checkpoint>/slow-<engine seed>`.
+    Every generate call is logged to `<checkpoint>/calls.log` as `engine_seed pid n_prompts`. With
+    caps, the completion's first id counts as inserted (`sampled` 0, budget-forced)."""
 
     def __init__(self, checkpoint, cfg, seed):
         self.dir, self.seed, self.tag = Path(checkpoint), seed, -1.0
@@ -41,10 +44,12 @@ class FakeEngine:
                  stop=True, first_index=0, analysis_caps=None):
         with open(self.dir / "calls.log", "a") as f:
             f.write(f"{self.seed} {os.getpid()} {len(prompts)}\n")
-        flag = self.dir / f"die-{self.seed}"
+        flag, slow = self.dir / f"die-{self.seed}", self.dir / f"slow-{self.seed}"
         if flag.exists():
             flag.unlink()
             os._exit(1)
+        if slow.exists():
+            time.sleep(float(slow.read_text()))
         ids = harmony.render_completion("fake", "0")
         caps = analysis_caps or [None] * len(prompts)
         return [[Completion(ids, [self.tag, float(request_seed(seed, first_index + i, n)), float(j),
@@ -94,25 +99,25 @@ def test_pool_order_seeds_and_replacement_of_a_dead_worker(tmp_path, ray_local):
     pool.update_weights({"w": torch.tensor(7.0)})
     tasks, efforts, n, seed = _tasks(3), ["low", "high"], 2, 5
     healthy = pool.rollout(tasks, efforts, n, seed)
-    # Task, effort, sample order; prompt k went to worker k % 2 with seed 5 + k % 2, at position k // 2.
+    # Task, effort, sample order; prompt k samples from request_seed(5, k, n), whichever worker served it.
     order = [(t.task_id, e) for t in tasks for e in efforts for _ in range(n)]
     assert [(s.task_id, s.effort) for s in healthy] == order
     for k in range(len(tasks) * len(efforts)):
         for j, s in enumerate(healthy[k * n:(k + 1) * n]):
-            assert s.behavior_logprobs[:3] == [7.0, request_seed(seed + k % 2, k // 2, n), j]
+            assert s.behavior_logprobs[:3] == [7.0, request_seed(seed, k, n), j]
             assert s.prompt_ids == harmony.render_prompt(tasks[k // 2].question, efforts[k % 2])
             assert s.loss_mask == [1] * len(s.completion_ids) and s.metadata == {"answer": str(2 * (k // 2))}
     assert all(s.transcript.final == "0" for s in healthy)
 
     (tmp_path / "calls.log").unlink()
+    pid = pool.health()[1]["pid"]
     (tmp_path / "die-101").touch()  # worker 1 dies in the middle of its next call
     again = pool.rollout(tasks, efforts, n, seed)
-    assert pool.restarts == 1
-    # The replacement holds the latest weights (tag 7) and samples with the same seeds.
+    assert pool.restarts == 1 and pool.health()[1]["pid"] != pid
+    # The replacement holds the latest weights (tag 7); every chunk keeps its seeds.
     assert [s.behavior_logprobs for s in again] == [s.behavior_logprobs for s in healthy]
     calls = _calls(tmp_path)
-    assert sorted((s, p) for s, _, p in calls) == [(100, 3), (101, 3), (101, 3)], calls  # only worker 1 re-sent
-    assert len({pid for s, pid, _ in calls if s == 101}) == 2, "the re-sent requests went to a new process"
+    assert sum(p for _, _, p in calls) == 6 + 1, calls  # 6 one-prompt chunks, the dead worker's sent again
 
     # Evaluation chunks are seeded as one call over the whole list, whatever the number of workers.
     prompts = [harmony.render_prompt(f"Compute {i}+1.", "low") for i in range(5)]
@@ -127,6 +132,26 @@ def test_pool_order_seeds_and_replacement_of_a_dead_worker(tmp_path, ray_local):
         pool.generate(prompts, 1, temperature=0.0, seed=9)
     pool.close()
     pool.close()  # idempotent
+
+
+def test_a_slow_worker_does_not_stall_a_rollout_and_updates_wait_for_it(tmp_path, ray_local):
+    import ray
+
+    pool = WorkerPool(str(tmp_path), RolloutConfig(num_workers=2), seed=0, worker_cls=ray.remote(FakeEngine))
+    try:
+        pool.update_weights({"w": torch.tensor(1.0)}, version=3)
+        (tmp_path / "slow-1").write_text("1.0")  # worker 1 takes a second a call, worker 0 none
+        future = pool.submit(_tasks(8), ["low"], 2, seed=5)  # 8 one-prompt chunks
+        pool.update_weights({"w": torch.tensor(2.0)}, version=4)  # queued behind the rollout
+        assert future.done()
+        first = future.result()
+        assert pool.served[0] >= 6 and pool.served[1] <= 2, pool.served  # a fixed split: 4 and 4
+        assert [s.behavior_logprobs[:2] for s in first[::2]] == [[1.0, request_seed(5, k, 2)] for k in range(8)]
+        assert {s.policy_version for s in first} == {3}  # sampled before the update, and stamped so
+        after = pool.rollout(_tasks(2), ["low"], 2, seed=5)
+        assert {s.behavior_logprobs[0] for s in after} == {2.0} and {s.policy_version for s in after} == {4}
+    finally:
+        pool.close()
 
 
 def test_budget_forcing_sends_every_prompt_its_efforts_cap(tmp_path, ray_local):
