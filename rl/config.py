@@ -74,8 +74,8 @@ class EnvConfig:
     families: list[str] = choice(["add", "mul", "muladd", "chain"],
                                  ("add", "mul", "muladd", "chain", "digit_sum"))  # MathEnv problem kinds
     steps: int = 5  # env.name=chain: boxes opened per chain (envs/chain_tasks.py)
-    chain_shuffle_rows: bool = True  # env.name=chain: the ten rows in a random order per task
-    chain_fixed_points: bool = False  # env.name=chain: allow a box that names itself
+    chain_shuffle_rows: bool = False  # env.name=chain: the ten rows in a random order per task
+    chain_fixed_points: bool = True  # env.name=chain: allow a box that names itself
     code_families: list[str] = choice(["expr", "expr2", "words", "examples", "piecewise"],
                                       ("expr", "expr2", "words", "examples", "piecewise"))  # CodeEnv phrasings
     # env.name=dataset: local jsonl/json/parquet/csv path or Hub name; env.name=code: a code dataset
