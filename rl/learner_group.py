@@ -48,8 +48,10 @@ Departures
   - verl/OpenRLHF sync over NCCL (a process group spanning the learner and vLLM, or CUDA IPC handles);
     here buckets travel through Ray's object store on GPU too: simpler, slower. The NCCL/IPC path is
     left for a GPU machine.
-  - No FSDP MixedPrecisionPolicy: the learner keeps its autocast over fp32 master weights (all-gathers
-    move fp32), so a rank computes exactly what the one-process learner does.
+  - Under bf16 autocast (CUDA) FSDP's MixedPrecisionPolicy all-gathers bf16 copies of the weights
+    (what rl/memory_plan.py counts) and reduces gradients in fp32: norms, sinks and biases then compute
+    from bf16 weights too, unlike the one-GPU learner, which autocasts matmuls only. Without autocast
+    (CPU) nothing is cast: a rank computes what the one-process learner does.
   - Gradients are reduce-scattered after every micro-batch (no `set_requires_gradient_sync(False)`
     accumulation): less memory, more communication.
   - Checkpoints hold the weights twice (HF folder for evaluation and engines, sharded for resume).
@@ -67,7 +69,7 @@ import torch.distributed as dist
 from rl.batch import TrainBatch
 from rl.checkpoint import LEARNER_STATE
 from rl.config import AlgoConfig, LearnerConfig
-from rl.device import resolve_device
+from rl.device import autocast_dtype, resolve_device
 from rl.learner import Learner, rng_state, set_rng_state, token_logprobs
 
 SHARDED_STATE = "learner_sharded"  # torch.distributed.checkpoint folder: model + optimizer shards
@@ -133,20 +135,24 @@ class _Scorer(torch.nn.Module):
 
 
 class FSDP:
-    """`rl.learner.DataParallel` of a rank in the default process group: FSDP2 sharding, collectives."""
+    """`rl.learner.DataParallel` of a rank in the default process group: FSDP2 sharding, collectives.
+    `param_dtype` (the learner's autocast dtype, None on CPU): what the all-gathers move and the
+    forward computes in (FSDP's MixedPrecisionPolicy; gradients are reduced in fp32)."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, param_dtype: torch.dtype | None = None):
+        self.device, self.param_dtype = device, param_dtype
 
     def shard(self, model: torch.nn.Module, device: torch.device) -> Callable[..., Any]:
         """Shard `model` (a GptOssForCausalLM) in place: a unit per decoder layer, a root over the rest;
         FSDP moves each shard to `device`. Returns the root (`token_logprobs` of the model)."""
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        units = [fully_shard(layer, mesh=mesh) for layer in model.model.layers]
-        root = fully_shard(_Scorer(model), mesh=mesh)
+        reduce = torch.float32 if self.param_dtype else None
+        mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=reduce)
+        units = [fully_shard(layer, mesh=mesh, mp_policy=mp) for layer in model.model.layers]
+        root = fully_shard(_Scorer(model), mesh=mesh, mp_policy=mp)
         for unit in [*units, root]:
             # The learner normalises every rank's loss by the whole batch: gradients are summed, not averaged.
             unit.set_gradient_divide_factor(1.0)
@@ -212,7 +218,8 @@ class LearnerRank:
         device = resolve_device(cfg.device)
         join_group(rank, world_size, master, device)
         self.rank, self.cfg = rank, cfg
-        self.learner = Learner(model_path, cfg, algo, seed, parallel=FSDP(device))
+        parallel = FSDP(device, autocast_dtype(device, cfg.autocast, cfg.dtype))
+        self.learner = Learner(model_path, cfg, algo, seed, parallel=parallel)
 
     def get_step(self) -> int:
         return self.learner.step
@@ -283,8 +290,8 @@ class LearnerRank:
         path = Path(path)
         write_weight_files(path, pieces, len(plan))
         model = self.learner.model
-        write_config(path, model.config, "GptOssForCausalLM", torch.bfloat16 if mxfp4 else getattr(torch, self.cfg.dtype),
-                     mxfp4=mxfp4)
+        dtype = torch.bfloat16 if mxfp4 else getattr(torch, self.cfg.dtype)
+        write_config(path, model.config, "GptOssForCausalLM", dtype, mxfp4=mxfp4)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(path)
         save_vocabulary(self.learner.vmap, path)

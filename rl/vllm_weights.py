@@ -245,5 +245,6 @@ def load_buckets(llm, buckets: Iterable[Mapping[str, torch.Tensor]], on_cpu: boo
         loaded.update(converted)
     missing = llm.apply_model(lambda model: sorted(set(dict(model.named_parameters())) - loaded))[0]
     if missing:
-        raise KeyError(f"bucketed weight update gave no tensor for {len(missing)} engine parameter(s), e.g. {missing[:5]}")
+        raise KeyError(f"bucketed weight update gave no tensor for {len(missing)} engine parameter(s), "
+                       f"e.g. {missing[:5]}")
     return len(loaded)
