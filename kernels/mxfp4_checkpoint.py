@@ -201,6 +201,21 @@ def index_shards(weight_map, index_path: str | os.PathLike) -> list[str]:
     return sorted(set(weight_map.values()))
 
 
+def tensor_files(path: str | os.PathLike) -> dict[str, str]:
+    """{tensor name: the file of `path` that holds it}, from the index when there is one (nothing is read
+    but the index or the single file's header; a sharded learner then reads its slices alone)."""
+    from safetensors import safe_open
+
+    path = require_checkpoint(path)
+    index_path = path / INDEX_NAME
+    if index_path.exists():
+        weight_map = json.loads(index_path.read_text()).get("weight_map")
+        index_shards(weight_map, index_path)  # a non-empty mapping
+        return dict(weight_map)
+    with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
+        return dict.fromkeys(f.keys(), WEIGHTS_NAME)
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors checkpoint folder: `model.safetensors.index.json` + its shards when the
     index is there (the released gpt-oss layout), else `model.safetensors`."""

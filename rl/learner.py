@@ -143,6 +143,8 @@ class DataParallel(Protocol):
     """What a learner needs of the ranks it trains with: `SingleProcess` alone, `rl.learner_group.FSDP`
     as a rank of the FSDP2 group."""
 
+    def load(self, path: str | os.PathLike, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+        """(model, VocabMap) of the HF folder `path`; a group's model may stay empty until `shard`."""
     def shard(self, model: torch.nn.Module, device: torch.device) -> Callable[..., Any]:
         """Put `model` on `device` (sharded, for a group) and return `token_logprobs` bound to it."""
     def sum(self, values: torch.Tensor) -> torch.Tensor: ...  # elementwise over the ranks
@@ -153,6 +155,9 @@ class DataParallel(Protocol):
 class SingleProcess:
     """The `DataParallel` of a learner alone: the model moves to the device, every collective is the
     identity."""
+
+    def load(self, path: str | os.PathLike, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+        return load_policy(path, dtype=dtype)
 
     def shard(self, model: torch.nn.Module, device: torch.device) -> Callable[..., Any]:
         model.to(device)
@@ -183,7 +188,7 @@ class Learner:
         self.device = resolve_device(cfg.device)
         self.autocast_dtype = autocast_dtype(self.device, cfg.autocast, cfg.dtype)
         dtype = getattr(torch, cfg.dtype)
-        self.model, self.vmap = load_policy(model_path, dtype=dtype)
+        self.model, self.vmap = self.parallel.load(model_path, dtype)
         if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs and our autograd Functions
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # The rollout engine gets MXFP4-quantised experts (what a gpt-oss engine serves) under QAT or
@@ -199,7 +204,7 @@ class Learner:
         self.n_vocab = None if self.vmap.canonical is None else len(self.vmap)
         self.ref = self.score_ref = None
         if algo.kl_coef > 0:  # the initial policy, whatever checkpoint `load` brings in later
-            self.ref, _ = load_policy(model_path, dtype=dtype)
+            self.ref, _ = self.parallel.load(model_path, dtype)
             if cfg.kernels == "deliberate":  # computed exactly as the policy is (QAT experts included)
                 from kernels.patch import apply_kernels
 

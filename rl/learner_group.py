@@ -35,8 +35,9 @@ Guarantees and limits
   - Peak memory outside the shards: one bucket (sync) or one shard file (export) on rank 0, plus the
     largest single parameter on every rank (`full_tensor()` all-gathers it). A bucket is never smaller
     than one `sync_unit` (gpt-oss-120b: a layer's experts, 12.7 GB in fp32).
-  - Every rank builds the full policy on CPU before sharding it (then FSDP moves its shard to the device
-    layer by layer): host memory is one fp32 model per rank (KL reference: two) at start.
+  - The policy (and KL reference) is built on the meta device and each rank reads only its rows of each
+    tensor from the HF folder (`fill_shards`; released MXFP4 experts decoded slice by slice): no rank
+    ever holds the whole model.
   - Every rank needs at least one row of each rollout batch (`split_batch` raises otherwise); a rank with
     fewer micro-batches than another runs blank passes (FSDP collectives must match).
   - The pool keeps the latest buckets' refs for a replacement worker (the object store holds one copy
@@ -141,6 +142,27 @@ class FSDP:
 
     def __init__(self, device: torch.device, param_dtype: torch.dtype | None = None):
         self.device, self.param_dtype = device, param_dtype
+        self._sources: dict[int, Path] = {}  # id(model) -> the folder `shard` fills it from
+
+    def load(self, path: str | os.PathLike, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+        """The policy at `path` built on the meta device (no memory yet; `shard` reads each rank's rows)."""
+        from transformers import GptOssConfig, GptOssForCausalLM
+
+        from rl.model import VocabMap
+
+        if not Path(path, "config.json").is_file():  # from_pretrained would quietly give gpt-oss defaults
+            raise FileNotFoundError(f"{path}: not an HF checkpoint folder (no config.json)")
+        config = GptOssConfig.from_pretrained(path)
+        if getattr(config, "quantization_config", None) is not None:  # released MXFP4: decoded per slice
+            del config.quantization_config
+        with torch.device("meta"):
+            model = GptOssForCausalLM._from_config(config, attn_implementation="eager", dtype=dtype)
+        if Path(path, "generation_config.json").exists():
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        self._sources[id(model)] = Path(path)
+        return model, VocabMap.load(path)
 
     def shard(self, model: torch.nn.Module, device: torch.device) -> Callable[..., Any]:
         """Shard `model` (a GptOssForCausalLM) in place: a unit per decoder layer, a root over the rest;
@@ -159,6 +181,8 @@ class FSDP:
             unit.set_force_sum_reduction_for_comms(True)
         # A parameter without a gradient on one rank (an expert nobody routed to) still joins the reduce-scatter.
         root.set_reduce_scatter_unused_params(True)
+        if id(model) in self._sources:
+            fill_shards(root, self._sources.pop(id(model)), device)
         return root
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
@@ -183,6 +207,41 @@ class FSDP:
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded)
         return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)]).to(values.device)
+
+
+def fill_shards(root: _Scorer, path: Path, device: torch.device) -> None:
+    """Materialise a meta-built gpt-oss, sharded under FSDP root `root`, from its HF folder: every rank
+    reads only the rows of its shards (FSDP2 shards dim 0 in `torch.chunk` pieces) as safetensors
+    slices, released MXFP4 experts decoded slice by slice; the rotary buffers are rebuilt."""
+    from contextlib import ExitStack
+
+    from safetensors import safe_open
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
+
+    from kernels.mxfp4_checkpoint import BLOCKS_SUFFIX, SCALES_SUFFIX, tensor_files, unpack_state_dict
+
+    root.to_empty(device=device)  # on the FSDP root: FSDP re-points its shards at the new storage
+    model = root.policy
+    where = tensor_files(path)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    with ExitStack() as stack, torch.no_grad():
+        files = {f: stack.enter_context(safe_open(str(path / f), "pt")) for f in set(where.values())}
+        for name, param in model.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            chunk = -(-param.shape[0] // world)
+            start, end = min(rank * chunk, param.shape[0]), min((rank + 1) * chunk, param.shape[0])
+            if local.shape[0] != end - start:
+                raise RuntimeError(f"{name}: local shard of {local.shape[0]} rows, expected rows {start}:{end}")
+            if name in where:
+                value = files[where[name]].get_slice(name)[start:end]
+            elif name + BLOCKS_SUFFIX in where:
+                keys = (name + BLOCKS_SUFFIX, name + SCALES_SUFFIX)
+                packed = {k: files[where[k]].get_slice(k)[start:end] for k in keys}
+                value = unpack_state_dict(packed, local.dtype)[name]
+            else:
+                raise KeyError(f"{path} holds no tensor {name} (nor its MXFP4 blocks)")
+            local.copy_(value)
+    model.model.rotary_emb = GptOssRotaryEmbedding(config=model.config).to(device)
 
 
 def free_address(host: str) -> str:
@@ -283,18 +342,19 @@ class LearnerRank:
 
         plan = self._plan(shard_bytes)
         pieces = self._gather(plan, released_tensors if mxfp4 else lambda d: d)
-        if self.rank != 0:
+        if self.rank == 0:
+            path = Path(path)
+            write_weight_files(path, pieces, len(plan))
+            model = self.learner.model
+            dtype = torch.bfloat16 if mxfp4 else getattr(torch, self.cfg.dtype)
+            write_config(path, model.config, "GptOssForCausalLM", dtype, mxfp4=mxfp4)
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(path)
+            save_vocabulary(self.learner.vmap, path)
+        else:
             for _ in pieces:  # the gathers are collective
                 pass
-            return
-        path = Path(path)
-        write_weight_files(path, pieces, len(plan))
-        model = self.learner.model
-        dtype = torch.bfloat16 if mxfp4 else getattr(torch, self.cfg.dtype)
-        write_config(path, model.config, "GptOssForCausalLM", dtype, mxfp4=mxfp4)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(path)
-        save_vocabulary(self.learner.vmap, path)
+        dist.barrier()  # every rank returns when the folder is complete (a rank may read it next)
 
     def save(self, path: str | os.PathLike) -> None:
         """HF folder + sharded model/optimizer + step/RNG in `path` (the caller makes it atomic)."""

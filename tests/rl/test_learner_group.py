@@ -23,8 +23,8 @@ CFG_A = dict(lr=1e-3, micro_batch_size=2, freeze_router=True, lr_scale=[LrScale(
              sync_bucket_mb=0.1)
 ALGO_A = dict(correction="tis")
 # 2 mini-batches x 2 epochs drawn over the whole batch (ranks get unequal rows: blank passes), sequence-mean
-# loss (row normaliser), a KL reference sharded too
-CFG_B = dict(lr=1e-3, micro_batch_size=1)
+# loss (row normaliser), a KL reference sharded too, activation checkpointing under FSDP
+CFG_B = dict(lr=1e-3, micro_batch_size=1, gradient_checkpointing=True)
 ALGO_B = dict(mini_batches=2, ppo_epochs=2, kl_coef=0.05, loss_agg="seq_mean_token_mean")
 
 
@@ -60,9 +60,9 @@ def _rank_main(rank: int, master: str, policy: str, out: str) -> None:
     torch.set_num_threads(1)
     out, res = Path(out), {}
 
-    def start(cfg, algo):
+    def start(cfg, algo, path=policy):
         r = LearnerRank()
-        r.start(rank, WORLD, master, policy, _cfg(**cfg), AlgoConfig(**algo), seed=0)
+        r.start(rank, WORLD, master, str(path), _cfg(**cfg), AlgoConfig(**algo), seed=0)
         return r
 
     def step(r, seed):
@@ -72,6 +72,7 @@ def _rank_main(rank: int, master: str, policy: str, out: str) -> None:
         return {k: v for b in r.buckets() for k, v in b.items()}
 
     a = start(CFG_A, ALGO_A)
+    res["A0_w"] = weights(a)  # as read: each rank its rows of each tensor
     res["A1"], res["A1_grads"] = step(a, 1), _grads(a.learner.model)
     res["A1_buckets"] = list(a.buckets())
     res["A1_w"] = {k: v for b in res["A1_buckets"] for k, v in b.items()}
@@ -82,6 +83,7 @@ def _rank_main(rank: int, master: str, policy: str, out: str) -> None:
     b.load(out / "ck")
     res["R2"], res["R2_w"] = step(b, 2), weights(b)
     b.export(out / "mxfp4", mxfp4=True)
+    res["M_w"] = weights(start(CFG_A, ALGO_A, out / "mxfp4"))  # a released-style folder, experts decoded per rank
     c = start(CFG_B, ALGO_B)
     res["B1"], res["B1_grads"], res["B1_w"] = step(c, 1), _grads(c.learner.model), weights(c)
     all_logprobs = [None] * WORLD
@@ -180,6 +182,17 @@ def test_buckets_are_the_gathered_state_dict_and_the_checkpoint_holds_it(policy,
     shutil.copytree(out / "ck", tmp_path / "policy")
     committed = checkpoint.save(tmp_path / "run", 1, lambda p: shutil.copytree(tmp_path / "policy", p), {"cursor": 0})
     checkpoint.verify(committed)
+
+
+def test_each_rank_reads_its_rows_of_the_policy_dense_or_mxfp4(policy, group):
+    from rl.model import load_policy
+
+    res, out = group
+    for source, key in ((policy, "A0_w"), (out / "mxfp4", "M_w")):
+        want = load_policy(source)[0].state_dict()
+        assert sorted(res[key]) == sorted(want)
+        for n, t in want.items():
+            assert torch.equal(res[key][n], t), (source, n)
 
 
 def test_mxfp4_export_is_the_released_layout_of_the_same_weights(group, tmp_path):
