@@ -62,8 +62,8 @@ Departures / limits
   `enforce_eager` (false = CUDA graphs), `quantization` (null = the checkpoint's own; `mxfp4` =
   refuse to start unless the released 4-bit experts are served as such). Weight sync into a 4-bit
   engine: `reload_weights` takes checkpoint-format tensors, i.e. packed `*_blocks`/`*_scales` for
-  an MXFP4 engine, while the learner sends dense (QAT: fake-quantised) experts; unverified, and the
-  packed sync belongs with the bucketed sync of issue 17 §2.
+  an MXFP4 engine, while the learner (one process, or the FSDP2 group's buckets) sends dense (QAT:
+  fake-quantised) experts; unverified, and a packed sync is not built.
 
 Run `.venv/bin/python -m bench.bench_rollout` for throughput and sync time.
 """
