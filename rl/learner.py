@@ -263,8 +263,8 @@ class Learner:
         returned metrics hold `rl.algorithms.mismatch_metrics` over every loss token of the first pass.
 
         A rank of a group (rl/learner_group.py) gets its share: `batch` holds rows `rows` (b,) of a rollout
-        batch of `total` rows. Mini-batches are drawn over all `total` rows (every rank draws the same
-        permutation: same seed, same RNG calls) and each rank trains on the rows of each it holds.
+        batch of `total` rows. Mini-batches are drawn over all `total` rows (the group hands every rank rank
+        0's RNG state first, so all draw the same permutation) and each rank trains on its rows of each.
         """
         if batch.size == 0:
             raise ValueError("train_step got an empty batch")

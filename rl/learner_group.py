@@ -8,7 +8,11 @@ What it does
   unit over the rest (embedding, final norm, lm_head), whose forward is `token_logprobs` itself, so the
   chunked log-prob kernel reads the gathered lm_head inside the root's forward. The driver sees the
   `RemoteLearner` methods (`train_step(batch)`, `logprobs`, `weights`, `save`, `load`, `close`) plus
-  `export(path, mxfp4)`; `rl.train` builds the group when `learner.world_size > 1`.
+  `export(path, mxfp4)`; `rl.train` builds the group when `learner.world_size > 1`:
+
+      python -m rl.train model.path=/ckpt/sft learner.device=cuda learner.world_size=4 learner.num_gpus=1 \
+          rollout.num_workers=4 rollout.num_gpus=1 cluster.placement=separate
+      group = LearnerGroup(path, cfg.learner, cfg.algo, seed, options=placement.learner_options)
 
   train_step: the driver splits the rollout batch by rows (`split_batch`: longest first, dealt round
   robin, so ranks get about the same tokens); each rank runs the algorithm-blind `Learner.train_step`
@@ -29,9 +33,13 @@ What it does
 
 Guarantees and limits
   - Tested on CPU with 2 gloo ranks (tests/rl/test_learner_group.py): one step equals the one-process
-    learner's (loss, grad norm, weights), with micro-batches and with mini-batches; sharded save then
-    resume gives the uninterrupted next step exactly; the buckets and the exported HF folder are the
-    gathered state dict exactly. The NCCL path is the same code (device from `learner.device`), not run here.
+    learner's (loss, grad norm, gradients, weights), with micro-batches, mini-batches x epochs, a KL
+    reference and activation checkpointing; each rank reads exactly its rows (dense and MXFP4 folders);
+    sharded save then resume gives the uninterrupted next step exactly; the buckets and the exported HF
+    folder are the gathered state dict exactly. Slow tier: the Ray group's buckets synced into vLLM
+    give transformers' greedy output on the group's export; `rl.train` with a group resumes exactly.
+    What CPU gloo cannot show: NCCL, bf16 MixedPrecisionPolicy, and vLLM's GPU `reload_weights` one
+    bucket at a time are the same code paths, never run here (no GPU).
   - Peak memory outside the shards: one bucket (sync) or one shard file (export) on rank 0, plus the
     largest single parameter on every rank (`full_tensor()` all-gathers it). A bucket is never smaller
     than one `sync_unit` (gpt-oss-120b: a layer's experts, 12.7 GB in fp32).
@@ -284,6 +292,9 @@ class LearnerRank:
         return self.learner.step
 
     def train_step(self, share: Share) -> dict[str, float]:
+        state = [rng_state()]  # mini-batches are drawn from the RNG: every rank must draw rank 0's
+        dist.broadcast_object_list(state, src=0)
+        set_rng_state(state[0])
         return self.learner.train_step(share.batch, rows=share.rows, total=share.total)
 
     def logprobs(self, share: Share) -> torch.Tensor:
@@ -365,7 +376,7 @@ class LearnerRank:
         self.export(path)
         model_sd, optim_sd = get_state_dict(self.learner.model, self.learner.opt)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path / SHARDED_STATE)
-        if self.rank == 0:  # every rank draws the same permutations: rank 0's RNG is every rank's
+        if self.rank == 0:  # every rank draws with rank 0's RNG (`train_step`)
             lrn = self.learner
             torch.save({"step": lrn.step, "opt_steps": lrn.opt_steps, "rng": rng_state(),
                         "world_size": dist.get_world_size(), "sharded": SHARDED_STATE}, path / LEARNER_STATE)
@@ -403,9 +414,13 @@ class LearnerGroup:
         options = options or (lambda rank: {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus})
         actor = ray.remote(LearnerRank)
         self.ranks = [actor.options(**options(r)).remote() for r in range(cfg.world_size)]
-        master = ray.get(self.ranks[0].rendezvous.remote())
-        self._all(a.start.remote(r, cfg.world_size, master, model_path, cfg, algo, seed)
-                  for r, a in enumerate(self.ranks))
+        try:
+            master = ray.get(self.ranks[0].rendezvous.remote())
+            self._all(a.start.remote(r, cfg.world_size, master, model_path, cfg, algo, seed)
+                      for r, a in enumerate(self.ranks))
+        except BaseException:
+            self.close()  # the other ranks would wait for the failed one in the rendezvous
+            raise
 
     def _all(self, refs) -> list:
         """Every rank's result; the first rank error is raised at once (the others may be stuck in a
