@@ -82,8 +82,9 @@ def _rank_main(rank: int, master: str, policy: str, out: str) -> None:
     b = start(CFG_A, ALGO_A)  # a resumed run: built from the initial policy, then loaded
     b.load(out / "ck")
     res["R2"], res["R2_w"] = step(b, 2), weights(b)
-    b.export(out / "mxfp4", mxfp4=True)
+    b.export(out / "mxfp4", mxfp4=True, shard_bytes=200_000)  # several files + index, as released
     res["M_w"] = weights(start(CFG_A, ALGO_A, out / "mxfp4"))  # a released-style folder, experts decoded per rank
+    res["Q_w"] = weights(start(dict(CFG_A, sync_mxfp4=True), ALGO_A))  # experts as an MXFP4 engine serves them
     c = start(CFG_B, ALGO_B)
     res["B1"], res["B1_grads"], res["B1_w"] = step(c, 1), _grads(c.learner.model), weights(c)
     all_logprobs = [None] * WORLD
@@ -195,6 +196,14 @@ def test_each_rank_reads_its_rows_of_the_policy_dense_or_mxfp4(policy, group):
             assert torch.equal(res[key][n], t), (source, n)
 
 
+def test_mxfp4_sync_buckets_hold_the_quantised_experts_the_one_process_learner_sends(policy, group):
+    res, _ = group
+    want = _single(policy, dict(CFG_A, sync_mxfp4=True), ALGO_A).state_for_sync()
+    assert sorted(res["Q_w"]) == sorted(want)
+    for n, t in want.items():
+        assert torch.equal(res["Q_w"][n], t), n
+
+
 def test_mxfp4_export_is_the_released_layout_of_the_same_weights(group, tmp_path):
     from kernels.mxfp4_checkpoint import read_state_dict, save_mxfp4_checkpoint
     from rl.model import is_mxfp4_checkpoint, load_policy
@@ -205,6 +214,7 @@ def test_mxfp4_export_is_the_released_layout_of_the_same_weights(group, tmp_path
     save_mxfp4_checkpoint(model, tmp_path / "want")
     got, want = read_state_dict(out / "mxfp4"), read_state_dict(tmp_path / "want")
     assert is_mxfp4_checkpoint(out / "mxfp4") and sorted(got) == sorted(want)
+    assert (out / "mxfp4" / "model.safetensors.index.json").exists()
     assert any(k.endswith("_blocks") for k in got)
     for k in want:
         assert torch.equal(got[k], want[k]), k
