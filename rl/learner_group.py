@@ -114,7 +114,7 @@ def split_batch(batch: TrainBatch, world_size: int) -> list[Share]:
 def plan_buckets(sizes: Sequence[tuple[str, int]], max_bytes: int,
                  unit: Callable[[str], str] = lambda name: name) -> list[list[str]]:
     """Names (in order, with their sizes in bytes) cut into buckets of at most `max_bytes`, never
-    between two names of one `unit`; a unit larger than `max_bytes` gets a bucket of its own.
+    between two names of one `unit` (a bucket grows past `max_bytes` only to keep a unit whole).
 
     >>> plan_buckets([("a.q", 4), ("a.k", 4), ("b", 4), ("c", 8)], 8, unit=lambda n: n.split(".")[0])
     [['a.q', 'a.k'], ['b'], ['c']]
@@ -182,7 +182,10 @@ class FSDP:
         reduce = torch.float32 if self.param_dtype else None
         mp = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=reduce)
         units = [fully_shard(layer, mesh=mesh, mp_policy=mp) for layer in model.model.layers]
-        root = fully_shard(_Scorer(model), mesh=mesh, mp_policy=mp)
+        # FSDP keeps a root gathered after forward, for the backward to come; a frozen model (the KL
+        # reference) has no backward, so its embedding and lm_head would stay gathered for good.
+        frozen = not any(p.requires_grad for p in model.parameters())
+        root = fully_shard(_Scorer(model), mesh=mesh, mp_policy=mp, reshard_after_forward=True if frozen else None)
         for unit in [*units, root]:
             # The learner normalises every rank's loss by the whole batch: gradients are summed, not averaged.
             unit.set_gradient_divide_factor(1.0)

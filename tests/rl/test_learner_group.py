@@ -314,5 +314,6 @@ def test_docstring_examples():
     import doctest
 
     import rl.learner_group
+    import rl.vllm_weights
 
-    assert doctest.testmod(rl.learner_group).failed == 0
+    assert doctest.testmod(rl.learner_group).failed == 0 and doctest.testmod(rl.vllm_weights).failed == 0
