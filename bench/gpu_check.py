@@ -5,7 +5,7 @@ Run (the script does):  .venv/bin/python -m bench.gpu_check --out <dir> --write 
 
 Reads, from `--out`: `env.txt` (nvidia-smi and package versions), `status.tsv` (stage, exit code,
 seconds; one line per stage), `pytest_gpu.xml` (JUnit of `pytest -m gpu`), `tiny_cuda/metrics.jsonl`
-(the GRPO steps). A missing file is reported as missing, never an error: a check that died half-way
+(the GRPO steps), `tiny_fsdp/metrics.jsonl` (the same with the FSDP2 group, 2+ GPUs). A missing file is reported as missing, never an error: a check that died half-way
 still leaves a section saying how far it got. The kernel benchmarks write their own sections
 ("Kernels on CUDA ...", "MXFP4 quantise/dequantise on CUDA"); this one names them.
 """
@@ -56,6 +56,9 @@ def section(out: Path, command: str) -> list[str]:
               "\"MXFP4 quantise/dequantise on CUDA\" (same run).", "",
               "GRPO steps of the tiny pipeline on CUDA (learner and one vLLM engine sharing the GPU):", "",
               *step_rows(out / "tiny_cuda" / "metrics.jsonl"), ""]
+    if (out / "tiny_fsdp").exists():  # 2 GPUs or more: the FSDP2 learner group over all of them
+        lines += ["The same steps with the FSDP2 learner group (a rank and an engine per GPU):", "",
+                  *step_rows(out / "tiny_fsdp" / "metrics.jsonl"), ""]
     return lines
 
 

@@ -23,6 +23,9 @@ Usage:
 Sharding: the released gpt-oss folders are sharded (`model.safetensors.index.json` maps each tensor to
 its file); `load_mxfp4_checkpoint` reads either form, `save_mxfp4_checkpoint` writes shards when given
 `max_shard_size` (split by huggingface_hub, the splitter transformers' own `save_pretrained` uses).
+`write_weight_files` writes any state dict handed over piece by piece, one file a piece, and
+`released_tensors` packs a piece: the FSDP learner group exports through them without ever holding the
+whole model (rl/learner_group.py).
 
 Departures: non-expert tensors are written in `dtype` (bf16 by default, as released); shard names
 count from 1 (huggingface_hub's `model-00001-of-00003`), the released folders count from 0 - the
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -98,6 +101,58 @@ def unpack_state_dict(
     return out
 
 
+def released_tensors(sd: Mapping[str, torch.Tensor], *, scale_rule: str = "floor",
+                     dtype: torch.dtype | None = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """What a released-style file holds for (part of) a transformers state dict: experts packed
+    (`pack_state_dict`), other float tensors cast to `dtype` (None: as they are), contiguous on CPU."""
+    sd = pack_state_dict({k: v.detach() for k, v in sd.items()}, scale_rule=scale_rule)
+    return {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).cpu().contiguous()
+            for k, v in sd.items()}
+
+
+def shard_names(n: int) -> list[str]:
+    """Weight file names of a checkpoint in `n` files (huggingface_hub's pattern when n > 1)."""
+    return [WEIGHTS_NAME] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def write_weight_files(out_dir: str | os.PathLike, shards: Iterable[Mapping[str, torch.Tensor]], n_shards: int) -> None:
+    """Write `n_shards` pieces of a state dict, in order, as the files transformers and vLLM read:
+    `model.safetensors` for one, `shard_names(n)` + `model.safetensors.index.json` for several. Each
+    file is written atomically and the index last; weight files of an earlier save in the folder that
+    this one does not use are removed. Pieces are taken one at a time, so a caller can produce each
+    when it is asked for (rl/learner_group.py gathers a sharded model piece by piece)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = shard_names(n_shards)
+    weight_map, total = {}, 0
+    for name, shard in zip(names, shards, strict=True):
+        shard = {k: v.cpu().contiguous() for k, v in shard.items()}
+        _write_atomically(out_dir / name, lambda p, shard=shard: save_file(shard, str(p), metadata={"format": "pt"}))
+        weight_map.update(dict.fromkeys(shard, name))
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    if n_shards > 1:  # the index goes last: a reader that finds it finds every shard it names
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _write_atomically(out_dir / INDEX_NAME, lambda p: p.write_text(json.dumps(index, indent=2, sort_keys=True)))
+    stale = {p for p in out_dir.glob("model*.safetensors*") if p.name not in names}  # includes an old index
+    if n_shards > 1:
+        stale.discard(out_dir / INDEX_NAME)
+    for p in stale:
+        p.unlink()
+
+
+def write_config(out_dir: str | os.PathLike, config, architecture: str, dtype: torch.dtype | None,
+                 mxfp4: bool) -> None:
+    """config.json for the weights in `out_dir`: `config` (a transformers config) with `architecture`
+    (vLLM picks the model class from it), `dtype`, and the released `quantization_config` when `mxfp4`."""
+    data = config.to_dict()
+    data["architectures"] = [architecture]
+    if mxfp4:
+        data["quantization_config"] = dict(QUANTIZATION_CONFIG)
+    if dtype is not None:
+        data["dtype"] = str(dtype).removeprefix("torch.")
+    _write_atomically(Path(out_dir) / CONFIG_NAME, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True)))
+
+
 def _write_atomically(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
@@ -121,35 +176,11 @@ def save_mxfp4_checkpoint(
     from huggingface_hub import split_torch_state_dict_into_shards
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sd = pack_state_dict({k: v.detach() for k, v in model.state_dict().items()}, scale_rule=scale_rule)
-    tensors = {
-        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).cpu().contiguous() for k, v in sd.items()
-    }
-    if max_shard_size is None:
-        files = {WEIGHTS_NAME: list(tensors)}
-    else:
-        split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size)
-        files = split.filename_to_tensors
-    for name, keys in files.items():
-        shard = {k: tensors[k] for k in keys}
-        _write_atomically(out_dir / name, lambda p, shard=shard: save_file(shard, str(p), metadata={"format": "pt"}))
-    if len(files) > 1:  # the index goes last: a reader that finds it finds every shard it names
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": {k: name for name, keys in files.items() for k in keys}}
-        _write_atomically(out_dir / INDEX_NAME, lambda p: p.write_text(json.dumps(index, indent=2, sort_keys=True)))
-    stale = {p for p in out_dir.glob("model*.safetensors*") if p.name not in files}  # includes an old index
-    if len(files) > 1:
-        stale.discard(out_dir / INDEX_NAME)
-    for p in stale:
-        p.unlink()
-
-    config = model.config.to_dict()
-    config["architectures"] = [type(model).__name__]  # vLLM picks the model class from this
-    config["quantization_config"] = dict(QUANTIZATION_CONFIG)
-    if dtype is not None:
-        config["dtype"] = str(dtype).removeprefix("torch.")
-    _write_atomically(out_dir / CONFIG_NAME, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
+    tensors = released_tensors(model.state_dict(), scale_rule=scale_rule, dtype=dtype)
+    groups = [list(tensors)] if max_shard_size is None else \
+        list(split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size).filename_to_tensors.values())
+    write_weight_files(out_dir, ({k: tensors[k] for k in keys} for keys in groups), len(groups))
+    write_config(out_dir, model.config, type(model).__name__, dtype, mxfp4=True)
     return out_dir
 
 
@@ -168,6 +199,21 @@ def index_shards(weight_map, index_path: str | os.PathLike) -> list[str]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index_path} has no weight_map")
     return sorted(set(weight_map.values()))
+
+
+def tensor_files(path: str | os.PathLike) -> dict[str, str]:
+    """{tensor name: the file of `path` that holds it}, from the index when there is one (nothing is read
+    but the index or the single file's header; a sharded learner then reads its slices alone)."""
+    from safetensors import safe_open
+
+    path = require_checkpoint(path)
+    index_path = path / INDEX_NAME
+    if index_path.exists():
+        weight_map = json.loads(index_path.read_text()).get("weight_map")
+        index_shards(weight_map, index_path)  # a non-empty mapping
+        return dict(weight_map)
+    with safe_open(str(path / WEIGHTS_NAME), "pt") as f:
+        return dict.fromkeys(f.keys(), WEIGHTS_NAME)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -54,13 +54,19 @@ def fake_quantize_mxfp4(
 
 
 @torch.no_grad()
+def quantized_expert_weight(w: torch.Tensor, *, scale_rule: str = "floor") -> torch.Tensor:
+    """The exact dequantised MXFP4 weight of one expert projection `w` [E, in, out] (same layout and dtype)."""
+    return _fake_quantize(w, EXPERT_GROUP_DIM, scale_rule, False, None)
+
+
+@torch.no_grad()
 def quantized_expert_weights(model: torch.nn.Module, *, scale_rule: str = "floor") -> dict[str, torch.Tensor]:
     """{parameter name: exact dequantised MXFP4 weight} for every expert projection of a gpt-oss model.
 
     Same layout and dtype as the parameters ([E, in, out]); other parameters are not included.
     """
     out = {
-        name: _fake_quantize(param, EXPERT_GROUP_DIM, scale_rule, False, None)
+        name: quantized_expert_weight(param, scale_rule=scale_rule)
         for name, param in model.named_parameters()
         if name.endswith(EXPERT_WEIGHTS)
     }

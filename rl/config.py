@@ -268,7 +268,8 @@ class LearnerConfig:
     num_threads: int = 2
     num_cpus: float = 1.0  # Ray CPUs for the learner actor
     num_gpus: float = 0.0  # Ray GPUs for the learner actor, at most 1 (0.5: share one with a rollout worker)
-    world_size: int = 1  # learner ranks; > 1 is the FSDP2 group of issue 17 §2 (not implemented: refused at start)
+    world_size: int = 1  # learner ranks; > 1: an FSDP2 group of Ray actors sharding the policy (rl/learner_group.py)
+    sync_bucket_mb: float = 512.0  # world_size > 1: weight sync gathers and ships the weights in buckets of ~this size
     lora: LoraConfig = field(default_factory=LoraConfig)
     temperature: float = 1.0  # must match rollout.temperature (log-probs of the sampling distribution)
 
@@ -490,6 +491,7 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
          "recompute when rollout.top_p < 1 (the engine's log-probs are of the top-p-truncated distribution)"),
         (0 <= c.learner.num_gpus <= 1, "learner.num_gpus", "in [0, 1] (one learner rank uses at most one GPU)"),
         (c.learner.world_size >= 1, "learner.world_size", ">= 1"),
+        (c.learner.sync_bucket_mb > 0, "learner.sync_bucket_mb", "> 0"),
         (c.learner.lora.rank >= 0, "learner.lora.rank", ">= 0 (0 = off)"),
         (c.rollout.num_gpus >= 0, "rollout.num_gpus", ">= 0"),
         (c.rollout.num_gpus == 0 or c.rollout.tensor_parallel_size == 1
@@ -526,9 +528,6 @@ def not_implemented(learner: LearnerConfig) -> list[str]:
     if learner.lora.rank > 0:
         gaps.append(f"learner.lora.rank={learner.lora.rank} needs LoRA over the MXFP4 base (issue 17 §3); "
                     "not implemented yet (learner.lora.rank=0 trains every parameter)")
-    if learner.world_size > 1:
-        gaps.append(f"learner.world_size={learner.world_size} needs the FSDP2 learner group (issue 17 §2); "
-                    "not implemented yet (learner.world_size=1)")
     return gaps
 
 

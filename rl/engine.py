@@ -62,8 +62,8 @@ Departures / limits
   `enforce_eager` (false = CUDA graphs), `quantization` (null = the checkpoint's own; `mxfp4` =
   refuse to start unless the released 4-bit experts are served as such). Weight sync into a 4-bit
   engine: `reload_weights` takes checkpoint-format tensors, i.e. packed `*_blocks`/`*_scales` for
-  an MXFP4 engine, while the learner sends dense (QAT: fake-quantised) experts; unverified, and the
-  packed sync belongs with the bucketed sync of issue 17 §2.
+  an MXFP4 engine, while the learner (one process, or the FSDP2 group's buckets) sends dense (QAT:
+  fake-quantised) experts; unverified, and a packed sync is not built.
 
 Run `.venv/bin/python -m bench.bench_rollout` for throughput and sync time.
 """
@@ -89,7 +89,7 @@ from rl import forcing, tools
 from rl.config import RolloutConfig
 from rl.model import VocabMap
 from rl.seeds import request_seed
-from rl.vllm_weights import load_weights
+from rl.vllm_weights import WeightBuckets, load_buckets, load_weights
 
 FINISH_REASONS = ("stop", "length")
 
@@ -377,13 +377,18 @@ class RolloutEngine:
     # ---- weights ---------------------------------------------------------------------------
 
     def update_weights(
-        self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+        self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | WeightBuckets
     ) -> dict:
         """Load an HF-named gpt-oss state dict into the live engine; returns timing and counts.
 
-        A state dict with wrong names or shapes is rejected before anything is copied (CPU)."""
+        A state dict with wrong names or shapes is rejected before anything is copied (CPU).
+        `WeightBuckets` (the FSDP learner group's update) are fetched from Ray's object store and
+        loaded one at a time, so the worker holds one bucket besides its engine (rl/vllm_weights.py)."""
         t0 = time.perf_counter()
-        n = load_weights(self.llm, named_tensors, self._on_cpu)
+        if isinstance(named_tensors, WeightBuckets):
+            n = load_buckets(self.llm, (ray.get(ref) for ref in named_tensors.refs), self._on_cpu)
+        else:
+            n = load_weights(self.llm, named_tensors, self._on_cpu)
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("weights updated, but vLLM refused to reset its prefix cache (busy?)")
         self.weights_version += 1

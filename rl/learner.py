@@ -25,13 +25,21 @@ real token sees a padded key, and a mask would send attention to the blocked tor
 log-prob kernel has no Triton twin: it runs as torch ops on the GPU. `learner.autocast=auto` adds bf16
 autocast over fp32 master weights on CUDA and nothing on CPU, where results are bit-identical to a
 learner without these options.
+
+Data parallel (`parallel`, a `DataParallel`): a learner alone in its process uses `SingleProcess`
+(every collective the identity). A rank of the FSDP2 group (rl/learner_group.py) hands in its own:
+the policy and the KL reference are sharded where `.to(device)` would be, `train_step` gets the
+rank's rows of the rollout batch (`rows`, `total`), and the loss normalisers (tokens, sequences),
+the number of micro-batches and the metrics are summed over the ranks, so the group's step is the
+one-process step on the whole batch.
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -131,21 +139,56 @@ def param_groups(model: torch.nn.Module, lr_scale: Sequence[LrScale]) -> list[di
     return [{"params": ps, "lr_scale": s} for s, ps in groups.items()]
 
 
+class DataParallel(Protocol):
+    """What a learner needs of the ranks it trains with: `SingleProcess` alone, `rl.learner_group.FSDP`
+    as a rank of the FSDP2 group."""
+
+    def load(self, path: str | os.PathLike, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+        """(model, VocabMap) of the HF folder `path`; a group's model may stay empty until `shard`."""
+    def shard(self, model: torch.nn.Module, device: torch.device) -> Callable[..., Any]:
+        """Put `model` on `device` (sharded, for a group) and return `token_logprobs` bound to it."""
+    def sum(self, values: torch.Tensor) -> torch.Tensor: ...  # elementwise over the ranks
+    def max(self, n: int) -> int: ...
+    def cat(self, values: torch.Tensor) -> torch.Tensor: ...  # (n,) of every rank, concatenated
+
+
+class SingleProcess:
+    """The `DataParallel` of a learner alone: the model moves to the device, every collective is the
+    identity."""
+
+    def load(self, path: str | os.PathLike, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+        return load_policy(path, dtype=dtype)
+
+    def shard(self, model: torch.nn.Module, device: torch.device) -> Callable[..., Any]:
+        model.to(device)
+        return functools.partial(token_logprobs, model)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def max(self, n: int) -> int:
+        return n
+
+    def cat(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+
 class Learner:
     """Policy + optimizer, configured by the typed `learner` and `algo` config objects."""
 
-    def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgoConfig, seed: int = 0):
+    def __init__(self, model_path: str, cfg: LearnerConfig, algo: AlgoConfig, seed: int = 0, *,
+                 parallel: DataParallel | None = None):
         if gaps := not_implemented(cfg):
             raise NotImplementedError(gaps[0])
         torch.manual_seed(seed)
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.cfg, self.algo = cfg, algo
+        self.parallel = parallel or SingleProcess()
         self.device = resolve_device(cfg.device)
         self.autocast_dtype = autocast_dtype(self.device, cfg.autocast, cfg.dtype)
         dtype = getattr(torch, cfg.dtype)
-        self.model, self.vmap = load_policy(model_path, dtype=dtype)
-        self.model.to(self.device)
+        self.model, self.vmap = self.parallel.load(model_path, dtype)
         if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs and our autograd Functions
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # The rollout engine gets MXFP4-quantised experts (what a gpt-oss engine serves) under QAT or
@@ -159,25 +202,27 @@ class Learner:
             apply_kernels(self.model, qat=cfg.qat)
         self.model.train()
         self.n_vocab = None if self.vmap.canonical is None else len(self.vmap)
-        self.ref = None
+        self.ref = self.score_ref = None
         if algo.kl_coef > 0:  # the initial policy, whatever checkpoint `load` brings in later
-            self.ref, _ = load_policy(model_path, dtype=dtype)
-            self.ref.to(self.device)
+            self.ref, _ = self.parallel.load(model_path, dtype)
             if cfg.kernels == "deliberate":  # computed exactly as the policy is (QAT experts included)
                 from kernels.patch import apply_kernels
 
                 apply_kernels(self.ref, qat=cfg.qat)
             self.ref.eval().requires_grad_(False)
+            self.score_ref = self.parallel.shard(self.ref, self.device)
         if cfg.freeze_router:
             # MoE RL is unstable when small updates flip top-k routing; keep the routing fixed.
             for name, p in self.model.named_parameters():
                 if ".mlp.router." in name:
                     p.requires_grad_(False)
-        groups = param_groups(self.model, cfg.lr_scale)
+        self.score = self.parallel.shard(self.model, self.device)  # token_logprobs of the policy
+        groups = param_groups(self.model, cfg.lr_scale)  # after `shard`: FSDP2 replaces the parameters
         self.trainable = [p for g in groups for p in g["params"]]
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         self.step = 0  # train_step calls (rollout batches)
         self.opt_steps = 0  # optimizer steps (mini-batches x epochs per train_step)
+        self._blank = blank_batch(self.vmap.pad_id, self.device)
 
     def _lr(self) -> float:
         """Linear warm-up over `learner.warmup_steps` optimizer steps. Adam's first steps are sign
@@ -186,24 +231,25 @@ class Learner:
         warmup = self.cfg.warmup_steps
         return self.cfg.lr * min(1.0, (self.opt_steps + 1) / warmup) if warmup > 0 else self.cfg.lr
 
-    def _logprobs(self, model, batch: TrainBatch, with_entropy: bool = False):
-        """`token_logprobs` on a batch already on `self.device`, under the learner's autocast."""
+    def _logprobs(self, score, batch: TrainBatch, with_entropy: bool = False):
+        """`score` (`self.score` or `self.score_ref`: `token_logprobs` of a model) on a batch already on
+        `self.device`, under the learner's autocast."""
         mask = batch.attention_mask
         if self.device.type == "cuda" and batch.right_padded():
             mask = None  # causal: no real token sees a padded key; None lets the Triton attention run
         with autocast(self.device, self.autocast_dtype):
-            return token_logprobs(model, batch.input_ids, mask, chunked=self.cfg.kernels == "deliberate",
-                                  positions=batch.completion_mask, temperature=self.cfg.temperature,
-                                  chunk_size=self.cfg.logprob_chunk, n_vocab=self.n_vocab,
-                                  with_entropy=with_entropy)
+            return score(batch.input_ids, mask, chunked=self.cfg.kernels == "deliberate",
+                         positions=batch.completion_mask, temperature=self.cfg.temperature,
+                         chunk_size=self.cfg.logprob_chunk, n_vocab=self.n_vocab, with_entropy=with_entropy)
 
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """(B, L) learner log-probs of the completion tokens (0 elsewhere), on CPU."""
-        return self._logprobs(self.model, batch.to(self.device)).cpu()
+        return self._logprobs(self.score, batch.to(self.device)).cpu()
 
     # ---- update --------------------------------------------------------------------------------
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, *, rows: torch.Tensor | None = None,
+                   total: int | None = None) -> dict[str, float]:
         """PPO-style update on one rollout batch: `algo.ppo_epochs` passes, each split (shuffled) into
         `algo.mini_batches` optimizer steps, each accumulated over micro-batches; returns metrics
         averaged over the optimizer steps.
@@ -215,63 +261,77 @@ class Learner:
         in fp32, see the rollout_logprob_diff metric).
         The loss gets the engine's log-probs too (`algo.correction`, `algo.offpolicy_mask`), and the
         returned metrics hold `rl.algorithms.mismatch_metrics` over every loss token of the first pass.
+
+        A rank of a group (rl/learner_group.py) gets its share: `batch` holds rows `rows` (b,) of a rollout
+        batch of `total` rows. Mini-batches are drawn over all `total` rows (the group hands every rank rank
+        0's RNG state first, so all draw the same permutation) and each rank trains on its rows of each.
         """
         if batch.size == 0:
             raise ValueError("train_step got an empty batch")
         batch = batch.to(self.device)
-        n_mini = min(self.algo.mini_batches, batch.size)
+        total = batch.size if rows is None else total
+        held = torch.arange(total) if rows is None else torch.full((total,), -1).index_copy_(
+            0, rows, torch.arange(batch.size))  # (total,): row -> its index in `batch`, -1 if another rank's
+        n_mini = min(self.algo.mini_batches, total)
         epochs = self.algo.ppo_epochs
         old = None  # (B, L); None: on-policy, old = current
         if n_mini * epochs > 1:
             if self.algo.old_logprobs == "recompute":
                 with torch.no_grad():
-                    old = self._logprobs(self.model, batch)
+                    old = self._logprobs(self.score, batch)
             else:
                 old = batch.behavior_logprobs
         sums: dict[str, float] = {}
         n_steps = 0
         gap: tuple[list, list] = ([], [])  # learner / behaviour log-probs of every loss token, first pass
         for epoch in range(epochs):
-            order = torch.randperm(batch.size) if n_mini > 1 else torch.arange(batch.size)
+            order = torch.randperm(total) if n_mini > 1 else torch.arange(total)
             for idx in torch.tensor_split(order, n_mini):
-                part_old = None if old is None else old[idx]
-                m = self._optimizer_step(batch.select(idx), part_old, gap if epoch == 0 else None)
+                mine = held[idx][held[idx] >= 0]  # this rank's rows of the mini-batch, in its order
+                part_old = None if old is None else old[mine]
+                m = self._optimizer_step(batch.select(mine), part_old, gap if epoch == 0 else None, len(idx))
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_steps += 1
         self.step += 1
         metrics = {k: v / n_steps for k, v in sums.items()}
-        metrics["tokens"] = batch.num_tokens()
-        metrics.update(mismatch_metrics(torch.cat(gap[0]), torch.cat(gap[1]), correction=self.algo.correction,
-                                        correction_cap=self.algo.correction_cap))
+        metrics["tokens"] = float(self.parallel.sum(batch.loss_mask.sum().double()))
+        metrics.update(mismatch_metrics(self.parallel.cat(torch.cat(gap[0])), self.parallel.cat(torch.cat(gap[1])),
+                                        correction=self.algo.correction, correction_cap=self.algo.correction_cap))
         metrics["optimizer_steps"] = float(n_steps)
         return metrics
 
-    def _optimizer_step(self, batch: TrainBatch, old: torch.Tensor | None, gap: tuple[list, list] | None = None
-                        ) -> dict[str, float]:
+    def _optimizer_step(self, batch: TrainBatch, old: torch.Tensor | None, gap: tuple[list, list] | None,
+                        n_rows: int) -> dict[str, float]:
         """One AdamW step on `batch`, accumulated over micro-batches; `old` (B, L') = old log-probs
         (None: on-policy, old = current). `gap`: lists that get the learner's and the engine's
         log-probs of the loss tokens (the learner's: the proximal ones, or the current ones when the
-        engine's are the old policy)."""
+        engine's are the old policy). `n_rows`: rows of the mini-batch over every rank (`batch` holds
+        this rank's; the loss is normalised by the tokens or rows of all of them)."""
         # Micro-batches of similar lengths pad less; the loss is a weighted sum over micro-batches, so
         # the order only changes the float summation order.
         order = torch.argsort(batch.lengths, stable=True)
-        total_tokens = max(batch.num_tokens(), 1.0)
+        total_tokens = max(float(self.parallel.sum(batch.loss_mask.sum().double())), 1.0)
         agg = self.algo.loss_agg
         self.opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for idx in torch.split(order, self.cfg.micro_batch_size):
-            part = batch.select(idx)
-            lp, ent = self._logprobs(self.model, part, with_entropy=True)  # (b, l) each
-            old_lp = lp.detach() if old is None else old[idx][:, : lp.shape[1]]
+        micro = list(torch.split(order, self.cfg.micro_batch_size))
+        # FSDP: every rank runs as many forward/backward passes as the busiest one (each pass is a
+        # collective); a rank with fewer rows pads with blank passes that carry no loss.
+        micro += [None] * (self.parallel.max(len(micro)) - len(micro))
+        for idx in micro:
+            part = self._blank if idx is None else batch.select(idx)
+            lp, ent = self._logprobs(self.score, part, with_entropy=True)  # (b, l) each
+            old_lp = lp.detach() if old is None or idx is None else old[idx][:, : lp.shape[1]]
             ref_lp = None
-            if self.ref is not None:
+            if self.score_ref is not None:
                 with torch.no_grad():
-                    ref_lp = self._logprobs(self.ref, part)
+                    ref_lp = self._logprobs(self.score_ref, part)
             loss, m = policy_loss(lp, old_lp, part.advantages, part.loss_mask, behavior_logprobs=part.behavior_logprobs,
                                   ref_logprobs=ref_lp, entropy=ent, **loss_options(self.algo))
             # Re-weight micro-batch means so the sum equals the full-batch aggregate.
-            weight = part.num_tokens() / total_tokens if agg == "token_mean" else part.size / batch.size
+            weight = 0.0 if idx is None else part.num_tokens() / total_tokens if agg == "token_mean" else \
+                part.size / n_rows
             (loss * weight).backward()
             with torch.no_grad():
                 tok = part.loss_mask.bool()
@@ -286,7 +346,11 @@ class Learner:
                     dict.fromkeys(("rollout_logprob_diff", "rollout_kl", "entropy_proxy"), 0.0)
                 for k, v in {**m, "loss": float(loss), **gaps}.items():
                     sums[k] = sums.get(k, 0.0) + v * weight
+        keys = sorted(sums)
+        sums = dict(zip(keys, self.parallel.sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()))
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, replicated on every rank
+            grad_norm = grad_norm.full_tensor()
         lr = self._lr()
         for group in self.opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -331,6 +395,9 @@ class Learner:
             raise RuntimeError(f"checkpoint {path} does not match the policy: {missing=} {unexpected=}")
         # on CPU: the RNG states must be CPU tensors; the optimizer moves its state to its parameters' device
         extra = torch.load(path / LEARNER_STATE, weights_only=False, map_location="cpu")
+        if "optimizer" not in extra:  # rl/learner_group.py keeps its optimizer sharded next to it
+            raise RuntimeError(f"{path} was written by a {extra.get('world_size')}-rank learner group: resume it with "
+                               f"learner.world_size={extra.get('world_size')}")
         self.opt.load_state_dict(extra["optimizer"])
         self.step = extra["step"]
         self.opt_steps = extra["opt_steps"]
@@ -373,6 +440,15 @@ class RemoteLearner:
 
     def close(self) -> None:
         self._ray.kill(self.actor, no_restart=True)
+
+def blank_batch(pad_id: int, device: torch.device) -> TrainBatch:
+    """One row of two pad ids that scores one position and carries no loss: the pass a rank runs when
+    it has fewer micro-batches than another (every parameter gets a zero gradient, lm_head included)."""
+    ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
+    zeros = torch.zeros((1, 2), device=device)
+    return TrainBatch(ids, torch.ones_like(ids), torch.tensor([[False, True]], device=device), zeros, zeros,
+                      torch.zeros(1, device=device))
+
 
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}

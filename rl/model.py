@@ -180,11 +180,17 @@ def save_checkpoint(model, vmap: VocabMap, out_dir: str | os.PathLike) -> None:
 
     with quiet_progress_bars():  # no "Writing model shards" bar at every checkpoint
         model.save_pretrained(tmp, safe_serialization=True)
-    vmap.save(tmp)
-    if vmap.canonical is not None:
-        hf_tokenizer(vmap).save_pretrained(tmp)  # decoding/padding only (see hf_tokenizer)
+    save_vocabulary(vmap, tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+def save_vocabulary(vmap: VocabMap, folder: str | os.PathLike) -> None:
+    """vocab_map.json and, for a trimmed vocabulary, the tokenizer files (decoding/padding only: see
+    hf_tokenizer) next to a checkpoint's weights."""
+    vmap.save(folder)
+    if vmap.canonical is not None:
+        hf_tokenizer(vmap).save_pretrained(folder)
 
 
 # What a named preset (conf/model/gpt_oss_*.yaml) and the checkpoint's config.json must agree on.
@@ -272,9 +278,7 @@ def export_mxfp4(src: str | os.PathLike, dst: str | os.PathLike, scale_rule: str
 
     model, vmap = load_policy(src)
     out = save_mxfp4_checkpoint(model, dst, scale_rule=scale_rule, max_shard_size=max_shard_size)
-    vmap.save(out)
-    if vmap.canonical is not None:
-        hf_tokenizer(vmap).save_pretrained(out)
+    save_vocabulary(vmap, out)
     return out
 
 

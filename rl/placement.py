@@ -21,8 +21,8 @@ Layouts (`cluster.placement`):
 `cluster.placement_strategy` is Ray's (PACK: as few nodes as possible; SPREAD; STRICT_*), and the
 group must be ready within `cluster.placement_timeout_s` or the run stops naming what it asked for
 and what the cluster has free. Child tasks are captured by the group, so workers an actor starts (a
-vLLM engine's Ray executor) stay inside its bundle. `learner.world_size > 1` has bundles here but no
-learner group yet (issue 17 §2).
+vLLM engine's Ray executor) stay inside its bundle. With `learner.world_size > 1` each rank of the
+FSDP2 group (rl/learner_group.py) takes its bundle (`learner_options(rank)`).
 """
 from __future__ import annotations
 

@@ -205,7 +205,8 @@ def resume_point(cfg: Config, policy_path: str) -> tuple[Path | None, dict]:
 def start_run(cfg: Config, policy_path: str, make_learner=None, make_pool=None) -> Iterator[Run]:
     """The learner, the worker pool and the reward for `cfg`; every actor is released on exit.
 
-    By default a Ray learner actor (`RemoteLearner`) and a vLLM `WorkerPool` on the cluster
+    By default a Ray learner actor (`RemoteLearner`; with `learner.world_size > 1` the FSDP2
+    `rl.learner_group.LearnerGroup`, one actor per rank) and a vLLM `WorkerPool` on the cluster
     `cfg.cluster` names; `make_learner(path, learner_cfg, algo_cfg, seed)` / `make_pool(path,
     rollout_cfg, seed)` replace them (in-process learners, test fakes: no Ray is started then)."""
     resume_from, state = resume_point(cfg, policy_path)
@@ -217,7 +218,11 @@ def start_run(cfg: Config, policy_path: str, make_learner=None, make_pool=None) 
 
         init_ray(cfg.cluster)
         placement = RunPlacement.create(cfg)
-    if make_learner is None:
+    if make_learner is None and cfg.learner.world_size > 1:
+        from rl.learner_group import LearnerGroup
+
+        make_learner = functools.partial(LearnerGroup, options=placement.learner_options)
+    elif make_learner is None:
         from rl.learner import RemoteLearner
 
         make_learner = functools.partial(RemoteLearner, options=placement.learner_options(0))

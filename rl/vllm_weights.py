@@ -23,12 +23,21 @@
   (tests/rl/test_rollout.py catches this). On a GPU build we call `reload_weights` (vLLM's
   documented in-place RL path; not exercised on the CPU box).
 
+Bucketed updates (the FSDP learner group, rl/learner_group.py): `WeightBuckets` holds Ray ObjectRefs,
+each to a dict that is part of the state dict; `load_buckets` loads them one at a time (`partial`
+loads), then checks that every engine tensor was given. `sync_unit` says which tensors must share a
+bucket: a layer's q, k and v (vLLM fuses them into `qkv_proj`) and the tensors of one module (vLLM's
+GPU `reload_weights` processes a module once its tensors are in, and keeps the old ones of a module
+it got nothing for). A bucketed update that fails halfway leaves the engine with the buckets before
+it loaded (a whole update is checked before anything is copied; a bucket, only itself).
+
 Limits: unquantised (bf16/fp32) expert tensors only. MXFP4 `*_blocks`/`*_scales` are dequantised by
 the sender (the learner's MXFP4 sync does; `RolloutEngine.update_weights_from_path` does for
 released-style MXFP4 checkpoint folders).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import torch
@@ -54,6 +63,26 @@ _TOP = {
     "model.norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
+
+
+@dataclass(frozen=True)
+class WeightBuckets:
+    """A weight update in pieces: Ray ObjectRefs, each to a dict of HF-named tensors, together the whole
+    state dict (every `sync_unit` in one piece). What `RolloutEngine.update_weights` takes besides a dict."""
+
+    refs: tuple
+
+
+def sync_unit(name: str) -> str:
+    """The tensors an HF tensor `name` must share a bucket with (module docstring).
+
+    >>> sync_unit("model.layers.3.self_attn.k_proj.bias")
+    'model.layers.3.self_attn.qkv'
+    >>> sync_unit("model.layers.3.mlp.experts.down_proj_bias")
+    'model.layers.3.mlp.experts'
+    """
+    part = next((p for p in _QKV if p in name), None)
+    return name.split(part)[0] + ".self_attn.qkv" if part else name.rsplit(".", 1)[0]
 
 
 def hf_to_vllm(named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]):
@@ -114,10 +143,11 @@ def _target_shape(module, leaf: str, param: torch.Tensor) -> tuple[int, ...]:
     return tuple(param.shape)
 
 
-def _check_update(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Names and shapes, all before anything is copied (a failed update leaves the engine as it was)."""
+def _check_update(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], partial: bool = False) -> None:
+    """Names and shapes, all before anything is copied (a failed update leaves the engine as it was);
+    `partial`: a bucket, not every tensor."""
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(tensors))
+    missing = [] if partial else sorted(set(params) - set(tensors))
     unknown = sorted(set(tensors) - set(params))
     if missing or unknown:
         raise KeyError(f"weight update does not match the engine: missing {missing[:5]}, "
@@ -156,13 +186,13 @@ def _load_moe_weight(module, name: str, weight: torch.Tensor) -> None:
     param.data.copy_(cpu_prepack_moe_weight(weight.to(param.dtype).contiguous(), experts.isa))
 
 
-def load_into_vllm_cpu(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> int:
+def load_into_vllm_cpu(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], partial: bool = False) -> int:
     """Copy converted tensors (names/layout from `hf_to_vllm`) into vLLM's CPU model in place.
 
-    Every vLLM parameter must be present (a partial update is a bug in the sender). Returns the
-    number of tensors loaded.
+    Every vLLM parameter must be present (a partial update is a bug in the sender) unless `partial`
+    (one bucket of a `WeightBuckets` update). Returns the number of tensors loaded.
     """
-    _check_update(model, tensors)
+    _check_update(model, tensors, partial)
     params = dict(model.named_parameters())
     with torch.no_grad():
         packed = []
@@ -187,14 +217,34 @@ def load_into_vllm_cpu(model: torch.nn.Module, tensors: Mapping[str, torch.Tenso
 
 
 def load_weights(llm, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
-                 on_cpu: bool) -> int | None:
-    """Load an HF-named gpt-oss state dict into the running `vllm.LLM`, in place; on CPU returns the
-    number of tensors loaded (GPU: vLLM does not say)."""
+                 on_cpu: bool, partial: bool = False) -> int | None:
+    """Load an HF-named gpt-oss state dict (`partial`: part of one) into the running `vllm.LLM`, in
+    place; on CPU returns the number of tensors loaded (GPU: vLLM does not say)."""
     if on_cpu:
         converted = hf_to_vllm(named_tensors)
-        return llm.apply_model(lambda model: load_into_vllm_cpu(model, converted))[0]
-    # GPU build: vLLM's own in-place reload (it runs process_weights_after_loading)
+        return llm.apply_model(lambda model: load_into_vllm_cpu(model, converted, partial))[0]
+    # GPU build: vLLM's own in-place reload (it runs process_weights_after_loading per module; a
+    # module it gets nothing for keeps its weights, so a bucket at a time works)
     items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
     llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(items)),
                                                  "is_checkpoint_format": True})
     return None
+
+
+def load_buckets(llm, buckets: Iterable[Mapping[str, torch.Tensor]], on_cpu: bool) -> int | None:
+    """Load the buckets of a `WeightBuckets` update (the dicts, fetched one at a time by the caller) in
+    place; on CPU, check that together they gave every engine tensor and return how many."""
+    if not on_cpu:
+        for bucket in buckets:
+            load_weights(llm, bucket, on_cpu, partial=True)
+        return None
+    loaded: set[str] = set()
+    for bucket in buckets:
+        converted = hf_to_vllm(bucket)
+        llm.apply_model(lambda model: load_into_vllm_cpu(model, converted, partial=True))
+        loaded.update(converted)
+    missing = llm.apply_model(lambda model: sorted(set(dict(model.named_parameters())) - loaded))[0]
+    if missing:
+        raise KeyError(f"bucketed weight update gave no tensor for {len(missing)} engine parameter(s), "
+                       f"e.g. {missing[:5]}")
+    return len(loaded)

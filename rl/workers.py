@@ -138,8 +138,9 @@ class WorkerPool:
     # ---- weights -----------------------------------------------------------------------------
 
     def update_weights(self, weights, version: int | None = None) -> None:
-        """Load HF-named tensors (a dict, or a Ray ObjectRef to one, e.g. the learner actor's
-        `state_for_sync.remote()`) into every worker in place, after the rollouts already submitted;
+        """Load HF-named tensors (a dict, a Ray ObjectRef to one, e.g. the learner actor's
+        `state_for_sync.remote()`, or the FSDP group's `rl.vllm_weights.WeightBuckets`, which each
+        worker loads a bucket at a time) into every worker in place, after the rollouts already submitted;
         remembered for replacements. `version` (the learner step of these weights) is stamped on the
         samples drawn with them. Returns when every worker holds them."""
         import ray

@@ -8,10 +8,11 @@
 #      bench/RESULTS.md sections ("Kernels on CUDA ...", "MXFP4 quantise/dequantise on CUDA")
 #   5. a few GRPO steps of the tiny pipeline on CUDA: the learner (learner.device=cuda, bf16 autocast) and
 #      one vLLM engine share GPU 0 through a colocated Ray placement group           -> $OUT/tiny_cuda/
-#   6. the summary: bench/RESULTS.md section "GPU check (scripts/gpu_check.sh)" and $OUT/summary.md
+#   6. with 2 GPUs or more: the same GRPO steps with the FSDP2 learner group over every visible GPU
+#      (learner.world_size = GPUs; rank i and engine i share GPU i, NCCL between ranks) -> $OUT/tiny_fsdp/
+#   7. the summary: bench/RESULTS.md section "GPU check (scripts/gpu_check.sh)" and $OUT/summary.md
 # Every stage runs even if an earlier one failed; each one's exit status and time go to $OUT/status.tsv,
-# and the script exits non-zero if any failed. FSDP over several GPUs is not part of the check until the
-# learner group exists (issue 17 §2).
+# and the script exits non-zero if any failed.
 #
 #   bash scripts/gpu_check.sh [--steps 3] [--sft-steps 100] [--out DIR] [--no-install] [--quick]
 #
@@ -97,6 +98,14 @@ stage tiny_grpo_cuda "$PY" -m rl.pipeline experiment=tiny run_dir="$OUT/tiny_cud
   train.steps="$STEPS" sft.steps="$SFT_STEPS" eval.tasks=30 eval.samples_per_task=1 \
   learner.device=cuda learner.num_gpus=0.5 rollout.num_gpus=0.5 cluster.placement=colocate \
   rollout.dtype=bfloat16 rollout.gpu_memory_utilization=0.3 logging.progress=false
+NGPU=$(nvidia-smi -L | wc -l)
+if [ "$NGPU" -ge 2 ]; then  # NCCL needs one GPU per rank
+  stage tiny_grpo_fsdp "$PY" -m rl.pipeline experiment=tiny run_dir="$OUT/tiny_fsdp" \
+    train.steps="$STEPS" sft.steps="$SFT_STEPS" eval.tasks=30 eval.samples_per_task=1 \
+    learner.device=cuda learner.world_size="$NGPU" learner.num_gpus=0.5 rollout.num_workers="$NGPU" \
+    rollout.num_gpus=0.5 cluster.placement=colocate rollout.dtype=bfloat16 rollout.gpu_memory_utilization=0.3 \
+    logging.progress=false
+fi
 stage summary "$PY" -m bench.gpu_check --out "$OUT" --command "bash scripts/gpu_check.sh $ARGS" --write bench/RESULTS.md
 cat "$OUT/summary.md" 2>/dev/null
 exit "$FAILED"

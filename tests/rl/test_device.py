@@ -98,7 +98,6 @@ def test_gradient_checkpointing_gives_the_same_step(policy):
 
 @pytest.mark.parametrize("override, section", [
     ("learner.lora.rank=16", "issue 17 §3"),
-    ("learner.world_size=4", "issue 17 §2"),
 ])
 def test_declared_but_unbuilt_learner_settings_are_refused_at_start(policy, override, section):
     """Presets and the memory plan may state them (compose works); a run refuses them, never a no-op."""
