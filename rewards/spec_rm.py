@@ -18,7 +18,7 @@ What
   verdict from the model: change a category's `response` in the spec and the clause the model reads
   changes, so its verdicts change (tests/rewards/test_spec_rm.py measures the flip rate). Never raises
   on an answer: an empty one is a failed verdict, a huge one is cut to `max_answer_chars`.
-- `python -m rewards.spec_rm --out runs/spec_rm` trains (about a minute on 2 cores), saves the
+- `python -m rewards.spec_rm --out runs/spec_rm` trains (about 6 minutes on 2 busy cores), saves the
   checkpoint and prints held-out accuracy against RuleJudge and the spec-flip rates (metrics.json).
 
 Departures: Guan et al. 2024 / the gpt-oss card use an LLM reading the whole spec. This model reads
