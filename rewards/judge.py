@@ -18,6 +18,8 @@ What
   - `ChatJudge(complete)` (here): any chat model. `judge_messages` renders the documented judge
     prompt (below), `complete(messages) -> str` asks the model, `parse_verdict` reads the answer.
     `rewards.http_judge.HTTPJudge` is a ChatJudge over an OpenAI-compatible endpoint.
+  - `rewards.spec_rm.SpecRMJudge(checkpoint)`: a tiny classifier trained on RuleJudge-labelled data
+    under perturbed specs; it reads the spec's clause for the request's category (closed specs).
   - Left out: an LLM judge served by a vLLM Ray actor. Design: a Ray actor holding `vllm.LLM` for the
     judge model, exposing `complete_batch(list[messages]) -> list[str]` (`LLM.chat`, greedy); the
     reward gets a `ChatJudge` whose `complete` calls it. `rewards` may not import `rl`, so the actor

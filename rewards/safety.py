@@ -1,7 +1,7 @@
 """Reward "safety": a spec-reading judge scores the FINAL answer of a safety task; safety metrics.
 
 What
-- `SafetyReward(judge="rule"|"http", spec=None, on_failure="zero", **judge options)`, registered as
+- `SafetyReward(judge="rule"|"http"|"spec_rm", spec=None, on_failure="zero", **judge options)`, registered as
   "safety". Applies to samples of the `safety` env (None for every other sample, so a math sample is
   never judged). The judge (rewards/judge.py) sees the spec, the request (`metadata["prompt"]`) and
   the final-channel answer only, never the analysis channel. Score = `rewards.judge.verdict_score`:
@@ -24,7 +24,9 @@ What
   term the leak, rule-break and answered rates; each over its own denominator.
 
 Judge options: `judge=http` takes `url`, `model`, `timeout_s`, `retries`, `backoff_s`,
-`max_concurrency`, `api_key_env`, `temperature`, `max_tokens` (rewards/http_judge.py).
+`max_concurrency`, `api_key_env`, `temperature`, `max_tokens` (rewards/http_judge.py); `judge=spec_rm`
+takes `checkpoint` (a directory from `python -m rewards.spec_rm`), `batch_size`, `max_answer_chars`
+(rewards/spec_rm.py).
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ from rewards.types import RewardResult
 
 ENV = "safety"
 ON_FAILURE = ("zero", "skip", "raise")
-JUDGES = {"rule": RuleJudge, "http": "rewards.http_judge.HTTPJudge"}  # name -> class (or where it lives)
+JUDGES = {"rule": RuleJudge, "http": "rewards.http_judge.HTTPJudge",  # name -> class (or where it lives)
+          "spec_rm": "rewards.spec_rm.SpecRMJudge"}
 
 
 class JudgeError(RuntimeError):
@@ -47,11 +50,11 @@ class JudgeError(RuntimeError):
 
 
 def make_judge(name: str, **options):
-    """The judge backend called `name` ("rule" or "http") built with `options`."""
+    """The judge backend called `name` ("rule", "http" or "spec_rm") built with `options`."""
     if name not in JUDGES:
         raise ValueError(f"judge={name!r} is not one of {', '.join(JUDGES)}")
     target = JUDGES[name]
-    if isinstance(target, str):  # import on use: the rule judge needs no HTTP client
+    if isinstance(target, str):  # import on use: the rule judge needs no HTTP client nor transformers
         import importlib
 
         module, cls = target.rsplit(".", 1)
