@@ -68,7 +68,10 @@ def test_experiment_preset_composes_fits_and_is_refused_until_its_section_lands(
     plan = memory_plan(cfg)
     assert len(plan.budgets) == 2 and all(b.fits for b in plan.budgets), plan.table()
     plan.check()
-    with pytest.raises(ConfigError, match="issue 17 §[23]"):  # LoRA (§3) / FSDP2 (§2) are not built yet
+    if cfg.learner.world_size == 1:  # LoRA (§3) runs on one rank
+        require_implemented(cfg)
+        return
+    with pytest.raises(ConfigError, match="issue 17 §2"):  # the FSDP2 group (§2) is not built yet
         require_implemented(cfg)
 
 
