@@ -227,3 +227,13 @@ def test_a_lora_run_through_the_loop_resumes_exactly(tmp_path, policy, tiny_cfg)
     for file in ("model.safetensors", "adapter/adapter_model.safetensors"):
         wa, wb = (load_file(str(tmp_path / r / "checkpoints" / "step_000003" / file)) for r in "ab")
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), file
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_step(mxfp4_policy, policy):
+    """The 20b preset's setting: recomputed layers (frozen inputs, 4-bit experts) give the same update."""
+    batch = _batch([1.0, -1.0], policy)
+    runs = [_lora(mxfp4_policy, gradient_checkpointing=gc) for gc in (False, True)]
+    metrics = [r.train_step(batch) for r in runs]
+    assert metrics[0]["grad_norm"] == pytest.approx(metrics[1]["grad_norm"], rel=1e-5)
+    for (n, p), q in zip(runs[0].model.named_parameters(), runs[1].model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
