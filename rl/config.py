@@ -513,13 +513,14 @@ def _lora_checks(lrn: LearnerConfig) -> list[tuple[bool, str, str]]:
     lora, on = lrn.lora, lrn.lora.rank > 0
     experts = bool(set(lora.target_modules) & set(EXPERT_TARGETS))
     return [
-        (not on or bool(lora.target_modules), "learner.lora.target_modules", f"a non-empty subset of {list(LORA_TARGETS)}"),
+        (not on or bool(lora.target_modules), "learner.lora.target_modules",
+         f"a non-empty subset of {list(LORA_TARGETS)}"),
         (lora.alpha > 0, "learner.lora.alpha", "> 0"),
         (0.0 <= lora.dropout < 1.0, "learner.lora.dropout", "in [0, 1)"),
         (not (on and experts) or lora.dropout == 0.0, "learner.lora.dropout",
          "0 with gate_up_proj/down_proj in learner.lora.target_modules (expert adapters take no dropout)"),
-        (not (on and (lrn.qat or lrn.sync_mxfp4)), "learner.qat",
-         "false, and learner.sync_mxfp4 false, with learner.lora.rank > 0 (the base is frozen; merged weights sync dense)"),
+        (not (on and (lrn.qat or lrn.sync_mxfp4)), "learner.qat", "false, and learner.sync_mxfp4 false, with "
+         "learner.lora.rank > 0 (the base is frozen; merged weights sync dense)"),
     ]
 
 

@@ -115,8 +115,8 @@ def test_merged_sync_weights_are_base_plus_scaled_b_a(policy, mxfp4_policy, base
     for proj in EXPERTS:
         a, b = experts.lora_A["default"][proj], experts.lora_B["default"][proj]
         inner = experts.base_layer
-        w = (getattr(inner, proj) if base == "dense" else
-             dequantize(getattr(inner, f"{proj}_blocks"), getattr(inner, f"{proj}_scales"), torch.float32).transpose(1, 2))
+        w = (getattr(inner, proj) if base == "dense" else dequantize(
+            getattr(inner, f"{proj}_blocks"), getattr(inner, f"{proj}_scales"), torch.float32).transpose(1, 2))
         assert float(b.detach().abs().max()) > 0
         torch.testing.assert_close(state[f"model.layers.1.mlp.experts.{proj}"], w + s * a @ b, rtol=1e-6, atol=1e-7)
     if base == "dense":  # untargeted weights go as they are
