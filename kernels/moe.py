@@ -38,6 +38,10 @@ Frozen MXFP4 base: `FrozenMxfp4Experts` holds the checkpoint tensors (`gate_up_p
 each ACTIVE expert on the fly, forward and again in backward (nothing dense is kept). Its backward
 gives gradients to the activations, the routing weights and the (bf16) biases if they require grad,
 never to the 4-bit weights, so adapters elsewhere (PEFT LoRA on attention, router, ...) train on top.
+LoRA on the experts themselves (`ExpertLora`, over a dense or a 4-bit base) runs inside the same loop
+in low-rank form: u += s (x A1) B1 before the SwiGLU, z += s (w y A2) B2 after it, and the backward
+gives the adapters their gradients from the same tiles (s x^T (du B1^T), s (x A1)^T du, ...), so neither
+a dense delta nor a dense weight gradient is formed (rl/lora.py wraps the experts with it).
 `FrozenMxfp4Experts.from_dense(experts)` quantises a transformers `GptOssExperts` into that layout.
 Decoding is `kernels.mxfp4.dequantize`; the format is not re-implemented here.
 
@@ -54,6 +58,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -410,8 +415,28 @@ CPU_ROW_TILE: int | None = 1024
 CPU_PAD_DTYPES = (torch.bfloat16, torch.float16)
 
 
+class ExpertLora(NamedTuple):
+    """Low-rank adapters of the expert projections in the experts' (E, in, out) layout: expert e computes
+    with W1_e + scale * up_a[e] @ up_b[e] and W2_e + scale * down_a[e] @ down_b[e], in low-rank form
+    (x @ A, then @ B), so no dense delta and no dense weight gradient is ever formed. A pair left None
+    leaves that projection as it is."""
+
+    up_a: torch.Tensor | None  # (E, H, r)
+    up_b: torch.Tensor | None  # (E, r, 2I)
+    down_a: torch.Tensor | None  # (E, I, r)
+    down_b: torch.Tensor | None  # (E, r, H)
+    scale: float
+
+    def to(self, dtype: torch.dtype) -> ExpertLora:
+        return ExpertLora(*(None if t is None else t.to(dtype) for t in self[:4]), self.scale)
+
+
+_NO_LORA = ExpertLora(None, None, None, None, 0.0)
+
+
 class _GroupedExperts(torch.autograd.Function):
-    """out = sum_k w_k * expert_k(x); gradients for x, routing weights, biases and (dense) weights.
+    """out = sum_k w_k * expert_k(x); gradients for x, routing weights, biases and (dense) weights, and
+    for the low-rank adapters when given (`ExpertLora`: frozen base + LoRA, the base dense or MXFP4).
 
     Saved: x, the pre-activation u (S, 2I), routing weights in pair order, the permutation and the dense
     routing weights R (N, E) with the top-k index (for the bias terms); the SwiGLU, the gathered tokens
@@ -419,8 +444,10 @@ class _GroupedExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, routing_weights, b1, b2, w1, w2, top_k_index, weights, alpha, limit):
-        # x (N, H); routing_weights (N, k); b1 (E, 2I); b2 (E, H); w1/w2 only carry autograd for dense
+    def forward(ctx, x, routing_weights, b1, b2, w1, w2, top_k_index, weights, alpha, limit,
+                up_a, up_b, down_a, down_b, lora_scale):
+        # x (N, H); routing_weights (N, k); b1 (E, 2I); b2 (E, H); w1/w2 only carry autograd for dense;
+        # up_a (E, H, r), up_b (E, r, 2I), down_a (E, I, r), down_b (E, r, H) or None (ExpertLora)
         N, H = x.shape
         pad = not x.is_cuda and x.dtype in CPU_PAD_DTYPES
         tile = CPU_ROW_TILE if CPU_ROW_TILE and not x.is_cuda else max(1, top_k_index.numel())
@@ -436,17 +463,24 @@ class _GroupedExperts(torch.autograd.Function):
         for e, s, t in tiles:
             if e != e_prev:
                 w_up, w_down, e_prev = weights.up(e), weights.down(e), e
-            ut = torch.addmm(b1[e], x.index_select(0, tok[s:t]), w_up, out=u[s:t])  # (n, 2I)
-            out.index_add_(0, tok[s:t], _act(ut, ws[s:t], alpha, limit) @ w_down)  # weighted (n, H)
-        ctx.save_for_backward(x, u, ws, order, tok, b2, R, top_k_index, pos)
-        ctx.tiles, ctx.weights, ctx.alpha, ctx.limit = tiles, weights, alpha, limit
+            xt = x.index_select(0, tok[s:t])  # (n, H)
+            ut = torch.addmm(b1[e], xt, w_up, out=u[s:t])  # (n, 2I)
+            if up_a is not None:  # + scale (x A) B: adds exact zeros while B = 0
+                ut.addmm_(xt @ up_a[e], up_b[e], alpha=lora_scale)
+            yt = _act(ut, ws[s:t], alpha, limit)  # weighted (n, I)
+            zt = yt @ w_down  # (n, H)
+            if down_a is not None:
+                zt.addmm_(yt @ down_a[e], down_b[e], alpha=lora_scale)
+            out.index_add_(0, tok[s:t], zt)
+        ctx.save_for_backward(x, u, ws, order, tok, b2, R, top_k_index, pos, up_a, up_b, down_a, down_b)
+        ctx.tiles, ctx.weights, ctx.alpha, ctx.limit, ctx.lora_scale = tiles, weights, alpha, limit, lora_scale
         ctx.rw_shape, ctx.rw_dtype = routing_weights.shape, routing_weights.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, u, ws, order, tok, b2, R, top_k_index, pos = ctx.saved_tensors
-        tiles, weights, alpha, limit = ctx.tiles, ctx.weights, ctx.alpha, ctx.limit
+        x, u, ws, order, tok, b2, R, top_k_index, pos, up_a, up_b, down_a, down_b = ctx.saved_tensors
+        tiles, weights, alpha, limit, scale = ctx.tiles, ctx.weights, ctx.alpha, ctx.limit, ctx.lora_scale
         need_x, need_rw, need_b1, need_b2, need_w1, need_w2 = ctx.needs_input_grad[:6]
         grad_out = grad_out.contiguous().to(x.dtype)
         E, two_i = b2.shape[0], u.shape[1]
@@ -456,6 +490,7 @@ class _GroupedExperts(torch.autograd.Function):
         dw1 = x.new_empty(E, x.shape[1], two_i) if need_w1 else None
         dw2 = torch.empty_like(weights.w2) if need_w2 else None
         db1 = torch.zeros(E, two_i, dtype=torch.float32, device=x.device) if need_b1 else None
+        d_lora = [None if t is None else torch.zeros_like(t) for t in (up_a, up_b, down_a, down_b)]
         e_prev = -1
         for e, s, t in tiles:
             first = e != e_prev
@@ -464,14 +499,27 @@ class _GroupedExperts(torch.autograd.Function):
             idx = tok[s:t]
             go = grad_out.index_select(0, idx)  # (n, H) output grad of this pair, before the weight
             g = go @ w_down.t()  # (n, I) output grad through W2, before the weight
+            if down_a is not None:  # ... and through scale A2 B2
+                gb = go @ down_b[e].t()  # (n, r)
+                g.addmm_(gb, down_a[e].t(), alpha=scale)
             wy, du, gy, du_sum = _act_backward(u[s:t], g, ws[s:t], alpha, limit)  # wy = w * y, recomputed
             dws[s:t] = gy  # d w = go . (y W2) = g . y; the b2 part comes from R below
+            if down_a is not None:  # dA2 = s (w y)^T (go B2^T), dB2 = s (w y A2)^T go
+                d_lora[2][e].addmm_(wy.t(), gb, alpha=scale)
+                d_lora[3][e].addmm_((wy @ down_a[e]).t(), go, alpha=scale)
+            if up_a is not None:  # dA1 = s x^T (du B1^T), dB1 = s (x A1)^T du
+                xt, dub = x.index_select(0, idx), du @ up_b[e].t()  # (n, H), (n, r)
+                d_lora[0][e].addmm_(xt.t(), dub, alpha=scale)
+                d_lora[1][e].addmm_((xt @ up_a[e]).t(), du, alpha=scale)
             if need_w2:
                 torch.mm(wy.t(), go, out=dw2[e]) if first else dw2[e].addmm_(wy.t(), go)
             if need_b1:
                 db1[e] += du_sum
             if need_x:
-                dx.index_add_(0, idx, du @ w_up.t())
+                dxt = du @ w_up.t()  # (n, H)
+                if up_a is not None:
+                    dxt.addmm_(dub, up_a[e].t(), alpha=scale)
+                dx.index_add_(0, idx, dxt)
             if need_w1:
                 xs = x.index_select(0, idx).t()  # (H, n)
                 torch.mm(xs, du, out=dw1[e]) if first else dw1[e].addmm_(xs, du)
@@ -488,7 +536,9 @@ class _GroupedExperts(torch.autograd.Function):
             drw[order] = dws
             drw = drw.reshape(ctx.rw_shape) + (grad_out @ b2.t()).gather(1, top_k_index)  # + d(R @ b2)/dR
             drw = drw.to(ctx.rw_dtype)
-        return dx, drw, None if db1 is None else db1.to(b2.dtype), db2, dw1, dw2, None, None, None, None
+        d_lora = [d if d is not None and need else None for d, need in zip(d_lora, ctx.needs_input_grad[10:14])]
+        return (dx, drw, None if db1 is None else db1.to(b2.dtype), db2, dw1, dw2, None, None, None, None,
+                *d_lora, None)
 
 
 def _check_shapes(x, top_k_index, routing_weights, b1, b2):
@@ -513,9 +563,10 @@ def expert_compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def grouped_experts(x: torch.Tensor, top_k_index: torch.Tensor, routing_weights: torch.Tensor,
                     gate_up_proj: torch.Tensor, gate_up_proj_bias: torch.Tensor, down_proj: torch.Tensor,
                     down_proj_bias: torch.Tensor, alpha: float = SWIGLU_ALPHA,
-                    limit: float = SWIGLU_LIMIT) -> torch.Tensor:
+                    limit: float = SWIGLU_LIMIT, *, lora: ExpertLora | None = None) -> torch.Tensor:
     """Dense experts in transformers' layout. x (N, H), top_k_index/routing_weights (N, k),
-    gate_up_proj (E, H, 2I), gate_up_proj_bias (E, 2I), down_proj (E, I, H), down_proj_bias (E, H) -> (N, H)."""
+    gate_up_proj (E, H, 2I), gate_up_proj_bias (E, 2I), down_proj (E, I, H), down_proj_bias (E, H) -> (N, H).
+    `lora`: adapters added in low-rank form (the per-expert loop; the Triton grouped GEMMs take none)."""
     _check_shapes(x, top_k_index, routing_weights, gate_up_proj_bias, down_proj_bias)
     if gate_up_proj.shape != (gate_up_proj_bias.shape[0], x.shape[1], gate_up_proj_bias.shape[1]):
         raise ValueError(f"{tuple(gate_up_proj.shape)=} should be (E, H, 2I) = "
@@ -525,7 +576,7 @@ def grouped_experts(x: torch.Tensor, top_k_index: torch.Tensor, routing_weights:
     # Autocast (e.g. TRL's default bf16 on CPU) would recast the addmms inside the Function and break
     # its dtype bookkeeping: the experts compute in one dtype chosen above, with autocast off inside.
     with torch.autocast(device_type=x.device.type, enabled=False):
-        if x.is_cuda and CUDA_TRITON_GEMMS:
+        if x.is_cuda and CUDA_TRITON_GEMMS and lora is None:
             from kernels.moe_grouped_triton import grouped_experts_triton
 
             out = grouped_experts_triton(x_in, top_k_index, routing_weights, gate_up_proj,
@@ -534,7 +585,8 @@ def grouped_experts(x: torch.Tensor, top_k_index: torch.Tensor, routing_weights:
             return out.to(x.dtype)
         out = _GroupedExperts.apply(x_in, routing_weights, gate_up_proj_bias.to(x_in.dtype),
                                     down_proj_bias.to(x_in.dtype), gate_up_proj, down_proj, top_k_index,
-                                    _DenseWeights(gate_up_proj, down_proj), alpha, limit)
+                                    _DenseWeights(gate_up_proj, down_proj), alpha, limit,
+                                    *(lora or _NO_LORA).to(dtype))
     return out.to(x.dtype)
 
 
@@ -543,10 +595,11 @@ def mxfp4_experts(x: torch.Tensor, top_k_index: torch.Tensor, routing_weights: t
                   gate_up_proj_bias: torch.Tensor, down_proj_blocks: torch.Tensor,
                   down_proj_scales: torch.Tensor, down_proj_bias: torch.Tensor, *, alpha: float = SWIGLU_ALPHA,
                   limit: float = SWIGLU_LIMIT, compute_dtype: torch.dtype | None = None,
-                  dequantize: Callable | None = None) -> torch.Tensor:
+                  dequantize: Callable | None = None, lora: ExpertLora | None = None) -> torch.Tensor:
     """Frozen MXFP4 experts in the checkpoint layout: gate_up_proj_blocks (E, 2I, H/32, 16) uint8,
     gate_up_proj_scales (E, 2I, H/32) uint8, down_proj_blocks (E, H, I/32, 16), down_proj_scales (E, H, I/32).
-    Gradients reach x, the routing weights and the biases, never the 4-bit weights."""
+    Gradients reach x, the routing weights, the biases and `lora`'s adapters, never the 4-bit weights
+    (LoRA runs in the per-expert loop, each expert decoded on the fly; the Triton grouped GEMMs take none)."""
     _check_shapes(x, top_k_index, routing_weights, gate_up_proj_bias, down_proj_bias)
     E, two_i = gate_up_proj_bias.shape
     H = x.shape[1]
@@ -559,7 +612,7 @@ def mxfp4_experts(x: torch.Tensor, top_k_index: torch.Tensor, routing_weights: t
             raise ValueError(f"{name}.shape={tuple(got[name].shape)} but x (N, {H}) and bias (E, 2I)=({E}, {two_i}) "
                              f"need {shape}; H and I must be multiples of 32")
     dtype = compute_dtype or x.dtype
-    if x.is_cuda and CUDA_TRITON_GEMMS and dequantize is None:  # decoded inside the grouped GEMMs
+    if x.is_cuda and CUDA_TRITON_GEMMS and dequantize is None and lora is None:  # decoded inside the GEMMs
         from kernels.moe_grouped_triton import mxfp4_experts_triton
 
         out = mxfp4_experts_triton(x.to(dtype), top_k_index, routing_weights, gate_up_proj_blocks,
@@ -569,7 +622,8 @@ def mxfp4_experts(x: torch.Tensor, top_k_index: torch.Tensor, routing_weights: t
     weights = _Mxfp4Weights(gate_up_proj_blocks, gate_up_proj_scales, down_proj_blocks, down_proj_scales,
                             dtype, dequantize)
     out = _GroupedExperts.apply(x.to(dtype), routing_weights, gate_up_proj_bias.to(dtype),
-                                down_proj_bias.to(dtype), None, None, top_k_index, weights, alpha, limit)
+                                down_proj_bias.to(dtype), None, None, top_k_index, weights, alpha, limit,
+                                *(lora or _NO_LORA).to(dtype))
     return out.to(x.dtype)
 
 
@@ -650,8 +704,9 @@ class FrozenMxfp4Experts(nn.Module):
                 getattr(new, f"{name}_bias").copy_(getattr(experts, f"{name}_bias"))
         return new
 
-    def forward(self, hidden_states, router_indices, routing_weights):  # (N, H), (N, k), (N, k) -> (N, H)
+    def forward(self, hidden_states, router_indices, routing_weights, lora: ExpertLora | None = None):
+        # (N, H), (N, k), (N, k) -> (N, H); `lora`: adapters over the frozen 4-bit weights (rl/lora.py)
         return mxfp4_experts(hidden_states, router_indices, routing_weights, self.gate_up_proj_blocks,
                              self.gate_up_proj_scales, self.gate_up_proj_bias, self.down_proj_blocks,
                              self.down_proj_scales, self.down_proj_bias, alpha=self.alpha, limit=self.limit,
-                             compute_dtype=self.compute_dtype)
+                             compute_dtype=self.compute_dtype, lora=lora)

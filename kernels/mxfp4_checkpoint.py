@@ -235,13 +235,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_file(str(path / WEIGHTS_NAME))
 
 
-def load_mxfp4_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+def load_mxfp4_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *,
+                          packed_experts: bool = False):
     """Read a released-style MXFP4 checkpoint into a GptOssForCausalLM with dequantised experts.
 
     Every weight is a `dtype` master copy (fp32 or bf16). Values equal what transformers'
     `from_pretrained(path, quantization_config=Mxfp4Config(dequantize=True), dtype=dtype)` gives (which
     leaves the experts in bf16 whatever `dtype` says). The returned config has no quantization_config:
     the model holds plain weights.
+
+    `packed_experts=True` keeps the experts as released instead: each layer's `mlp.experts` is a frozen
+    `kernels.moe.FrozenMxfp4Experts` holding the 4-bit blocks and scales (decoded one expert at a time
+    inside the MoE kernel, in `dtype`), never a dense copy: the frozen base under LoRA (rl/lora.py).
     """
     from transformers import GptOssConfig, GptOssForCausalLM
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRotaryEmbedding
@@ -253,11 +258,19 @@ def load_mxfp4_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.fl
     del config.quantization_config
     config.dtype = dtype
 
-    sd = unpack_state_dict(read_state_dict(path), dtype)
+    sd = read_state_dict(path)
+    sd = sd if packed_experts else unpack_state_dict(sd, dtype)
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
     with torch.device("meta"):  # no random init of weights we are about to overwrite
         model = GptOssForCausalLM(config)
+        if packed_experts:
+            from kernels.moe import FrozenMxfp4Experts
+
+            for layer in model.model.layers:
+                old = layer.mlp.experts
+                layer.mlp.experts = FrozenMxfp4Experts(old.num_experts, old.hidden_size, old.intermediate_size,
+                                                       old.alpha, old.limit, compute_dtype=dtype)
     model.load_state_dict(sd, strict=True, assign=True)
     model.model.rotary_emb = GptOssRotaryEmbedding(config=config)  # its buffers are not in the checkpoint
     return model.eval()

@@ -26,6 +26,9 @@ KERNELS = ("deliberate", "stock")
 DEVICES = ("auto", "cpu", "cuda")  # learner.device (rl/device.py)
 AUTOCAST = ("auto", "off", "bfloat16")  # learner.autocast (rl/device.py)
 PLACEMENTS = ("none", "separate", "colocate")  # cluster.placement (rl/placement.py)
+# learner.lora.target_modules: attention projections (PEFT LoRA) and expert projections (rl/lora.py)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+EXPERT_TARGETS = ("gate_up_proj", "down_proj")
 
 
 def choice(default, options, comment: str = ""):
@@ -235,12 +238,15 @@ class LrScale:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapters over the frozen base (issue 17 §3, not implemented: rank > 0 is refused at run start).
-    Declared so presets and rl/memory_plan.py can state their plan."""
+    """LoRA adapters over the frozen base (rl/lora.py, README "LoRA"): only the adapters train; the base
+    stays as the checkpoint holds it (MXFP4 experts stay 4-bit) in `learner.dtype`, the adapters in fp32."""
 
     rank: int = 0  # 0 = off (full-parameter training)
-    alpha: float = 32.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    alpha: float = 32.0  # the update is (alpha / rank) B A
+    dropout: float = 0.0  # on the attention adapters' input (PEFT); must be 0 with expert targets
+    # q/k/v/o_proj: attention (PEFT LoRA on the nn.Linear); gate_up_proj/down_proj: every expert of every
+    # layer (rank-r adapters per expert, added inside our grouped MoE kernel, over a dense or 4-bit base)
+    target_modules: list[str] = choice(["q_proj", "k_proj", "v_proj", "o_proj"], LORA_TARGETS)
 
 
 @dataclass
@@ -493,6 +499,7 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         (c.learner.world_size >= 1, "learner.world_size", ">= 1"),
         (c.learner.sync_bucket_mb > 0, "learner.sync_bucket_mb", "> 0"),
         (c.learner.lora.rank >= 0, "learner.lora.rank", ">= 0 (0 = off)"),
+        *_lora_checks(c.learner),
         (c.rollout.num_gpus >= 0, "rollout.num_gpus", ">= 0"),
         (c.rollout.num_gpus == 0 or c.rollout.tensor_parallel_size == 1
          or c.rollout.num_gpus >= c.rollout.tensor_parallel_size, "rollout.num_gpus",
@@ -500,6 +507,22 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         *_placement_checks(c),
         (c.train.checkpoint_every >= 1, "train.checkpoint_every", ">= 1"),
         (c.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1"),
+    ]
+
+
+def _lora_checks(lrn: LearnerConfig) -> list[tuple[bool, str, str]]:
+    """LoRA rules (they bind only with learner.lora.rank > 0)."""
+    lora, on = lrn.lora, lrn.lora.rank > 0
+    experts = bool(set(lora.target_modules) & set(EXPERT_TARGETS))
+    return [
+        (not on or bool(lora.target_modules), "learner.lora.target_modules",
+         f"a non-empty subset of {list(LORA_TARGETS)}"),
+        (lora.alpha > 0, "learner.lora.alpha", "> 0"),
+        (0.0 <= lora.dropout < 1.0, "learner.lora.dropout", "in [0, 1)"),
+        (not (on and experts) or lora.dropout == 0.0, "learner.lora.dropout",
+         "0 with gate_up_proj/down_proj in learner.lora.target_modules (expert adapters take no dropout)"),
+        (not (on and (lrn.qat or lrn.sync_mxfp4)), "learner.qat", "false, and learner.sync_mxfp4 false, with "
+         "learner.lora.rank > 0 (the base is frozen; merged weights sync dense)"),
     ]
 
 
@@ -525,9 +548,9 @@ def not_implemented(learner: LearnerConfig) -> list[str]:
     """Learner settings the schema declares (presets and the memory plan state them) but the learner
     cannot run yet, each as one line naming its key and the issue section that brings it."""
     gaps = []
-    if learner.lora.rank > 0:
-        gaps.append(f"learner.lora.rank={learner.lora.rank} needs LoRA over the MXFP4 base (issue 17 §3); "
-                    "not implemented yet (learner.lora.rank=0 trains every parameter)")
+    if learner.lora.rank > 0 and learner.world_size > 1:
+        gaps.append(f"learner.lora.rank={learner.lora.rank} with learner.world_size={learner.world_size} needs LoRA "
+                    "in the FSDP2 learner group (issue 17 §2 + §3); not implemented yet (LoRA runs on one rank)")
     return gaps
 
 

@@ -9,6 +9,10 @@ The KL reference (`algo.kl_coef > 0`) is the policy the learner was constructed 
 run: a resumed run constructs the learner from the same initial policy and then `load`s the
 checkpoint's weights and optimizer into it.
 
+LoRA (`learner.lora.rank > 0`, rl/lora.py): the policy is the frozen base with adapters, the only
+parameters in the optimizer; the KL reference is the same model with its adapters disabled (no second
+copy); `state_for_sync` and checkpoints carry the merged weights, and checkpoints the adapters too.
+
 Run as a Ray actor (`RemoteLearner` wraps the handle behind the same methods) in the pipeline, or
 in-process (tests, benches). Log-probs use the
 chunked selective log-softmax from `kernels.logprobs` when `learner.kernels=deliberate` (never builds
@@ -35,6 +39,7 @@ one-process step on the whole batch.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -188,7 +193,13 @@ class Learner:
         self.device = resolve_device(cfg.device)
         self.autocast_dtype = autocast_dtype(self.device, cfg.autocast, cfg.dtype)
         dtype = getattr(torch, cfg.dtype)
-        self.model, self.vmap = self.parallel.load(model_path, dtype)
+        self.lora = cfg.lora.rank > 0  # one rank only (rl.config.not_implemented refuses LoRA in a group)
+        if self.lora:  # frozen base (MXFP4 experts stay 4-bit) + adapters, the only trainable parameters
+            from rl.lora import load_lora_policy
+
+            self.model, self.vmap = load_lora_policy(model_path, cfg.lora, dtype=dtype)
+        else:
+            self.model, self.vmap = self.parallel.load(model_path, dtype)
         if cfg.gradient_checkpointing:  # non-reentrant: works with frozen inputs and our autograd Functions
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # The rollout engine gets MXFP4-quantised experts (what a gpt-oss engine serves) under QAT or
@@ -203,7 +214,9 @@ class Learner:
         self.model.train()
         self.n_vocab = None if self.vmap.canonical is None else len(self.vmap)
         self.ref = self.score_ref = None
-        if algo.kl_coef > 0:  # the initial policy, whatever checkpoint `load` brings in later
+        # the initial policy, whatever checkpoint `load` brings in later; under LoRA the policy with its
+        # adapters off (`_reference`), no second copy
+        if algo.kl_coef > 0 and not self.lora:
             self.ref, _ = self.parallel.load(model_path, dtype)
             if cfg.kernels == "deliberate":  # computed exactly as the policy is (QAT experts included)
                 from kernels.patch import apply_kernels
@@ -324,9 +337,9 @@ class Learner:
             lp, ent = self._logprobs(self.score, part, with_entropy=True)  # (b, l) each
             old_lp = lp.detach() if old is None or idx is None else old[idx][:, : lp.shape[1]]
             ref_lp = None
-            if self.score_ref is not None:
-                with torch.no_grad():
-                    ref_lp = self._logprobs(self.score_ref, part)
+            if self.algo.kl_coef > 0:
+                with torch.no_grad(), self._reference() as score_ref:
+                    ref_lp = self._logprobs(score_ref, part)
             loss, m = policy_loss(lp, old_lp, part.advantages, part.loss_mask, behavior_logprobs=part.behavior_logprobs,
                                   ref_logprobs=ref_lp, entropy=ent, **loss_options(self.algo))
             # Re-weight micro-batch means so the sum equals the full-batch aggregate.
@@ -358,9 +371,25 @@ class Learner:
         self.opt_steps += 1
         return {**sums, "grad_norm": float(grad_norm), "lr": lr}
 
+    @contextlib.contextmanager
+    def _reference(self):
+        """The KL reference's scorer: the initial policy's copy, or under LoRA the policy with its adapters off."""
+        if not self.lora:
+            yield self.score_ref
+            return
+        from rl.lora import adapters_disabled
+
+        with adapters_disabled(self.model):
+            yield self.score
+
     # ---- weights and state ---------------------------------------------------------------------
     def state_for_sync(self) -> dict[str, torch.Tensor]:
-        """HF-named tensors for the rollout engine (detached, contiguous, CPU)."""
+        """HF-named tensors for the rollout engine (detached, contiguous, CPU); under LoRA the merged
+        weights, one parameter at a time (rl/lora.py `merged_state`)."""
+        if self.lora:
+            from rl.lora import merged_state
+
+            return {k: v.contiguous() for k, v in merged_state(self.model)}
         state = dict(self.model.state_dict())
         if self.sync_mxfp4:
             from kernels.qat import quantized_expert_weights
@@ -378,21 +407,32 @@ class Learner:
     def save(self, path: str | os.PathLike) -> None:
         """HF checkpoint + optimizer/step/RNG in `path` (the caller makes the whole folder atomic)."""
         path = Path(path)
-        save_checkpoint(self.model, self.vmap, path)
+        if self.lora:  # the merged model as the HF folder, the adapters in adapter/
+            from rl import lora
+
+            lora.save(self.model, self.vmap, path, self.cfg.lora)
+        else:
+            save_checkpoint(self.model, self.vmap, path)
         torch.save({"optimizer": self.opt.state_dict(), "step": self.step, "opt_steps": self.opt_steps,
                     "rng": rng_state()},
                    path / LEARNER_STATE)
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore weights (model.safetensors or the shards its index names, MXFP4 experts decoded),
-        optimizer, step and RNG saved by `save`. The KL reference stays the initial policy."""
+        optimizer, step and RNG saved by `save`. The KL reference stays the initial policy. Under LoRA
+        the adapters are what is restored (the base stays the initial policy's)."""
         from kernels.mxfp4_checkpoint import read_state_dict, unpack_state_dict
 
         path = Path(path)
-        state = unpack_state_dict(read_state_dict(path), getattr(torch, self.cfg.dtype))
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if "lm_head" not in k]:
-            raise RuntimeError(f"checkpoint {path} does not match the policy: {missing=} {unexpected=}")
+        if self.lora:
+            from rl.lora import load_adapters
+
+            load_adapters(self.model, path)
+        else:
+            state = unpack_state_dict(read_state_dict(path), getattr(torch, self.cfg.dtype))
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            if unexpected or [k for k in missing if "lm_head" not in k]:
+                raise RuntimeError(f"checkpoint {path} does not match the policy: {missing=} {unexpected=}")
         # on CPU: the RNG states must be CPU tensors; the optimizer moves its state to its parameters' device
         extra = torch.load(path / LEARNER_STATE, weights_only=False, map_location="cpu")
         if "optimizer" not in extra:  # rl/learner_group.py keeps its optimizer sharded next to it

@@ -10,9 +10,10 @@ learner rank (R = learner.world_size ranks; FSDP2 shards weights, grads and opti
   (fp32: 4 + 4 + 8 = 16 B/P), / R. With bf16 autocast over fp32 weights, the bf16 copies of the
   weights a forward used live until backward: all of them on one rank (one layer's under gradient
   checkpointing), two layers' all-gathered bf16 weights under FSDP (this layer and the prefetched one).
-- LoRA (rank r > 0): the frozen base as released (MXFP4 experts at 4.25 bits, every other weight bf16),
-  / R; adapters r x (in + out) per targeted projection, 16 B/P (fp32 weight, grad, AdamW); FSDP
-  gathers two layers of the frozen base.
+- LoRA (rank r > 0, rl/lora.py): the frozen base as the checkpoint holds it (MXFP4 experts at 4.25
+  bits), every other weight in `learner.dtype` (the presets say bfloat16, as released), / R; adapters
+  r x (in + out) per targeted projection (per expert for gate_up_proj/down_proj), 16 B/P (fp32 weight,
+  grad, AdamW); FSDP gathers two layers of the frozen base.
 - activations for one micro-batch of T = learner.micro_batch_size x rollout.max_model_len tokens (a
   sequence can be that long): per token and layer `layer_activation_bytes` (residual and norms at
   the weights' width, q/k/v/rotated/attention output, router logits, the MoE kernel's gathered input,
@@ -90,8 +91,8 @@ def lora_params(m: ModelConfig, rank: int, targets: list[str]) -> int:
     """Adapter parameters: rank x (in + out) per targeted projection per layer (experts: per expert)."""
     H, I, E = m.hidden_size, m.intermediate_size, m.num_local_experts
     q, kv = m.num_attention_heads * m.head_dim, m.num_key_value_heads * m.head_dim
-    shapes = {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H), "router": (H, E),
-              "gate_up_proj": (H, 2 * I), "down_proj": (I, H)}
+    shapes = {"q_proj": (H, q), "k_proj": (H, kv), "v_proj": (H, kv), "o_proj": (q, H),
+              "gate_up_proj": (H, 2 * I), "down_proj": (I, H)}  # (in, out) of each of rl.config.LORA_TARGETS
     unknown = sorted(set(targets) - set(shapes))
     if unknown:
         raise ValueError(f"learner.lora.target_modules: {unknown} unknown; valid: {sorted(shapes)}")
@@ -164,12 +165,14 @@ def _learner(cfg: Config, capacity: float) -> GpuBudget:
     b = GpuBudget(f"learner rank (1 of {R})", capacity)
     lora = lrn.lora.rank > 0
     if lora:
-        base = released_weight_bytes(m)
+        base = released_weight_bytes(m, width=w)
         n = lora_params(m, lrn.lora.rank, lrn.lora.target_modules)
-        b.items.append(("frozen base (MXFP4 experts, bf16 rest)", base / R, _weights_how(c, True, 2, R)))
+        rest = {"float32": "fp32", "bfloat16": "bf16"}[lrn.dtype]
+        b.items.append((f"frozen base (MXFP4 experts, {rest} rest)", base / R, _weights_how(c, True, w, R)))
         b.items.append(("LoRA adapters + grads + AdamW", 16 * n / R, f"{n / 1e6:.1f}M params x 16 B / {R}"))
-        gathered = 2 * (base - 2 * (c["embed"] + c["unembed"])) / L if R > 1 else 0.0  # two bf16/MXFP4 layers
-        compute = residual = 2
+        gathered = 2 * (base - w * (c["embed"] + c["unembed"])) / L if R > 1 else 0.0  # two base layers
+        compute = 2 if lrn.dtype == "float32" and lrn.autocast != "off" else w  # bf16 autocast over fp32
+        residual = w
     else:
         b.items.append(("weights", c["total"] * w / R, f"{c['total'] / 1e9:.2f}B x {w} B / {R}"))
         b.items.append(("grads", c["total"] * w / R, f"{c['total'] / 1e9:.2f}B x {w} B / {R}"))

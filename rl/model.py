@@ -18,7 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -171,15 +171,21 @@ def build_tiny_model(cfg: Mapping, corpus: Iterable[str], out_dir: str | os.Path
     return Path(out_dir)
 
 
-def save_checkpoint(model, vmap: VocabMap, out_dir: str | os.PathLike) -> None:
-    """HF folder: config.json + model.safetensors + vocab_map.json (written to a temp dir, renamed)."""
+def save_checkpoint(model, vmap: VocabMap, out_dir: str | os.PathLike,
+                    write_weights: Callable[[Path], None] | None = None) -> None:
+    """HF folder: config.json + model.safetensors + vocab_map.json (written to a temp dir, renamed).
+    `write_weights(folder)` writes config.json and the weights instead of `model.save_pretrained` (a LoRA
+    learner's merged export, rl/lora.py)."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     from rl.metrics import quiet_progress_bars
 
     with quiet_progress_bars():  # no "Writing model shards" bar at every checkpoint
-        model.save_pretrained(tmp, safe_serialization=True)
+        if write_weights is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            write_weights(tmp)
     save_vocabulary(vmap, tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
@@ -251,10 +257,12 @@ def is_mxfp4_checkpoint(path: str | os.PathLike) -> bool:
     return (cfg.get("quantization_config") or {}).get("quant_method") == "mxfp4"
 
 
-def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32, packed_experts: bool = False):
     """(model, VocabMap) from an HF folder, eager attention (our kernels are switched on by the learner).
 
-    Released-style MXFP4 checkpoints (`*_blocks`/`*_scales` experts) load with `dtype` master weights."""
+    Released-style MXFP4 checkpoints (`*_blocks`/`*_scales` experts) load with `dtype` master weights, or,
+    with `packed_experts`, keep their experts 4-bit and frozen (`kernels.moe.FrozenMxfp4Experts`: the
+    LoRA base, rl/lora.py); a dense folder loads as it is either way."""
     from transformers import GptOssForCausalLM
 
     from rl.metrics import quiet_progress_bars
@@ -263,7 +271,7 @@ def load_policy(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
         if is_mxfp4_checkpoint(path):
             from kernels.mxfp4_checkpoint import load_mxfp4_checkpoint
 
-            model = load_mxfp4_checkpoint(path, dtype=dtype)
+            model = load_mxfp4_checkpoint(path, dtype=dtype, packed_experts=packed_experts)
             model.set_attn_implementation("eager")
         else:
             model = GptOssForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
