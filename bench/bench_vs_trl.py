@@ -26,7 +26,9 @@ generation seconds), trained tokens/s (loss tokens / (log-prob pass + update) se
 (resident set of the side's process tree, sampled every 0.5 s: driver, Ray daemons and actors, or
 TRL's one process), the reward per step of every side, and the ratio of each TRL mode's seconds per
 step to ours. Step means skip step 1 (start-up effects: first vLLM call, lazy initialisation) when
-there are more. Each side's log is in `--out`/<side>.log.
+there are more. Each side's log is in `--out`/<side>.log. Before each side the CPUs are probed for 3 s;
+if other processes use more than a quarter of them the section says its timings are not valid, and a run
+at other than the default sizes says it is a smoke run, not the result.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ import traceback
 from pathlib import Path
 
 from bench import results
-from bench.trl_side import DEFAULT_MODES, MODES
+from bench.trl_side import DEFAULT_MODES, MODES, OTHER_SETTINGS
 from bench.grpo_workload import (PHASES, MemorySampler, SideResult, StepRecord, Stopwatch, default_policy,
                                  overrides, require_policy)
 
@@ -49,6 +51,7 @@ SECTION = "## GRPO step vs TRL GRPOTrainer"
 TARGET_RATIO = 3.0  # the project bar (docs/ARCHITECTURE.md): GRPO step >= 3x TRL GRPOTrainer
 DEFAULTS = {"steps": 10, "tasks_per_step": 12, "group_size": 8, "max_new_tokens": 96}  # the demo's step
 GIB = 2 ** 30
+BUSY_PERCENT = 25.0  # CPU use by others above which timings are flagged invalid (half a core of 2)
 
 
 # ---- the sides (each runs in its own subprocess: `--side`) ---------------------------------------
@@ -137,13 +140,13 @@ def summary(r: SideResult) -> dict[str, float]:
             "peak_gib": r.memory.get("peak_sum", 0) / GIB}
 
 
-def tables(sides: list[SideResult]) -> list[str]:
+def tables(sides: list[SideResult], valid: bool = True) -> list[str]:
     """The speed table (ratios to ours), the memory by role, the reward curves, the errors."""
     ok = [r for r in sides if not r.error and r.steps]
     ours = next((r for r in ok if r.side == "ours"), None)
     base = summary(ours)["s_per_step"] if ours else None
     lines = ["| side | s/step | generation | reward | log-prob pass | update | sync | other | generated tok/s "
-             "| trained tok/s | peak RSS GiB | s/step vs ours |", "|---|" + "---:|" * 11]
+             "| trained tok/s | peak RSS GiB | s/step / ours |", "|---|" + "---:|" * 11]
     for r in ok:
         s = summary(r)
         ratio = f"{s['s_per_step'] / base:.2f}x" if base else "n/a"
@@ -161,7 +164,9 @@ def tables(sides: list[SideResult]) -> list[str]:
     lines += ["", "Settings that ran:", ""] + [f"- {r.side}: {r.settings}" for r in ok]
     failed = [r for r in sides if r.error or not r.steps]
     if failed:
-        lines += ["", "Did not run:", ""] + [f"- {r.side}: {r.error or 'no steps recorded'}" for r in failed]
+        lines += ["", "Did not run (why: bench/trl_side.py, Modes):", ""]
+        lines += [f"- {r.side}: {r.error or 'no steps recorded'}" for r in failed]
+    lines += ["", OTHER_SETTINGS]
     trl = [r for r in ok if r.side != "ours"]
     if ours and trl:
         best = min(trl, key=lambda r: summary(r)["s_per_step"])
@@ -169,7 +174,8 @@ def tables(sides: list[SideResult]) -> list[str]:
         verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
         lines += ["", f"Ours vs the fastest TRL mode that ran ({best.side}): **{ratio:.2f}x** faster per step "
                       f"(target >= {TARGET_RATIO:.0f}x: {verdict}); mean reward over the run {mean_reward(ours):.3f} "
-                      f"(ours) vs {mean_reward(best):.3f} ({best.side})."]
+                      f"(ours) vs {mean_reward(best):.3f} ({best.side})."
+                  + ("" if valid else " Smoke size or busy box: not a result.")]
     return lines
 
 
@@ -177,34 +183,52 @@ def mean_reward(r: SideResult) -> float:
     return sum(s.reward for s in r.steps) / len(r.steps)
 
 
-def header(args, policy: str, busy: str) -> list[str]:
+def sizes(args) -> dict[str, int]:
+    """The run's sizes, comparable with DEFAULTS (the benchmark's; anything else is a smoke run)."""
+    return {k: getattr(args, k) for k in DEFAULTS}
+
+
+def header(args, policy: str, load: str) -> list[str]:
+    """Device, load, workload and, for a smoke run, that it is not the result and what the result's command is."""
     import torch
     import trl
 
     from bench.bench_rollout import _cpu
+    from envs.types import EFFORTS
 
-    n = args.tasks_per_step * 3 * args.group_size
-    sizes = {k: getattr(args, k) for k in DEFAULTS}
-    smoke = sizes != DEFAULTS
-    full = "nice -n 10 .venv/bin/python -m bench.bench_vs_trl --write bench/RESULTS.md"
-    lines = [f"Device: {_cpu()}; torch {torch.__version__}, trl {trl.__version__}. {busy}",
-             f"Workload: `experiment=tiny` from `{policy}`, {args.steps} steps of {args.tasks_per_step} tasks x 3 "
-             f"efforts x group {args.group_size} = {n} samples, at most {args.max_new_tokens} new tokens; same "
+    n = args.tasks_per_step * len(EFFORTS) * args.group_size
+    full = ".venv/bin/python -m bench.bench_vs_trl --write bench/RESULTS.md"
+    lines = [f"Device: {_cpu()}; torch {torch.__version__}, trl {trl.__version__}. {load}",
+             f"Workload: `experiment=tiny` from `{policy}`, {args.steps} steps of {args.tasks_per_step} tasks x "
+             f"{len(EFFORTS)} efforts x group {args.group_size} = {n} samples, at most {args.max_new_tokens} new tokens; same "
              "weights, trained parameters (norm gains), prompts (ids checked equal), optimizer, lr, reward "
              "(bench/bench_vs_trl.py, bench/trl_side.py). Step means skip step 1; peak RSS = the side's process "
              "tree, summed, sampled every 0.5 s."]
-    if smoke:
-        lines += ["", f"**Smoke size, not the benchmark result** (sizes {sizes}; the benchmark is the demo's "
-                      f"step, {DEFAULTS}). Run on an idle box: `{full}`."]
+    if sizes(args) != DEFAULTS:
+        lines += ["", f"**Smoke size, not the benchmark result** (sizes {sizes(args)}; the benchmark is the demo's "
+                      f"step, {DEFAULTS}; rewards at this size say nothing about learning). Run on an idle box: "
+                      f"`{full}`."]
     return lines
 
 
-def box_state() -> tuple[str, bool]:
-    """One sentence on the load average, and whether the box is busy (timings then invalid)."""
-    load = os.getloadavg()
-    busy = load[0] >= 0.5
-    said = f"Load average at start {', '.join(f'{x:.1f}' for x in load)}"
-    return (said + (": **the box was busy, these timings are not valid**." if busy else "."), busy)
+def idle_probe(seconds: float = 3.0) -> float:
+    """Percent of all CPUs busy over `seconds`, taken while no side runs: what other processes use."""
+    import psutil
+
+    return psutil.cpu_percent(interval=seconds)
+
+
+def box_state(probes: list[float]) -> tuple[str, bool]:
+    """One sentence on what else ran on the box, and whether it was busy (the timings are then not valid):
+    more than a quarter of the CPUs in use by others in any probe before a side.
+
+    >>> box_state([3.0, 40.0])[1], box_state([3.0, 10.0])[1]
+    (True, False)
+    """
+    busy = max(probes) > BUSY_PERCENT
+    said = (f"CPU use by other processes before each side (3 s probes): {', '.join(f'{p:.0f}%' for p in probes)}; "
+            f"load average at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    return said + (": **the box was busy, these timings are not valid**." if busy else "."), busy
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,21 +254,22 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(run_side(args.side, json.loads(args.spec.read_text()), args.result))
 
     policy = require_policy(args.policy or default_policy())
-    busy, _ = box_state()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     modes = [m.strip() for m in args.trl_modes.split(",") if m.strip()]
     if unknown := sorted(set(modes) - set(MODES)):
         parser.error(f"unknown TRL mode(s) {unknown}; choose from {list(MODES)}")
-    sides = []
+    sides, probes = [], []
     for side in ["ours", *(f"trl:{m}" for m in modes)]:
+        probes.append(idle_probe())
         spec_path = out / f"{side.replace(':', '_')}.spec.json"
         run_dir = out / side.replace(":", "_")
         shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends; checkpoints would be resumed
         spec_path.write_text(json.dumps({"overrides": overrides(policy, run_dir, args.steps, args.tasks_per_step,
                                                                args.group_size, args.max_new_tokens)}))
         sides.append(launch(side, spec_path, out, args.side_timeout))
-    body = header(args, policy, busy) + [""] + tables(sides)
+    said, busy = box_state(probes)
+    body = header(args, policy, said) + [""] + tables(sides, valid=not busy and sizes(args) == DEFAULTS)
     print("\n".join([SECTION, "", *body]))
     if args.write:
         command = ".venv/bin/python -m bench.bench_vs_trl " + " ".join(sys.argv[1:] if argv is None else argv)

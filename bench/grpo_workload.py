@@ -162,7 +162,9 @@ def role_of(is_self: bool, cmdline: list[str]) -> str:
                       ("compile_worker", "process pools (math reward; torch compile workers)")):
         if key in line:
             return role
-    return "Ray daemons and idle workers" if ("ray" in line or "gcs_server" in line) else "other children"
+    if "ray" in line or "gcs_server" in line:
+        return "Ray daemons and idle workers"
+    return f"other: {Path(cmdline[0]).name}" if cmdline else "other"
 
 
 class Stopwatch:

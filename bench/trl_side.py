@@ -107,6 +107,11 @@ MODES: dict[str, Mode] = {
     "compile": Mode({"torch_compile": True}),
 }
 DEFAULT_MODES = ("generate", "vllm", "vllm_trained_sync", "fast")
+# What the results say of TRL settings outside the default list (the module docstring has the details).
+OTHER_SETTINGS = ("Off the default list: `continuous_batching` and `compile` (both ran in a smoke test; generation "
+                  "3-10x slower than `generate`, resp. minutes of compiling and recompiling per new shape). Never run "
+                  "on CPU: vLLM server mode (TRL's weight sync to a server needs CUDA), Liger kernels and flash "
+                  "attention (GPU kernels).")
 
 
 def harmony_tokenizer(canonical: Sequence[int], n_rows: int):

@@ -183,7 +183,7 @@ def test_missing_policy_says_how_to_make_one(tmp_path):
     assert default_policy(tmp_path).endswith("tiny-2026-01-02_00-00-00/sft")
 
 
-@pytest.mark.parametrize("module", ["bench.trl_side", "bench.grpo_workload"])
+@pytest.mark.parametrize("module", ["bench.trl_side", "bench.grpo_workload", "bench.bench_vs_trl"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module))
     assert result.failed == 0 and result.attempted > 0
