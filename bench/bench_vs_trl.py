@@ -152,7 +152,8 @@ def tables(sides: list[SideResult], valid: bool = True) -> list[str]:
         ratio = f"{s['s_per_step'] / base:.2f}x" if base else "n/a"
         lines.append(f"| {r.side} | {s['s_per_step']:.2f} | " + " | ".join(f"{s[p]:.2f}" for p in PHASES)
                      + f" | {s['gen_tok_s']:.0f} | {s['train_tok_s']:.0f} | {s['peak_gib']:.2f} | {ratio} |")
-    lines += ["", "Peak resident memory by process role (GiB; each process's own peak, summed per role):", ""]
+    lines += ["", "Peak resident memory by process role (GiB; each process's own peak, summed per role; "
+                  "`other: <program>` are short-lived helpers such as vLLM's `python -c` probes or a compiler):", ""]
     for r in ok:
         roles = ", ".join(f"{role} {b / GIB:.2f}" for role, b in sorted(r.memory.get("roles", {}).items()))
         lines.append(f"- {r.side}: {roles}")
@@ -172,9 +173,9 @@ def tables(sides: list[SideResult], valid: bool = True) -> list[str]:
         best = min(trl, key=lambda r: summary(r)["s_per_step"])
         ratio = summary(best)["s_per_step"] / base
         verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
-        lines += ["", f"Ours vs the fastest TRL mode that ran ({best.side}): **{ratio:.2f}x** faster per step "
-                      f"(target >= {TARGET_RATIO:.0f}x: {verdict}); mean reward over the run {mean_reward(ours):.3f} "
-                      f"(ours) vs {mean_reward(best):.3f} ({best.side})."
+        lines += ["", f"Speed-up of ours over the fastest TRL mode that ran ({best.side}; its s/step / ours): "
+                      f"**{ratio:.2f}x** (target >= {TARGET_RATIO:.0f}x: {verdict}); mean reward over the run "
+                      f"{mean_reward(ours):.3f} (ours) vs {mean_reward(best):.3f} ({best.side})."
                   + ("" if valid else " Smoke size or busy box: not a result.")]
     return lines
 

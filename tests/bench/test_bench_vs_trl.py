@@ -158,7 +158,7 @@ def test_result_tables_put_sides_side_by_side():
     assert "| ours | 3.00 |" in text and "| trl:generate | 9.00 |" in text and "| 3.00x |" in text
     assert "| 3 | 0.300 | 0.500 |" in text  # reward curves, one column per side
     assert "- trl:vllm: AssertionError: Attempted to load weight" in text
-    assert "**3.00x** faster per step (target >= 3x: met)" in text
+    assert "(trl:generate; its s/step / ours): **3.00x** (target >= 3x: met)" in text
 
 
 def test_smoke_sizes_are_labelled_not_a_result():
