@@ -1,8 +1,8 @@
 """Our GRPO step vs TRL's GRPOTrainer on the identical tiny workload: speed at equal learning.
 
 Run:  .venv/bin/python -m bench.bench_vs_trl [--policy outputs/tiny-<date>/sft] [--steps 10]
-          [--tasks-per-step 12] [--group-size 8] [--max-new-tokens 96] [--trl-modes generate,vllm,vllm_trained_sync,fast]
-          [--write bench/RESULTS.md]
+          [--tasks-per-step 12] [--group-size 8] [--max-new-tokens 96]
+          [--trl-modes generate,vllm,vllm_trained_sync,fast] [--write bench/RESULTS.md]
 Smoke (seconds of work per side, proves both run end to end):
       .venv/bin/python -m bench.bench_vs_trl --steps 2 --tasks-per-step 2 --group-size 2 --max-new-tokens 16
 
@@ -17,12 +17,14 @@ rate, number of steps and reward function (bench/grpo_workload.py; TRL's mapping
 Sides, each in its own subprocess (vLLM fixes a process's thread count; nothing shared):
 - ours: `rl.train.train` as `make demo` runs it: Ray, one vLLM rollout worker (1 thread), the learner
   actor (2 threads), weights synced in place every step.
-- trl:<mode> for each `--trl-modes` (bench/trl_side.py MODES): TRL's own generate; vLLM colocated;
-  TRL's documented CPU speed settings. A mode that fails is reported with its error.
+- trl:<mode> for each `--trl-modes` (bench/trl_side.py MODES): TRL's own generate; vLLM colocated as
+  shipped (fails on vLLM-CPU at the first weight sync) and with the bench's sync workaround; TRL's
+  documented speed settings that run on CPU. A mode that fails is reported with its error.
 
 Reported per side: seconds per step and its split (generation, reward, old-policy log-prob pass,
-update = forward + backward + optimizer, weight sync, other), generated tokens/s (completion tokens /
-generation seconds), trained tokens/s (loss tokens / (log-prob pass + update) seconds), peak memory
+update = forward + backward + optimizer (ours: the learner actor's call, the batch's trip through Ray
+included), weight sync, other), generated tokens/s (completion tokens / generation seconds), trained
+tokens/s (loss tokens / (log-prob pass + update) seconds), peak memory
 (resident set of the side's process tree, sampled every 0.5 s: driver, Ray daemons and actors, or
 TRL's one process), the reward per step of every side, and the ratio of each TRL mode's seconds per
 step to ours. Step means skip step 1 (start-up effects: first vLLM call, lazy initialisation) when
@@ -69,8 +71,9 @@ def run_ours(cfg, result: SideResult) -> None:
     for line in Path(cfg.run_dir, METRICS_FILE).read_text().splitlines():
         m = json.loads(line)
         t = {k.removeprefix("time/"): v for k, v in m.items() if k.startswith("time/")}
-        seconds = {"generation": t.get("rollout", 0.0), "reward": t.get("reward", 0.0), "logprobs": 0.0,
-                   "update": t.get("learner", 0.0), "sync": t.get("sync", 0.0), "other": t.get("advantage", 0.0)}
+        # rl/train.py times these five every step; the learner's call includes the batch's trip through Ray
+        seconds = {"generation": t["rollout"], "reward": t["reward"], "logprobs": 0.0, "update": t["learner"],
+                   "sync": t["sync"], "other": t["advantage"]}
         result.steps.append(StepRecord(step=int(m["step"]), reward=m["reward"], seconds=seconds,
                                        total_s=sum(t.values()), generated_tokens=round(m["completion_tokens"] * n),
                                        trained_tokens=round(m["tokens"] * cfg.algo.ppo_epochs)))
@@ -201,8 +204,8 @@ def header(args, policy: str, load: str) -> list[str]:
     full = ".venv/bin/python -m bench.bench_vs_trl --write bench/RESULTS.md"
     lines = [f"Device: {_cpu()}; torch {torch.__version__}, trl {trl.__version__}. {load}",
              f"Workload: `experiment=tiny` from `{policy}`, {args.steps} steps of {args.tasks_per_step} tasks x "
-             f"{len(EFFORTS)} efforts x group {args.group_size} = {n} samples, at most {args.max_new_tokens} new tokens; same "
-             "weights, trained parameters (norm gains), prompts (ids checked equal), optimizer, lr, reward "
+             f"{len(EFFORTS)} efforts x group {args.group_size} = {n} samples, at most {args.max_new_tokens} new "
+             "tokens; same weights, trained parameters (norm gains), prompts (ids checked equal), optimizer, lr, reward "
              "(bench/bench_vs_trl.py, bench/trl_side.py). Step means skip step 1; peak RSS = the side's process "
              "tree, summed, sampled every 0.5 s."]
     if sizes(args) != DEFAULTS:
