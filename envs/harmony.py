@@ -200,6 +200,20 @@ def render_completion(analysis: str | None, final: str) -> list[int]:
     return ids[len(head) :]
 
 
+def render_assistant(text: str, channel: str, recipient: str | None = None) -> list[int]:
+    """One assistant message as openai-harmony renders it, from `<|start|>assistant` to `<|end|>` (or
+    `<|call|>` when it has a `recipient`: `<|start|>assistant to=python<|channel|>analysis<|message|>...`)."""
+    from openai_harmony import Message as HMessage, Role
+
+    msg = HMessage.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)
+    return load_encoding().render(msg.with_recipient(recipient) if recipient else msg)
+
+
+def assistant_header() -> tuple[int, ...]:
+    """`<|start|>assistant`: what a completion prompt, and a python tool's inserted answer, end with."""
+    return tuple(_assistant_header())
+
+
 @functools.cache
 def _assistant_header() -> list[int]:
     """`<|start|>assistant`, the suffix of every completion prompt."""

@@ -76,6 +76,9 @@ class EnvConfig:
     difficulty: int = 1  # MathEnv difficulty level (1..3; see envs/math_tasks.DIFFICULTY)
     families: list[str] = choice(["add", "mul", "muladd", "chain"],
                                  ("add", "mul", "muladd", "chain", "digit_sum"))  # MathEnv problem kinds
+    # env.name=math: share of problems (by a hash) whose SFT trace solves them with the python tool
+    # (envs.math_tasks.tool_solution); needs rollout.tools.python.enabled
+    tool_traces: float = 0.0
     steps: int = 5  # env.name=chain: boxes opened per chain (envs/chain_tasks.py)
     chain_shuffle_rows: bool = False  # env.name=chain: the ten rows in a random order per task
     chain_fixed_points: bool = True  # env.name=chain: allow a box that names itself
@@ -488,6 +491,9 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
          or bool(c.env.category_key or c.env.category), "env.category_key",
          "a column naming each row's spec category (or set env.category) for a safety dataset file"),
         (0.0 <= c.env.test_fraction <= 1.0, "env.test_fraction", "in [0, 1]"),
+        (0.0 <= c.env.tool_traces <= 1.0, "env.tool_traces", "in [0, 1]"),
+        (c.env.tool_traces == 0.0 or c.rollout.tools.python.enabled, "env.tool_traces",
+         "0 unless rollout.tools.python.enabled (SFT traces that call the tool need it in the prompts)"),
         (c.model.path is not None or c.model.name == "tiny", "model.path",
          f"an HF checkpoint folder for model.name={c.model.name!r} (only 'tiny' is built)"),
         (c.reward.timeout_s > 0, "reward.timeout_s", "> 0"),
