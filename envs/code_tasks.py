@@ -201,6 +201,10 @@ class CodeEnv:
     def solution(self, task: Task, effort: str) -> tuple[str, str]:
         return solution(task, effort)
 
+    def vocabulary_corpus(self) -> list[str]:
+        """Strings covering every token this env's tasks, traces and finals produce (the tiny build)."""
+        return vocabulary_corpus()
+
 
 # --------------------------------------------------------------------------- solution traces
 

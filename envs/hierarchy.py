@@ -191,6 +191,10 @@ class HierarchyEnv:
     def solution(self, task: Task, effort: str) -> tuple[str, str]:
         return solution(task, effort)
 
+    def vocabulary_corpus(self) -> list[str]:
+        """Strings covering every token this env's tasks, traces and finals produce (the tiny build)."""
+        return vocabulary_corpus()
+
 
 # --------------------------------------------------------------------------- traces
 

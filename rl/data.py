@@ -9,12 +9,21 @@ from __future__ import annotations
 import random
 
 from envs.types import Task
-from rl.config import EnvConfig, RewardConfig
+from rl.config import EnvConfig, RewardConfig, mixture_components
 
 
 def make_env(env_cfg: EnvConfig, seed: int):
     """The task environment named by `env.name` ("math", "chain", "dataset", "safety", "hierarchy", "code";
-    the schema checks the choice)."""
+    the schema checks the choice), or with `env.mixture` an `envs.mixture.MixtureEnv` of its components."""
+    if env_cfg.mixture:
+        from envs.mixture import MixtureEnv
+
+        return MixtureEnv({label: (_single_env(c.config, seed), c.weight)
+                           for label, c in mixture_components(env_cfg).items()}, seed=seed)
+    return _single_env(env_cfg, seed)
+
+
+def _single_env(env_cfg: EnvConfig, seed: int):
     if env_cfg.name == "chain":
         from envs.chain_tasks import ChainEnv
 

@@ -18,7 +18,10 @@ eval.json schema (numbers are floats in [0, 1] unless said otherwise):
                     "budget_compliance"   (null without an effort_length term),
                     "truncation", "format_failure", "reward" (mean score), "n" (int, samples)},
          ...one per effort...,
-         "monotonicity": float | null   (null with fewer than two efforts)}},
+         "monotonicity": float | null   (null with fewer than two efforts),
+         "by_env": {<label>: {<effort>: metrics, "monotonicity"}}   (env.mixture only: one entry per env,
+                    accuracy = that env's metric, `env_metrics`; the top level then scores every sample
+                    by its own env's metric)}},
      "checkpoints": {<checkpoint>: path}, "efforts": [...], "tasks": int, "samples_per_task": int,
      "temperature": float, "seed": int, "metric": str}
 e.g. `d["results"]["rl"]["high"]["budget_compliance"]`, `d["results"]["rl"]["monotonicity"]`.
@@ -37,31 +40,57 @@ from typing import Sequence
 from envs.types import Task
 from rl import report
 from rl.config import Config
-from rl.effort_metrics import effort_summary, monotonicity
+from rl.effort_metrics import ACCURACY, effort_summary, monotonicity, scored_as
 from rl.seeds import eval_seed
 from rl.tools import task_prompt
+
+
+def env_metrics(cfg: Config) -> dict[str, str]:
+    """{mixture label: reward term of its accuracy} (`rl.config.component_metric`); {} for a single env."""
+    from rl.config import component_metric, mixture_components
+
+    return {label: component_metric(c, cfg.reward.terms, cfg.eval.metric)
+            for label, c in mixture_components(cfg.env).items()}
 
 
 def evaluate_policy(pool, tasks: Sequence[Task], cfg: Config, reward, records: list | None = None) -> dict:
     """{effort: metrics (see the schema above), ..., "monotonicity": float | None} for the policy `pool`
     samples from (anything with `WorkerPool.generate`), scored by `reward` (a `CompositeReward`).
+    With `env.mixture`, every sample's accuracy is its own env's metric (`env_metrics`) and the result
+    also holds "by_env": {label: the same per-effort metrics over that env's samples}.
     `records`, if given, receives one `sample_record` per sample."""
+    from envs.mixture import label_of
     from rl.workers import to_sample
 
+    by_label = env_metrics(cfg)
     out: dict = {}
-    every = []  # all efforts' samples, for monotonicity across them
+    every, per_env = [], {label: [] for label in by_label}  # all efforts' samples, for monotonicity
     for effort in cfg.eval.efforts:
         prompts = [task_prompt(t, effort, cfg.rollout.tools.python) for t in tasks]
         completions = pool.generate(prompts, cfg.eval.samples_per_task, temperature=cfg.eval.temperature,
                                     seed=eval_seed(cfg.seed))
         samples = [to_sample(t, effort, p, c) for t, p, comps in zip(tasks, prompts, completions) for c in comps]
         scored = reward.score_batch(samples)
-        out[effort] = effort_summary(samples, scored, cfg.eval.metric)
+        metric = cfg.eval.metric
+        if by_label:
+            metric = ACCURACY
+            scored = [scored_as(r, by_label[label_of(s.task_id)]) for s, r in zip(samples, scored)]
+            for label in by_label:
+                idx = [i for i, s in enumerate(samples) if label_of(s.task_id) == label]
+                if idx:
+                    sub = [samples[i] for i in idx]
+                    out.setdefault("by_env", {}).setdefault(label, {})[effort] = effort_summary(
+                        sub, [scored[i] for i in idx], metric)
+                    per_env[label] += sub
+        out[effort] = effort_summary(samples, scored, metric)
         every += samples
         if records is not None:
             by_id = {t.task_id: t for t in tasks}
-            records += [sample_record(by_id[s.task_id], s, r, cfg.eval.metric) for s, r in zip(samples, scored)]
+            records += [sample_record(by_id[s.task_id], s, r, metric) for s, r in zip(samples, scored)]
     out["monotonicity"] = monotonicity(every)
+    for label, sub in per_env.items():
+        if sub:
+            out["by_env"][label]["monotonicity"] = monotonicity(sub)
     return out
 
 
@@ -74,8 +103,10 @@ def scalars(res: dict, prefix: str = "eval") -> dict[str, float]:
     {'eval/accuracy/low': 0.5, 'eval/accuracy_ci95_lo/low': 0.2, 'eval/accuracy_ci95_hi/low': 0.8, 'eval/n/low': 4.0}
     """
     out: dict[str, float] = {}
+    for label, sub in res.get("by_env", {}).items():
+        out.update(scalars(sub, f"{prefix}/{label}"))
     for effort, m in res.items():
-        if effort == "monotonicity":
+        if effort in ("monotonicity", "by_env"):
             continue
         for key, value in m.items():
             if key == "accuracy_ci95":
@@ -118,6 +149,19 @@ def print_tables(results: dict, efforts: Sequence[str]) -> None:
     console.print("monotonicity (CoT tokens " + " < ".join(efforts) + " per task): " + ", ".join(
         f"{name} {'n/a' if per['monotonicity'] is None else format(per['monotonicity'], '.3f')}"
         for name, per in results.items()))
+    labels = list(dict.fromkeys(label for per in results.values() for label in per.get("by_env", {})))
+    if labels:
+        env_table = Table(title="per env: accuracy (its own metric) / mean CoT tokens, n per effort",
+                          box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
+        for col in ("checkpoint", "env", *efforts):
+            env_table.add_column(col, justify="left" if col in ("checkpoint", "env") else "right", no_wrap=True)
+        for name, per in results.items():
+            for i, label in enumerate(labels):
+                sub = per.get("by_env", {}).get(label, {})
+                env_table.add_row(name if i == 0 else "", label, *(
+                    f"{sub[e]['accuracy']:.3f} / {sub[e]['cot_tokens']:.0f}, {sub[e]['n']}" if e in sub else "-"
+                    for e in efforts), end_section=i == len(labels) - 1)
+        console.print(env_table)
 
 
 def sample_record(task: Task, sample, result, metric: str) -> dict:
@@ -175,7 +219,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg: Config, out_dir: str 
     write_results(results, out_dir, {"checkpoints": checkpoints, "efforts": list(cfg.eval.efforts),
                                      "tasks": len(tasks), "samples_per_task": cfg.eval.samples_per_task,
                                      "temperature": cfg.eval.temperature, "seed": cfg.seed,
-                                     "metric": cfg.eval.metric})
+                                     "metric": cfg.eval.metric, "env_metrics": env_metrics(cfg)})
     print_tables(results, cfg.eval.efforts)
     return results
 
