@@ -25,7 +25,7 @@ SMALL = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_at
 
 def test_an_sft_model_calls_the_tool_and_answers_with_it(tmp_path):
     env = MathEnv(seed=0, difficulty=1, families=("mul",), tool_traces=1.0)
-    train, test = env.tasks("train", 400), env.tasks("test", 8)
+    train, test = env.tasks("train", 400), env.tasks("test", 16)
     corpus = [t.question for t in train + test] + [x for t in train for x in env.solution(t, "low").texts()]
     model = build_tiny_model(SMALL, corpus, tmp_path / "model", extra_ids=vocabulary_ids(TOOL))
     rows = sft_examples(train, env.solution, VocabMap.load(model), ["low"], tool=TOOL)
@@ -39,7 +39,7 @@ def test_an_sft_model_calls_the_tool_and_answers_with_it(tmp_path):
                                                            tools=ToolsConfig(TOOL)), seed=0)
     try:
         prompts = [task_prompt(t, "low", TOOL) for t in test]
-        episodes = engine.generate(prompts, 2, temperature=0.0, python_tool=True)
+        episodes = engine.generate(prompts, 1, temperature=0.0, python_tool=True)  # greedy
     finally:
         engine.shutdown()
     answered = finals = right = 0
@@ -58,7 +58,7 @@ def test_an_sft_model_calls_the_tool_and_answers_with_it(tmp_path):
                     assert answers[0].text == f"{int(product[1]) * int(product[2])}\n"
                 finals += t.final is not None
                 right += t.final == task.metadata["answer"]
-    n = 2 * len(test)
+    n = len(test)
     assert answered >= n * 3 // 4, f"{answered}/{n} episodes called the tool and got its answer"
     assert finals >= answered * 3 // 4, f"{finals}/{answered} answered episodes went on to a final"
     print(f"tool episodes: {answered}/{n} called and answered, {finals} finals, {right} right")
