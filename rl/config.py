@@ -547,7 +547,8 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
          "1 for greedy decoding (eval.temperature=0)"),
         (c.eval.metric in c.reward.terms, "eval.metric", f"a reward term ({sorted(c.reward.terms)})"),
         *(_env_checks(c.env) if not c.env.mixture else []),  # a mixture checks each component (mixture_components)
-        (not c.env.tool_traces and not any(float(e.get("tool_traces", 0)) for e in c.env.mixture.values())
+        (not c.env.tool_traces and not any(isinstance(e, dict) and e.get("tool_traces") not in (None, 0)
+                                           for e in c.env.mixture.values())
          or c.rollout.tools.python.enabled, "env.tool_traces",
          "0 unless rollout.tools.python.enabled (SFT traces that call the tool need it in the prompts)"),
         (c.model.path is not None or c.model.name == "tiny", "model.path",
