@@ -41,6 +41,8 @@ def test_code_preset_mixes_math_and_code_with_each_envs_reward():
     tasks = make_env(c.env, c.seed).tasks("test", c.eval.tasks)
     assert sorted({t.env for t in tasks}) == ["code", "math"]
     assert sum(t.env == "code" for t in tasks) == c.eval.tasks // 2
+    corpus = make_env(c.env, c.seed).vocabulary_corpus()  # the tiny build's (every code family's questions)
+    assert any("def f(x, y):" in text for text in corpus) and any(text.startswith("Compute ") for text in corpus)
     budgets_hold(c)
 
 
