@@ -161,18 +161,24 @@ def python_tool_description(style: str = "sandbox", timeout_s: float = 10.0) -> 
     `ToolNamespaceConfig.python()` text, what gpt-oss was trained with (a stateful Jupyter notebook
     with a 120 s timeout). "sandbox": its first paragraph (what the tool is for), then what our tool
     does: a stateless sandboxed script without network whose printed output comes back, `timeout_s`.
+    "brief": two sentences for the tiny world, where the prompt's length is most of an SFT step's cost
+    (the sandbox description makes a prompt 199 ids, this one 101).
 
     >>> text = python_tool_description("sandbox", 5)
     >>> text.startswith("Use this tool to execute Python code"), text.endswith("timed out after 5 seconds. Use print to see results.")
     (True, True)
+    >>> python_tool_description("brief")
+    'Runs Python code as a script in a sandbox and answers with what it printed. Use print to see results.'
     """
     from openai_harmony import ToolNamespaceConfig
 
     builtin = ToolNamespaceConfig.python().description
     if style == "harmony":
         return builtin
+    if style == "brief":
+        return "Runs Python code as a script in a sandbox and answers with what it printed. Use print to see results."
     if style != "sandbox":
-        raise ValueError(f"python tool description style {style!r} is not one of ('sandbox', 'harmony')")
+        raise ValueError(f"python tool description style {style!r} is not one of ('sandbox', 'harmony', 'brief')")
     return (builtin.split("\n\n")[0] + "\n\nWhen you send a message containing Python code to python, it is run as a "
             "script in a fresh sandbox without network access; nothing is kept between calls. python will respond "
             f"with what the script printed (stdout, then stderr) or say that it timed out after {timeout_s:g} "

@@ -192,7 +192,8 @@ class PythonToolConfig:
     # The description in the system message: "sandbox" = openai-harmony's purpose paragraph + what this
     # tool does (a stateless script without network, its printed output, timeout_s); "harmony" =
     # openai-harmony's built-in text as gpt-oss was trained with it (a stateful Jupyter notebook, 120 s).
-    description: str = choice("sandbox", ("sandbox", "harmony"))
+    # "brief" = two sentences (the tiny world's tool preset: prompt length is most of its SFT step).
+    description: str = choice("sandbox", ("sandbox", "harmony", "brief"))
 
 
 @dataclass
