@@ -65,6 +65,7 @@ def _single_env(env_cfg: EnvConfig, seed: int):
 
 def make_reward(reward_cfg: RewardConfig):
     """The composite reward of the `reward` node (training and evaluation score with the same one)."""
+    import rl.judge_server  # noqa: F401  registers the vLLM judge backend (judge=vllm) with rewards.safety
     from rewards.compose import CompositeReward
 
     return CompositeReward.from_config(reward_cfg.terms, on_error=reward_cfg.on_error,
