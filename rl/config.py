@@ -225,6 +225,10 @@ class RolloutConfig:
     # checkpoint must be a released-style MXFP4 folder served 4-bit (bf16 activations), never decoded dense
     quantization: Optional[str] = choice(None, (None, "mxfp4"))
     max_num_seqs: int = 256  # sequences batched per engine step
+    # KV-cache block in tokens (vLLM block_size); null = vLLM's platform default (CPU 128, GPU 16). 32 on the
+    # 2-core box: ~20% more tokens/s than 128 (bench/RESULTS.md "Rollout"); prompt blocks then fill and are
+    # shared by the n samples (prefix caching), and sliding-window layers scan fewer masked positions.
+    block_size: Optional[int] = 32
     # torch/OMP threads per engine; 1 is fastest on the 2-core box (tiny ops pay an OMP barrier each).
     num_threads: Optional[int] = 1
     log_level: str = "WARNING"  # VLLM_LOGGING_LEVEL unless already set in the environment
@@ -528,6 +532,8 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         (c.rollout.kv_cache_gib > 0, "rollout.kv_cache_gib", "> 0"),
         (0 < c.rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "in (0, 1]"),
         (c.rollout.num_threads is None or c.rollout.num_threads >= 1, "rollout.num_threads", ">= 1 or null"),
+        (c.rollout.block_size is None or (c.rollout.block_size >= 16 and c.rollout.block_size % 16 == 0),
+         "rollout.block_size", "a multiple of 16 (vLLM's attention kernels; CPU prefers 32s) or null"),
         (set(c.rollout.budget_forcing.caps) <= set(EFFORTS)
          and all(v >= 1 for v in c.rollout.budget_forcing.caps.values()), "rollout.budget_forcing.caps",
          f"a mapping from efforts {list(EFFORTS)} to caps >= 1 (analysis tokens)"),

@@ -3,7 +3,7 @@
 What it does
 - `RolloutEngine(checkpoint, cfg, seed)` starts `vllm.LLM` on an HF folder written by `rl.model`
   with the settings of `cfg` (a `rl.config.RolloutConfig`: dtype, tensor_parallel_size,
-  gpu_memory_utilization, enforce_eager, enable_prefix_caching, max_num_seqs, max_model_len; on CPU
+  gpu_memory_utilization, enforce_eager, enable_prefix_caching, max_num_seqs, block_size, max_model_len; on CPU
   `kv_cache_gib` becomes `VLLM_CPU_KVCACHE_SPACE`; `num_threads`; `log_level`). No tokenizer:
   `skip_tokenizer_init=True`, prompts go in as `TokensPrompt` ids. The engine lives in this process
   (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), which is what a Ray actor needs and what lets
@@ -237,6 +237,7 @@ class RolloutEngine:
             enforce_eager=cfg.enforce_eager,  # False: CUDA graphs for decode (GPU; minutes of capture at start)
             quantization=cfg.quantization,  # None: the checkpoint's quantization_config decides
             max_num_seqs=cfg.max_num_seqs,
+            block_size=cfg.block_size,  # None: vLLM's platform default
             enable_prefix_caching=cfg.enable_prefix_caching,
             # vLLM 0.32 CPU bug: a seeded request whose prefill is split across steps crashes the
             # engine ("CPU Generator does not use offset"); whole-prompt prefill avoids the split.
