@@ -226,8 +226,8 @@ class RolloutConfig:
     quantization: Optional[str] = choice(None, (None, "mxfp4"))
     max_num_seqs: int = 256  # sequences batched per engine step
     # KV-cache block in tokens (vLLM block_size); null = vLLM's platform default (CPU 128, GPU 16). 32 on the
-    # 2-core box: ~20% more tokens/s than 128 (bench/RESULTS.md "Rollout"); prompt blocks then fill and are
-    # shared by the n samples (prefix caching), and sliding-window layers scan fewer masked positions.
+    # 2-core box: ~20% less engine CPU time per token than 128 (bench/RESULTS.md "Rollout"): sliding-window
+    # layers score fewer masked positions, and prompt blocks fill, so the n samples share them (prefix caching).
     block_size: Optional[int] = 32
     # torch/OMP threads per engine; 1 is fastest on the 2-core box (tiny ops pay an OMP barrier each).
     num_threads: Optional[int] = 1
@@ -273,6 +273,9 @@ class LearnerConfig:
     lr_scale: list[LrScale] = field(default_factory=list)
     freeze_router: bool = False  # keep MoE routers fixed during RL (top-k flips destabilise updates)
     sync_mxfp4: bool = False  # send MXFP4-quantised experts to the rollout engine even without QAT
+    # weight syncs after the first send only the tensors that train (with their q/k/v siblings; the engines keep
+    # the rest): the demo's norm tuning moves 9 tensors instead of the 18 MB state dict. Off under LoRA / MXFP4 sync
+    sync_trained_only: bool = True
     logprob_chunk: int = 1024  # vocabulary rows per chunk of the selective log-softmax
     dtype: str = choice("float32", ("float32", "bfloat16"))  # master weights
     # cpu | cuda | auto = cuda when torch sees one and (in a Ray actor) Ray gave the actor a GPU (rl/device.py)

@@ -22,7 +22,8 @@ What it does
 - `update_weights(state_dict)` loads an HF-named `GptOssForCausalLM.state_dict()` into the live
   engine in place (rl/vllm_weights.py): no restart, no disk. `update_weights_from_path(path)` does
   the same from a checkpoint folder. Both reset vLLM's prefix cache so no KV computed with old
-  weights is reused.
+  weights is reused. `update_weights(TrainedWeights(...))` loads only the tensors that train (the
+  learner's syncs after its first, rl/vllm_weights.py); the engine keeps the rest.
 - `RolloutWorker` is the Ray actor class around `RolloutEngine` (same methods, `.remote(...)`);
   `rl.workers.WorkerPool` runs several of them.
 
@@ -89,7 +90,7 @@ from rl import forcing, tools
 from rl.config import RolloutConfig
 from rl.model import VocabMap
 from rl.seeds import request_seed
-from rl.vllm_weights import WeightBuckets, load_buckets, load_weights
+from rl.vllm_weights import TrainedWeights, WeightBuckets, load_buckets, load_weights
 
 FINISH_REASONS = ("stop", "length")
 
@@ -378,16 +379,23 @@ class RolloutEngine:
     # ---- weights ---------------------------------------------------------------------------
 
     def update_weights(
-        self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | WeightBuckets
+        self,
+        named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | WeightBuckets | TrainedWeights,
     ) -> dict:
         """Load an HF-named gpt-oss state dict into the live engine; returns timing and counts.
 
         A state dict with wrong names or shapes is rejected before anything is copied (CPU).
         `WeightBuckets` (the FSDP learner group's update) are fetched from Ray's object store and
-        loaded one at a time, so the worker holds one bucket besides its engine (rl/vllm_weights.py)."""
+        loaded one at a time, so the worker holds one bucket besides its engine (rl/vllm_weights.py).
+        `TrainedWeights` (the tensors that train; its dict or an ObjectRef to it) is a partial update:
+        every other tensor stays as the last full update left it."""
         t0 = time.perf_counter()
         if isinstance(named_tensors, WeightBuckets):
             n = load_buckets(self.llm, (ray.get(ref) for ref in named_tensors.refs), self._on_cpu)
+        elif isinstance(named_tensors, TrainedWeights):
+            part = named_tensors.tensors
+            n = load_weights(self.llm, ray.get(part) if isinstance(part, ray.ObjectRef) else part, self._on_cpu,
+                             partial=True)
         else:
             n = load_weights(self.llm, named_tensors, self._on_cpu)
         if not self.llm.reset_prefix_cache():
