@@ -16,7 +16,8 @@ vocabulary rows masked on both sides, fp32. Both run in one invocation, one afte
   per count in `--vllm-threads`, each in a fresh subprocess (vLLM pins a process's thread count when it
   starts), so vLLM gets the same choice of thread count HF gets; the ratio uses the faster.
 - Weight sync: `update_weights(model.state_dict())` (HF names -> vLLM layout, CPU repack, prefix
-  cache reset) and `update_weights_from_path` (adds the safetensors read).
+  cache reset), a trained-only update of the RMSNorm gains (what the demo's steps after the first
+  send, `rl.vllm_weights.TrainedWeights`) and `update_weights_from_path` (adds the safetensors read).
 tokens/s is the best of the repeats (the box is shared; best-of filters out the neighbours; it also
 leaves out vLLM's cold first call); the median is printed too. Time to first batch: start-up (HF: loading
 the model; vLLM: the engine's constructor, vLLM import included) + the first workload call (HF's runs
@@ -107,6 +108,7 @@ def measure_vllm(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, r
     from rl.config import RolloutConfig
     from rl.engine import RolloutEngine
     from rl.model import load_policy
+    from rl.vllm_weights import TrainedWeights, trained_units
 
     cfg = RolloutConfig(max_model_len=1024, kv_cache_gib=1, num_threads=threads)
     state = load_policy(ckpt)[0].state_dict()
@@ -118,10 +120,12 @@ def measure_vllm(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, r
 
         best, med, first = _best_and_median(gen, reps)  # the first call is cold: best-of leaves it out
         sync = _best_and_median(lambda: eng.update_weights(state), reps)[:2]
+        norms = TrainedWeights(trained_units(state, [n for n in state if n.endswith("norm.weight")]))
+        trained = _best_and_median(lambda: eng.update_weights(norms), reps)[:2]
         from_path = _best_and_median(lambda: eng.update_weights_from_path(ckpt), reps)[:2]
         return {"threads": torch.get_num_threads(), "best": best, "median": med, "first": first,
                 "start_s": eng.start_time_s,
-                "sync": sync, "from_path": from_path, "block_size": cfg.block_size}
+                "sync": sync, "trained": trained, "from_path": from_path, "block_size": cfg.block_size}
     finally:
         eng.shutdown()
 
@@ -202,6 +206,7 @@ def run(args) -> tuple[list[str], list[str]]:
         "|---|---:|---:|",
     ]
     for name, (best, med) in (("update_weights(HF state dict), in memory", vl["sync"]),
+                              ("update_weights(TrainedWeights: the RMSNorm gains the demo trains)", vl["trained"]),
                               ("update_weights_from_path (safetensors read + same)", vl["from_path"])):
         table.append(f"| {name} | {best:.3f} ({med:.3f}) | {100 * best / vl['best']:.2f}% |")
     return header, table
