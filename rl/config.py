@@ -225,10 +225,11 @@ class RolloutConfig:
     # checkpoint must be a released-style MXFP4 folder served 4-bit (bf16 activations), never decoded dense
     quantization: Optional[str] = choice(None, (None, "mxfp4"))
     max_num_seqs: int = 256  # sequences batched per engine step
-    # KV-cache block in tokens (vLLM block_size); null = vLLM's platform default (CPU 128, GPU 16). 32 on the
-    # 2-core box: ~20% less engine CPU time per token than 128 (bench/RESULTS.md "Rollout"): sliding-window
-    # layers score fewer masked positions, and prompt blocks fill, so the n samples share them (prefix caching).
-    block_size: Optional[int] = 32
+    # KV-cache block in tokens (vLLM block_size); null = CPU_BLOCK_SIZE on CPU, vLLM's own choice on GPU (its
+    # attention backend picks). 32 on the 2-core box: ~20% less engine CPU time per token than vLLM's CPU
+    # default of 128 (bench/RESULTS.md "Rollout"): sliding-window layers score fewer masked positions, and
+    # prompt blocks fill, so the n samples share them (prefix caching).
+    block_size: Optional[int] = None
     # torch/OMP threads per engine; 1 is fastest on the 2-core box (tiny ops pay an OMP barrier each).
     num_threads: Optional[int] = 1
     log_level: str = "WARNING"  # VLLM_LOGGING_LEVEL unless already set in the environment
