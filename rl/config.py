@@ -76,6 +76,8 @@ class EnvConfig:
     difficulty: int = 1  # MathEnv difficulty level (1..3; see envs/math_tasks.DIFFICULTY)
     families: list[str] = choice(["add", "mul", "muladd", "chain"],
                                  ("add", "mul", "muladd", "chain", "digit_sum"))  # MathEnv problem kinds
+    # MathEnv digit sums' traces: stepwise (the demo's) | rewrite (each line merges two terms, fixed width; issue 14)
+    digit_sum_trace: str = choice("stepwise", ("stepwise", "rewrite"))
     steps: int = 5  # env.name=chain: boxes opened per chain (envs/chain_tasks.py)
     chain_shuffle_rows: bool = False  # env.name=chain: the ten rows in a random order per task
     chain_fixed_points: bool = True  # env.name=chain: allow a box that names itself
