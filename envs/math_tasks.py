@@ -12,6 +12,9 @@ What
   arithmetic with carries/borrows plus a "Check:" line. The final answer is always the bare integer.
 - `vocabulary_corpus(n)` returns strings covering every token the tasks and traces can produce, so the
   tiny model's trimmed vocabulary (rl/model.py) can be built from it.
+- `MathEnv(tool_traces=p)`: a share p of the problems (by a hash of the problem) is solved in SFT with
+  the python tool instead (`tool_solution`: the trace prints the expression, reads the tool's answer
+  and gives it as the final); needs `rollout.tools.python.enabled` (the prompts then describe it).
 
 Why digit-level: o200k splits digits into chunks of up to three ("4042" -> "404", "2"), so answering
 directly means predicting multi-digit chunks from multi-digit chunks (thousands of facts), while the
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from envs.draw import check_split, draw_distinct
-from envs.types import EFFORTS, Task
+from envs.types import EFFORTS, Task, ToolCall, ToolTrace
 
 ENV_NAME = "math"
 TEST_FRACTION = 0.1
@@ -207,8 +210,11 @@ class MathEnv:
     difficulty: int = 2  # 1..3; see DIFFICULTY. Level 3 high-effort traces exceed 256 tokens
     families: tuple[str, ...] = ("add", "mul", "muladd", "chain")
     digit_sum_trace: str = "stepwise"  # DIGIT_SUM_TRACES: digit sums' high/medium traces ("rewrite": _rewrite_trace)
+    tool_traces: float = 0.0  # share of problems whose SFT trace calls the python tool (`tool_solution`)
 
     def __post_init__(self):
+        if not 0.0 <= self.tool_traces <= 1.0:
+            raise ValueError(f"tool_traces={self.tool_traces} must be in [0, 1]")
         if self.difficulty not in DIFFICULTY:
             raise ValueError(f"difficulty={self.difficulty} is not one of {sorted(DIFFICULTY)}")
         unknown = set(self.families) - set(FAMILIES)
@@ -242,7 +248,9 @@ class MathEnv:
                       **({"trace": self.digit_sum_trace} if self.digit_sum_trace != "stepwise" else {})},
         )
 
-    def solution(self, task: Task, effort: str) -> tuple[str, str]:
+    def solution(self, task: Task, effort: str) -> tuple[str, str] | ToolTrace:
+        if self.tool_traces and _bucket(task.task_id) < self.tool_traces:
+            return tool_solution(task, effort)
         return solution(task, effort)
 
     def vocabulary_corpus(self) -> list[str]:
@@ -471,6 +479,29 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
     if effort == "high":
         lines.append(_check(e))
     return "\n".join(lines), answer
+
+
+def _bucket(task_id: str) -> float:
+    """A task's place in [0, 1), a pure function of its id (which tasks a share picks)."""
+    return int.from_bytes(hashlib.sha256(f"tool:{task_id}".encode()).digest()[:8], "big") / 2**64
+
+
+def tool_solution(task: Task, effort: str) -> ToolTrace:
+    """The task solved with the python tool: the trace prints the expression and gives the tool's
+    answer as the final. low calls at once, medium says what it computes first, high also reads the
+    answer back before the final.
+
+    >>> t = Task("x", "math", "Compute 47*86.", {"answer": "4042", "expr": "47*86"})
+    >>> tool_solution(t, "high")
+    ToolTrace(steps=('Use python for 47*86.', ToolCall(code='print(47*86)', output='4042\\n'), 'So 47*86=4042.'), final='4042')
+    """
+    if effort not in EFFORTS:
+        raise ValueError(f"effort={effort!r} is not one of {EFFORTS}")
+    expr, answer = task.metadata["expr"], task.metadata["answer"]
+    call = ToolCall(f"print({expr})", f"{answer}\n")  # what the sandbox prints: rl/tools.py answer_text
+    steps = {"low": (call,), "medium": (f"Use python for {expr}.", call),
+             "high": (f"Use python for {expr}.", call, f"So {expr}={answer}.")}[effort]
+    return ToolTrace(steps, answer)
 
 
 # --------------------------------------------------------------------------- vocabulary

@@ -78,6 +78,9 @@ class EnvConfig:
                                  ("add", "mul", "muladd", "chain", "digit_sum"))  # MathEnv problem kinds
     # MathEnv digit sums' traces: stepwise (the demo's) | rewrite (each line merges two terms, fixed width; issue 14)
     digit_sum_trace: str = choice("stepwise", ("stepwise", "rewrite"))
+    # env.name=math: share of problems (by a hash) whose SFT trace solves them with the python tool
+    # (envs.math_tasks.tool_solution); needs rollout.tools.python.enabled
+    tool_traces: float = 0.0
     steps: int = 5  # env.name=chain: boxes opened per chain (envs/chain_tasks.py)
     chain_shuffle_rows: bool = False  # env.name=chain: the ten rows in a random order per task
     chain_fixed_points: bool = True  # env.name=chain: allow a box that names itself
@@ -191,7 +194,8 @@ class PythonToolConfig:
     # The description in the system message: "sandbox" = openai-harmony's purpose paragraph + what this
     # tool does (a stateless script without network, its printed output, timeout_s); "harmony" =
     # openai-harmony's built-in text as gpt-oss was trained with it (a stateful Jupyter notebook, 120 s).
-    description: str = choice("sandbox", ("sandbox", "harmony"))
+    # "brief" = two sentences (the tiny world's tool preset: prompt length is most of its SFT step).
+    description: str = choice("sandbox", ("sandbox", "harmony", "brief"))
 
 
 @dataclass
@@ -556,6 +560,10 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
          "1 for greedy decoding (eval.temperature=0)"),
         (c.eval.metric in c.reward.terms, "eval.metric", f"a reward term ({sorted(c.reward.terms)})"),
         *(_env_checks(c.env) if not c.env.mixture else []),  # a mixture checks each component (mixture_components)
+        (not c.env.tool_traces and not any(isinstance(e, dict) and e.get("tool_traces") not in (None, 0)
+                                           for e in c.env.mixture.values())
+         or c.rollout.tools.python.enabled, "env.tool_traces",
+         "0 unless rollout.tools.python.enabled (SFT traces that call the tool need it in the prompts)"),
         (c.model.path is not None or c.model.name == "tiny", "model.path",
          f"an HF checkpoint folder for model.name={c.model.name!r} (only 'tiny' is built)"),
         (c.reward.timeout_s > 0, "reward.timeout_s", "> 0"),
@@ -587,6 +595,7 @@ def _env_checks(env: EnvConfig) -> list[tuple[bool, str, str]]:
          or bool(env.category_key or env.category), "env.category_key",
          "a column naming each row's spec category (or set env.category) for a safety dataset file"),
         (0.0 <= env.test_fraction <= 1.0, "env.test_fraction", "in [0, 1]"),
+        (0.0 <= env.tool_traces <= 1.0, "env.tool_traces", "in [0, 1]"),
     ]
 
 
