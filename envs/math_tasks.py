@@ -32,6 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
+from envs.draw import check_split, draw_distinct
 from envs.types import EFFORTS, Task, ToolCall, ToolTrace
 
 ENV_NAME = "math"
@@ -208,6 +209,7 @@ class MathEnv:
     seed: int = 0
     difficulty: int = 2  # 1..3; see DIFFICULTY. Level 3 high-effort traces exceed 256 tokens
     families: tuple[str, ...] = ("add", "mul", "muladd", "chain")
+    digit_sum_trace: str = "stepwise"  # DIGIT_SUM_TRACES: digit sums' high/medium traces ("rewrite": _rewrite_trace)
     tool_traces: float = 0.0  # share of problems whose SFT trace calls the python tool (`tool_solution`)
 
     def __post_init__(self):
@@ -218,28 +220,21 @@ class MathEnv:
         unknown = set(self.families) - set(FAMILIES)
         if unknown or not self.families:
             raise ValueError(f"families={self.families} must be a non-empty subset of {sorted(FAMILIES)}")
+        if self.digit_sum_trace not in DIGIT_SUM_TRACES:
+            raise ValueError(f"digit_sum_trace={self.digit_sum_trace!r} is not one of {DIGIT_SUM_TRACES}")
 
     def tasks(self, split: str, n: int, seed: int | None = None) -> list[Task]:
         """`n` distinct problems of `split`, deterministic in (env seed, `seed`, split, difficulty)."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split={split!r}: use 'train' or 'test'")
+        check_split(split)
         rng = random.Random(f"math:{self.seed}:{seed}:{split}:{self.difficulty}")
-        spec, out, seen = DIFFICULTY[self.difficulty], [], set()
-        for _ in range(n * 200 + 1000):
-            if len(out) == n:
-                break
+        spec = DIFFICULTY[self.difficulty]
+
+        def draw():
             e = FAMILIES[rng.choice(self.families)](rng, spec)
-            key = canonical_key(e)
-            if key in seen or split_of(e) != split:
-                continue
-            seen.add(key)
-            out.append(self._task(e, split))
-        if len(out) < n:
-            raise ValueError(
-                f"only {len(out)} distinct {split} problems found at difficulty {self.difficulty}; "
-                f"ask for fewer than n={n} or raise the difficulty"
-            )
-        return out
+            return canonical_key(e), split_of(e), lambda: self._task(e, split)
+
+        return draw_distinct(split, n, draw, n * 200 + 1000,
+                             f"problems at difficulty {self.difficulty} (raise the difficulty for more)")
 
     def _task(self, e: Expr, split: str) -> Task:
         expr = render(e)
@@ -249,7 +244,8 @@ class MathEnv:
             env=ENV_NAME,
             question=f"Compute {expr}.",
             metadata={"answer": str(evaluate(e)), "expr": expr, "split": split,
-                      "difficulty": self.difficulty},
+                      "difficulty": self.difficulty,
+                      **({"trace": self.digit_sum_trace} if self.digit_sum_trace != "stepwise" else {})},
         )
 
     def solution(self, task: Task, effort: str) -> tuple[str, str] | ToolTrace:
@@ -410,6 +406,30 @@ def _is_digit_sum(e: Expr) -> bool:
         isinstance(a, int) and 0 <= a <= 9 for a in e[1])
 
 
+DIGIT_SUM_TRACES = ("stepwise", "rewrite")  # MathEnv.digit_sum_trace
+
+
+def _rewrite_trace(terms: tuple, effort: str, width: int) -> str:
+    """Digit sums as rewrites (issue 14 world study): each line is the previous one with its first two
+    terms merged and "+0" appended, every line `width` terms wide, so each token of a line copies the
+    token one line up at one fixed distance; low writes the first line only, medium three, high all.
+
+    >>> print(_rewrite_trace((4, 8, 9, 2), "high", 5))
+    4+8+9+2+0
+    12+9+2+0+0
+    21+2+0+0+0
+    23+0+0+0+0
+    >>> len(_rewrite_trace((4, 8, 9, 2), "medium", 5).splitlines())
+    3
+    """
+    cur = list(terms) + [0] * (width - len(terms))
+    lines = ["+".join(map(str, cur))]
+    while any(cur[1:]):
+        cur = [cur[0] + cur[1]] + cur[2:] + [0]
+        lines.append("+".join(map(str, cur)))
+    return "\n".join(lines[: {"low": 1, "medium": 3, "high": len(lines)}[effort]])
+
+
 def _digit_sum_trace(terms: tuple, effort: str) -> str:
     """medium: two digits per step ("7+5+9=21, 21+3+8=32."); high: one digit per line + a check."""
     if effort == "medium":
@@ -447,6 +467,9 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
     answer = str(evaluate(e))
     if answer != str(task.metadata.get("answer", answer)):
         raise ValueError(f"task {task.task_id}: {expr} = {answer}, but metadata says {task.metadata['answer']}")
+    if task.metadata.get("trace") == "rewrite" and _is_digit_sum(e):
+        width = max(DIFFICULTY[task.metadata.get("difficulty", 1)]["digit_terms"])
+        return _rewrite_trace(e[1], effort, max(width, len(e[1]))), answer
     if effort == "low" or isinstance(e, int):
         return f"{expr}={answer}.", answer
     if _is_digit_sum(e):

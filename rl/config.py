@@ -76,6 +76,8 @@ class EnvConfig:
     difficulty: int = 1  # MathEnv difficulty level (1..3; see envs/math_tasks.DIFFICULTY)
     families: list[str] = choice(["add", "mul", "muladd", "chain"],
                                  ("add", "mul", "muladd", "chain", "digit_sum"))  # MathEnv problem kinds
+    # MathEnv digit sums' traces: stepwise (the demo's) | rewrite (each line merges two terms, fixed width; issue 14)
+    digit_sum_trace: str = choice("stepwise", ("stepwise", "rewrite"))
     # env.name=math: share of problems (by a hash) whose SFT trace solves them with the python tool
     # (envs.math_tasks.tool_solution); needs rollout.tools.python.enabled
     tool_traces: float = 0.0
@@ -229,6 +231,11 @@ class RolloutConfig:
     # checkpoint must be a released-style MXFP4 folder served 4-bit (bf16 activations), never decoded dense
     quantization: Optional[str] = choice(None, (None, "mxfp4"))
     max_num_seqs: int = 256  # sequences batched per engine step
+    # KV-cache block in tokens (vLLM block_size); null = CPU_BLOCK_SIZE on CPU, vLLM's own choice on GPU (its
+    # attention backend picks). 32 on the 2-core box: ~20% less engine CPU time per token than vLLM's CPU
+    # default of 128 (bench/RESULTS.md "Rollout"): sliding-window layers score fewer masked positions, and
+    # prompt blocks fill, so the n samples share them (prefix caching).
+    block_size: Optional[int] = None
     # torch/OMP threads per engine; 1 is fastest on the 2-core box (tiny ops pay an OMP barrier each).
     num_threads: Optional[int] = 1
     log_level: str = "WARNING"  # VLLM_LOGGING_LEVEL unless already set in the environment
@@ -273,6 +280,9 @@ class LearnerConfig:
     lr_scale: list[LrScale] = field(default_factory=list)
     freeze_router: bool = False  # keep MoE routers fixed during RL (top-k flips destabilise updates)
     sync_mxfp4: bool = False  # send MXFP4-quantised experts to the rollout engine even without QAT
+    # weight syncs after the first send only the tensors that train (with their q/k/v siblings; the engines keep
+    # the rest): the demo's norm tuning moves 9 tensors instead of the 18 MB state dict. Off under LoRA / MXFP4 sync
+    sync_trained_only: bool = True
     logprob_chunk: int = 1024  # vocabulary rows per chunk of the selective log-softmax
     dtype: str = choice("float32", ("float32", "bfloat16"))  # master weights
     # cpu | cuda | auto = cuda when torch sees one and (in a Ray actor) Ray gave the actor a GPU (rl/device.py)
@@ -532,6 +542,8 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         (c.rollout.kv_cache_gib > 0, "rollout.kv_cache_gib", "> 0"),
         (0 < c.rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "in (0, 1]"),
         (c.rollout.num_threads is None or c.rollout.num_threads >= 1, "rollout.num_threads", ">= 1 or null"),
+        (c.rollout.block_size is None or (c.rollout.block_size >= 16 and c.rollout.block_size % 16 == 0),
+         "rollout.block_size", "a multiple of 16 (vLLM's attention kernels; CPU prefers 32s) or null"),
         (set(c.rollout.budget_forcing.caps) <= set(EFFORTS)
          and all(v >= 1 for v in c.rollout.budget_forcing.caps.values()), "rollout.budget_forcing.caps",
          f"a mapping from efforts {list(EFFORTS)} to caps >= 1 (analysis tokens)"),

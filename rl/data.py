@@ -33,7 +33,7 @@ def _single_env(env_cfg: EnvConfig, seed: int):
         from envs.math_tasks import MathEnv
 
         return MathEnv(seed=seed, difficulty=env_cfg.difficulty, families=tuple(env_cfg.families),
-                       tool_traces=env_cfg.tool_traces)
+                       digit_sum_trace=env_cfg.digit_sum_trace, tool_traces=env_cfg.tool_traces)
     if env_cfg.name == "dataset":
         from envs.datasets_loader import DatasetEnv
 
@@ -66,6 +66,7 @@ def _single_env(env_cfg: EnvConfig, seed: int):
 
 def make_reward(reward_cfg: RewardConfig):
     """The composite reward of the `reward` node (training and evaluation score with the same one)."""
+    import rl.judge_server  # noqa: F401  registers the vLLM judge backend (judge=vllm) with rewards.safety
     from rewards.compose import CompositeReward
 
     return CompositeReward.from_config(reward_cfg.terms, on_error=reward_cfg.on_error,
