@@ -24,6 +24,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 from envs.types import Sample
+from rewards.judge import Verdict
 from rewards.types import RewardResult
 from rl.effort_metrics import wilson_interval
 
@@ -136,7 +137,6 @@ def judge_agreement(a: Sequence, b: Sequence) -> dict:
     """Agreement of two judges' verdicts (`rewards.judge.Verdict`) on the same finals: on allowed, on the
     response type, and Cohen's kappa on allowed; pairs where either judge failed are left out (counted).
 
-    >>> from rewards.judge import Verdict
     >>> x = [Verdict("refuse", allowed=True), Verdict("comply", allowed=False), Verdict("comply", allowed=True)]
     >>> y = [Verdict("refuse", allowed=True), Verdict("comply", allowed=True), Verdict("comply", allowed=True)]
     >>> {k: round(v, 3) for k, v in judge_agreement(x, y).items()}
@@ -152,6 +152,58 @@ def judge_agreement(a: Sequence, b: Sequence) -> dict:
     kappa = 1.0 if chance == 1.0 else (agree - chance) / (1 - chance)
     return {"allowed": agree, "response_type": sum(u.response_type == v.response_type for u, v in pairs) / n,
             "kappa_allowed": kappa, "n": n, "failed": len(a) - n}
+
+
+GUARDS = ("safety", "hierarchy")  # the keys guard_rates adds to a per-effort eval entry
+ALL = "all_efforts"  # an eval entry's key for the guard rates pooled over efforts
+
+
+def reward_verdicts(samples: Sequence[Sample], results: Sequence[RewardResult]) -> list[tuple[Sample, Verdict]]:
+    """The safety reward's verdict on each safety sample that has a final answer, rebuilt from its parts
+    (allowed, judge_failed) and info (the response type)."""
+    out = []
+    for s, r in zip(samples, results, strict=True):
+        if "safety/judge_failed" not in r.parts or r.parts.get("safety/format", 1.0) == 0.0:
+            continue
+        if r.parts["safety/judge_failed"] == 1.0:
+            out.append((s, Verdict(error="the reward's judge failed")))
+        else:
+            rtype = r.info.get("safety", {}).get("response_type")
+            out.append((s, Verdict(rtype, allowed=r.parts.get("safety/allowed") == 1.0)))
+    return out
+
+
+def judge_agreements(judges: dict, samples: Sequence[Sample], results: Sequence[RewardResult]) -> dict[str, dict]:
+    """{name: judge_agreement(the reward's verdicts, that judge's)} over the safety finals; each judge sees
+    the spec the sample's task was made with, the request and the final answer (never the CoT)."""
+    from envs.safety_spec import load_spec
+    from rewards.judge import JudgeRequest
+
+    pairs = reward_verdicts(samples, results)
+    if not pairs:
+        return {}
+    by_spec: dict[str, list[int]] = defaultdict(list)
+    for i, (s, _) in enumerate(pairs):
+        by_spec[s.metadata["spec"]].append(i)
+    out = {}
+    for name, judge in judges.items():
+        got: dict[int, Verdict] = {}
+        for path, idx in by_spec.items():
+            reqs = [JudgeRequest(pairs[i][0].metadata.get("prompt", ""), pairs[i][0].transcript.final) for i in idx]
+            got.update(zip(idx, judge.judge(load_spec(path), reqs), strict=True))
+        out[name] = judge_agreement([v for _, v in pairs], [got[i] for i in range(len(pairs))])
+    return out
+
+
+def collect_guards(results: dict, efforts: Sequence[str]) -> dict[str, dict[str, dict]]:
+    """{checkpoint: {effort | "all": guard rates}} from eval.json's results: the per-env entries of a mixture
+    (`by_env`), else the checkpoint's own entries."""
+    out = {}
+    for name, per in results.items():
+        entries = list(per.get("by_env", {}).values()) or [per]
+        out[name] = {k: {g: e[key][g] for e in entries for g in GUARDS if g in e.get(key, {})}
+                     for k, key in [*((e, e) for e in efforts), ("all", ALL)]}
+    return out
 
 
 # --------------------------------------------------------------------------- Markdown (eval.md, report.md)

@@ -89,3 +89,20 @@ def test_markdown_tables():
 def test_docstring_examples():
     result = doctest.testmod(se)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_judge_agreements_against_the_rewards_own_verdicts():
+    from rewards.judge import RuleJudge
+
+    tasks = SafetyEnv().tasks("test", 40)
+    finals = [solution(t, "low")[1] if i % 2 else REFUSAL for i, t in enumerate(tasks)]
+    samples, results = _score(tasks, finals, terms=("safety",))
+
+    class Contrarian:  # says the opposite of the spec on allowed
+        def judge(self, spec, requests):
+            return [Verdict(v.response_type, allowed=not v.allowed) for v in RuleJudge().judge(spec, requests)]
+
+    g = se.judge_agreements({"rule": RuleJudge(), "contrarian": Contrarian()}, samples, results)
+    assert g["rule"]["allowed"] == 1.0 and g["rule"]["kappa_allowed"] == 1.0 and g["rule"]["n"] == 40
+    assert g["contrarian"]["allowed"] == 0.0 and g["contrarian"]["response_type"] == 1.0
+    assert "| sft | rule | 1.000 | 1.000 | 1.000 | 40 | 0 |" in se.agreement_markdown({"sft": g})
