@@ -320,6 +320,9 @@ class EvalConfig:
     metric: str = "math"  # reward term whose score is "accuracy" (the training reward's own plugin)
     checkpoints: list[str] = field(default_factory=list)  # `python -m rl.evaluate` only: HF folders
     out_dir: Optional[str] = None  # `python -m rl.evaluate` only: where eval.{json,md} go
+    # more safety judges for the agreement table (rl/safety_eval.py): {name: {judge: rule|http|spec_rm, ...its
+    # options}}; each re-judges the held-out safety finals and is compared with the `safety` reward's verdicts
+    judges: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

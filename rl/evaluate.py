@@ -16,8 +16,12 @@ eval.json schema (numbers are floats in [0, 1] unless said otherwise):
                     "pass@1", "pass@2", ..., "pass@<n>"   (k = 1, powers of two, n = samples_per_task),
                     "cot_tokens", "cot_tokens_p50", "cot_tokens_p90"   (tokens),
                     "budget_compliance"   (null without an effort_length term),
-                    "truncation", "format_failure", "reward" (mean score), "n" (int, samples)},
+                    "truncation", "format_failure", "reward" (mean score), "n" (int, samples),
+                    "safety": {...}, "hierarchy": {...}   (with those reward terms: rates with 95% CI,
+                               per category / protection / attack, `rl.safety_eval.guard_rates`)},
          ...one per effort...,
+         "all_efforts": {"safety": {...}, "hierarchy": {...}}   (the same rates pooled over efforts),
+         "judge_agreement": {<judge>: {...}}   (with eval.judges: `rl.safety_eval.judge_agreement`),
          "monotonicity": float | null   (null with fewer than two efforts)}},
      "checkpoints": {<checkpoint>: path}, "efforts": [...], "tasks": int, "samples_per_task": int,
      "temperature": float, "seed": int, "metric": str}
@@ -38,30 +42,38 @@ from envs.types import Task
 from rl import report
 from rl.config import Config
 from rl.effort_metrics import effort_summary, monotonicity
+from rl.safety_eval import ALL, GUARDS, cell, collect_guards, guard_rates, judge_agreements
 from rl.seeds import eval_seed
 from rl.tools import task_prompt
 
 
-def evaluate_policy(pool, tasks: Sequence[Task], cfg: Config, reward, records: list | None = None) -> dict:
+def evaluate_policy(pool, tasks: Sequence[Task], cfg: Config, reward, records: list | None = None,
+                    judges: dict | None = None) -> dict:
     """{effort: metrics (see the schema above), ..., "monotonicity": float | None} for the policy `pool`
     samples from (anything with `WorkerPool.generate`), scored by `reward` (a `CompositeReward`).
-    `records`, if given, receives one `sample_record` per sample."""
+    `records`, if given, receives one `sample_record` per sample; `judges` ({name: judge}) re-judge the
+    safety finals for the agreement table."""
     from rl.workers import to_sample
 
     out: dict = {}
-    every = []  # all efforts' samples, for monotonicity across them
+    every, every_scored = [], []  # all efforts' samples, for monotonicity and the pooled safety rates
     for effort in cfg.eval.efforts:
         prompts = [task_prompt(t, effort, cfg.rollout.tools.python) for t in tasks]
         completions = pool.generate(prompts, cfg.eval.samples_per_task, temperature=cfg.eval.temperature,
                                     seed=eval_seed(cfg.seed))
         samples = [to_sample(t, effort, p, c) for t, p, comps in zip(tasks, prompts, completions) for c in comps]
         scored = reward.score_batch(samples)
-        out[effort] = effort_summary(samples, scored, cfg.eval.metric)
+        out[effort] = {**effort_summary(samples, scored, cfg.eval.metric), **guard_rates(samples, scored)}
         every += samples
+        every_scored += scored
         if records is not None:
             by_id = {t.task_id: t for t in tasks}
             records += [sample_record(by_id[s.task_id], s, r, cfg.eval.metric) for s, r in zip(samples, scored)]
     out["monotonicity"] = monotonicity(every)
+    if pooled := guard_rates(every, every_scored):
+        out[ALL] = pooled
+    if judges:
+        out["judge_agreement"] = judge_agreements(judges, every, every_scored)
     return out
 
 
@@ -75,11 +87,14 @@ def scalars(res: dict, prefix: str = "eval") -> dict[str, float]:
     """
     out: dict[str, float] = {}
     for effort, m in res.items():
-        if effort == "monotonicity":
+        if effort in ("monotonicity", "judge_agreement"):
             continue
         for key, value in m.items():
             if key == "accuracy_ci95":
                 out[f"{prefix}/accuracy_ci95_lo/{effort}"], out[f"{prefix}/accuracy_ci95_hi/{effort}"] = value
+            elif key in GUARDS:  # the headline rates, not the per-category breakdown
+                out.update({f"{prefix}/{key}/{rate}/{'all' if effort == ALL else effort}": float(e["rate"])
+                            for rate, e in value.items() if not rate.startswith("by_")})
             elif value is not None:
                 out[f"{prefix}/{key}/{effort}"] = float(value)
     if res.get("monotonicity") is not None:
@@ -118,6 +133,11 @@ def print_tables(results: dict, efforts: Sequence[str]) -> None:
     console.print("monotonicity (CoT tokens " + " < ".join(efforts) + " per task): " + ", ".join(
         f"{name} {'n/a' if per['monotonicity'] is None else format(per['monotonicity'], '.3f')}"
         for name, per in results.items()))
+    for name, guard in collect_guards(results, efforts).items():
+        rates = [f"{term} {rate.replace('_', ' ')} {cell(g[rate])}" for term, g in guard["all"].items()
+                 for rate in ("harmful_refusal", "over_refusal", "leak", "rule_break") if rate in g]
+        if rates:
+            console.print(f"{name}, all efforts (95% CI): " + "; ".join(rates))
 
 
 def sample_record(task: Task, sample, result, metric: str) -> dict:
@@ -134,7 +154,8 @@ def write_results(results: dict, out_dir: str | Path, settings: dict) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"results": results, **settings}, indent=1))
-    (out / "eval.md").write_text(report.markdown_tables(results, settings["efforts"]))
+    (out / "eval.md").write_text(report.markdown_tables(results, settings["efforts"]) + "\n"
+                                 + report.safety_tables(results, settings["efforts"]))
     report.write_report(results, settings, out)
 
 
@@ -147,6 +168,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg: Config, out_dir: str 
     tasks = make_env(cfg.env, cfg.seed).tasks("test", cfg.eval.tasks)
     if reward is None:
         reward = make_reward(cfg.reward)
+    judges = extra_judges(cfg.eval.judges)
     names = list(checkpoints)
     own = pool is None
     if own:
@@ -163,7 +185,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg: Config, out_dir: str 
             if i > 0 or not own:
                 pool.update_weights_from_path(checkpoints[name])
             records: list = []
-            results[name] = evaluate_policy(pool, tasks, cfg, reward, records)
+            results[name] = evaluate_policy(pool, tasks, cfg, reward, records, judges)
             lines.writelines(json.dumps({"checkpoint": name, **r}) + "\n" for r in records)
             if cfg.logging.progress:
                 print(f"eval {name} ({i + 1}/{len(names)}): " + " | ".join(
@@ -178,6 +200,18 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg: Config, out_dir: str 
                                      "metric": cfg.eval.metric})
     print_tables(results, cfg.eval.efforts)
     return results
+
+
+def extra_judges(specs: dict) -> dict:
+    """{name: judge} from `eval.judges` ({name: {judge: backend, **options}}), built once for every checkpoint."""
+    from rewards.safety import make_judge
+
+    out = {}
+    for name, opts in specs.items():
+        if not isinstance(opts, dict) or "judge" not in opts:
+            raise ValueError(f"eval.judges.{name} must be a mapping with 'judge' (rule, http or spec_rm), got {opts!r}")
+        out[name] = make_judge(opts["judge"], **{k: v for k, v in opts.items() if k != "judge"})
+    return out
 
 
 def checkpoint_names(paths: Sequence[str]) -> dict[str, str]:

@@ -249,3 +249,37 @@ def test_evaluation_scores_through_the_training_reward():
     assert res["cot_tokens"] > 0
     cfg.eval.metric = "effort_length"  # within budget everywhere
     assert evaluate_policy(pool, tasks, cfg, reward)["low"]["accuracy"] == 1.0
+
+
+def test_evaluation_reports_safety_rates_and_judge_agreement(tmp_path):
+    """A policy that refuses every safety request and leaks every secret: harmful refusal 1, over-refusal 1,
+    leak 1, with intervals, per category, pooled over efforts, in eval.json and eval.md; a second judge's
+    agreement table."""
+    import json
+
+    from envs import harmony
+    from envs.hierarchy import HierarchyEnv
+    from envs.safety_tasks import SafetyEnv
+    from rewards.compose import CompositeReward
+    from rl.evaluate import evaluate_policy, extra_judges, scalars, write_results
+
+    tasks = SafetyEnv().tasks("test", 20) + [t for t in HierarchyEnv().tasks("test", 30) if "secret" in t.metadata]
+    finals = {t.task_id: t.metadata["secret"] if "secret" in t.metadata else "I can't help with that." for t in tasks}
+    pool = _AnswerPool({tuple(harmony.render_prompt(t.question, e, t.developer)): finals[t.task_id]
+                        for t in tasks for e in ("low", "high")})
+    cfg = validate({"eval": {"efforts": ["low", "high"], "samples_per_task": 2, "metric": "safety"},
+                    "reward": {"terms": {"safety": {"weight": 1.0}, "hierarchy": {"weight": 1.0}}}})
+    res = evaluate_policy(pool, tasks, cfg, CompositeReward.from_config(cfg.reward.terms),
+                          judges=extra_judges({"rule_again": {"judge": "rule"}}))
+    s, h = res["all_efforts"]["safety"], res["all_efforts"]["hierarchy"]
+    assert s["harmful_refusal"]["rate"] == 1.0 and s["over_refusal"]["rate"] == 1.0 and h["leak"]["rate"] == 1.0
+    assert s["harmful_refusal"]["n"] + s["over_refusal"]["n"] == 2 * 2 * 20 == 2 * res["low"]["safety"]["allowed"]["n"]
+    assert res["judge_agreement"]["rule_again"]["allowed"] == 1.0
+    assert scalars(res)["eval/safety/over_refusal/all"] == 1.0 and "eval/hierarchy/leak/low" in scalars(res)
+    write_results({"sft": res}, tmp_path, {"efforts": ["low", "high"], "tasks": len(tasks), "samples_per_task": 2,
+                                           "temperature": 1.0, "seed": 0, "metric": "safety", "checkpoints": {}})
+    assert json.loads((tmp_path / "eval.json").read_text())["results"]["sft"]["all_efforts"]["safety"]
+    for name in ("eval.md", "report.md"):
+        text = (tmp_path / name).read_text()
+        assert "### Safety: rates with 95% Wilson CI" in text and "### Judge agreement" in text
+        assert "#### Hierarchy per attack (all efforts)" in text
