@@ -17,6 +17,11 @@ Pure functions over held-out `Sample`s and their composite `RewardResult`s (part
 
 A rate is `{"rate": p, "ci95": [lo, hi], "n": n}` (`rate_entry`); null-free: a rate with no denominator is
 left out.
+
+Re-score a finished eval (its `samples.jsonl`, with the run's `config.yaml`) without a model, e.g. for a run
+evaluated before these tables existed or to add a judge to the agreement table; writes `safety.json` and
+`safety.md` next to the samples:
+    python -m rl.safety_eval outputs/safety-x [--judge spec_rm:checkpoint=runs/spec_rm]
 """
 from __future__ import annotations
 
@@ -280,3 +285,73 @@ def agreement_markdown(agreements: dict[str, dict[str, dict]]) -> str:
     lines += [f"| {c} | {j} | {a['allowed']:.3f} | {a['response_type']:.3f} | {a['kappa_allowed']:.3f} | {a['n']} | "
               f"{a['failed']} |" for c, j, a in rows]
     return "\n".join(lines) + "\n\n"
+
+
+# --------------------------------------------------------------------------- re-scoring a finished eval
+
+
+def rescore(run_dir: str, judges: dict | None = None) -> dict:
+    """{checkpoint: {effort: guard rates, ALL: pooled, "judge_agreement": ...}} from `<run_dir>/eval/samples.jsonl`,
+    scored again by the run's reward (its `config.yaml`) on the run's held-out tasks."""
+    import json
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from envs.types import Transcript
+    from rl.config import validate
+    from rl.data import make_env, make_reward
+
+    run = Path(run_dir)
+    cfg = validate(OmegaConf.load(run / "config.yaml"))
+    tasks = {t.task_id: t for t in make_env(cfg.env, cfg.seed).tasks("test", cfg.eval.tasks)}
+    reward = make_reward(cfg.reward)
+    grouped: dict[str, dict[str, list[Sample]]] = defaultdict(lambda: defaultdict(list))
+    for line in (run / "eval" / "samples.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        t = tasks[r["task_id"]]
+        transcript = Transcript(analysis=r["analysis"] or "", final=r["final"], analysis_tokens=r["cot_tokens"],
+                                format_ok=r["format_ok"])
+        grouped[r["checkpoint"]][r["effort"]].append(Sample(t.task_id, t.env, r["effort"], [], [], [], [], transcript,
+                                                            dict(t.metadata)))
+    out = {}
+    for name, by_effort in grouped.items():
+        out[name], every, every_scored = {}, [], []
+        for effort, samples in by_effort.items():
+            scored = reward.score_batch(samples)
+            out[name][effort] = guard_rates(samples, scored)
+            every, every_scored = every + samples, every_scored + scored
+        out[name][ALL] = guard_rates(every, every_scored)
+        if judges:
+            out[name]["judge_agreement"] = judge_agreements(judges, every, every_scored)
+    return out
+
+
+def _main() -> None:
+    import argparse
+    import json
+    from pathlib import Path
+
+    from rewards.safety import make_judge
+
+    ap = argparse.ArgumentParser(description="Safety / hierarchy tables of a finished eval (module docstring).")
+    ap.add_argument("run_dir")
+    ap.add_argument("--judge", action="append", default=[],
+                    help="another judge for the agreement table: NAME[:key=value,...], e.g. spec_rm:checkpoint=DIR")
+    args = ap.parse_args()
+    judges = {}
+    for spec in args.judge:
+        name, _, opts = spec.partition(":")
+        judges[name] = make_judge(name, **dict(kv.split("=", 1) for kv in opts.split(",") if kv))
+    results = rescore(args.run_dir, judges)
+    efforts = [e for e in ("low", "medium", "high") if any(e in per for per in results.values())]
+    text = markdown(collect_guards(results, efforts), efforts) + agreement_markdown(
+        {n: per.get("judge_agreement", {}) for n, per in results.items()})
+    out = Path(args.run_dir) / "eval"
+    (out / "safety.json").write_text(json.dumps(results, indent=1))
+    (out / "safety.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    _main()

@@ -106,3 +106,25 @@ def test_judge_agreements_against_the_rewards_own_verdicts():
     assert g["rule"]["allowed"] == 1.0 and g["rule"]["kappa_allowed"] == 1.0 and g["rule"]["n"] == 40
     assert g["contrarian"]["allowed"] == 0.0 and g["contrarian"]["response_type"] == 1.0
     assert "| sft | rule | 1.000 | 1.000 | 1.000 | 40 | 0 |" in se.agreement_markdown({"sft": g})
+
+
+def test_rescore_a_finished_eval_from_its_samples(tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from rl.config import compose
+
+    cfg = compose(["env=safety", "eval.tasks=12", "seed=3"])
+    (tmp_path / "eval").mkdir()
+    OmegaConf.save(OmegaConf.structured(cfg), tmp_path / "config.yaml")
+    tasks = SafetyEnv(seed=3).tasks("test", 12)
+    rows = [{"checkpoint": "sft", "task_id": t.task_id, "effort": "low", "analysis": "x", "cot_tokens": 1,
+             "format_ok": True, "final": REFUSAL} for t in tasks]
+    (tmp_path / "eval" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from rewards.judge import RuleJudge
+
+    res = se.rescore(str(tmp_path), {"rule": RuleJudge()})
+    s = res["sft"][se.ALL]["safety"]
+    assert s["harmful_refusal"]["rate"] == 1.0 and s["over_refusal"]["rate"] == 1.0
+    assert s["harmful_refusal"]["n"] + s["over_refusal"]["n"] == 12 and res["sft"]["judge_agreement"]["rule"]["n"] == 12
