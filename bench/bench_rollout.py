@@ -1,27 +1,37 @@
 """Rollout throughput, vLLM (`rl.engine.RolloutEngine`) vs HF `generate`, and weight-sync time.
 
-Run:  .venv/bin/python -m bench.bench_rollout [--prompts 24 --n 8 --max-tokens 320] [--write bench/RESULTS.md]
+Run:  .venv/bin/python -m bench.bench_rollout [--prompts 24 --n 8 --max-tokens 320] [--vllm-threads 1,2]
+          [--write bench/RESULTS.md]
 
 Workload (defaults = one GRPO step of the tiny experiment: 8 tasks x 3 efforts, group 8, 320
 tokens): the tiny gpt-oss (conf/model/tiny.yaml, built into a temp folder with a vocabulary that
 covers the prompts), P Harmony prompts x n samples, exactly `max_tokens` sampled tokens per sequence
 on both sides (vLLM `stop=False`; HF `min_new_tokens`), temperature 1, top_p 1, top_k off, padded
-vocabulary rows masked on both sides, fp32. Both run in this process, side by side.
-- HF: `GptOssForCausalLM.generate` (eager attention, KV cache, `num_return_sequences=n`). It runs
-  before vLLM starts (vLLM then pins the process's thread count), at whichever of `--hf-threads`
-  is faster on a short probe: on this shared 2-core box 2 threads can be 7x slower than 1 when the
+vocabulary rows masked on both sides, fp32. Both run in one invocation, one after the other.
+- HF: `GptOssForCausalLM.generate` (eager attention, KV cache, `num_return_sequences=n`), in this
+  process, at whichever of `--hf-threads` is faster on a short probe: on this shared 2-core box 2 threads can be 7x slower than 1 when the
   neighbours are busy, and faster when they are not.
-- vLLM: one engine (`RolloutEngine`, 1 thread, its default), warm-up call, then repeats.
+- vLLM: one engine (`RolloutEngine` with the `rollout` schema's defaults: KV blocks of
+  `rollout.block_size` tokens, prefix caching, whole-prompt prefill), repeats of the workload; once
+  per count in `--vllm-threads`, each in a fresh subprocess (vLLM pins a process's thread count when it
+  starts), so vLLM gets the same choice of thread count HF gets; the ratio uses the faster.
 - Weight sync: `update_weights(model.state_dict())` (HF names -> vLLM layout, CPU repack, prefix
-  cache reset) and `update_weights_from_path` (adds the safetensors read).
-tokens/s is the best of the repeats (the box is shared; best-of filters out the neighbours); the
-median is printed too. Takes about 4 minutes on 2 cores, mostly HF.
+  cache reset), a trained-only update of the RMSNorm gains (what the demo's steps after the first
+  send, `rl.vllm_weights.TrainedWeights`) and `update_weights_from_path` (adds the safetensors read).
+tokens/s is the best of the repeats (the box is shared; best-of filters out the neighbours; it also
+leaves out vLLM's cold first call); the median is printed too. Time to first batch: start-up (HF: loading
+the model; vLLM: the engine's constructor, vLLM import included) + the first workload call (HF's runs
+after its thread probe, warm; vLLM's is its first call). Before each side the CPUs are probed for 3 s (bench_vs_trl.idle_probe): if
+other processes use more than a quarter of them, the section says the ratio is not a result.
+Takes about 5 minutes on 2 cores, mostly HF.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
+import subprocess
 import shutil
 import statistics
 import sys
@@ -44,13 +54,14 @@ def _questions(count: int, seed: int = 0) -> list[str]:
     return [f"Compute {x}*{y}+{z}." for x, y, z in zip(a, b, c)]
 
 
-def _best_and_median(fn, reps: int) -> tuple[float, float]:
+def _best_and_median(fn, reps: int) -> tuple[float, float, float]:
+    """(best, median, first) seconds of `reps` calls of `fn`."""
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return min(times), statistics.median(times)
+    return min(times), statistics.median(times), times[0]
 
 
 @torch.no_grad()
@@ -86,53 +97,85 @@ def measure_hf(model, vm, prompts, args) -> dict:
         probes[threads] = len(prompts) * args.n * probe_tokens / (time.perf_counter() - t0)
     threads = max(probes, key=probes.get)
     torch.set_num_threads(threads)
-    best, med = _best_and_median(hf_run, args.hf_reps)
-    return {"threads": threads, "best": best, "median": med, "probe_tokens": probe_tokens, "probes": probes}
+    best, med, first = _best_and_median(hf_run, args.hf_reps)
+    return {"threads": threads, "best": best, "median": med, "first": first, "probe_tokens": probe_tokens,
+            "probes": probes}
 
 
-def measure_vllm(ckpt, prompts, state, args) -> dict:
-    """RolloutEngine throughput (after a warm-up call), then weight-sync time."""
+def measure_vllm(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, reps: int, threads: int) -> dict:
+    """RolloutEngine throughput at `threads` (after a warm-up call), then weight-sync time. Run it in a
+    process of its own (`vllm_subprocess`): the engine pins the thread count of its process."""
     from rl.config import RolloutConfig
     from rl.engine import RolloutEngine
+    from rl.model import load_policy
+    from rl.vllm_weights import TrainedWeights, trained_units
 
-    eng = RolloutEngine(ckpt, RolloutConfig(max_model_len=1024, kv_cache_gib=1), seed=0)
+    cfg = RolloutConfig(max_model_len=1024, kv_cache_gib=1, num_threads=threads)
+    state = load_policy(ckpt)[0].state_dict()
+    eng = RolloutEngine(ckpt, cfg, seed=0)
     try:
         def gen():
-            out = eng.generate(prompts, n=args.n, temperature=1.0, top_p=1.0, max_tokens=args.max_tokens,
-                               stop=False)
-            assert sum(len(c.ids) for s in out for c in s) == len(prompts) * args.n * args.max_tokens
+            out = eng.generate(prompts, n=n, temperature=1.0, top_p=1.0, max_tokens=max_tokens, stop=False)
+            assert sum(len(c.ids) for s in out for c in s) == len(prompts) * n * max_tokens
 
-        eng.generate(prompts[:2], n=2, max_tokens=8)  # warm-up
-        best, med = _best_and_median(gen, args.reps)
-        sync = _best_and_median(lambda: eng.update_weights(state), args.reps)
-        from_path = _best_and_median(lambda: eng.update_weights_from_path(ckpt), args.reps)
-        return {"threads": torch.get_num_threads(), "best": best, "median": med, "start_s": eng.start_time_s,
-                "sync": sync, "from_path": from_path}
+        best, med, first = _best_and_median(gen, reps)  # the first call is cold: best-of leaves it out
+        sync = _best_and_median(lambda: eng.update_weights(state), reps)[:2]
+        norms = TrainedWeights(trained_units(state, [n for n in state if n.endswith("norm.weight")]))
+        trained = _best_and_median(lambda: eng.update_weights(norms), reps)[:2]
+        from_path = _best_and_median(lambda: eng.update_weights_from_path(ckpt), reps)[:2]
+        return {"threads": torch.get_num_threads(), "best": best, "median": med, "first": first,
+                "start_s": eng.start_time_s,
+                "sync": sync, "trained": trained, "from_path": from_path, "block_size": cfg.block_size}
     finally:
         eng.shutdown()
+
+
+def vllm_subprocess(ckpt: str, prompts: list[list[int]], args, threads: int, out: Path) -> dict:
+    """`measure_vllm` in a fresh interpreter (`--vllm-child`); its result, or {"error": ...}."""
+    spec, result = out / f"vllm_{threads}.json", out / f"vllm_{threads}.result.json"
+    spec.write_text(json.dumps({"ckpt": ckpt, "prompts": prompts, "n": args.n, "max_tokens": args.max_tokens,
+                                "reps": args.reps, "threads": threads}))
+    rc = subprocess.run([sys.executable, "-m", "bench.bench_rollout", "--vllm-child", str(spec),
+                         "--result", str(result)]).returncode
+    if rc or not result.exists():
+        return {"threads": threads, "error": f"exit status {rc}"}
+    return json.loads(result.read_text())
 
 
 def run(args) -> tuple[list[str], list[str]]:
     from envs import harmony
     from rl.model import build_tiny_model, load_policy
 
+    from bench.bench_vs_trl import box_state, idle_probe
+
     tmp = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
+    probes = []
     try:
         questions = _questions(args.prompts)
-        ckpt = build_tiny_model(yaml.safe_load(open("conf/model/tiny.yaml")), questions, tmp / "tiny")
+        ckpt = str(build_tiny_model(yaml.safe_load(open("conf/model/tiny.yaml")), questions, tmp / "tiny"))
         prompts = [harmony.render_prompt(q, harmony.EFFORTS[i % 3]) for i, q in enumerate(questions)]
+        t0 = time.perf_counter()
         model, vm = load_policy(ckpt)
         model.eval()
-        hf = measure_hf(model, vm, prompts, args)  # first: vLLM pins the process's thread count
-        vl = measure_vllm(ckpt, prompts, model.state_dict(), args)
+        load_s = time.perf_counter() - t0
+        probes.append(idle_probe())
+        hf = {**measure_hf(model, vm, prompts, args), "start_s": load_s}
+        runs = []
+        for threads in args.vllm_threads:
+            probes.append(idle_probe())
+            runs.append(vllm_subprocess(ckpt, prompts, args, threads, tmp))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        raise SystemExit(f"no vLLM run finished: {runs}")
+    vl = min(ok, key=lambda r: r["best"])
+    load, busy = box_state(probes)
 
     tokens = len(prompts) * args.n * args.max_tokens
     n_params = sum(p.numel() for p in model.parameters())
     header = [
-        f"Device: {_cpu()}, load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}; "
-        f"torch {torch.__version__}.",
+        f"Device: {_cpu()}; torch {torch.__version__}. {load}",
         f"Workload: tiny gpt-oss ({n_params / 1e6:.1f}M params, vocab {len(vm)} real rows), {len(prompts)} "
         f"Harmony prompts ({min(map(len, prompts))}-{max(map(len, prompts))} ids) x n={args.n}, exactly "
         f"{args.max_tokens} sampled tokens each = {tokens} tokens per run, temperature 1, top_p 1, fp32. "
@@ -140,23 +183,30 @@ def run(args) -> tuple[list[str], list[str]]:
         f"HF thread probe ({hf['probe_tokens']} tokens/sequence, tokens/s): "
         + ", ".join(f"{t} thread{'s' * (t > 1)}: {r:.0f}" for t, r in hf["probes"].items())
         + f"; full HF run at {hf['threads']}.",
-        f"vLLM engine start (RolloutEngine constructor, vLLM import included): {vl['start_s']:.1f} s.",
+        f"vLLM: `RolloutEngine` with the rollout schema's defaults (KV block {vl['block_size']} tokens), one fresh "
+        "process per thread count.",
     ]
     ratio = hf["best"] / vl["best"]
-    table = ["| engine | threads | s / run | tokens/s | x HF |", "|---|---:|---:|---:|---:|"]
-    for name, r in (("HF generate", hf), ("vLLM RolloutEngine", vl)):
+    table = ["| engine | threads | s / run | tokens/s | x HF | first batch s (start + first run) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, r in (("HF generate", hf), *(("vLLM RolloutEngine", r) for r in runs)):
+        if "error" in r:
+            table.append(f"| {name} | {r['threads']} | failed: {r['error']} | | | |")
+            continue
         rate = f"{tokens / r['best']:.0f} ({tokens / r['median']:.0f})"
         table.append(f"| {name} | {r['threads']} | {r['best']:.2f} ({r['median']:.2f}) | {rate} "
-                     f"| {hf['best'] / r['best']:.2f} |")
+                     f"| {hf['best'] / r['best']:.2f} | {r['start_s']:.1f} + {r['first']:.1f} |")
     verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
     table += [
         "",
-        f"vLLM / HF generate: **{ratio:.1f}x** (target >= {TARGET_RATIO:.0f}x: {verdict}).",
+        f"vLLM ({vl['threads']} thread{'s' * (vl['threads'] > 1)}) / HF generate: **{ratio:.1f}x** (target >= "
+        f"{TARGET_RATIO:.0f}x: {verdict})" + (": **busy box, not a result**." if busy else "."),
         "",
         "| weight sync | s (median) | vs one vLLM rollout run |",
         "|---|---:|---:|",
     ]
     for name, (best, med) in (("update_weights(HF state dict), in memory", vl["sync"]),
+                              ("update_weights(TrainedWeights: the RMSNorm gains the demo trains)", vl["trained"]),
                               ("update_weights_from_path (safetensors read + same)", vl["from_path"])):
         table.append(f"| {name} | {best:.3f} ({med:.3f}) | {100 * best / vl['best']:.2f}% |")
     return header, table
@@ -188,8 +238,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hf-reps", type=int, default=2, help="timed HF runs (the slow side)")
     parser.add_argument("--hf-threads", type=lambda x: [int(t) for t in x.split(",")], default=[2, 1],
                         help="torch thread counts HF may use (probed; the faster runs the workload)")
+    parser.add_argument("--vllm-threads", type=lambda x: [int(t) for t in x.split(",")], default=[1, 2],
+                        help="torch thread counts vLLM runs at, each in its own process (the faster sets the ratio)")
     parser.add_argument("--write", type=Path, default=None, help="update this RESULTS.md section")
+    # internal: one vLLM measurement in this process
+    parser.add_argument("--vllm-child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.vllm_child:
+        args.result.write_text(json.dumps(measure_vllm(**json.loads(args.vllm_child.read_text()))))
+        return
     if min(args.reps, args.hf_reps) < 1:
         parser.error("--reps and --hf-reps must be >= 1")
     header, table = run(args)

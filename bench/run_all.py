@@ -9,7 +9,10 @@ GEMM row count costs on CPU; MoE experts with and without row buckets under new 
 generate, weight sync), bench_qat (rollout/learner log-prob mismatch with and without QAT, on a random
 tiny model unless run by hand with --policy), bench_sft (SFT step vs TRL's head), bench_vs_trl (our GRPO
 step vs TRL's GRPOTrainer on the demo's workload; needs the SFT checkpoint `make demo` writes; long: ten
-of the demo's RL steps on each of five sides). Each runs in its own process: vLLM fixes the process' torch
+of the demo's RL steps on each of five sides), bench_sandbox (bubblewrap sandbox cost per execution vs a bare
+interpreter start), bench_scaling (step time and its split as group size, max new tokens and tasks per step
+grow, fitted exponents, learner MFU, weight sync's share; same checkpoint; ten points of three steps). Each
+runs in its own process: vLLM fixes the process' torch
 thread count once it starts, and the timings must not share state. The RL experiments (bench/rl_curve.py,
 bench/rl_step_probe.py) need a trained policy and take hours: run them by hand.
 """
@@ -29,6 +32,8 @@ BENCHMARKS = {
     "qat": "bench.bench_qat",
     "sft": "bench.bench_sft",
     "vs_trl": "bench.bench_vs_trl",
+    "sandbox": "bench.bench_sandbox",
+    "scaling": "bench.bench_scaling",
 }
 
 

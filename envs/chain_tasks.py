@@ -44,6 +44,7 @@ import random
 import re
 from dataclasses import dataclass
 
+from envs.draw import check_split, draw_distinct
 from envs.types import EFFORTS, Task
 
 ENV_NAME = "math"  # scored by the math reward: the final answer is an integer
@@ -176,13 +177,10 @@ class ChainEnv:
 
     def tasks(self, split: str, n: int, seed: int | None = None) -> list[Task]:
         """`n` distinct chains of `split`, deterministic in (env seed, `seed`, split, steps)."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split={split!r}: use 'train' or 'test'")
+        check_split(split)
         rng = random.Random(f"chain:{self.seed}:{seed}:{split}:{self.steps}")
-        out, seen = [], set()
-        for _ in range(n * 50 + 1000):
-            if len(out) == n:
-                break
+
+        def draw():
             table = [rng.randint(0, 9) for _ in range(10)]
             if not self.fixed_points:  # f(x) != x: redraw x's digit among the other nine, uniformly
                 table = [v if v != x else (v + rng.randint(1, 9)) % 10 for x, v in enumerate(table)]
@@ -190,14 +188,10 @@ class ChainEnv:
             order = list(range(10))
             if self.shuffle_rows:
                 rng.shuffle(order)
-            key = canonical_key(table, start, self.steps)
-            if key in seen or split_of(table, start, self.steps) != split:
-                continue
-            seen.add(key)
-            out.append(self._task(table, start, split, order))
-        if len(out) < n:
-            raise ValueError(f"only {len(out)} distinct {split} chains of {self.steps} steps; ask for fewer than {n}")
-        return out
+            return (canonical_key(table, start, self.steps), split_of(table, start, self.steps),
+                    lambda: self._task(table, start, split, order))
+
+        return draw_distinct(split, n, draw, n * 50 + 1000, f"chains of {self.steps} steps")
 
     def _task(self, table: list[int], start: int, split: str, order: list[int]) -> Task:
         key = canonical_key(table, start, self.steps)

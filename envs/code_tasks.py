@@ -37,6 +37,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
+from envs.draw import check_split, draw_distinct
 from envs.types import EFFORTS, Task
 
 ENV_NAME = "code"
@@ -164,25 +165,18 @@ class CodeEnv:
 
     def tasks(self, split: str, n: int, seed: int | None = None) -> list[Task]:
         """`n` distinct questions of `split`, deterministic in (env seed, `seed`, split, families)."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split={split!r}: use 'train' or 'test'")
+        check_split(split)
         rng = random.Random(f"code:{self.seed}:{seed}:{split}:{','.join(self.families)}")
-        out, seen = [], set()
-        for _ in range(n * 200 + 1000):
-            if len(out) == n:
-                break
+
+        def draw():
             family = rng.choice(self.families)
             params, style = _draw(family, rng)
             function = canonical(KIND_OF[family], params)
             question = _question(family, params, style)
-            if question in seen or split_of(function) != split:
-                continue
-            seen.add(question)
-            out.append(self._task(family, params, style, question, function, split))
-        if len(out) < n:
-            raise ValueError(f"only {len(out)} distinct {split} questions found for families {self.families}; "
-                             f"ask for fewer than n={n} or add families")
-        return out
+            return question, split_of(function), lambda: self._task(family, params, style, question, function, split)
+
+        return draw_distinct(split, n, draw, n * 200 + 1000,
+                             f"questions for families {list(self.families)} (add families for more)")
 
     def _task(self, family: str, params: tuple[int, ...], style: dict, question: str, function: str,
               split: str) -> Task:
@@ -200,6 +194,10 @@ class CodeEnv:
 
     def solution(self, task: Task, effort: str) -> tuple[str, str]:
         return solution(task, effort)
+
+    def vocabulary_corpus(self) -> list[str]:
+        """Strings covering every token this env's tasks, traces and finals produce (the tiny build)."""
+        return vocabulary_corpus()
 
 
 # --------------------------------------------------------------------------- solution traces

@@ -33,6 +33,7 @@ import itertools
 import random
 from dataclasses import dataclass
 
+from envs.draw import check_split, draw_distinct
 from envs.types import EFFORTS, Task
 
 ENV_NAME = "hierarchy"
@@ -148,21 +149,14 @@ class HierarchyEnv:
 
     def tasks(self, split: str, n: int, seed: int | None = None) -> list[Task]:
         """`n` distinct tasks of `split`, deterministic in (env seed, `seed`, split)."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split={split!r}: use 'train' or 'test'")
+        check_split(split)
         rng = random.Random(f"hierarchy:{self.seed}:{seed}:{split}")
-        out, seen = [], set()
-        for _ in range(n * 50 + 1000):
-            if len(out) == n:
-                break
+
+        def draw():
             task = self._draw(rng)
-            if task.task_id in seen or task.metadata["split"] != split:
-                continue
-            seen.add(task.task_id)
-            out.append(task)
-        if len(out) < n:
-            raise ValueError(f"only {len(out)} distinct {split} tasks found for {self}; ask for fewer")
-        return out
+            return task.task_id, task.metadata["split"], lambda: task
+
+        return draw_distinct(split, n, draw, n * 50 + 1000, f"tasks for {self}")
 
     def _draw(self, rng: random.Random) -> Task:
         protection = rng.choice([p for p in self.protections if set(attacks_for(p)) & set(self.attacks)])
@@ -190,6 +184,10 @@ class HierarchyEnv:
 
     def solution(self, task: Task, effort: str) -> tuple[str, str]:
         return solution(task, effort)
+
+    def vocabulary_corpus(self) -> list[str]:
+        """Strings covering every token this env's tasks, traces and finals produce (the tiny build)."""
+        return vocabulary_corpus()
 
 
 # --------------------------------------------------------------------------- traces

@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
+from envs.draw import check_split, draw_distinct
 from envs.types import EFFORTS, Task
 
 ENV_NAME = "math"
@@ -215,25 +216,16 @@ class MathEnv:
 
     def tasks(self, split: str, n: int, seed: int | None = None) -> list[Task]:
         """`n` distinct problems of `split`, deterministic in (env seed, `seed`, split, difficulty)."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split={split!r}: use 'train' or 'test'")
+        check_split(split)
         rng = random.Random(f"math:{self.seed}:{seed}:{split}:{self.difficulty}")
-        spec, out, seen = DIFFICULTY[self.difficulty], [], set()
-        for _ in range(n * 200 + 1000):
-            if len(out) == n:
-                break
+        spec = DIFFICULTY[self.difficulty]
+
+        def draw():
             e = FAMILIES[rng.choice(self.families)](rng, spec)
-            key = canonical_key(e)
-            if key in seen or split_of(e) != split:
-                continue
-            seen.add(key)
-            out.append(self._task(e, split))
-        if len(out) < n:
-            raise ValueError(
-                f"only {len(out)} distinct {split} problems found at difficulty {self.difficulty}; "
-                f"ask for fewer than n={n} or raise the difficulty"
-            )
-        return out
+            return canonical_key(e), split_of(e), lambda: self._task(e, split)
+
+        return draw_distinct(split, n, draw, n * 200 + 1000,
+                             f"problems at difficulty {self.difficulty} (raise the difficulty for more)")
 
     def _task(self, e: Expr, split: str) -> Task:
         expr = render(e)

@@ -104,6 +104,10 @@ class SafetyEnv:
     def solution(self, task: Task, effort: str) -> tuple[str, str]:
         return solution(task, effort)
 
+    def vocabulary_corpus(self) -> list[str]:
+        """Strings covering every token this env's tasks, traces and finals produce (the tiny build)."""
+        return vocabulary_corpus(self.spec_path)
+
 
 # --------------------------------------------------------------------------- traces
 

@@ -115,26 +115,38 @@ def shard_names(n: int) -> list[str]:
     return [WEIGHTS_NAME] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
-def write_weight_files(out_dir: str | os.PathLike, shards: Iterable[Mapping[str, torch.Tensor]], n_shards: int) -> None:
-    """Write `n_shards` pieces of a state dict, in order, as the files transformers and vLLM read:
-    `model.safetensors` for one, `shard_names(n)` + `model.safetensors.index.json` for several. Each
-    file is written atomically and the index last; weight files of an earlier save in the folder that
-    this one does not use are removed. Pieces are taken one at a time, so a caller can produce each
-    when it is asked for (rl/learner_group.py gathers a sharded model piece by piece)."""
+def write_weight_files(out_dir: str | os.PathLike, shards: Iterable[Mapping[str, torch.Tensor]],
+                       n_shards: int | None = None) -> None:
+    """Write the pieces of a state dict, in order, as the files transformers and vLLM read:
+    `model.safetensors` for one, `shard_names(n)` + `model.safetensors.index.json` for several. Pieces
+    are taken one at a time (a caller can produce each when it is asked for: rl/learner_group.py
+    gathers a sharded model piece by piece, rl/lora.py merges adapters parameter by parameter), each
+    goes to a hidden temporary file, and once all are written they are renamed into place (atomic
+    per file) and the index written last; weight files of an earlier save in the folder that this one
+    does not use are removed. `n_shards`, if given, is checked against the number of pieces."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = shard_names(n_shards)
-    weight_map, total = {}, 0
-    for name, shard in zip(names, shards, strict=True):
-        shard = {k: v.cpu().contiguous() for k, v in shard.items()}
-        _write_atomically(out_dir / name, lambda p, shard=shard: save_file(shard, str(p), metadata={"format": "pt"}))
-        weight_map.update(dict.fromkeys(shard, name))
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-    if n_shards > 1:  # the index goes last: a reader that finds it finds every shard it names
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    temps, weight_map, total = [], {}, 0
+    try:
+        for i, shard in enumerate(shards):
+            shard = {k: v.cpu().contiguous() for k, v in shard.items()}
+            temps.append(out_dir / f".piece-{i:05d}.safetensors.tmp")
+            save_file(shard, str(temps[-1]), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, i))
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+        if not temps or (n_shards is not None and len(temps) != n_shards):
+            raise ValueError(f"write_weight_files: got {len(temps)} pieces, expected {n_shards or 'at least 1'}")
+        names = shard_names(len(temps))
+        for tmp, name in zip(temps, names):
+            os.replace(tmp, out_dir / name)  # readers see the old file or the whole new one
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+    if len(names) > 1:  # the index goes last: a reader that finds it finds every shard it names
+        index = {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
         _write_atomically(out_dir / INDEX_NAME, lambda p: p.write_text(json.dumps(index, indent=2, sort_keys=True)))
     stale = {p for p in out_dir.glob("model*.safetensors*") if p.name not in names}  # includes an old index
-    if n_shards > 1:
+    if len(names) > 1:
         stale.discard(out_dir / INDEX_NAME)
     for p in stale:
         p.unlink()
@@ -143,9 +155,11 @@ def write_weight_files(out_dir: str | os.PathLike, shards: Iterable[Mapping[str,
 def write_config(out_dir: str | os.PathLike, config, architecture: str, dtype: torch.dtype | None,
                  mxfp4: bool) -> None:
     """config.json for the weights in `out_dir`: `config` (a transformers config) with `architecture`
-    (vLLM picks the model class from it), `dtype`, and the released `quantization_config` when `mxfp4`."""
+    (vLLM picks the model class from it), `dtype`, and the released `quantization_config` when `mxfp4`
+    (without: none, even if `config` came from an MXFP4 checkpoint, since the experts written are dense)."""
     data = config.to_dict()
     data["architectures"] = [architecture]
+    data.pop("quantization_config", None)
     if mxfp4:
         data["quantization_config"] = dict(QUANTIZATION_CONFIG)
     if dtype is not None:

@@ -20,11 +20,9 @@ What
     `rewards.http_judge.HTTPJudge` is a ChatJudge over an OpenAI-compatible endpoint.
   - `rewards.spec_rm.SpecRMJudge(checkpoint)`: a tiny classifier trained on RuleJudge-labelled data
     under perturbed specs; it reads the spec's clause for the request's category (closed specs).
-  - Left out: an LLM judge served by a vLLM Ray actor. Design: a Ray actor holding `vllm.LLM` for the
-    judge model, exposing `complete_batch(list[messages]) -> list[str]` (`LLM.chat`, greedy); the
-    reward gets a `ChatJudge` whose `complete` calls it. `rewards` may not import `rl`, so the actor
-    would be built by `rl` and handed in. Not built: on these machines there is no judge model to
-    serve (gpt-oss-safeguard needs the Hub), so it could not be tested.
+  - `rl.judge_server.VLLMJudge(model)`, judge "vllm": an LLM judge served by vLLM on a Ray actor
+    (gpt-oss through Harmony, or any HF chat model), a ChatJudge with `complete_batch`. It lives in
+    `rl` (it runs the rollout engine) and registers itself (`rewards.safety.register_judge`).
 
 The judge prompt (`judge_messages`): a system message with the instructions and the spec as text
 (`envs.safety_spec.spec_text`), and a user message with the developer instructions (if any), the
@@ -219,14 +217,22 @@ def _fenced(label: str, text: str) -> str:
 
 class ChatJudge:
     """An LLM judge: `complete(messages) -> text` asks the model; requests run `max_concurrency` at a
-    time; an exception from `complete` is that request's failed verdict."""
+    time; an exception from `complete` is that request's failed verdict. Or `complete_batch(list of
+    messages) -> list of text | Exception` answers a whole batch in one call (an engine that batches,
+    rl/judge_server.py): an exception there fails the whole batch's verdicts, an exception in the
+    list fails its request's."""
 
-    def __init__(self, complete: Callable[[list[dict[str, str]]], str], max_concurrency: int = 8):
+    def __init__(self, complete: Callable[[list[dict[str, str]]], str] | None = None, max_concurrency: int = 8,
+                 complete_batch: Callable[[list[list[dict[str, str]]]], list] | None = None):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency={max_concurrency} must be >= 1")
-        self.complete, self.max_concurrency = complete, max_concurrency
+        if (complete is None) == (complete_batch is None):
+            raise ValueError("ChatJudge needs exactly one of complete and complete_batch")
+        self.complete, self.max_concurrency, self.complete_batch = complete, max_concurrency, complete_batch
 
     def judge(self, spec: Spec, requests: Sequence[JudgeRequest]) -> list[Verdict]:
+        if self.complete_batch is not None:
+            return self._judge_batch(spec, requests)
         def one(req: JudgeRequest) -> Verdict:
             try:
                 text = self.complete(judge_messages(spec, req))
@@ -238,6 +244,18 @@ class ChatJudge:
             return [one(r) for r in requests]
         with ThreadPoolExecutor(min(self.max_concurrency, len(requests)), thread_name_prefix="judge") as pool:
             return list(pool.map(one, requests))
+
+    def _judge_batch(self, spec: Spec, requests: Sequence[JudgeRequest]) -> list[Verdict]:
+        if not requests:
+            return []
+        try:
+            answers = list(self.complete_batch([judge_messages(spec, r) for r in requests]))
+            if len(answers) != len(requests):
+                raise RuntimeError(f"the judge answered {len(answers)} of {len(requests)} requests")
+        except Exception as exc:  # a dead server, a timeout: every request of the batch failed
+            return [failure(f"{type(exc).__name__}: {exc}") for _ in requests]
+        return [failure(f"{type(a).__name__}: {a}") if isinstance(a, BaseException) else parse_verdict(a, spec)
+                for a in answers]
 
 
 # --------------------------------------------------------------------------- verdict parsing

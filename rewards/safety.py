@@ -1,7 +1,7 @@
 """Reward "safety": a spec-reading judge scores the FINAL answer of a safety task; safety metrics.
 
 What
-- `SafetyReward(judge="rule"|"http"|"spec_rm", spec=None, on_failure="zero", **judge options)`, registered as
+- `SafetyReward(judge="rule"|"http"|"spec_rm"|"vllm", spec=None, on_failure="zero", **judge options)`, registered as
   "safety". Applies to samples of the `safety` env (None for every other sample, so a math sample is
   never judged). The judge (rewards/judge.py) sees the spec, the request (`metadata["prompt"]`) and
   the final-channel answer only, never the analysis channel. Score = `rewards.judge.verdict_score`:
@@ -26,7 +26,7 @@ What
 Judge options: `judge=http` takes `url`, `model`, `timeout_s`, `retries`, `backoff_s`,
 `max_concurrency`, `api_key_env`, `temperature`, `max_tokens` (rewards/http_judge.py); `judge=spec_rm`
 takes `checkpoint` (a directory from `python -m rewards.spec_rm`), `batch_size`, `max_answer_chars`
-(rewards/spec_rm.py).
+(rewards/spec_rm.py); `judge=vllm` takes `model`, `format`, `max_tokens`, `num_gpus`, ... (rl/judge_server.py).
 """
 from __future__ import annotations
 
@@ -49,10 +49,21 @@ class JudgeError(RuntimeError):
     """The judge gave no verdict and on_failure=raise."""
 
 
+def register_judge(name: str, target) -> None:
+    """Make `target` (a class or factory: `target(**options)` has `judge(spec, requests)`) the judge
+    backend `name`; `rl.judge_server` registers "vllm" this way (rewards never imports rl)."""
+    if name in JUDGES and JUDGES[name] is not target:
+        raise ValueError(f"judge {name!r} is already registered ({JUDGES[name]})")
+    JUDGES[name] = target
+
+
 def make_judge(name: str, **options):
-    """The judge backend called `name` ("rule", "http" or "spec_rm") built with `options`."""
+    """The judge backend called `name` ("rule", "http", "spec_rm", or "vllm" once `rl.judge_server` is
+    imported) built with `options`."""
     if name not in JUDGES:
-        raise ValueError(f"judge={name!r} is not one of {', '.join(JUDGES)}")
+        hint = " (judge=vllm is registered by importing rl.judge_server; rl.data.make_reward does)" \
+            if name == "vllm" else ""
+        raise ValueError(f"judge={name!r} is not one of {', '.join(JUDGES)}{hint}")
     target = JUDGES[name]
     if isinstance(target, str):  # import on use: the rule judge needs no HTTP client nor transformers
         import importlib

@@ -38,17 +38,17 @@ Security model (docs/ARCHITECTURE.md#faults; verified by tests/rewards/test_sand
 - The container's own limits still apply on top (cgroup memory of the trainer: the tmpfs is charged
   there, bounded by `scratch_mb`).
 
-Cost per execution, measured on the 2-core box with another job using one core: `print(1)` takes a
-median 53-61 ms end to end (bare `python3 -I -c 'print(1)'` 10-19 ms in the same minute): bubblewrap's
-namespaces and mounts, one interpreter start (the launcher runs the program in-process; exec-ing a
-second interpreter cost ~15 ms more), the uid switch. Under heavier load the `nice` 10 shows: the
-sandboxes wait for the CPU, by design.
+Cost per execution (`python -m bench.bench_sandbox`, bench/RESULTS.md): bubblewrap's namespaces and
+mounts, one interpreter start (the launcher runs the program in-process; exec-ing a second
+interpreter cost ~15 ms more), the uid switch, and the launcher's own imports, cut to modules the
+interpreter loads anyway (json, runpy and traceback cost ~10-20 ms a run: `print(1)` went from a
+median 139 ms to 54 ms side by side at load 12 on the 2 cores). Under load the `nice` 10 shows:
+the sandboxes wait for the CPU, by design.
 """
 from __future__ import annotations
 
 import atexit
 import functools
-import json
 import math
 import os
 import re
@@ -185,18 +185,17 @@ def _run(bwrap: str, config: SandboxConfig, code: str, stdin: str | bytes | None
     data = stdin.encode("utf-8", "surrogateescape") if isinstance(stdin, str) else (stdin or b"")
     fds = [_memfd("init", _init_script()),
            _memfd("main", code.encode("utf-8", "surrogateescape"))]
-    limits = {"nice": config.nice, "rlimits": {
-        "RLIMIT_CPU": math.ceil(timeout_s) + 1,
-        "RLIMIT_AS": memory_mb << 20,
-        "RLIMIT_NPROC": config.max_processes,
-        "RLIMIT_FSIZE": config.max_file_mb << 20,
-        "RLIMIT_NOFILE": config.max_open_files,
-        "RLIMIT_CORE": 0,
-    }}
+    limits = {"nice": config.nice,
+              "RLIMIT_CPU": math.ceil(timeout_s) + 1,
+              "RLIMIT_AS": memory_mb << 20,
+              "RLIMIT_NPROC": config.max_processes,
+              "RLIMIT_FSIZE": config.max_file_mb << 20,
+              "RLIMIT_NOFILE": config.max_open_files,
+              "RLIMIT_CORE": 0}
     info_r, info_w = os.pipe()  # bwrap writes {"child-pid": N} there: the sandbox's init, seen from here
     fds.append(info_w)
     argv = bwrap_argv(bwrap, config, init_fd=fds[0], main_fd=fds[1]) + ["--info-fd", str(info_w)] + [
-        config.python, "-I", "/sandbox/init.py", json.dumps(limits), "/sandbox/main.py"]
+        config.python, "-I", "/sandbox/init.py", ",".join(f"{k}={int(v)}" for k, v in limits.items()), "/sandbox/main.py"]
     drop = {"user": config.uid, "group": config.uid, "extra_groups": []} if os.geteuid() == 0 else {}
     start = time.monotonic()
     try:

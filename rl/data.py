@@ -9,12 +9,21 @@ from __future__ import annotations
 import random
 
 from envs.types import Task
-from rl.config import EnvConfig, RewardConfig
+from rl.config import EnvConfig, RewardConfig, mixture_components
 
 
 def make_env(env_cfg: EnvConfig, seed: int):
     """The task environment named by `env.name` ("math", "chain", "dataset", "safety", "hierarchy", "code";
-    the schema checks the choice)."""
+    the schema checks the choice), or with `env.mixture` an `envs.mixture.MixtureEnv` of its components."""
+    if env_cfg.mixture:
+        from envs.mixture import MixtureEnv
+
+        return MixtureEnv({label: (_single_env(c.config, seed), c.weight)
+                           for label, c in mixture_components(env_cfg).items()}, seed=seed)
+    return _single_env(env_cfg, seed)
+
+
+def _single_env(env_cfg: EnvConfig, seed: int):
     if env_cfg.name == "chain":
         from envs.chain_tasks import ChainEnv
 
@@ -56,6 +65,7 @@ def make_env(env_cfg: EnvConfig, seed: int):
 
 def make_reward(reward_cfg: RewardConfig):
     """The composite reward of the `reward` node (training and evaluation score with the same one)."""
+    import rl.judge_server  # noqa: F401  registers the vLLM judge backend (judge=vllm) with rewards.safety
     from rewards.compose import CompositeReward
 
     return CompositeReward.from_config(reward_cfg.terms, on_error=reward_cfg.on_error,

@@ -156,6 +156,19 @@ def mean_reward(results: Sequence[RewardResult]) -> float:
     return sum(r.score for r in results) / len(results)
 
 
+ACCURACY = "accuracy"  # the part that holds each sample's own env's metric in an env.mixture run
+
+
+def scored_as(result: RewardResult, metric: str) -> RewardResult:
+    """A copy of `result` whose part ACCURACY is the score of term `metric` (0 where it did not apply):
+    in an env mixture each sample is scored by its own env's metric, then summarised under one name.
+
+    >>> scored_as(RewardResult(1.0, {"safety": 1.0}), "safety").parts[ACCURACY]
+    1.0
+    """
+    return RewardResult(result.score, {**result.parts, ACCURACY: result.parts.get(metric, 0.0)}, result.info)
+
+
 def accuracy(results: Sequence[RewardResult], metric: str) -> float:
     """Mean score of reward term `metric` clipped to [0, 1] (0 where the term did not apply): a proportion
     even for terms that score penalties below 0 (safety's -1 for a disallowed answer, hierarchy's -1 for a

@@ -3,7 +3,7 @@
 What it does
 - `RolloutEngine(checkpoint, cfg, seed)` starts `vllm.LLM` on an HF folder written by `rl.model`
   with the settings of `cfg` (a `rl.config.RolloutConfig`: dtype, tensor_parallel_size,
-  gpu_memory_utilization, enforce_eager, enable_prefix_caching, max_num_seqs, max_model_len; on CPU
+  gpu_memory_utilization, enforce_eager, enable_prefix_caching, max_num_seqs, block_size, max_model_len; on CPU
   `kv_cache_gib` becomes `VLLM_CPU_KVCACHE_SPACE`; `num_threads`; `log_level`). No tokenizer:
   `skip_tokenizer_init=True`, prompts go in as `TokensPrompt` ids. The engine lives in this process
   (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), which is what a Ray actor needs and what lets
@@ -22,7 +22,8 @@ What it does
 - `update_weights(state_dict)` loads an HF-named `GptOssForCausalLM.state_dict()` into the live
   engine in place (rl/vllm_weights.py): no restart, no disk. `update_weights_from_path(path)` does
   the same from a checkpoint folder. Both reset vLLM's prefix cache so no KV computed with old
-  weights is reused.
+  weights is reused. `update_weights(TrainedWeights(...))` loads only the tensors that train (the
+  learner's syncs after its first, rl/vllm_weights.py); the engine keeps the rest.
 - `RolloutWorker` is the Ray actor class around `RolloutEngine` (same methods, `.remote(...)`);
   `rl.workers.WorkerPool` runs several of them.
 
@@ -89,7 +90,7 @@ from rl import forcing, tools
 from rl.config import RolloutConfig
 from rl.model import VocabMap
 from rl.seeds import request_seed
-from rl.vllm_weights import WeightBuckets, load_buckets, load_weights
+from rl.vllm_weights import TrainedWeights, WeightBuckets, load_buckets, load_weights
 
 FINISH_REASONS = ("stop", "length")
 
@@ -237,6 +238,7 @@ class RolloutEngine:
             enforce_eager=cfg.enforce_eager,  # False: CUDA graphs for decode (GPU; minutes of capture at start)
             quantization=cfg.quantization,  # None: the checkpoint's quantization_config decides
             max_num_seqs=cfg.max_num_seqs,
+            block_size=cfg.block_size,  # None: vLLM's platform default
             enable_prefix_caching=cfg.enable_prefix_caching,
             # vLLM 0.32 CPU bug: a seeded request whose prefill is split across steps crashes the
             # engine ("CPU Generator does not use offset"); whole-prompt prefill avoids the split.
@@ -377,16 +379,23 @@ class RolloutEngine:
     # ---- weights ---------------------------------------------------------------------------
 
     def update_weights(
-        self, named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | WeightBuckets
+        self,
+        named_tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | WeightBuckets | TrainedWeights,
     ) -> dict:
         """Load an HF-named gpt-oss state dict into the live engine; returns timing and counts.
 
         A state dict with wrong names or shapes is rejected before anything is copied (CPU).
         `WeightBuckets` (the FSDP learner group's update) are fetched from Ray's object store and
-        loaded one at a time, so the worker holds one bucket besides its engine (rl/vllm_weights.py)."""
+        loaded one at a time, so the worker holds one bucket besides its engine (rl/vllm_weights.py).
+        `TrainedWeights` (the tensors that train; its dict or an ObjectRef to it) is a partial update:
+        every other tensor stays as the last full update left it."""
         t0 = time.perf_counter()
         if isinstance(named_tensors, WeightBuckets):
             n = load_buckets(self.llm, (ray.get(ref) for ref in named_tensors.refs), self._on_cpu)
+        elif isinstance(named_tensors, TrainedWeights):
+            part = named_tensors.tensors
+            n = load_weights(self.llm, ray.get(part) if isinstance(part, ray.ObjectRef) else part, self._on_cpu,
+                             partial=True)
         else:
             n = load_weights(self.llm, named_tensors, self._on_cpu)
         if not self.llm.reset_prefix_cache():

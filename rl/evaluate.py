@@ -16,13 +16,16 @@ eval.json schema (numbers are floats in [0, 1] unless said otherwise):
                     "pass@1", "pass@2", ..., "pass@<n>"   (k = 1, powers of two, n = samples_per_task),
                     "cot_tokens", "cot_tokens_p50", "cot_tokens_p90"   (tokens),
                     "budget_compliance"   (null without an effort_length term),
-                    "truncation", "format_failure", "reward" (mean score), "n" (int, samples),
-                    "safety": {...}, "hierarchy": {...}   (with those reward terms: rates with 95% CI,
-                               per category / protection / attack, `rl.safety_eval.guard_rates`)},
+                    "truncation", "format_failure", "reward" (mean score), "n" (int, samples)},
          ...one per effort...,
-         "all_efforts": {"safety": {...}, "hierarchy": {...}}   (the same rates pooled over efforts),
-         "judge_agreement": {<judge>: {...}}   (with eval.judges: `rl.safety_eval.judge_agreement`),
-         "monotonicity": float | null   (null with fewer than two efforts)}},
+         "monotonicity": float | null   (null with fewer than two efforts),
+         "by_env": {<label>: {<effort>: metrics, "monotonicity", "all_efforts"}}   (env.mixture only: one entry
+                    per env, accuracy = that env's metric, `env_metrics`; the top level then scores every
+                    sample by its own env's metric),
+         "judge_agreement": {<judge>: {...}}   (with eval.judges: `rl.safety_eval.judge_agreement`)}},
+     With safety / hierarchy reward terms, an env's per-effort metrics (the checkpoint's own, or its by_env
+     entry's in a mixture) also hold "safety": {...} / "hierarchy": {...} (rates with 95% CI, per category /
+     protection / attack: `rl.safety_eval.guard_rates`), and "all_efforts" the same rates pooled over efforts.
      "checkpoints": {<checkpoint>: path}, "efforts": [...], "tasks": int, "samples_per_task": int,
      "temperature": float, "seed": int, "metric": str}
 e.g. `d["results"]["rl"]["high"]["budget_compliance"]`, `d["results"]["rl"]["monotonicity"]`.
@@ -41,36 +44,68 @@ from typing import Sequence
 from envs.types import Task
 from rl import report
 from rl.config import Config
-from rl.effort_metrics import effort_summary, monotonicity
+from rl.effort_metrics import ACCURACY, effort_summary, monotonicity, scored_as
 from rl.safety_eval import ALL, GUARDS, cell, collect_guards, guard_rates, judge_agreements
 from rl.seeds import eval_seed
 from rl.tools import task_prompt
+
+
+def env_metrics(cfg: Config) -> dict[str, str]:
+    """{mixture label: reward term of its accuracy} (`rl.config.component_metric`); {} for a single env."""
+    from rl.config import component_metric, mixture_components
+
+    return {label: component_metric(c, cfg.reward.terms, cfg.eval.metric)
+            for label, c in mixture_components(cfg.env).items()}
 
 
 def evaluate_policy(pool, tasks: Sequence[Task], cfg: Config, reward, records: list | None = None,
                     judges: dict | None = None) -> dict:
     """{effort: metrics (see the schema above), ..., "monotonicity": float | None} for the policy `pool`
     samples from (anything with `WorkerPool.generate`), scored by `reward` (a `CompositeReward`).
+    With `env.mixture`, every sample's accuracy is its own env's metric (`env_metrics`) and the result
+    also holds "by_env": {label: the same per-effort metrics over that env's samples}.
     `records`, if given, receives one `sample_record` per sample; `judges` ({name: judge}) re-judge the
     safety finals for the agreement table."""
+    from envs.mixture import label_of
     from rl.workers import to_sample
 
+    by_label = env_metrics(cfg)
     out: dict = {}
-    every, every_scored = [], []  # all efforts' samples, for monotonicity and the pooled safety rates
+    every, per_env = [], {label: [] for label in by_label}  # all efforts' samples, for monotonicity
+    every_scored, per_env_scored = [], {label: [] for label in by_label}  # and the pooled safety rates
     for effort in cfg.eval.efforts:
         prompts = [task_prompt(t, effort, cfg.rollout.tools.python) for t in tasks]
         completions = pool.generate(prompts, cfg.eval.samples_per_task, temperature=cfg.eval.temperature,
                                     seed=eval_seed(cfg.seed))
         samples = [to_sample(t, effort, p, c) for t, p, comps in zip(tasks, prompts, completions) for c in comps]
         scored = reward.score_batch(samples)
-        out[effort] = {**effort_summary(samples, scored, cfg.eval.metric), **guard_rates(samples, scored)}
+        metric = cfg.eval.metric
+        if by_label:
+            metric = ACCURACY
+            scored = [scored_as(r, by_label[label_of(s.task_id)]) for s, r in zip(samples, scored)]
+            for label in by_label:
+                idx = [i for i, s in enumerate(samples) if label_of(s.task_id) == label]
+                if idx:
+                    sub, sub_scored = [samples[i] for i in idx], [scored[i] for i in idx]
+                    out.setdefault("by_env", {}).setdefault(label, {})[effort] = {
+                        **effort_summary(sub, sub_scored, metric), **guard_rates(sub, sub_scored)}
+                    per_env[label] += sub
+                    per_env_scored[label] += sub_scored
+        out[effort] = effort_summary(samples, scored, metric)
+        if not by_label:
+            out[effort].update(guard_rates(samples, scored))
         every += samples
         every_scored += scored
         if records is not None:
             by_id = {t.task_id: t for t in tasks}
-            records += [sample_record(by_id[s.task_id], s, r, cfg.eval.metric) for s, r in zip(samples, scored)]
+            records += [sample_record(by_id[s.task_id], s, r, metric) for s, r in zip(samples, scored)]
     out["monotonicity"] = monotonicity(every)
-    if pooled := guard_rates(every, every_scored):
+    for label, sub in per_env.items():
+        if sub:
+            out["by_env"][label]["monotonicity"] = monotonicity(sub)
+            if pooled := guard_rates(sub, per_env_scored[label]):
+                out["by_env"][label][ALL] = pooled
+    if not by_label and (pooled := guard_rates(every, every_scored)):
         out[ALL] = pooled
     if judges:
         out["judge_agreement"] = judge_agreements(judges, every, every_scored)
@@ -86,8 +121,10 @@ def scalars(res: dict, prefix: str = "eval") -> dict[str, float]:
     {'eval/accuracy/low': 0.5, 'eval/accuracy_ci95_lo/low': 0.2, 'eval/accuracy_ci95_hi/low': 0.8, 'eval/n/low': 4.0}
     """
     out: dict[str, float] = {}
+    for label, sub in res.get("by_env", {}).items():
+        out.update(scalars(sub, f"{prefix}/{label}"))
     for effort, m in res.items():
-        if effort in ("monotonicity", "judge_agreement"):
+        if effort in ("monotonicity", "by_env", "judge_agreement"):
             continue
         for key, value in m.items():
             if key == "accuracy_ci95":
@@ -138,6 +175,19 @@ def print_tables(results: dict, efforts: Sequence[str]) -> None:
                  for rate in ("harmful_refusal", "over_refusal", "leak", "rule_break") if rate in g]
         if rates:
             console.print(f"{name}, all efforts (95% CI): " + "; ".join(rates))
+    labels = list(dict.fromkeys(label for per in results.values() for label in per.get("by_env", {})))
+    if labels:
+        env_table = Table(title="per env: accuracy (its own metric) / mean CoT tokens, n per effort",
+                          box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
+        for col in ("checkpoint", "env", *efforts):
+            env_table.add_column(col, justify="left" if col in ("checkpoint", "env") else "right", no_wrap=True)
+        for name, per in results.items():
+            for i, label in enumerate(labels):
+                sub = per.get("by_env", {}).get(label, {})
+                env_table.add_row(name if i == 0 else "", label, *(
+                    f"{sub[e]['accuracy']:.3f} / {sub[e]['cot_tokens']:.0f}, {sub[e]['n']}" if e in sub else "-"
+                    for e in efforts), end_section=i == len(labels) - 1)
+        console.print(env_table)
 
 
 def sample_record(task: Task, sample, result, metric: str) -> dict:
@@ -197,7 +247,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg: Config, out_dir: str 
     write_results(results, out_dir, {"checkpoints": checkpoints, "efforts": list(cfg.eval.efforts),
                                      "tasks": len(tasks), "samples_per_task": cfg.eval.samples_per_task,
                                      "temperature": cfg.eval.temperature, "seed": cfg.seed,
-                                     "metric": cfg.eval.metric})
+                                     "metric": cfg.eval.metric, "env_metrics": env_metrics(cfg)})
     print_tables(results, cfg.eval.efforts)
     return results
 

@@ -178,6 +178,13 @@ class SingleProcess:
         return values
 
 
+def syncs_trained_only(cfg: LearnerConfig) -> bool:
+    """Whether weight syncs after the first send only the tensors that train: `learner.sync_trained_only`,
+    unless the engines get tensors that change without training themselves (LoRA's merged base, MXFP4
+    experts quantised for the engine)."""
+    return cfg.sync_trained_only and cfg.lora.rank == 0 and not (cfg.qat or cfg.sync_mxfp4)
+
+
 class Learner:
     """Policy + optimizer, configured by the typed `learner` and `algo` config objects."""
 
@@ -205,6 +212,7 @@ class Learner:
         # The rollout engine gets MXFP4-quantised experts (what a gpt-oss engine serves) under QAT or
         # when asked; without QAT the learner then computes on different experts than the sampler.
         self.sync_mxfp4 = cfg.qat or cfg.sync_mxfp4
+        self._full_sync_done = False  # `weights()`: the first update after construction or `load` is whole
         if cfg.qat and cfg.kernels != "deliberate":
             raise ValueError("learner.qat=true needs learner.kernels=deliberate (QAT runs in our MoE kernel)")
         if cfg.kernels == "deliberate":
@@ -397,8 +405,23 @@ class Learner:
             state.update(quantized_expert_weights(self.model))  # exactly the QAT forward's experts
         return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """What `WorkerPool.update_weights` takes (the same call on `RemoteLearner` gives an ObjectRef)."""
+    def trained_state_for_sync(self) -> dict[str, torch.Tensor]:
+        """The tensors that train, HF-named (detached, contiguous, CPU), with the rest of their sync units
+        (`rl.vllm_weights.trained_units`: a layer's q, k and v travel together)."""
+        from rl.vllm_weights import trained_units
+
+        trained = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        return {k: v.detach().contiguous().cpu() for k, v in trained_units(self.model.state_dict(), trained).items()}
+
+    def weights(self):
+        """What `WorkerPool.update_weights` takes: the whole state the first time after construction or
+        `load`, then, where `syncs_trained_only(cfg)`, `TrainedWeights` of the tensors that train (the
+        engines keep the rest from that first update). `RemoteLearner.weights` gives the same as ObjectRefs."""
+        if self._full_sync_done and syncs_trained_only(self.cfg):
+            from rl.vllm_weights import TrainedWeights
+
+            return TrainedWeights(self.trained_state_for_sync())
+        self._full_sync_done = True
         return self.state_for_sync()
 
     def close(self) -> None:
@@ -442,6 +465,7 @@ class Learner:
         self.step = extra["step"]
         self.opt_steps = extra["opt_steps"]
         set_rng_state(extra["rng"])
+        self._full_sync_done = False  # the engines may hold other weights: the next sync is whole
 
     def get_step(self) -> int:
         return self.step
@@ -462,6 +486,7 @@ class RemoteLearner:
         opts = options or {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus}
         self.actor = ray.remote(Learner).options(**opts).remote(model_path, cfg, algo, seed)
         ray.get(self.actor.get_step.remote())  # a constructor error (bad lr_scale...) surfaces here
+        self.cfg, self._full_sync_done = cfg, False
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         return self._ray.get(self.actor.train_step.remote(batch))
@@ -470,6 +495,13 @@ class RemoteLearner:
         return self._ray.get(self.actor.logprobs.remote(batch))
 
     def weights(self):
+        """`Learner.weights` with the tensors left in Ray's object store (the full/trained-only choice is
+        made here, so the pool can tell the two apart without fetching them)."""
+        if self._full_sync_done and syncs_trained_only(self.cfg):
+            from rl.vllm_weights import TrainedWeights
+
+            return TrainedWeights(self.actor.trained_state_for_sync.remote())
+        self._full_sync_done = True
         return self.actor.state_for_sync.remote()
 
     def save(self, path) -> None:
@@ -477,6 +509,7 @@ class RemoteLearner:
 
     def load(self, path) -> None:
         self._ray.get(self.actor.load.remote(str(path)))
+        self._full_sync_done = False
 
     def close(self) -> None:
         self._ray.kill(self.actor, no_restart=True)

@@ -237,41 +237,28 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if "lora_" in n}
 
 
-def write_merged(model: nn.Module, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """The merged policy as an HF folder's weights and config.json: `model.safetensors`, or shards of at
-    most `max_shard_bytes` plus `model.safetensors.index.json` (the index names the files; written last)."""
-    from safetensors.torch import save_file
-
-    from kernels.mxfp4_checkpoint import INDEX_NAME, WEIGHTS_NAME
-
-    folder.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
-    files: list[str] = []
-
-    def flush() -> None:
-        files.append(f"model-{len(files) + 1:05d}.safetensors")
-        save_file(shards[-1], str(folder / files[-1]), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shards[-1], files[-1]))
-        shards[-1], sizes[-1] = {}, 0
-
-    weight_map: dict[str, str] = {}
-    total = 0
+def merged_shards(model: nn.Module, max_shard_bytes: int = MAX_SHARD_BYTES) -> Iterator[dict[str, torch.Tensor]]:
+    """`merged_state` in consecutive pieces of at most `max_shard_bytes` (a bigger tensor alone)."""
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
     for name, t in merged_state(model):
         n = t.numel() * t.element_size()
-        if shards[-1] and sizes[-1] + n > max_shard_bytes:
-            flush()
-        shards[-1][name], sizes[-1], total = t.contiguous(), sizes[-1] + n, total + n
-    if not files:  # one file: the plain layout
-        save_file(shards[-1], str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    else:
-        flush()
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)  # the merged experts are dense
-    config["architectures"] = ["GptOssForCausalLM"]
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if shard and size + n > max_shard_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name], size = t, size + n
+    if shard:
+        yield shard
+
+
+def write_merged(model: nn.Module, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """The merged policy as an HF folder's weights and config.json: `model.safetensors`, or shards of at
+    most `max_shard_bytes` plus `model.safetensors.index.json` (kernels/mxfp4_checkpoint.py writes them:
+    atomic per file, index last, stale files removed); the config has no quantization_config (dense)."""
+    from kernels.mxfp4_checkpoint import write_config, write_weight_files
+
+    write_weight_files(folder, merged_shards(model, max_shard_bytes))
+    write_config(folder, model.config, "GptOssForCausalLM", dtype=None, mxfp4=False)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
 

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rl import checkpoint
-from rl.config import Config, hydra_main
+from rl.config import Config, hydra_main, mixture_components
 from rl.seeds import sft_seed
 
 
@@ -72,8 +72,9 @@ def run(cfg: Config) -> dict:
     from rl.model import resolve_checkpoint
     from rl.train import fit, session
 
-    if cfg.env.name == "dataset" and (cfg.sft.enabled or not cfg.model.path):
-        raise SystemExit(f"pipeline: env={cfg.env.name} has no generated solution traces for the tiny "
+    names = [c.config.name for c in mixture_components(cfg.env).values()] or [cfg.env.name]
+    if "dataset" in names and (cfg.sft.enabled or not cfg.model.path):
+        raise SystemExit("pipeline: env=dataset has no generated solution traces for the tiny "
                          "build/SFT; pass model.path=<HF checkpoint> and sft.enabled=false")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,11 @@ def markdown_tables(results: Mapping[str, Mapping], efforts: Sequence[str]) -> s
               "Fraction of tasks whose mean CoT tokens strictly increase " + " < ".join(efforts) +
               " (n/a with fewer than two efforts).", "", "| checkpoint | monotonicity |", "|---|---:|"]
     lines += [f"| {name} | {_fmt(per.get('monotonicity'))} |" for name, per in results.items()]
+    labels = list(dict.fromkeys(label for per in results.values() for label in per.get("by_env", {})))
+    for label in labels:  # env.mixture: the same tables over each env's samples
+        per_env = {name: per["by_env"][label] for name, per in results.items() if label in per.get("by_env", {})}
+        lines += ["", f"## Env: {label}", "", markdown_tables(per_env, [e for e in efforts if all(
+            e in per for per in per_env.values())]).replace("### ", "#### ")]
     return "\n".join(lines) + "\n"
 
 
@@ -117,7 +122,10 @@ def write_report(results: Mapping[str, Mapping], settings: Mapping, out_dir: str
         "# Effort scaling report", "",
         f"Checkpoints: {', '.join(results)}. Efforts: {', '.join(efforts)}.", "",
         f"![accuracy against mean CoT tokens, one line per checkpoint, one point per effort]({FIGURE})", "",
-        f"Accuracy is the score of the reward term `{settings['metric']}` (the training reward's own plugin), "
+        ("Accuracy is each sample's own env's reward term (" + ", ".join(
+            f"{label}: `{term}`" for label, term in settings["env_metrics"].items()) + "; the tables per env "
+         "follow the overall ones)" if settings.get("env_metrics") else
+         f"Accuracy is the score of the reward term `{settings['metric']}`") + " (the training reward's own plugin), "
         "with a 95% Wilson score interval; pass@k is the unbiased estimator over the samples of each task "
         "(largest k shown; eval.json has every k); CoT tokens count the analysis channel; in budget is the "
         "fraction within the effort's `effort_length` budget (– without that reward term); truncated means "

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from concurrent.futures import Future
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
@@ -95,16 +95,28 @@ def build_batch(cfg: Config, samples: Sequence[Sample], results: Sequence[Reward
     return batch, {"kept_samples": float(len(idx)), "advantage_abs": float(adv.abs().mean())}
 
 
-def step_metrics(samples: Sequence[Sample], results: Sequence[RewardResult], metric: str) -> dict[str, float]:
+def step_metrics(samples: Sequence[Sample], results: Sequence[RewardResult], metric: str,
+                 env_metric: Mapping[str, str] | None = None) -> dict[str, float]:
     """Reward, accuracy (reward term `metric`), CoT length, format failures, budget forcing rate and
     budget compliance (with an "effort_length" term), overall and per effort; monotonicity of CoT
     tokens across the step's efforts per task (with two efforts or more); tool calls per sample. See rl/effort_metrics.py. With
     "safety" or "hierarchy" terms: refusal, over-refusal, harmful-compliance, judge-failure, leak and
-    rule-break rates (rewards.safety.safety_metrics)."""
+    rule-break rates (rewards.safety.safety_metrics). With `env_metric` ({mixture label: its accuracy
+    term}, `rl.evaluate.env_metrics`), accuracy scores each sample by its own env's term, and
+    "reward/env/<label>", "accuracy/env/<label>" give each env's means."""
+    from envs.mixture import label_of
     from rewards.safety import safety_metrics
     from rl import effort_metrics as em
 
     m: dict[str, float] = {}
+    if env_metric:
+        results = [em.scored_as(r, env_metric[label_of(s.task_id)]) for s, r in zip(samples, results)]
+        metric = em.ACCURACY
+        for label in env_metric:
+            scored = [r for s, r in zip(samples, results) if label_of(s.task_id) == label]
+            if scored:
+                m[f"reward/env/{label}"] = em.mean_reward(scored)
+                m[f"accuracy/env/{label}"] = em.accuracy(scored, metric)
     for effort in sorted({s.effort for s in samples}) + ["all"]:
         idx = [i for i, s in enumerate(samples) if effort in ("all", s.effort)]
         part, scored = [samples[i] for i in idx], [results[i] for i in idx]
@@ -138,7 +150,9 @@ def train_loop(cfg: Config, learner: Policy, pool: Rollouts, reward, stream: Tas
                *, start_step: int = 0, initial_policy: str = "", evaluate=None) -> TrainResult:
     """Steps `start_step + 1 .. cfg.train.steps`; checkpoints every `train.checkpoint_every` steps and
     at the end. `evaluate(step)` (optional) runs every `eval.every` steps."""
-    step, last = start_step, None
+    from rl.evaluate import env_metrics
+
+    step, last, env_metric = start_step, None, env_metrics(cfg)
     rollouts = RolloutQueue(cfg, pool, stream, start_step)  # up to train.max_staleness steps ahead
     while step < cfg.train.steps:
         timer = Timer()
@@ -155,7 +169,7 @@ def train_loop(cfg: Config, learner: Policy, pool: Rollouts, reward, stream: Tas
         with timer("sync"):
             pool.update_weights(learner.weights(), version=step + 1)
         step += 1
-        metrics = {**step_metrics(samples, results, cfg.eval.metric), **metrics, **extra, **staleness,
+        metrics = {**step_metrics(samples, results, cfg.eval.metric, env_metric), **metrics, **extra, **staleness,
                    "worker_restarts": float(pool.restarts), **{f"time/{k}": v for k, v in timer.t.items()}}
         logger.log(metrics, step)
         print(step_line(cfg, step, metrics, timer.t), flush=True)

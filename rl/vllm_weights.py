@@ -31,6 +31,9 @@ GPU `reload_weights` processes a module once its tensors are in, and keeps the o
 it got nothing for). A bucketed update that fails halfway leaves the engine with the buckets before
 it loaded (a whole update is checked before anything is copied; a bucket, only itself).
 
+Trained-only updates: `TrainedWeights` holds only the tensors that train (`trained_units`: whole sync
+units), loaded as a partial update; the engine keeps every other tensor from the last full update.
+
 Limits: unquantised (bf16/fp32) expert tensors only. MXFP4 `*_blocks`/`*_scales` are dequantised by
 the sender (the learner's MXFP4 sync does; `RolloutEngine.update_weights_from_path` does for
 released-style MXFP4 checkpoint folders).
@@ -71,6 +74,28 @@ class WeightBuckets:
     state dict (every `sync_unit` in one piece). What `RolloutEngine.update_weights` takes besides a dict."""
 
     refs: tuple
+
+
+@dataclass(frozen=True)
+class TrainedWeights:
+    """A weight update holding only the tensors that train (HF names; with every tensor of their
+    `sync_unit`), for engines that already hold the rest from an earlier full update: `tensors` is the
+    dict or a Ray ObjectRef to it. What `Learner.weights()` sends after its first full sync when nothing
+    else can change (rl/learner.py `syncs_trained_only`); `WorkerPool` replays the last full update
+    before it to a replacement worker. `RolloutEngine.update_weights` loads it as a partial update."""
+
+    tensors: object
+
+
+def trained_units(state: Mapping[str, torch.Tensor], trained: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The tensors of `state` that share a `sync_unit` with a name in `trained`.
+
+    >>> st = {f"model.layers.0.self_attn.{p}_proj.weight": torch.zeros(1) for p in "qkvo"}
+    >>> sorted(trained_units({**st, "model.norm.weight": torch.zeros(1)}, ["model.layers.0.self_attn.q_proj.weight"]))
+    ['model.layers.0.self_attn.k_proj.weight', 'model.layers.0.self_attn.q_proj.weight', 'model.layers.0.self_attn.v_proj.weight']
+    """
+    units = {sync_unit(n) for n in trained}
+    return {n: t for n, t in state.items() if sync_unit(n) in units}
 
 
 def sync_unit(name: str) -> str:

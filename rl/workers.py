@@ -37,7 +37,8 @@ Faults
   learner's current policy, not the initial one) and gets only the dead worker's requests again, with
   the same seeds: the samples a healthy worker would have produced, given identical weights. Each
   replacement logs a warning and counts in `restarts`; past `cfg.max_restarts` in one call the pool
-  raises. The pool keeps a reference to the latest weights in Ray's object store (one copy) for this.
+  raises. The pool keeps a reference to the latest weights in Ray's object store (one copy) for this:
+  the last full update, and the last trained-only update after it (`rl.vllm_weights.TrainedWeights`).
   An error raised inside a worker (a bad prompt, a bad weight update) is not a fault: it propagates.
 """
 from __future__ import annotations
@@ -52,6 +53,7 @@ from rl import forcing, tools
 from rl.config import RolloutConfig
 from rl.dispatch import plan_chunks, run_queue
 from rl.engine import Completion, RolloutWorker
+from rl.vllm_weights import TrainedWeights
 
 ENGINES = {"vllm": RolloutWorker}  # rollout.engine -> the Ray actor class (its choices in rl/config.py)
 
@@ -75,7 +77,9 @@ class WorkerPool:
         self.restarts = 0  # workers replaced so far (all calls)
         self.version: int | None = None  # `version` of the last weight update (stamped on samples)
         self.served: list[int] = []  # chunks each worker served in the last rollout / generate
-        self._latest: tuple[str, Any] | None = None  # (engine method, its argument) of the last update
+        # (engine method, its argument) of the updates a new worker loads: the last full one, and the last
+        # trained-only update after it (rl.vllm_weights.TrainedWeights)
+        self._replay: list[tuple[str, Any]] = []
         self._closing = False
         self._ops = ThreadPoolExecutor(1, thread_name_prefix="rollout-pool")  # the FIFO of pool operations
         self._workers = [self._start(i) for i in range(cfg.num_workers)]
@@ -139,13 +143,18 @@ class WorkerPool:
 
     def update_weights(self, weights, version: int | None = None) -> None:
         """Load HF-named tensors (a dict, a Ray ObjectRef to one, e.g. the learner actor's
-        `state_for_sync.remote()`, or the FSDP group's `rl.vllm_weights.WeightBuckets`, which each
-        worker loads a bucket at a time) into every worker in place, after the rollouts already submitted;
+        `state_for_sync.remote()`, the FSDP group's `rl.vllm_weights.WeightBuckets`, which each
+        worker loads a bucket at a time, or `TrainedWeights`, the tensors that train, loaded over the last
+        full update) into every worker in place, after the rollouts already submitted;
         remembered for replacements. `version` (the learner step of these weights) is stamped on the
         samples drawn with them. Returns when every worker holds them."""
         import ray
 
-        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)  # a snapshot, stored once
+        if isinstance(weights, TrainedWeights):  # the tensors that train only: stored once, as a full update is
+            part = weights.tensors
+            ref = TrainedWeights(part if isinstance(part, ray.ObjectRef) else ray.put(part))
+        else:
+            ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)  # a snapshot, stored once
         self._ops.submit(self._update, "update_weights", ref, version).result()
 
     def update_weights_from_path(self, path: str, version: int | None = None) -> None:
@@ -153,7 +162,11 @@ class WorkerPool:
         self._ops.submit(self._update, "update_weights_from_path", str(path), version).result()
 
     def _update(self, method: str, arg, version: int | None) -> None:
-        self._latest, self.version = (method, arg), version  # before sending: a replacement started now loads it
+        # Before sending: a replacement started now loads these. A trained-only update follows the last full
+        # one (the rest of the weights), which a replacement, starting from the checkpoint, needs first.
+        trained_only = isinstance(arg, TrainedWeights)
+        self._replay = (self._replay[:1] if trained_only else []) + [(method, arg)]
+        self.version = version
         self._broadcast(method, arg)
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -180,7 +193,7 @@ class WorkerPool:
             pass  # a dead or stuck engine: killing it below is all that is left to do
         for w in workers:
             ray.kill(w, no_restart=True)
-        self._latest = None
+        self._replay = []
 
     # ---- fault handling ----------------------------------------------------------------------
 
@@ -189,14 +202,13 @@ class WorkerPool:
         import ray
 
         actor = self._worker_cls.options(**self._options(i)).remote(self.model_path, self.cfg, self.seed + i)
-        if self._latest is not None:
-            method, arg = self._latest
+        for method, arg in self._replay:
             ray.get(getattr(actor, method).remote(arg))
         return actor
 
     def _broadcast(self, method: str, arg) -> None:
         """`method(arg)` on every worker at once. A worker that dies is replaced as soon as it is noticed
-        (the others keep working); the replacement loads `_latest`, this very update, while starting."""
+        (the others keep working); the replacement loads `_replay`, this very update last, while starting."""
         import ray
 
         pending = {getattr(w, method).remote(arg): i for i, w in enumerate(self._workers)}

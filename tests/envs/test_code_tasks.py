@@ -1,7 +1,6 @@
 """Tiny-world code tasks: disjoint seeded splits, hidden tests that tell right from wrong, traces per effort."""
 import doctest
 import re
-import shutil
 
 import pytest
 
@@ -103,7 +102,7 @@ def test_traces_compute_the_right_numbers(family):
             assert checked or (family, effort) in {("piecewise", "medium"), ("words", "medium")}, analysis
 
 
-@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (scripts/setup.sh installs it)")
+@pytest.mark.bwrap
 def test_reference_solutions_pass_in_the_sandbox():
     from rewards.code_reward import extract_code, score_code
     from rewards.sandbox import SandboxPool

@@ -164,3 +164,24 @@ def test_load_rejects_unquantised_checkpoint(tmp_path):
     _tiny_model().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no quantization_config"):
         load_mxfp4_checkpoint(tmp_path)
+
+
+def test_weight_files_from_pieces_of_unknown_count_replace_an_earlier_save(tmp_path):
+    """A generator of pieces (count unknown up front, as rl/lora.py streams merged weights): shard names
+    and the index follow the count; an earlier save's extra shards go; a wrong count leaves no temp files."""
+    from safetensors.torch import load_file
+
+    from kernels.mxfp4_checkpoint import INDEX_NAME, WEIGHTS_NAME, write_weight_files
+
+    pieces = [{"a": torch.zeros(2)}, {"b": torch.ones(3)}, {"c": torch.full((1,), 2.0)}]
+    write_weight_files(tmp_path, iter(pieces))
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    assert index["weight_map"] == {"a": "model-00001-of-00003.safetensors", "b": "model-00002-of-00003.safetensors",
+                                   "c": "model-00003-of-00003.safetensors"}
+    assert index["metadata"]["total_size"] == 6 * 4
+    write_weight_files(tmp_path, iter([{"a": torch.ones(2), "b": torch.ones(3)}]))  # now one file
+    assert sorted(p.name for p in tmp_path.iterdir()) == [WEIGHTS_NAME]
+    assert torch.equal(load_file(tmp_path / WEIGHTS_NAME)["a"], torch.ones(2))
+    with pytest.raises(ValueError, match="got 2 pieces, expected 3"):
+        write_weight_files(tmp_path, iter(pieces[:2]), n_shards=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [WEIGHTS_NAME]  # the earlier save untouched

@@ -6,7 +6,6 @@ the reward from being built at all.
 import doctest
 import importlib
 import json
-import shutil
 import time
 
 import pytest
@@ -16,8 +15,6 @@ from rewards import CompositeReward
 from rewards.code_reward import CodeReward, extract_code, run_tests, score_code
 from rewards.sandbox import SandboxPool, SandboxUnavailable
 
-needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
-                                 reason="bubblewrap not installed (scripts/setup.sh installs it)")
 TESTS = ["assert f(1) == 4", "assert f(2) == 7"]
 GOOD = "def f(x):\n    return 3*x+1"
 
@@ -42,7 +39,7 @@ def test_extract_code(final, code):
     assert extract_code(final) == code
 
 
-@needs_bwrap
+@pytest.mark.bwrap
 @pytest.mark.parametrize("name,code,statuses", [
     ("correct", GOOD, ["pass", "pass"]),
     ("half right", "def f(x):\n    return 4 if x == 1 else 0", ["pass", "wrong_answer"]),
@@ -81,7 +78,7 @@ def test_hostile_and_broken_programs_get_statuses_never_exceptions(pool, name, c
     assert time.monotonic() - start < 0.5 * (len(TESTS) + 1) + 2 + 2  # the wall clock, plus a margin
 
 
-@needs_bwrap
+@pytest.mark.bwrap
 def test_test_forms_stdio_and_call(pool):
     echo = "n = int(input())\nprint(n * 2)\nprint()"
     assert run_tests(echo, [{"input": "3\n", "output": "6"}, {"input": "5", "output": "11\n"}],
@@ -95,7 +92,7 @@ def test_test_forms_stdio_and_call(pool):
     assert run_tests(cheat, [{"args": [1], "expected": 3}], entry_point="f", pool=pool).statuses == ["wrong_answer"]
 
 
-@needs_bwrap
+@pytest.mark.bwrap
 def test_score_modes(pool):
     half = "def f(x):\n    return 4"
     assert score_code(half, TESTS, pool=pool) == 0.5
@@ -117,7 +114,7 @@ def sample(final, tests=TESTS, **metadata):
     return Sample("t", "code", "low", [], [], [], [], Transcript(final=final), {"tests": tests, **metadata})
 
 
-@needs_bwrap
+@pytest.mark.bwrap
 def test_reward_parts_format_and_applicability(make_sample):
     reward = CodeReward(timeout_s=1.0)
     real = make_sample(f"```python\n{GOOD}\n```", answer=None, metadata={"tests": TESTS})
@@ -142,7 +139,7 @@ def test_reward_parts_format_and_applicability(make_sample):
     assert CodeReward(mode="all_pass")(sample("def f(x):\n    return 4")).score == 0.0
 
 
-@needs_bwrap
+@pytest.mark.bwrap
 def test_composite_with_code_and_setup():
     composite = CompositeReward.from_config({"code": {"weight": 1.0, "mode": "all_pass"}, "format": 0.1})
     r = composite(sample("    return 3*x+1", setup="def f(x):\n    '''f'''"))  # a body completes the setup
@@ -158,7 +155,7 @@ def test_missing_bwrap_refuses_to_build_the_reward():
         CodeReward(mode="best")
 
 
-@needs_bwrap
+@pytest.mark.bwrap
 def test_humaneval_canonical_solutions_all_pass_and_wrong_ones_fail():
     from envs.code_datasets import load_code_dataset
 
@@ -178,7 +175,7 @@ def test_humaneval_canonical_solutions_all_pass_and_wrong_ones_fail():
     assert [r.score for r in reward.score_batch(wrong)] == [0.0] * len(wrong)
 
 
-@needs_bwrap
+@pytest.mark.bwrap
 @pytest.mark.parametrize("module", ["rewards.code_reward", "rewards.sandbox"])
 def test_docstring_examples(module):
     result = doctest.testmod(importlib.import_module(module))

@@ -187,6 +187,53 @@ def test_chat_judge_turns_transport_errors_into_failed_verdicts():
     assert vs[1].allowed and vs[1].category == "crafts"
 
 
+def test_chat_judge_batch_one_call_with_failures_per_request_and_per_batch():
+    calls = []
+
+    def batch(conversations):
+        calls.append(len(conversations))
+        return ['{"category": "crafts", "response_type": "comply"}', "I'm sorry, I can't judge that.",
+                TimeoutError("slow engine"), "lorem ipsum"]
+
+    reqs = [JudgeRequest(f"How do I make a {x} at home?", "Sure.") for x in ("kite", "candle", "kite", "candle")]
+    vs = ChatJudge(complete_batch=batch).judge(SPEC, reqs)
+    assert calls == [4]  # one call for the batch
+    assert vs[0].allowed and [v.failed for v in vs] == [False, True, True, True]
+    assert "slow engine" in vs[2].error
+    for bad in (lambda convs: 1 / 0, lambda convs: ["{}"]):  # the server died / answered one of four
+        assert all(v.failed for v in ChatJudge(complete_batch=bad).judge(SPEC, reqs))
+    assert ChatJudge(complete_batch=batch).judge(SPEC, []) == []
+    with pytest.raises(ValueError, match="exactly one of complete and complete_batch"):
+        ChatJudge()
+
+
+def test_register_judge_adds_a_backend_once():
+    from rewards.safety import JUDGES, make_judge, register_judge
+
+    class Echo:
+        def __init__(self, answer="refuse"):
+            self.answer = answer
+
+        def judge(self, spec, requests):
+            return RuleJudge().judge(spec, requests)
+
+    saved = JUDGES.pop("vllm", None)  # registered once rl.data.make_reward ran in this session
+    try:
+        with pytest.raises(ValueError, match="registered by importing rl.judge_server"):
+            make_judge("vllm")
+    finally:
+        if saved is not None:
+            JUDGES["vllm"] = saved
+    register_judge("test-echo", Echo)
+    try:
+        register_judge("test-echo", Echo)  # the same target again is fine
+        with pytest.raises(ValueError, match="already registered"):
+            register_judge("test-echo", RuleJudge)
+        assert isinstance(make_judge("test-echo", answer="x"), Echo)
+    finally:
+        del JUDGES["test-echo"]
+
+
 @pytest.mark.parametrize("module", ["envs.safety_spec", "envs.safety_tasks", "envs.hierarchy", "rewards.judge",
                                     "rewards.http_judge", "rewards.safety", "rewards.hierarchy"])
 def test_docstring_examples(module):

@@ -5,7 +5,6 @@ Leftover processes are found by a marker in their command line, scanned over the
 """
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,8 +18,7 @@ import pytest
 
 from rewards.sandbox import SandboxConfig, SandboxPool, SandboxUnavailable, check_sandbox, run_python
 
-pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None,
-                                reason="bubblewrap not installed (scripts/setup.sh installs it)")
+pytestmark = pytest.mark.bwrap
 ROOT = Path(__file__).resolve().parents[2]
 SLEEPER = "import time; time.sleep(120)"
 

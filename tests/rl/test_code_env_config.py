@@ -1,5 +1,4 @@
 """env.name=code in the schema and in make_env; the env presets `code` and `humaneval` compose and build."""
-import shutil
 
 import pytest
 
@@ -25,7 +24,7 @@ def test_env_humaneval_is_an_evaluation_preset():
     assert isinstance(env, CodeDatasetEnv) and len(env.tasks("test", c.eval.tasks)) == 164
 
 
-@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (scripts/setup.sh installs it)")
+@pytest.mark.bwrap
 def test_the_presets_reward_scores_code_samples():
     from envs.types import Sample, Transcript
 

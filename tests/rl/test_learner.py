@@ -261,3 +261,38 @@ def test_budget_forced_ids_carry_no_loss_whatever_their_placeholder(policy):
         assert m == metrics[0]
         assert all(torch.equal(a, b) for a, b in zip(w, weights[0]))
     assert all(torch.isfinite(p).all() for p in weights[0])
+
+
+def test_weights_are_whole_first_then_only_the_trained_sync_units(policy):
+    from rl.config import LoraConfig
+    from rl.learner import syncs_trained_only
+    from rl.vllm_weights import TrainedWeights
+
+    rules = [LrScale(r"norm\.weight$", 1.0), LrScale(r"layers\.0\.self_attn\.k_proj\.weight$", 1.0), LrScale(".", 0.0)]
+    learner = _learner(policy, lr_scale=rules)
+    full = learner.weights()
+    assert isinstance(full, dict) and full.keys() == learner.model.state_dict().keys()
+    part = learner.weights()
+    assert isinstance(part, TrainedWeights)
+    norms = {n for n in full if n.endswith("norm.weight")}
+    qkv = {f"model.layers.0.self_attn.{p}_proj.{k}" for p in "qkv" for k in ("weight", "bias")}
+    assert part.tensors.keys() == norms | qkv  # k trains: q and v travel with it (vLLM fuses them)
+    for name, t in part.tensors.items():
+        assert torch.equal(t, learner.model.state_dict()[name])
+    assert isinstance(learner.weights(), TrainedWeights)
+
+    whole = _learner(policy, lr_scale=rules, sync_trained_only=False)
+    assert all(isinstance(whole.weights(), dict) for _ in range(2))
+    assert not syncs_trained_only(LearnerConfig(lora=LoraConfig(rank=4)))
+    assert not syncs_trained_only(LearnerConfig(qat=True)) and syncs_trained_only(LearnerConfig())
+
+
+def test_weights_after_load_are_whole_again(policy, tmp_path):
+    from rl.vllm_weights import TrainedWeights
+
+    learner = _learner(policy, lr_scale=[LrScale(r"norm\.weight$", 1.0), LrScale(".", 0.0)])
+    learner.weights()
+    assert isinstance(learner.weights(), TrainedWeights)
+    learner.save(tmp_path)
+    learner.load(tmp_path)
+    assert isinstance(learner.weights(), dict)  # the engines may hold anything: the next sync is whole

@@ -152,6 +152,34 @@ def test_update_weights_in_place_matches_transformers_greedy(engine, hf, ckpt):
 
 
 @pytest.mark.slow
+def test_a_trained_only_update_loads_its_tensors_and_keeps_the_rest(engine, hf, ckpt):
+    from rl.vllm_weights import TrainedWeights, trained_units
+
+    model, vm = hf
+    prompts, steps = _prompts(), 40
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(2)
+    trained = [n for n in original if n.endswith("norm.weight") or ".0.self_attn.q_proj." in n]
+    try:
+        with torch.no_grad():
+            for name in trained:
+                p = model.get_parameter(name)
+                p.add_(torch.randn(p.shape, generator=g) * max(p.std().item(), 0.05) * 0.5)
+        target = _hf_greedy(model, vm, prompts, steps)
+        assert _vllm_greedy(engine, prompts, steps) != target, "perturbation did not change the greedy output"
+        part = trained_units(model.state_dict(), trained)
+        assert len(part) < len(original)  # the rest stays as the engine holds it
+        engine.update_weights(TrainedWeights(part))
+        assert _vllm_greedy(engine, prompts, steps) == target
+        q_only = {n: t for n, t in part.items() if "q_proj" in n}
+        with pytest.raises(KeyError, match="need q, k and v together"):
+            engine.update_weights(TrainedWeights(q_only))
+    finally:
+        engine.update_weights_from_path(ckpt)
+        model.load_state_dict(original)
+
+
+@pytest.mark.slow
 def test_stops_n_samples_and_vocab(engine, hf):
     _, vm = hf
     prompts, n, max_tokens = _prompts(), 8, 128

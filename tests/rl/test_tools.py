@@ -4,7 +4,6 @@ pool switches (without vLLM or Ray: the engine's sampler and the pool's transpor
 The episode logic itself: tests/envs/test_tool_episode.py.
 """
 import doctest
-import shutil
 
 import pytest
 import torch
@@ -21,8 +20,6 @@ from rl.seeds import continuation_seed, request_seed
 from rl.workers import WorkerPool, to_sample
 
 ON = PythonToolConfig(enabled=True, timeout_s=1.0, max_workers=3)
-needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
-                                 reason="bubblewrap not installed (scripts/setup.sh installs it)")
 
 
 def call_turn(code):
@@ -79,7 +76,7 @@ def test_the_switch_composes_from_the_command_line():
     assert not compose([]).rollout.tools.python.enabled  # off by default
 
 
-@needs_bwrap
+@pytest.mark.bwrap
 def test_sandboxed_calls_are_answered_and_the_batch_lines_up():
     """Three episodes whose calls print, crash and loop run in one round on the sandbox pool; each
     answer comes back as the tool's message; the learner's batch masks exactly the inserted ids."""

@@ -10,6 +10,7 @@ Two tiers of realism, both slow (they start Ray):
   replaced by one that samples from the learner's latest weights, giving the samples the healthy
   pool gave.
 """
+import math
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ from envs.types import Task
 from rl.config import ClusterConfig, EnvConfig, RolloutConfig
 from rl.engine import Completion
 from rl.seeds import request_seed
+from rl.vllm_weights import TrainedWeights
 from rl.workers import WorkerPool
 
 pytestmark = pytest.mark.slow
@@ -59,7 +61,13 @@ class FakeEngine:
                 for i in range(len(prompts))]
 
     def update_weights(self, state):
-        self.tag = float(state["w"])
+        if isinstance(state, TrainedWeights):  # a trained-only update sets the fraction, over the last full one
+            import ray
+
+            part = state.tensors
+            self.tag = math.floor(self.tag) + float((ray.get(part) if isinstance(part, ray.ObjectRef) else part)["w"])
+        else:
+            self.tag = float(state["w"])
 
     def update_weights_from_path(self, path):
         self.tag = float(Path(path).name)
@@ -132,6 +140,22 @@ def test_pool_order_seeds_and_replacement_of_a_dead_worker(tmp_path, ray_local):
         pool.generate(prompts, 1, temperature=0.0, seed=9)
     pool.close()
     pool.close()  # idempotent
+
+
+def test_a_replacement_loads_the_last_full_update_then_the_last_trained_only_one(tmp_path, ray_local):
+    import ray
+
+    pool = WorkerPool(str(tmp_path), RolloutConfig(num_workers=2, max_restarts=1), seed=100,
+                      worker_cls=ray.remote(FakeEngine))
+    pool.update_weights({"w": torch.tensor(7.0)})
+    pool.update_weights(TrainedWeights({"w": torch.tensor(0.5)}))
+    pool.update_weights(TrainedWeights({"w": torch.tensor(0.25)}))
+    tasks, efforts = _tasks(3), ["low", "high"]  # six one-prompt chunks: both workers get some
+    assert {s.behavior_logprobs[0] for s in pool.rollout(tasks, efforts, 1, seed=0)} == {7.25}
+    (tmp_path / "die-101").touch()
+    again = pool.rollout(tasks, efforts, 1, seed=0)
+    assert pool.restarts == 1 and {s.behavior_logprobs[0] for s in again} == {7.25}
+    pool.close()
 
 
 def test_a_slow_worker_does_not_stall_a_rollout_and_updates_wait_for_it(tmp_path, ray_local):
