@@ -141,9 +141,6 @@ class SFTConfig:
     loss_head: str = choice("trl", ("trl", "assistant"))
     final_slip_rate: float = 0.0  # fraction of cold-start traces whose final is off by one (imperfect teacher)
     deliberative: DeliberativeConfig = field(default_factory=DeliberativeConfig)  # safety tasks' SFT data
-    # batch order: random | group_by_length (transformers' LengthGroupedSampler: batches of similar lengths, so
-    # short math rows are not padded to a long safety trace; what a mixture of envs wants)
-    sampling: str = choice("random", ("random", "group_by_length"))
 
 
 @dataclass

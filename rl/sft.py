@@ -243,7 +243,6 @@ def _trainer_args(cfg: SFTConfig, seed: int, out_path: Path, max_len: int):
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.grad_clip,
         max_length=max_len,
-        train_sampling_strategy=cfg.sampling,
         logging_steps=cfg.logging_steps,
         save_strategy="no",
         report_to=[],  # progress_callback feeds rl.metrics' sinks (jsonl, TensorBoard, W&B)
