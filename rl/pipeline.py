@@ -3,7 +3,8 @@
     build tiny gpt-oss → cold-start SFT (TRL) → GRPO (Ray + vLLM) → evaluate SFT vs RL per effort
 
 Run:  python -m rl.pipeline experiment=tiny            (≈ minutes on 2 CPU cores)
-Outputs in `run_dir`: model/ (initial), sft/, sft_logs/ (SFT metrics), checkpoints/step_*/ (RL), tensorboard/,
+Outputs in `run_dir`: model/ (initial), sft/, sft_logs/ (SFT metrics), sft_data.json (with safety tasks: what
+the deliberative filter kept, rl/deliberative.py), checkpoints/step_*/ (RL), tensorboard/,
 metrics.jsonl,
 eval/eval.{json,md} (the table printed at the end), timings.json.
 With `model.path=...` the build step is skipped (a real gpt-oss checkpoint: a folder or a Hub id, see
