@@ -125,7 +125,8 @@ def measure_vllm(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, r
         from_path = _best_and_median(lambda: eng.update_weights_from_path(ckpt), reps)[:2]
         return {"threads": torch.get_num_threads(), "best": best, "median": med, "first": first,
                 "start_s": eng.start_time_s,
-                "sync": sync, "trained": trained, "from_path": from_path, "block_size": cfg.block_size}
+                "sync": sync, "trained": trained, "from_path": from_path,
+                "block_size": eng.llm.llm_engine.vllm_config.cache_config.block_size}
     finally:
         eng.shutdown()
 

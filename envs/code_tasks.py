@@ -308,8 +308,8 @@ def vocabulary_corpus(n: int = 300, seed: int = 0) -> list[str]:
     out = [" ".join(f"{i:0{w}d}" for i in range(10**w)) for w in (1, 2, 3)]
     for family in FAMILIES:
         env = CodeEnv(seed=seed, families=(family,))
-        for split in ("train", "test"):
-            for task in env.tasks(split, max(1, n // 2)):
+        for split, k in (("train", n // 2), ("test", n // 10)):  # the test split holds ~TEST_FRACTION
+            for task in env.tasks(split, max(1, k)):
                 out.append(task.question)
                 out += task.metadata["tests"]
                 for effort in EFFORTS:

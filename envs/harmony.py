@@ -161,18 +161,24 @@ def python_tool_description(style: str = "sandbox", timeout_s: float = 10.0) -> 
     `ToolNamespaceConfig.python()` text, what gpt-oss was trained with (a stateful Jupyter notebook
     with a 120 s timeout). "sandbox": its first paragraph (what the tool is for), then what our tool
     does: a stateless sandboxed script without network whose printed output comes back, `timeout_s`.
+    "brief": two sentences for the tiny world, where the prompt's length is most of an SFT step's cost
+    (the sandbox description makes a prompt 199 ids, this one 101).
 
     >>> text = python_tool_description("sandbox", 5)
     >>> text.startswith("Use this tool to execute Python code"), text.endswith("timed out after 5 seconds. Use print to see results.")
     (True, True)
+    >>> python_tool_description("brief")
+    'Runs Python code as a script in a sandbox and answers with what it printed. Use print to see results.'
     """
     from openai_harmony import ToolNamespaceConfig
 
     builtin = ToolNamespaceConfig.python().description
     if style == "harmony":
         return builtin
+    if style == "brief":
+        return "Runs Python code as a script in a sandbox and answers with what it printed. Use print to see results."
     if style != "sandbox":
-        raise ValueError(f"python tool description style {style!r} is not one of ('sandbox', 'harmony')")
+        raise ValueError(f"python tool description style {style!r} is not one of ('sandbox', 'harmony', 'brief')")
     return (builtin.split("\n\n")[0] + "\n\nWhen you send a message containing Python code to python, it is run as a "
             "script in a fresh sandbox without network access; nothing is kept between calls. python will respond "
             f"with what the script printed (stdout, then stderr) or say that it timed out after {timeout_s:g} "
@@ -198,6 +204,20 @@ def render_completion(analysis: str | None, final: str) -> list[int]:
     if ids[: len(head)] != head:
         raise RuntimeError(f"rendered assistant message does not start with {head}")
     return ids[len(head) :]
+
+
+def render_assistant(text: str, channel: str, recipient: str | None = None) -> list[int]:
+    """One assistant message as openai-harmony renders it, from `<|start|>assistant` to `<|end|>` (or
+    `<|call|>` when it has a `recipient`: `<|start|>assistant to=python<|channel|>analysis<|message|>...`)."""
+    from openai_harmony import Message as HMessage, Role
+
+    msg = HMessage.from_role_and_content(Role.ASSISTANT, text).with_channel(channel)
+    return load_encoding().render(msg.with_recipient(recipient) if recipient else msg)
+
+
+def assistant_header() -> tuple[int, ...]:
+    """`<|start|>assistant`: what a completion prompt, and a python tool's inserted answer, end with."""
+    return tuple(_assistant_header())
 
 
 @functools.cache

@@ -12,6 +12,9 @@ What
   arithmetic with carries/borrows plus a "Check:" line. The final answer is always the bare integer.
 - `vocabulary_corpus(n)` returns strings covering every token the tasks and traces can produce, so the
   tiny model's trimmed vocabulary (rl/model.py) can be built from it.
+- `MathEnv(tool_traces=p)`: a share p of the problems (by a hash of the problem) is solved in SFT with
+  the python tool instead (`tool_solution`: the trace prints the expression, reads the tool's answer
+  and gives it as the final); needs `rollout.tools.python.enabled` (the prompts then describe it).
 
 Why digit-level: o200k splits digits into chunks of up to three ("4042" -> "404", "2"), so answering
 directly means predicting multi-digit chunks from multi-digit chunks (thousands of facts), while the
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from envs.draw import check_split, draw_distinct
-from envs.types import EFFORTS, Task
+from envs.types import EFFORTS, Task, ToolCall, ToolTrace
 
 ENV_NAME = "math"
 TEST_FRACTION = 0.1
@@ -206,13 +209,19 @@ class MathEnv:
     seed: int = 0
     difficulty: int = 2  # 1..3; see DIFFICULTY. Level 3 high-effort traces exceed 256 tokens
     families: tuple[str, ...] = ("add", "mul", "muladd", "chain")
+    digit_sum_trace: str = "stepwise"  # DIGIT_SUM_TRACES: digit sums' high/medium traces ("rewrite": _rewrite_trace)
+    tool_traces: float = 0.0  # share of problems whose SFT trace calls the python tool (`tool_solution`)
 
     def __post_init__(self):
+        if not 0.0 <= self.tool_traces <= 1.0:
+            raise ValueError(f"tool_traces={self.tool_traces} must be in [0, 1]")
         if self.difficulty not in DIFFICULTY:
             raise ValueError(f"difficulty={self.difficulty} is not one of {sorted(DIFFICULTY)}")
         unknown = set(self.families) - set(FAMILIES)
         if unknown or not self.families:
             raise ValueError(f"families={self.families} must be a non-empty subset of {sorted(FAMILIES)}")
+        if self.digit_sum_trace not in DIGIT_SUM_TRACES:
+            raise ValueError(f"digit_sum_trace={self.digit_sum_trace!r} is not one of {DIGIT_SUM_TRACES}")
 
     def tasks(self, split: str, n: int, seed: int | None = None) -> list[Task]:
         """`n` distinct problems of `split`, deterministic in (env seed, `seed`, split, difficulty)."""
@@ -235,10 +244,13 @@ class MathEnv:
             env=ENV_NAME,
             question=f"Compute {expr}.",
             metadata={"answer": str(evaluate(e)), "expr": expr, "split": split,
-                      "difficulty": self.difficulty},
+                      "difficulty": self.difficulty,
+                      **({"trace": self.digit_sum_trace} if self.digit_sum_trace != "stepwise" else {})},
         )
 
-    def solution(self, task: Task, effort: str) -> tuple[str, str]:
+    def solution(self, task: Task, effort: str) -> tuple[str, str] | ToolTrace:
+        if self.tool_traces and _bucket(task.task_id) < self.tool_traces:
+            return tool_solution(task, effort)
         return solution(task, effort)
 
     def vocabulary_corpus(self) -> list[str]:
@@ -394,6 +406,30 @@ def _is_digit_sum(e: Expr) -> bool:
         isinstance(a, int) and 0 <= a <= 9 for a in e[1])
 
 
+DIGIT_SUM_TRACES = ("stepwise", "rewrite")  # MathEnv.digit_sum_trace
+
+
+def _rewrite_trace(terms: tuple, effort: str, width: int) -> str:
+    """Digit sums as rewrites (issue 14 world study): each line is the previous one with its first two
+    terms merged and "+0" appended, every line `width` terms wide, so each token of a line copies the
+    token one line up at one fixed distance; low writes the first line only, medium three, high all.
+
+    >>> print(_rewrite_trace((4, 8, 9, 2), "high", 5))
+    4+8+9+2+0
+    12+9+2+0+0
+    21+2+0+0+0
+    23+0+0+0+0
+    >>> len(_rewrite_trace((4, 8, 9, 2), "medium", 5).splitlines())
+    3
+    """
+    cur = list(terms) + [0] * (width - len(terms))
+    lines = ["+".join(map(str, cur))]
+    while any(cur[1:]):
+        cur = [cur[0] + cur[1]] + cur[2:] + [0]
+        lines.append("+".join(map(str, cur)))
+    return "\n".join(lines[: {"low": 1, "medium": 3, "high": len(lines)}[effort]])
+
+
 def _digit_sum_trace(terms: tuple, effort: str) -> str:
     """medium: two digits per step ("7+5+9=21, 21+3+8=32."); high: one digit per line + a check."""
     if effort == "medium":
@@ -431,6 +467,9 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
     answer = str(evaluate(e))
     if answer != str(task.metadata.get("answer", answer)):
         raise ValueError(f"task {task.task_id}: {expr} = {answer}, but metadata says {task.metadata['answer']}")
+    if task.metadata.get("trace") == "rewrite" and _is_digit_sum(e):
+        width = max(DIFFICULTY[task.metadata.get("difficulty", 1)]["digit_terms"])
+        return _rewrite_trace(e[1], effort, max(width, len(e[1]))), answer
     if effort == "low" or isinstance(e, int):
         return f"{expr}={answer}.", answer
     if _is_digit_sum(e):
@@ -440,6 +479,29 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
     if effort == "high":
         lines.append(_check(e))
     return "\n".join(lines), answer
+
+
+def _bucket(task_id: str) -> float:
+    """A task's place in [0, 1), a pure function of its id (which tasks a share picks)."""
+    return int.from_bytes(hashlib.sha256(f"tool:{task_id}".encode()).digest()[:8], "big") / 2**64
+
+
+def tool_solution(task: Task, effort: str) -> ToolTrace:
+    """The task solved with the python tool: the trace prints the expression and gives the tool's
+    answer as the final. low calls at once, medium says what it computes first, high also reads the
+    answer back before the final.
+
+    >>> t = Task("x", "math", "Compute 47*86.", {"answer": "4042", "expr": "47*86"})
+    >>> tool_solution(t, "high")
+    ToolTrace(steps=('Use python for 47*86.', ToolCall(code='print(47*86)', output='4042\\n'), 'So 47*86=4042.'), final='4042')
+    """
+    if effort not in EFFORTS:
+        raise ValueError(f"effort={effort!r} is not one of {EFFORTS}")
+    expr, answer = task.metadata["expr"], task.metadata["answer"]
+    call = ToolCall(f"print({expr})", f"{answer}\n")  # what the sandbox prints: rl/tools.py answer_text
+    steps = {"low": (call,), "medium": (f"Use python for {expr}.", call),
+             "high": (f"Use python for {expr}.", call, f"So {expr}={answer}.")}[effort]
+    return ToolTrace(steps, answer)
 
 
 # --------------------------------------------------------------------------- vocabulary

@@ -24,6 +24,9 @@ What it does
   `INSERTED_LOGPROB` on inserted ids (the learner masks them out of the loss, the importance ratios
   and the KL: rl/algorithms.py `policy_loss`), the last turn's finish reason, calls answered, why it
   ended. Nothing sampled is ever re-tokenized; only the tool's output text is encoded.
+- `teacher_episode(trace, ...)` renders a teacher's `ToolTrace` (SFT) as exactly the ids and loss
+  mask an episode holds when the policy samples the teacher's messages and the tool answers as the
+  trace says: the inserted ids are `answer_ids`', the ones rollouts insert.
 
 Guarantees and limits
 - Untrusted output never raises here: a call that does not parse or names another recipient ends
@@ -58,7 +61,7 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Protocol, Sequence
 
 from envs import harmony
-from envs.types import INSERTED_LOGPROB, Request
+from envs.types import INSERTED_LOGPROB, Request, ToolCall, ToolTrace
 
 TRUNCATED = "\n[output truncated]"  # closes a tool answer that was cut to fit
 ENDINGS = ("stop", "length", "max_calls", "bad_call")  # why an episode ended (`Episode.ended`)
@@ -196,3 +199,39 @@ def _checked(result: Sequence[Sequence[Sampled]], requests: int, n: int) -> Sequ
         raise RuntimeError(f"the sampler answered {[len(c) for c in result]} completions for {requests} "
                            f"requests of {n}")
     return result
+
+
+def teacher_episode(trace: ToolTrace, max_output_tokens: int,
+                    keep_id: Callable[[int], bool] | None = None) -> tuple[list[int], list[int]]:
+    """(ids, sampled) of the completion a python-tool episode holds when the policy writes `trace`'s
+    messages (openai-harmony's rendering, after the context's `<|start|>assistant`) and the tool
+    answers each call with its `output` (inserted as `answer_ids` inserts it: `sampled` 0 there).
+
+    >>> ids, sampled = teacher_episode(ToolTrace((ToolCall("print(6*7)", "42\\n"),), "42"), 256)
+    >>> harmony.decode(ids)
+    ' to=python<|channel|>analysis<|message|>print(6*7)<|call|><|start|>python to=assistant<|channel|>analysis<|message|>42\\n<|end|><|start|>assistant<|channel|>final<|message|>42<|return|>'
+    >>> harmony.decode([t for t, s in zip(ids, sampled) if not s])
+    '<|start|>python to=assistant<|channel|>analysis<|message|>42\\n<|end|><|start|>assistant'
+    """
+    head = harmony.assistant_header()
+    ids: list[int] = []
+    sampled: list[int] = []
+
+    def write(message: list[int]) -> None:  # the policy's; the context always ends with `head` here
+        if ids and ids[-len(head):] != list(head):
+            ids.extend(head)  # after <|end|> the policy writes the next header itself
+            sampled.extend([1] * len(head))
+        ids.extend(message[len(head):])
+        sampled.extend([1] * (len(message) - len(head)))
+
+    for step in trace.steps:
+        if isinstance(step, ToolCall):
+            write(harmony.render_assistant(step.code, "analysis", harmony.TOOL_NAME))
+            answer = answer_ids(step.output, Call(step.code, "analysis", max_output_tokens), max_output_tokens, keep_id)
+            ids.extend(answer)
+            sampled.extend([0] * len(answer))
+        else:
+            write(harmony.render_assistant(step, "analysis"))
+    final = harmony.render_assistant(trace.final, "final")
+    write(final[:-1] + [harmony.RETURN])
+    return ids, sampled

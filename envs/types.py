@@ -50,6 +50,28 @@ class Task:
     developer: str | None = None  # developer instructions rendered into the prompt
 
 
+class ToolCall(NamedTuple):
+    """One python-tool call of a teacher's trace: the code and the tool's answer to it (what the
+    sandboxed run prints, e.g. "56088\n": rl/tools.py `answer_text`)."""
+
+    code: str
+    output: str
+
+
+@dataclass(frozen=True)
+class ToolTrace:
+    """A teacher's python-tool episode for SFT: what an env's `solution(task, effort)` returns for a task
+    it solves with the tool (otherwise `(analysis, final)`). `steps` in order: analysis messages (str)
+    and calls; then the final. envs/tool_episode.py `teacher_episode` renders it as a rollout would hold it."""
+
+    steps: tuple[str | ToolCall, ...]
+    final: str
+
+    def texts(self) -> list[str]:
+        """Every text it holds (the tiny model's vocabulary corpus)."""
+        return [t for s in self.steps for t in ((s,) if isinstance(s, str) else s)] + [self.final]
+
+
 class Request(NamedTuple):
     """One prompt for an engine's one-call sampler: `n` completions of at most `max_tokens` ids (budget
     forcing, rl/forcing.py, and python-tool episodes, envs/tool_episode.py, sample through it)."""

@@ -76,6 +76,11 @@ class EnvConfig:
     difficulty: int = 1  # MathEnv difficulty level (1..3; see envs/math_tasks.DIFFICULTY)
     families: list[str] = choice(["add", "mul", "muladd", "chain"],
                                  ("add", "mul", "muladd", "chain", "digit_sum"))  # MathEnv problem kinds
+    # MathEnv digit sums' traces: stepwise (the demo's) | rewrite (each line merges two terms, fixed width; issue 14)
+    digit_sum_trace: str = choice("stepwise", ("stepwise", "rewrite"))
+    # env.name=math: share of problems (by a hash) whose SFT trace solves them with the python tool
+    # (envs.math_tasks.tool_solution); needs rollout.tools.python.enabled
+    tool_traces: float = 0.0
     steps: int = 5  # env.name=chain: boxes opened per chain (envs/chain_tasks.py)
     chain_shuffle_rows: bool = False  # env.name=chain: the ten rows in a random order per task
     chain_fixed_points: bool = True  # env.name=chain: allow a box that names itself
@@ -203,7 +208,8 @@ class PythonToolConfig:
     # The description in the system message: "sandbox" = openai-harmony's purpose paragraph + what this
     # tool does (a stateless script without network, its printed output, timeout_s); "harmony" =
     # openai-harmony's built-in text as gpt-oss was trained with it (a stateful Jupyter notebook, 120 s).
-    description: str = choice("sandbox", ("sandbox", "harmony"))
+    # "brief" = two sentences (the tiny world's tool preset: prompt length is most of its SFT step).
+    description: str = choice("sandbox", ("sandbox", "harmony", "brief"))
 
 
 @dataclass
@@ -239,10 +245,11 @@ class RolloutConfig:
     # checkpoint must be a released-style MXFP4 folder served 4-bit (bf16 activations), never decoded dense
     quantization: Optional[str] = choice(None, (None, "mxfp4"))
     max_num_seqs: int = 256  # sequences batched per engine step
-    # KV-cache block in tokens (vLLM block_size); null = vLLM's platform default (CPU 128, GPU 16). 32 on the
-    # 2-core box: ~20% less engine CPU time per token than 128 (bench/RESULTS.md "Rollout"): sliding-window
-    # layers score fewer masked positions, and prompt blocks fill, so the n samples share them (prefix caching).
-    block_size: Optional[int] = 32
+    # KV-cache block in tokens (vLLM block_size); null = CPU_BLOCK_SIZE on CPU, vLLM's own choice on GPU (its
+    # attention backend picks). 32 on the 2-core box: ~20% less engine CPU time per token than vLLM's CPU
+    # default of 128 (bench/RESULTS.md "Rollout"): sliding-window layers score fewer masked positions, and
+    # prompt blocks fill, so the n samples share them (prefix caching).
+    block_size: Optional[int] = None
     # torch/OMP threads per engine; 1 is fastest on the 2-core box (tiny ops pay an OMP barrier each).
     num_threads: Optional[int] = 1
     log_level: str = "WARNING"  # VLLM_LOGGING_LEVEL unless already set in the environment
@@ -570,6 +577,10 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
          "1 for greedy decoding (eval.temperature=0)"),
         (c.eval.metric in c.reward.terms, "eval.metric", f"a reward term ({sorted(c.reward.terms)})"),
         *(_env_checks(c.env) if not c.env.mixture else []),  # a mixture checks each component (mixture_components)
+        (not c.env.tool_traces and not any(isinstance(e, dict) and e.get("tool_traces") not in (None, 0)
+                                           for e in c.env.mixture.values())
+         or c.rollout.tools.python.enabled, "env.tool_traces",
+         "0 unless rollout.tools.python.enabled (SFT traces that call the tool need it in the prompts)"),
         (c.model.path is not None or c.model.name == "tiny", "model.path",
          f"an HF checkpoint folder for model.name={c.model.name!r} (only 'tiny' is built)"),
         (c.reward.timeout_s > 0, "reward.timeout_s", "> 0"),
@@ -601,6 +612,7 @@ def _env_checks(env: EnvConfig) -> list[tuple[bool, str, str]]:
          or bool(env.category_key or env.category), "env.category_key",
          "a column naming each row's spec category (or set env.category) for a safety dataset file"),
         (0.0 <= env.test_fraction <= 1.0, "env.test_fraction", "in [0, 1]"),
+        (0.0 <= env.tool_traces <= 1.0, "env.tool_traces", "in [0, 1]"),
     ]
 
 

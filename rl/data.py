@@ -32,7 +32,8 @@ def _single_env(env_cfg: EnvConfig, seed: int):
     if env_cfg.name == "math":
         from envs.math_tasks import MathEnv
 
-        return MathEnv(seed=seed, difficulty=env_cfg.difficulty, families=tuple(env_cfg.families))
+        return MathEnv(seed=seed, difficulty=env_cfg.difficulty, families=tuple(env_cfg.families),
+                       digit_sum_trace=env_cfg.digit_sum_trace, tool_traces=env_cfg.tool_traces)
     if env_cfg.name == "dataset":
         from envs.datasets_loader import DatasetEnv
 

@@ -93,6 +93,7 @@ from rl.seeds import request_seed
 from rl.vllm_weights import TrainedWeights, WeightBuckets, load_buckets, load_weights
 
 FINISH_REASONS = ("stop", "length")
+CPU_BLOCK_SIZE = 32  # rollout.block_size=null on CPU (vLLM's CPU default is 128; 32 is ~20% faster here)
 
 
 @dataclass
@@ -238,7 +239,7 @@ class RolloutEngine:
             enforce_eager=cfg.enforce_eager,  # False: CUDA graphs for decode (GPU; minutes of capture at start)
             quantization=cfg.quantization,  # None: the checkpoint's quantization_config decides
             max_num_seqs=cfg.max_num_seqs,
-            block_size=cfg.block_size,  # None: vLLM's platform default
+            block_size=cfg.block_size or (CPU_BLOCK_SIZE if self._on_cpu else None),  # GPU None: vLLM picks
             enable_prefix_caching=cfg.enable_prefix_caching,
             # vLLM 0.32 CPU bug: a seeded request whose prefill is split across steps crashes the
             # engine ("CPU Generator does not use offset"); whole-prompt prefill avoids the split.

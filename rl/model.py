@@ -150,9 +150,12 @@ def check_tiny_shapes(cfg: dict) -> None:
             raise ValueError(f"model.{key}={cfg[key]} must be a multiple of 32 (MXFP4 groups)")
 
 
-def build_tiny_model(cfg: Mapping, corpus: Iterable[str], out_dir: str | os.PathLike, seed: int = 0) -> Path:
+def build_tiny_model(cfg: Mapping, corpus: Iterable[str], out_dir: str | os.PathLike, seed: int = 0,
+                     extra_ids: Iterable[int] = ()) -> Path:
     """Build a randomly initialised tiny gpt-oss with a trimmed vocab and save it as an HF folder.
-    `cfg`: architecture fields of `rl.config.ModelConfig`; missing ones take the schema's defaults."""
+    `cfg`: architecture fields of `rl.config.ModelConfig`; missing ones take the schema's defaults.
+    `extra_ids`: canonical ids the vocabulary must hold beyond the corpus (the python tool's prompts
+    and answers: `rl.tools.vocabulary_ids`)."""
     from dataclasses import asdict
 
     from transformers import GptOssForCausalLM
@@ -161,7 +164,7 @@ def build_tiny_model(cfg: Mapping, corpus: Iterable[str], out_dir: str | os.Path
 
     cfg = {**asdict(ModelConfig()), **dict(cfg)}
     check_tiny_shapes(cfg)
-    vmap = collect_vocab(corpus)
+    vmap = collect_vocab(corpus, extra_ids)
     vocab_size = -(-len(vmap) // 64) * 64  # pad rows to a multiple of 64
     # Special ids inside the HF config are model ids: <|return|>, <|call|> stop; <|endoftext|> pads.
     config = tiny_config(vocab_size, cfg, vmap.to_model(list(harmony.STOP_TOKENS)), vmap.to_model([harmony.ENDOFTEXT])[0])

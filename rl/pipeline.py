@@ -24,15 +24,23 @@ from rl.seeds import sft_seed
 
 
 def build_model(cfg: Config, out: Path) -> Path:
+    """The tiny model, its vocabulary built from the env's corpus and traces (and, with the python
+    tool on, the tool's prompts and typical answers)."""
+    from envs.types import ToolTrace
     from rl.data import make_env
     from rl.model import build_tiny_model
+    from rl.tools import vocabulary_ids
 
     env = make_env(cfg.env, cfg.seed)
     corpus = env.vocabulary_corpus()
     for t in env.tasks("train", 200) + env.tasks("test", 50):
         corpus.append(t.question)
-        corpus += [x for e in cfg.env.efforts for x in env.solution(t, e)]
-    return build_tiny_model(asdict(cfg.model), corpus, out, seed=cfg.seed)
+        for e in cfg.env.efforts:
+            trace = env.solution(t, e)
+            corpus += trace.texts() if isinstance(trace, ToolTrace) else trace
+    tool = cfg.rollout.tools.python
+    return build_tiny_model(asdict(cfg.model), corpus, out, seed=cfg.seed,
+                            extra_ids=vocabulary_ids(tool) if tool.enabled else ())
 
 
 def run_sft_stage(cfg: Config, model_path: Path, out: Path) -> dict:
@@ -44,7 +52,7 @@ def run_sft_stage(cfg: Config, model_path: Path, out: Path) -> dict:
     tasks = env.tasks("train", cfg.sft.tasks, seed=sft_seed(cfg.seed))
     solution = sft_solution_fn(cfg, tasks, env.solution, Path(cfg.run_dir) / "sft_data.json")
     rows = sft_examples(tasks, solution, VocabMap.load(model_path), cfg.env.efforts,
-                        final_slip_rate=cfg.sft.final_slip_rate, seed=cfg.seed)
+                        final_slip_rate=cfg.sft.final_slip_rate, seed=cfg.seed, tool=cfg.rollout.tools.python)
     return run_sft(model_path, out, rows, cfg.sft, seed=cfg.seed, logging=cfg.logging,
                    logging_dir=str(Path(cfg.run_dir) / "sft_logs"))
 

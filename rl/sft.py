@@ -34,10 +34,12 @@ from pathlib import Path
 import torch
 
 from envs import harmony
-from envs.types import EFFORTS, Task
-from rl.config import LoggingConfig, SFTConfig
+from envs.tool_episode import teacher_episode
+from envs.types import EFFORTS, Task, ToolTrace
+from rl.config import LoggingConfig, PythonToolConfig, SFTConfig
 from rl.metrics import MetricsLogger, progress_line, quiet_progress_bars
 from rl.model import VocabMap, hf_tokenizer, load_policy, save_checkpoint
+from rl.tools import task_prompt
 
 
 def slip_final(final: str, rng: random.Random) -> str:
@@ -51,8 +53,13 @@ def slip_final(final: str, rng: random.Random) -> str:
 
 
 def sft_examples(tasks: list[Task], solution_fn, vmap: VocabMap, efforts=EFFORTS, final_slip_rate: float = 0.0,
-                 seed: int = 0) -> list[dict]:
+                 seed: int = 0, tool: PythonToolConfig | None = None) -> list[dict]:
     """{input_ids, assistant_masks} per (task, effort), in model ids.
+
+    `solution_fn(task, effort)` gives `(analysis, final)`, or a `ToolTrace` for a task solved with the
+    python tool: rendered as the rollout's episode holds it (`envs.tool_episode.teacher_episode`: the
+    tool's answers are inserted ids, mask 0). `tool` (`rollout.tools.python`): prompts are the
+    rollout's (`rl.tools.task_prompt`, the tool described when enabled); a ToolTrace needs it enabled.
 
     `final_slip_rate`: fraction of transcripts whose final answer disagrees with their (correct)
     reasoning by one, the reasoning/answer inconsistency of traces distilled from an imperfect teacher.
@@ -61,18 +68,28 @@ def sft_examples(tasks: list[Task], solution_fn, vmap: VocabMap, efforts=EFFORTS
     (task, effort) drops that example (the deliberative filter's rejects, rl/deliberative.py)."""
     if not 0.0 <= final_slip_rate < 1.0:
         raise ValueError(f"final_slip_rate={final_slip_rate} must be in [0, 1)")
+    tool = tool or PythonToolConfig()
     rng = random.Random(f"slip:{seed}")
     rows = []
     for task in tasks:
         for effort in efforts:
-            solved = solution_fn(task, effort)
-            if solved is None:
+            trace = solution_fn(task, effort)
+            if trace is None:
                 continue
-            analysis, final = solved
+            final = trace.final if isinstance(trace, ToolTrace) else trace[1]
             if final_slip_rate and rng.random() < final_slip_rate and final.lstrip("-").isdigit():
                 final = slip_final(final, rng)
-            ids, mask = harmony.render_training(task.question, analysis, final, effort, task.developer)
-            rows.append({"input_ids": vmap.to_model(ids), "assistant_masks": mask})
+            prompt = task_prompt(task, effort, tool)
+            if isinstance(trace, ToolTrace):
+                if not tool.enabled:
+                    raise ValueError(f"task {task.task_id}: its SFT trace calls the python tool; set "
+                                     "rollout.tools.python.enabled=true (or env.tool_traces=0)")
+                completion, mask = teacher_episode(dataclasses.replace(trace, final=final), tool.max_output_tokens,
+                                                   keep_id=lambda t: vmap.covers((t,)))
+            else:
+                completion = harmony.render_completion(trace[0], final)
+                mask = [1] * len(completion)
+            rows.append({"input_ids": vmap.to_model(prompt + completion), "assistant_masks": [0] * len(prompt) + mask})
     return rows
 
 

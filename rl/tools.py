@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from envs import harmony
-from envs.tool_episode import Episode, Sampler, run_episodes
+from envs.tool_episode import TRUNCATED, Episode, Sampler, run_episodes
 from envs.types import Task
 from rewards.sandbox import ExecResult, SandboxConfig, SandboxPool, check_sandbox
 from rl.config import PythonToolConfig
@@ -90,6 +90,28 @@ def episodes(sample: Sampler, prompts: Sequence[Sequence[int]], n: int, budgets:
     sample j seeded `rl.seeds.continuation_seed(request seed, j, t)`)."""
     return run_episodes(sample, prompts, n, budgets, seeds, execute, max_calls=cfg.max_calls,
                         max_output_tokens=cfg.max_output_tokens, turn_seed=continuation_seed, keep_id=keep_id)
+
+
+# What the tool typically answers besides numbers (rewards/sandbox.py runs /sandbox/main.py): a trimmed
+# vocabulary built for the tool holds these ids, so an error reads as an error (ids it lacks are dropped).
+TYPICAL_ANSWERS = (
+    'Traceback (most recent call last):\n  File "/sandbox/main.py", line 1, in <module>\n    print(x)\n',
+    "          ^\n          ~^~\nNameError: name 'x' is not defined\nZeroDivisionError: division by zero\n",
+    "SyntaxError: invalid syntax\nSyntaxError: '(' was never closed\nTypeError: ValueError: ",
+    "\n[timed out after 10 s]\n[output limit exceeded: the program was stopped]\n[exit status 1]" + TRUNCATED,
+)
+
+
+def vocabulary_ids(cfg: PythonToolConfig) -> list[int]:
+    """Ids a trimmed vocabulary needs for episodes with the tool: the prompts describing it at every
+    effort (with and without a developer message), the answers' headers and `TYPICAL_ANSWERS`."""
+    ids = set(header_ids())
+    tool = harmony.python_tool_description(cfg.description, cfg.timeout_s)
+    for effort in harmony.EFFORTS:
+        ids.update(harmony.render_prompt("x", effort, "x", python_tool=tool))
+    for text in TYPICAL_ANSWERS:
+        ids.update(harmony.encode_text(text))
+    return sorted(ids)
 
 
 def header_ids() -> list[int]:

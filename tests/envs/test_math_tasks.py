@@ -123,3 +123,25 @@ def test_bad_config_fails_clearly():
         MathEnv(families=("division",))
     with pytest.raises(ValueError, match="split"):
         MathEnv().tasks("validation", 3)
+
+
+def test_rewrite_digit_sum_traces_keep_the_sum_and_one_width():
+    """env.digit_sum_trace=rewrite: every line sums to the answer, every line has the same number of
+    tokens (so copies sit at one distance), low/medium/high write 1/3/all lines; other families and
+    the default stay as they were."""
+    from envs import harmony
+    from envs.math_tasks import MathEnv
+
+    env = MathEnv(seed=0, difficulty=1, families=("digit_sum", "add"), digit_sum_trace="rewrite")
+    plain = MathEnv(seed=0, difficulty=1, families=("digit_sum", "add"))
+    for t, p in zip(env.tasks("train", 60), plain.tasks("train", 60)):
+        assert t.task_id == p.task_id
+        if "+" not in t.metadata["expr"] or len(t.metadata["expr"].split("+")) < 3:  # not a digit sum
+            assert env.solution(t, "high") == plain.solution(p, "high")
+            continue
+        lines = {e: env.solution(t, e)[0].split("\n") for e in ("low", "medium", "high")}
+        assert (len(lines["low"]), len(lines["medium"])) == (1, 3) and lines["medium"] == lines["high"][:3]
+        assert all(sum(map(int, ln.split("+"))) == int(t.metadata["answer"]) for ln in lines["high"])
+        assert len({len(harmony.encode(ln)) for ln in lines["high"]}) == 1
+    with pytest.raises(ValueError, match="digit_sum_trace"):
+        MathEnv(digit_sum_trace="nope")

@@ -87,3 +87,11 @@ def test_component_errors_name_the_component_and_foreign_tasks_are_refused():
     t = MathEnv(seed=0).tasks("test", 1)[0]
     with pytest.raises(ValueError, match="not from this mixture"):
         mix.solution(t, "low")
+
+
+@pytest.mark.parametrize("module", ["envs.mixture", "envs.draw"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    assert doctest.testmod(importlib.import_module(module)).failed == 0

@@ -12,8 +12,8 @@ from openai_harmony import Author, Conversation, Message as HMessage, RenderConv
 from openai_harmony import DeveloperContent, ReasoningEffort, ToolNamespaceConfig
 
 from envs import harmony, tool_episode
-from envs.tool_episode import TRUNCATED, run_episodes
-from envs.types import INSERTED_LOGPROB, Request
+from envs.tool_episode import TRUNCATED, run_episodes, teacher_episode
+from envs.types import INSERTED_LOGPROB, Request, ToolCall, ToolTrace
 
 TOOL = harmony.python_tool_description("sandbox", 10)
 PROMPT = harmony.render_prompt("Compute 123*456+7.", "high", python_tool=TOOL)
@@ -292,3 +292,30 @@ def test_unseeded_rounds_stay_unseeded_and_miscounts_are_our_error():
         run(Scripted(), lambda codes: [])
     with pytest.raises(RuntimeError, match="sampler answered"):
         run(lambda reqs: [[]], Tool())
+
+
+TEACHER_CASES = [  # (trace, the turns a policy writing it samples)
+    (ToolTrace(("Multiply first.", ToolCall("print(123*456)", "56088\n"), "56088, now add 7.",
+                ToolCall("print(56088+7)", "56095\n")), "56095"), TURNS),
+    (ToolTrace((ToolCall("print(123*456)", "56088\n"), ToolCall("print(56088+7)", "56095\n")), "56095"),
+     [turn(call("print(123*456)")), turn(call("print(56088+7)")), turn(final("56095"))]),
+    (ToolTrace((ToolCall("print(123*456)", "56088\n"), "So 56088.", "Add 7."), "56095"),
+     [turn(call("print(123*456)")), turn(analysis("So 56088."), analysis("Add 7."), final("56095"))]),
+]
+
+
+@pytest.mark.parametrize("trace,turns", TEACHER_CASES)
+def test_a_teachers_trace_is_the_episode_of_a_policy_that_writes_it(trace, turns):
+    """SFT on `teacher_episode` trains on exactly the ids and mask a rollout holds (tool answers inserted)."""
+    outputs = {c.code: c.output for c in trace.steps if isinstance(c, ToolCall)}
+    [[ep]] = run(Scripted(turns), Tool(outputs))
+    assert teacher_episode(trace, 64) == (ep.ids, ep.sampled)
+    assert harmony.parse_completion(ep.ids).final == trace.final
+
+
+def test_a_teachers_trace_keeps_only_ids_the_vocabulary_holds():
+    trace = ToolTrace((ToolCall("print(1)", "1 héllo\n"),), "1")
+    full, _ = teacher_episode(trace, 64)
+    lacking = set(harmony.encode_text(" héllo"))
+    ids, sampled = teacher_episode(trace, 64, keep_id=lambda t: t not in lacking)
+    assert len(ids) == len(sampled) == len(full) - len(lacking) and not lacking & set(ids)
