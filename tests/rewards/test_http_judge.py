@@ -181,3 +181,30 @@ def test_failure_policy_through_the_safety_reward(server):
     comp = CompositeReward({"safety": 1.0}, {"safety": SafetyReward(**opts, on_failure="raise")})
     r = comp.score_batch([sample("refuses")])[0]
     assert r.score == 0.0 and r.parts["safety/error"] == 1.0
+
+
+def test_endpoint_down_mid_run_costs_the_safety_term_only():
+    """A step's mixed batch with the judge's server gone: math and hierarchy still score, every safety
+    sample scores 0 marked judge_failed, the step's safety metrics report it; nothing raises."""
+    from envs.hierarchy import HierarchyEnv
+    from envs.math_tasks import MathEnv
+    from envs.safety_tasks import SafetyEnv
+    from rewards.safety import safety_metrics
+
+    s = JudgeServer()
+    url = s.url
+    s.close()
+    tasks = (MathEnv(families=["digit_sum"], difficulty=1).tasks("train", 3) + SafetyEnv().tasks("train", 3)
+             + HierarchyEnv().tasks("train", 3))
+    envs = {"math": MathEnv(families=["digit_sum"], difficulty=1), "safety": SafetyEnv(), "hierarchy": HierarchyEnv()}
+    samples = [Sample(t.task_id, t.env, "low", [], [], [], [], Transcript(final=envs[t.env].solution(t, "low")[1]),
+                      t.metadata) for t in tasks]
+    reward = CompositeReward.from_config({
+        "math": 1.0, "hierarchy": 1.0,
+        "safety": {"weight": 1.0, "judge": "http", "url": url, "model": "m", "timeout_s": 0.5, "retries": 1,
+                   "backoff_s": 0.01}})
+    results = reward.score_batch(samples)
+    assert [r.parts.get("math") for r in results[:3]] == [1.0] * 3 and all("safety" not in r.parts for r in results[:3])
+    assert all(r.parts["safety"] == 0.0 and r.parts["safety/judge_failed"] == 1.0 for r in results[3:6])
+    assert all(r.parts["hierarchy"] == 1.0 and "math" not in r.parts for r in results[6:])
+    assert safety_metrics(results)["safety/judge_failure_rate"] == 1.0
