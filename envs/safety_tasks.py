@@ -20,8 +20,8 @@ What
 
 Departure from Guan et al. 2024: their CoT is sampled from a model with the spec in context and
 filtered by a judge; the tiny world's is templated from the spec (the same content: category, rule,
-style), so it is correct by construction. Section 4 of issue 15 (spec-in-context sampling and judge
-filtering at real scale) is not done here.
+style), so it is correct by construction. rl/deliberative.py turns these traces into deliberative SFT
+data: a spec-in-context teacher that slips, a judge filter, and training without the spec.
 
 Run `python -m envs.safety_tasks` to print a task per category and the trace token counts.
 """

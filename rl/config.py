@@ -112,6 +112,19 @@ class EnvConfig:
 
 
 @dataclass
+class DeliberativeConfig:
+    """Deliberative SFT data for safety tasks (rl/deliberative.py): a teacher writes (CoT, answer) with the spec
+    in context, the judge keeps what the spec allows, the policy trains on the kept pairs with the spec removed."""
+
+    enabled: bool = True  # false = the safety env's templated traces as they are, unfiltered
+    judge: str = choice("rule", ("rule", "http", "spec_rm"))  # the filter's judge backend (rewards/judge.py)
+    judge_options: dict[str, Any] = field(default_factory=dict)  # e.g. {checkpoint: runs/spec_rm} for spec_rm
+    # the tiny teacher's slip probability (over-refusal, wrong clause, lecture, a missing offer or help line),
+    # so the judge has something to reject; 0 = a perfect teacher (the filter then keeps everything)
+    teacher_noise: float = 0.1
+
+
+@dataclass
 class SFTConfig:
     enabled: bool = True
     tasks: int = 2000  # tasks rendered at every effort
@@ -132,6 +145,7 @@ class SFTConfig:
     # chaotic in that order: README "Kernels and engines")
     loss_head: str = choice("trl", ("trl", "assistant"))
     final_slip_rate: float = 0.0  # fraction of cold-start traces whose final is off by one (imperfect teacher)
+    deliberative: DeliberativeConfig = field(default_factory=DeliberativeConfig)  # safety tasks' SFT data
 
 
 @dataclass
@@ -321,6 +335,9 @@ class EvalConfig:
     metric: str = "math"  # reward term whose score is "accuracy" (the training reward's own plugin)
     checkpoints: list[str] = field(default_factory=list)  # `python -m rl.evaluate` only: HF folders
     out_dir: Optional[str] = None  # `python -m rl.evaluate` only: where eval.{json,md} go
+    # more safety judges for the agreement table (rl/safety_eval.py): {name: {judge: rule|http|spec_rm, ...its
+    # options}}; each re-judges the held-out safety finals and is compared with the `safety` reward's verdicts
+    judges: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -170,8 +170,14 @@ def scored_as(result: RewardResult, metric: str) -> RewardResult:
 
 
 def accuracy(results: Sequence[RewardResult], metric: str) -> float:
-    """Mean score of reward term `metric` (0 where the term did not apply)."""
-    return sum(r.parts.get(metric, 0.0) for r in results) / len(results)
+    """Mean score of reward term `metric` clipped to [0, 1] (0 where the term did not apply): a proportion
+    even for terms that score penalties below 0 (safety's -1 for a disallowed answer, hierarchy's -1 for a
+    leak count as 0), so its Wilson interval is defined; terms scoring in [0, 1] (math) are unchanged.
+
+    >>> accuracy([RewardResult(1, {"safety": 1.0}), RewardResult(-1, {"safety": -1.0})], "safety")
+    0.5
+    """
+    return sum(min(1.0, max(0.0, r.parts.get(metric, 0.0))) for r in results) / len(results)
 
 
 def ordered_efforts(efforts: Iterable[str]) -> list[str]:

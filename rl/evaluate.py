@@ -19,9 +19,13 @@ eval.json schema (numbers are floats in [0, 1] unless said otherwise):
                     "truncation", "format_failure", "reward" (mean score), "n" (int, samples)},
          ...one per effort...,
          "monotonicity": float | null   (null with fewer than two efforts),
-         "by_env": {<label>: {<effort>: metrics, "monotonicity"}}   (env.mixture only: one entry per env,
-                    accuracy = that env's metric, `env_metrics`; the top level then scores every sample
-                    by its own env's metric)}},
+         "by_env": {<label>: {<effort>: metrics, "monotonicity", "all_efforts"}}   (env.mixture only: one entry
+                    per env, accuracy = that env's metric, `env_metrics`; the top level then scores every
+                    sample by its own env's metric),
+         "judge_agreement": {<judge>: {...}}   (with eval.judges: `rl.safety_eval.judge_agreement`)}},
+     With safety / hierarchy reward terms, an env's per-effort metrics (the checkpoint's own, or its by_env
+     entry's in a mixture) also hold "safety": {...} / "hierarchy": {...} (rates with 95% CI, per category /
+     protection / attack: `rl.safety_eval.guard_rates`), and "all_efforts" the same rates pooled over efforts.
      "checkpoints": {<checkpoint>: path}, "efforts": [...], "tasks": int, "samples_per_task": int,
      "temperature": float, "seed": int, "metric": str}
 e.g. `d["results"]["rl"]["high"]["budget_compliance"]`, `d["results"]["rl"]["monotonicity"]`.
@@ -41,6 +45,7 @@ from envs.types import Task
 from rl import report
 from rl.config import Config
 from rl.effort_metrics import ACCURACY, effort_summary, monotonicity, scored_as
+from rl.safety_eval import ALL, GUARDS, cell, collect_guards, guard_rates, judge_agreements
 from rl.seeds import eval_seed
 from rl.tools import task_prompt
 
@@ -53,18 +58,21 @@ def env_metrics(cfg: Config) -> dict[str, str]:
             for label, c in mixture_components(cfg.env).items()}
 
 
-def evaluate_policy(pool, tasks: Sequence[Task], cfg: Config, reward, records: list | None = None) -> dict:
+def evaluate_policy(pool, tasks: Sequence[Task], cfg: Config, reward, records: list | None = None,
+                    judges: dict | None = None) -> dict:
     """{effort: metrics (see the schema above), ..., "monotonicity": float | None} for the policy `pool`
     samples from (anything with `WorkerPool.generate`), scored by `reward` (a `CompositeReward`).
     With `env.mixture`, every sample's accuracy is its own env's metric (`env_metrics`) and the result
     also holds "by_env": {label: the same per-effort metrics over that env's samples}.
-    `records`, if given, receives one `sample_record` per sample."""
+    `records`, if given, receives one `sample_record` per sample; `judges` ({name: judge}) re-judge the
+    safety finals for the agreement table."""
     from envs.mixture import label_of
     from rl.workers import to_sample
 
     by_label = env_metrics(cfg)
     out: dict = {}
     every, per_env = [], {label: [] for label in by_label}  # all efforts' samples, for monotonicity
+    every_scored, per_env_scored = [], {label: [] for label in by_label}  # and the pooled safety rates
     for effort in cfg.eval.efforts:
         prompts = [task_prompt(t, effort, cfg.rollout.tools.python) for t in tasks]
         completions = pool.generate(prompts, cfg.eval.samples_per_task, temperature=cfg.eval.temperature,
@@ -78,12 +86,16 @@ def evaluate_policy(pool, tasks: Sequence[Task], cfg: Config, reward, records: l
             for label in by_label:
                 idx = [i for i, s in enumerate(samples) if label_of(s.task_id) == label]
                 if idx:
-                    sub = [samples[i] for i in idx]
-                    out.setdefault("by_env", {}).setdefault(label, {})[effort] = effort_summary(
-                        sub, [scored[i] for i in idx], metric)
+                    sub, sub_scored = [samples[i] for i in idx], [scored[i] for i in idx]
+                    out.setdefault("by_env", {}).setdefault(label, {})[effort] = {
+                        **effort_summary(sub, sub_scored, metric), **guard_rates(sub, sub_scored)}
                     per_env[label] += sub
+                    per_env_scored[label] += sub_scored
         out[effort] = effort_summary(samples, scored, metric)
+        if not by_label:
+            out[effort].update(guard_rates(samples, scored))
         every += samples
+        every_scored += scored
         if records is not None:
             by_id = {t.task_id: t for t in tasks}
             records += [sample_record(by_id[s.task_id], s, r, metric) for s, r in zip(samples, scored)]
@@ -91,6 +103,12 @@ def evaluate_policy(pool, tasks: Sequence[Task], cfg: Config, reward, records: l
     for label, sub in per_env.items():
         if sub:
             out["by_env"][label]["monotonicity"] = monotonicity(sub)
+            if pooled := guard_rates(sub, per_env_scored[label]):
+                out["by_env"][label][ALL] = pooled
+    if not by_label and (pooled := guard_rates(every, every_scored)):
+        out[ALL] = pooled
+    if judges:
+        out["judge_agreement"] = judge_agreements(judges, every, every_scored)
     return out
 
 
@@ -106,11 +124,14 @@ def scalars(res: dict, prefix: str = "eval") -> dict[str, float]:
     for label, sub in res.get("by_env", {}).items():
         out.update(scalars(sub, f"{prefix}/{label}"))
     for effort, m in res.items():
-        if effort in ("monotonicity", "by_env"):
+        if effort in ("monotonicity", "by_env", "judge_agreement"):
             continue
         for key, value in m.items():
             if key == "accuracy_ci95":
                 out[f"{prefix}/accuracy_ci95_lo/{effort}"], out[f"{prefix}/accuracy_ci95_hi/{effort}"] = value
+            elif key in GUARDS:  # the headline rates, not the per-category breakdown
+                out.update({f"{prefix}/{key}/{rate}/{'all' if effort == ALL else effort}": float(e["rate"])
+                            for rate, e in value.items() if not rate.startswith("by_")})
             elif value is not None:
                 out[f"{prefix}/{key}/{effort}"] = float(value)
     if res.get("monotonicity") is not None:
@@ -149,6 +170,11 @@ def print_tables(results: dict, efforts: Sequence[str]) -> None:
     console.print("monotonicity (CoT tokens " + " < ".join(efforts) + " per task): " + ", ".join(
         f"{name} {'n/a' if per['monotonicity'] is None else format(per['monotonicity'], '.3f')}"
         for name, per in results.items()))
+    for name, guard in collect_guards(results, efforts).items():
+        rates = [f"{term} {rate.replace('_', ' ')} {cell(g[rate])}" for term, g in guard["all"].items()
+                 for rate in ("harmful_refusal", "over_refusal", "leak", "rule_break") if rate in g]
+        if rates:
+            console.print(f"{name}, all efforts (95% CI): " + "; ".join(rates))
     labels = list(dict.fromkeys(label for per in results.values() for label in per.get("by_env", {})))
     if labels:
         env_table = Table(title="per env: accuracy (its own metric) / mean CoT tokens, n per effort",
@@ -178,7 +204,8 @@ def write_results(results: dict, out_dir: str | Path, settings: dict) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps({"results": results, **settings}, indent=1))
-    (out / "eval.md").write_text(report.markdown_tables(results, settings["efforts"]))
+    (out / "eval.md").write_text(report.markdown_tables(results, settings["efforts"]) + "\n"
+                                 + report.safety_tables(results, settings["efforts"]))
     report.write_report(results, settings, out)
 
 
@@ -191,6 +218,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg: Config, out_dir: str 
     tasks = make_env(cfg.env, cfg.seed).tasks("test", cfg.eval.tasks)
     if reward is None:
         reward = make_reward(cfg.reward)
+    judges = extra_judges(cfg.eval.judges)
     names = list(checkpoints)
     own = pool is None
     if own:
@@ -207,7 +235,7 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg: Config, out_dir: str 
             if i > 0 or not own:
                 pool.update_weights_from_path(checkpoints[name])
             records: list = []
-            results[name] = evaluate_policy(pool, tasks, cfg, reward, records)
+            results[name] = evaluate_policy(pool, tasks, cfg, reward, records, judges)
             lines.writelines(json.dumps({"checkpoint": name, **r}) + "\n" for r in records)
             if cfg.logging.progress:
                 print(f"eval {name} ({i + 1}/{len(names)}): " + " | ".join(
@@ -222,6 +250,18 @@ def evaluate_checkpoints(checkpoints: dict[str, str], cfg: Config, out_dir: str 
                                      "metric": cfg.eval.metric, "env_metrics": env_metrics(cfg)})
     print_tables(results, cfg.eval.efforts)
     return results
+
+
+def extra_judges(specs: dict) -> dict:
+    """{name: judge} from `eval.judges` ({name: {judge: backend, **options}}), built once for every checkpoint."""
+    from rewards.safety import make_judge
+
+    out = {}
+    for name, opts in specs.items():
+        if not isinstance(opts, dict) or "judge" not in opts:
+            raise ValueError(f"eval.judges.{name} must be a mapping with 'judge' (rule, http or spec_rm), got {opts!r}")
+        out[name] = make_judge(opts["judge"], **{k: v for k, v in opts.items() if k != "judge"})
+    return out
 
 
 def checkpoint_names(paths: Sequence[str]) -> dict[str, str]:

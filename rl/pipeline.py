@@ -3,7 +3,8 @@
     build tiny gpt-oss → cold-start SFT (TRL) → GRPO (Ray + vLLM) → evaluate SFT vs RL per effort
 
 Run:  python -m rl.pipeline experiment=tiny            (≈ minutes on 2 CPU cores)
-Outputs in `run_dir`: model/ (initial), sft/, sft_logs/ (SFT metrics), checkpoints/step_*/ (RL), tensorboard/,
+Outputs in `run_dir`: model/ (initial), sft/, sft_logs/ (SFT metrics), sft_data.json (with safety tasks: what
+the deliberative filter kept, rl/deliberative.py), checkpoints/step_*/ (RL), tensorboard/,
 metrics.jsonl,
 eval/eval.{json,md} (the table printed at the end), timings.json.
 With `model.path=...` the build step is skipped (a real gpt-oss checkpoint: a folder or a Hub id, see
@@ -49,10 +50,30 @@ def run_sft_stage(cfg: Config, model_path: Path, out: Path) -> dict:
 
     env = make_env(cfg.env, cfg.seed)
     tasks = env.tasks("train", cfg.sft.tasks, seed=sft_seed(cfg.seed))
-    rows = sft_examples(tasks, env.solution, VocabMap.load(model_path), cfg.env.efforts,
+    solution = sft_solution_fn(cfg, tasks, env.solution, Path(cfg.run_dir) / "sft_data.json")
+    rows = sft_examples(tasks, solution, VocabMap.load(model_path), cfg.env.efforts,
                         final_slip_rate=cfg.sft.final_slip_rate, seed=cfg.seed, tool=cfg.rollout.tools.python)
     return run_sft(model_path, out, rows, cfg.sft, seed=cfg.seed, logging=cfg.logging,
                    logging_dir=str(Path(cfg.run_dir) / "sft_logs"))
+
+
+def sft_solution_fn(cfg: Config, tasks: list, solution, report: Path):
+    """The SFT traces: the env's own, except that safety tasks get deliberative data (rl/deliberative.py:
+    spec-in-context teacher, judge filter, spec removed for training) when `sft.deliberative.enabled`. The
+    filter's stats go to `report` (JSON) and the console."""
+    from rl.deliberative import SAFETY_ENV, TemplateTeacher, deliberative_solutions, filtered_solution_fn
+
+    d = cfg.sft.deliberative
+    if not d.enabled or not any(t.env == SAFETY_ENV for t in tasks):
+        return solution
+    from rewards.safety import make_judge
+
+    kept, stats = deliberative_solutions(tasks, cfg.env.efforts, make_judge(d.judge, **d.judge_options),
+                                         TemplateTeacher(d.teacher_noise), seed=cfg.seed)
+    report.write_text(json.dumps({"judge": d.judge, "teacher_noise": d.teacher_noise, **stats.as_dict()}, indent=1))
+    print(f"deliberative SFT data: the {d.judge} judge kept {stats.kept}/{stats.candidates} safety candidates "
+          f"({stats.kept_fraction:.1%}; rejected {dict(stats.rejected)}) -> {report}", flush=True)
+    return filtered_solution_fn(kept, solution)
 
 
 def run(cfg: Config) -> dict:

@@ -62,6 +62,16 @@ def markdown_tables(results: Mapping[str, Mapping], efforts: Sequence[str]) -> s
     return "\n".join(lines) + "\n"
 
 
+def safety_tables(results: Mapping[str, Mapping], efforts: Sequence[str]) -> str:
+    """The safety and hierarchy rates (with 95% CIs, per category) and the judge agreement table, from the
+    entries `rl.safety_eval` adds; "" for a run without safety or hierarchy tasks."""
+    from rl.safety_eval import agreement_markdown, collect_guards, markdown
+
+    text = markdown(collect_guards(results, efforts), efforts)
+    text += agreement_markdown({name: per.get("judge_agreement", {}) for name, per in results.items()})
+    return text and "## Safety and instruction hierarchy (held-out)\n\n" + text
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -125,7 +135,7 @@ def write_report(results: Mapping[str, Mapping], settings: Mapping, out_dir: str
         "|---:|---:|---:|---:|---|",
         f"| {settings['tasks']} | {settings['samples_per_task']} | {settings['temperature']} | "
         f"{settings['seed']} | {settings['metric']} |", "",
-        "## Results", "", markdown_tables(results, efforts),
+        "## Results", "", markdown_tables(results, efforts), safety_tables(results, efforts),
         "## Checkpoints", "", "| name | path |", "|---|---|",
         *[f"| {name} | {paths.get(name, '')} |" for name in results], "",
     ]

@@ -64,7 +64,8 @@ def sft_examples(tasks: list[Task], solution_fn, vmap: VocabMap, efforts=EFFORTS
     `final_slip_rate`: fraction of transcripts whose final answer disagrees with their (correct)
     reasoning by one, the reasoning/answer inconsistency of traces distilled from an imperfect teacher.
     The SFT policy imitates the slip; only a reward on the answer can remove it (the tiny demo's RL
-    target). Integer finals only; others are left as they are."""
+    target). Integer finals only; others are left as they are. A `solution_fn` that returns None for a
+    (task, effort) drops that example (the deliberative filter's rejects, rl/deliberative.py)."""
     if not 0.0 <= final_slip_rate < 1.0:
         raise ValueError(f"final_slip_rate={final_slip_rate} must be in [0, 1)")
     tool = tool or PythonToolConfig()
@@ -73,6 +74,8 @@ def sft_examples(tasks: list[Task], solution_fn, vmap: VocabMap, efforts=EFFORTS
     for task in tasks:
         for effort in efforts:
             trace = solution_fn(task, effort)
+            if trace is None:
+                continue
             final = trace.final if isinstance(trace, ToolTrace) else trace[1]
             if final_slip_rate and rng.random() < final_slip_rate and final.lstrip("-").isdigit():
                 final = slip_final(final, rng)

@@ -36,6 +36,8 @@ class JudgeServer:
 
     def __init__(self, slow_s=1.5):
         self.hits, self.bodies, self.headers, self.slow_s = {}, [], [], slow_s
+        self.active = self.max_active = 0  # "slow" requests in flight now / at most
+        self.lock = threading.Lock()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,7 +53,12 @@ class JudgeServer:
                 if self.path != "/v1/chat/completions":
                     return self.reply(404, {"error": "not found"})
                 if case == "slow":
+                    with outer.lock:
+                        outer.active += 1
+                        outer.max_active = max(outer.max_active, outer.active)
                     time.sleep(outer.slow_s)
+                    with outer.lock:
+                        outer.active -= 1
                     return self.chat(json.dumps(VERDICT))
                 if case == "flaky500" and n <= 2:
                     return self.reply(500, {"error": "overloaded"})
@@ -150,10 +157,10 @@ def test_endpoint_down_is_a_failed_verdict():
 
 
 def test_requests_run_concurrently(server):
+    """Requests overlap at the server (counted there, not timed: a loaded box cannot fail it)."""
     server.slow_s = 0.3
-    t = time.perf_counter()
-    vs = ask(judge(server, timeout_s=2.0, max_concurrency=8), *["slow"] * 8)
-    assert all(v.allowed for v in vs) and time.perf_counter() - t < 8 * 0.3 * 0.6
+    vs = ask(judge(server, timeout_s=5.0, max_concurrency=8), *["slow"] * 8)
+    assert all(v.allowed for v in vs) and server.max_active >= 2
 
 
 def test_api_key_from_the_environment(server, monkeypatch):
@@ -181,3 +188,30 @@ def test_failure_policy_through_the_safety_reward(server):
     comp = CompositeReward({"safety": 1.0}, {"safety": SafetyReward(**opts, on_failure="raise")})
     r = comp.score_batch([sample("refuses")])[0]
     assert r.score == 0.0 and r.parts["safety/error"] == 1.0
+
+
+def test_endpoint_down_mid_run_costs_the_safety_term_only():
+    """A step's mixed batch with the judge's server gone: math and hierarchy still score, every safety
+    sample scores 0 marked judge_failed, the step's safety metrics report it; nothing raises."""
+    from envs.hierarchy import HierarchyEnv
+    from envs.math_tasks import MathEnv
+    from envs.safety_tasks import SafetyEnv
+    from rewards.safety import safety_metrics
+
+    s = JudgeServer()
+    url = s.url
+    s.close()
+    tasks = (MathEnv(families=["digit_sum"], difficulty=1).tasks("train", 3) + SafetyEnv().tasks("train", 3)
+             + HierarchyEnv().tasks("train", 3))
+    envs = {"math": MathEnv(families=["digit_sum"], difficulty=1), "safety": SafetyEnv(), "hierarchy": HierarchyEnv()}
+    samples = [Sample(t.task_id, t.env, "low", [], [], [], [], Transcript(final=envs[t.env].solution(t, "low")[1]),
+                      t.metadata) for t in tasks]
+    reward = CompositeReward.from_config({
+        "math": 1.0, "hierarchy": 1.0,
+        "safety": {"weight": 1.0, "judge": "http", "url": url, "model": "m", "timeout_s": 0.5, "retries": 1,
+                   "backoff_s": 0.01}})
+    results = reward.score_batch(samples)
+    assert [r.parts.get("math") for r in results[:3]] == [1.0] * 3 and all("safety" not in r.parts for r in results[:3])
+    assert all(r.parts["safety"] == 0.0 and r.parts["safety/judge_failed"] == 1.0 for r in results[3:6])
+    assert all(r.parts["hierarchy"] == 1.0 and "math" not in r.parts for r in results[6:])
+    assert safety_metrics(results)["safety/judge_failure_rate"] == 1.0

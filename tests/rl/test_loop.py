@@ -249,3 +249,47 @@ def test_evaluation_scores_through_the_training_reward():
     assert res["cot_tokens"] > 0
     cfg.eval.metric = "effort_length"  # within budget everywhere
     assert evaluate_policy(pool, tasks, cfg, reward)["low"]["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("mixture", [False, True])
+def test_evaluation_reports_safety_rates_and_judge_agreement(tmp_path, mixture):
+    """A policy that refuses every safety request and leaks every secret: harmful refusal 1, over-refusal 1,
+    leak 1, with intervals, per category, pooled over efforts, in eval.json and eval.md (in the by_env entries
+    of an env mixture); a second judge's agreement table."""
+    import json
+
+    from envs import harmony
+    from envs.hierarchy import HierarchyEnv
+    from envs.mixture import MixtureEnv
+    from envs.safety_tasks import SafetyEnv
+    from rewards.compose import CompositeReward
+    from rl.evaluate import evaluate_policy, extra_judges, scalars, write_results
+
+    if mixture:
+        mix = MixtureEnv({"safety": (SafetyEnv(), 0.4), "hierarchy": (HierarchyEnv(protections=("password",)), 0.6)})
+        tasks = mix.tasks("test", 50)
+    else:
+        tasks = SafetyEnv().tasks("test", 20) + HierarchyEnv(protections=("password",)).tasks("test", 30)
+    finals = {t.task_id: t.metadata["secret"] if "secret" in t.metadata else "I can't help with that." for t in tasks}
+    pool = _AnswerPool({tuple(harmony.render_prompt(t.question, e, t.developer)): finals[t.task_id]
+                        for t in tasks for e in ("low", "high")})
+    env = {"mixture": {"safety": {"weight": 0.4}, "hierarchy": {"weight": 0.6}}} if mixture else {}
+    cfg = validate({"eval": {"efforts": ["low", "high"], "samples_per_task": 2, "metric": "safety"}, "env": env,
+                    "reward": {"terms": {"safety": {"weight": 1.0}, "hierarchy": {"weight": 1.0}}}})
+    res = evaluate_policy(pool, tasks, cfg, CompositeReward.from_config(cfg.reward.terms),
+                          judges=extra_judges({"rule_again": {"judge": "rule"}}))
+    at = res["by_env"] if mixture else {"safety": res, "hierarchy": res}
+    s, h = at["safety"]["all_efforts"]["safety"], at["hierarchy"]["all_efforts"]["hierarchy"]
+    assert s["harmful_refusal"]["rate"] == 1.0 and s["over_refusal"]["rate"] == 1.0 and h["leak"]["rate"] == 1.0
+    assert s["harmful_refusal"]["n"] + s["over_refusal"]["n"] == 2 * 2 * 20 == 2 * at["safety"]["low"]["safety"]["allowed"]["n"]
+    assert res["judge_agreement"]["rule_again"]["allowed"] == 1.0
+    sp, hp = ("eval/safety/", "eval/hierarchy/") if mixture else ("eval/", "eval/")  # by_env: under the label
+    assert scalars(res)[sp + "safety/over_refusal/all"] == 1.0 and scalars(res)[hp + "hierarchy/leak/low"] == 1.0
+    write_results({"sft": res}, tmp_path, {"efforts": ["low", "high"], "tasks": len(tasks), "samples_per_task": 2,
+                                           "temperature": 1.0, "seed": 0, "metric": "safety", "checkpoints": {}})
+    saved = json.loads((tmp_path / "eval.json").read_text())["results"]["sft"]
+    assert (saved["by_env"]["safety"] if mixture else saved)["all_efforts"]["safety"]
+    for name in ("eval.md", "report.md"):
+        text = (tmp_path / name).read_text()
+        assert "### Safety: rates with 95% Wilson CI" in text and "### Judge agreement" in text
+        assert "#### Hierarchy per attack (all efforts)" in text

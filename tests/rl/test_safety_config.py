@@ -63,3 +63,25 @@ def test_training_step_logs_safety_rates():
     m = step_metrics(samples, results, "safety")
     assert (m["safety/refusal_rate"], m["safety/over_refusal_rate"], m["safety/harmful_compliance_rate"]) == (0.5, 0.5, 0.5)
     assert m["accuracy"] == 1.0
+
+
+def test_safety_preset_mixes_envs_and_routes_rewards_by_env():
+    """experiment=safety: math + safety + hierarchy in one run; each sample is scored by its own env's term
+    (a safety request never by math-verify) plus the effort length; its token limits hold every SFT trace."""
+    from envs import harmony
+    from envs.types import Sample, Transcript
+
+    c = compose(["experiment=safety"])
+    env = make_env(c.env, c.seed)
+    tasks = env.tasks("train", 60)
+    assert {t.env for t in tasks} == {"math", "safety", "hierarchy"} and c.sft.deliberative.enabled
+    samples = [Sample(t.task_id, t.env, "high", [], [], [], [], Transcript(final=env.solution(t, "high")[1]),
+                      t.metadata) for t in tasks]
+    for t, r in zip(tasks, make_reward(c.reward).score_batch(samples)):
+        assert set(r.info["applicable"]) == {"effort_length", t.env}, (t.env, r.info["applicable"])
+        assert r.parts[t.env] == 1.0
+    for t in tasks:
+        prompt, full = harmony.render_prompt(t.question, "high", t.developer), \
+            harmony.render_training(t.question, *env.solution(t, "high"), "high", t.developer)[0]
+        assert len(full) - len(prompt) <= c.rollout.max_tokens and len(prompt) + c.rollout.max_tokens <= \
+            c.rollout.max_model_len

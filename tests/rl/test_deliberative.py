@@ -1,0 +1,113 @@
+"""Deliberative SFT data: a spec-in-context teacher, the judge's filter, training rows without the spec."""
+import random
+
+import pytest
+
+from envs import harmony
+from envs.math_tasks import MathEnv
+from envs.safety_spec import load_spec
+from envs.safety_tasks import SafetyEnv
+from rewards.judge import RuleJudge, failure
+from rl.deliberative import (SLIPS, TemplateTeacher, cites_clause, deliberative_solutions, filtered_solution_fn,
+                             generation_prompt, rejection, slip)
+from rl.model import VocabMap
+from rl.sft import sft_examples
+
+EFFORTS = ("low", "medium", "high")
+
+
+def _task(category):
+    return next(t for t in SafetyEnv().tasks("train", 60) if t.metadata["category"] == category)
+
+
+@pytest.mark.parametrize("category,kind,reason", [
+    ("pest_control", "over_refusal", "not_allowed"),
+    ("pest_control", "wrong_clause", "cot_misses_clause"),
+    ("hacking", "lecture", "style"),
+    ("hacking", "no_alternative", "style"),
+    ("hacking", "wrong_clause", "cot_misses_clause"),
+    ("self_harm", "no_help", "style"),
+    ("self_harm", "lecture", "style"),
+])
+def test_every_slip_is_rejected_for_its_reason(category, kind, reason):
+    spec, task = load_spec(), _task(category)
+    cat = spec.category(category)
+    for effort in EFFORTS:
+        analysis, final = TemplateTeacher(noise=0.0)(spec, task, effort, random.Random(0))
+        assert rejection(RuleJudge().judge(spec, [_req(task, final)])[0], analysis, cat) is None
+        bad_analysis, bad_final = slip(spec, cat, task.metadata["slots"], task.question, effort, analysis, final, kind)
+        got = rejection(RuleJudge().judge(spec, [_req(task, bad_final)])[0], bad_analysis, cat)
+        assert got is not None and got.split(":")[0] == reason
+
+
+def _req(task, final):
+    from rewards.judge import JudgeRequest
+
+    return JudgeRequest(task.metadata["prompt"], final)
+
+
+def test_refusal_cot_reasons_about_the_policy():
+    spec, task = load_spec(), _task("drugs")
+    for effort in EFFORTS:
+        analysis, final = TemplateTeacher(noise=0.0)(spec, task, effort, random.Random(0))
+        assert cites_clause(analysis, spec.category("drugs")) and final.startswith("I can't help with that.")
+        assert len(final.split()) <= 20  # brief refusal plus the offer
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+def test_filter_keeps_only_what_the_judge_allows(noise):
+    spec, tasks = load_spec(), SafetyEnv().tasks("train", 120)
+    kept, stats = deliberative_solutions(tasks, EFFORTS, RuleJudge(), TemplateTeacher(noise), seed=0)
+    assert stats.candidates == 3 * len(tasks) and stats.kept == len(kept)
+    if noise == 0.0:
+        assert stats.kept_fraction == 1.0 and not stats.rejected
+    else:  # about noise of the candidates slip; a few slips are harmless (no alternative to drop)
+        assert 1 - noise - 0.1 < stats.kept_fraction < 1 - noise + 0.1
+        assert set(stats.rejected) <= {"not_allowed", "style", "cot_misses_clause"} and len(stats.rejected) == 3
+    by_id = {t.task_id: t for t in tasks}
+    for (tid, _), (analysis, final) in kept.items():
+        v = RuleJudge().judge(spec, [_req(by_id[tid], final)])[0]
+        assert v.allowed and v.style_ok and cites_clause(analysis, spec.category(by_id[tid].metadata["category"]))
+    assert sum(d["kept"] for d in stats.as_dict()["by_category"].values()) == stats.kept
+
+
+def test_a_failing_judge_rejects_everything_without_raising():
+    class DownJudge:
+        def judge(self, spec, requests):
+            return [failure("endpoint down")] * len(requests)
+
+    kept, stats = deliberative_solutions(SafetyEnv().tasks("train", 10), EFFORTS, DownJudge(), TemplateTeacher(0.0), 0)
+    assert not kept and stats.rejected == {"judge_failed": 30}
+
+
+def test_training_rows_drop_rejects_and_never_hold_the_spec():
+    spec = load_spec()
+    safety = SafetyEnv().tasks("train", 40)
+    math = MathEnv(families=["digit_sum"], difficulty=1).tasks("train", 10, seed=0)
+    kept, stats = deliberative_solutions(safety, EFFORTS, RuleJudge(), TemplateTeacher(0.3), seed=1)
+    fallback = MathEnv(families=["digit_sum"], difficulty=1).solution
+    rows = sft_examples(safety + math, filtered_solution_fn(kept, fallback), VocabMap.identity(), EFFORTS)
+    assert len(rows) == stats.kept + 3 * len(math)
+    clause = harmony.encode(" without the owner's permission")  # from rule H1 of the spec
+    assert clause and _contains(generation_prompt(safety[0], "high", spec), clause)  # the teacher reads the spec
+    for r in rows:
+        assert not _contains(r["input_ids"][:r["assistant_masks"].index(1)], clause)  # the student's prompt does not
+
+
+def _contains(ids, part):
+    return any(ids[i:i + len(part)] == part for i in range(len(ids) - len(part) + 1))
+
+
+def test_teacher_noise_is_checked():
+    with pytest.raises(ValueError, match="teacher_noise"):
+        TemplateTeacher(noise=1.0)
+    assert set(SLIPS) == {"comply", "refuse", "safe_complete"}
+
+
+def test_docstring_examples():
+    import doctest
+
+    import rl.deliberative
+
+    result = doctest.testmod(rl.deliberative)
+    assert result.failed == 0 and result.attempted > 0
