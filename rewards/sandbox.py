@@ -42,8 +42,9 @@ Cost per execution (`python -m bench.bench_sandbox`, bench/RESULTS.md): bubblewr
 mounts, one interpreter start (the launcher runs the program in-process; exec-ing a second
 interpreter cost ~15 ms more), the uid switch, and the launcher's own imports, cut to modules the
 interpreter loads anyway (json, runpy and traceback cost ~10-20 ms a run: `print(1)` went from a
-median 139 ms to 54 ms side by side at load 12 on the 2 cores). Under load the `nice` 10 shows:
-the sandboxes wait for the CPU, by design.
+median 139 ms to 54 ms side by side at load 12 on the 2 cores). On the idle box: 13.8 ms median,
+5.6 ms over a bare interpreter start (8.2 ms). Under load the `nice` 10 shows: the sandboxes wait
+for the CPU, by design.
 """
 from __future__ import annotations
 
