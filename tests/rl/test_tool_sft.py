@@ -3,7 +3,6 @@ answers (rl.tools.vocabulary_ids), SFT'd on traces that call it (envs.math_tasks
 rl.sft.sft_examples), then rolled out by the real vLLM engine with the tool on: its calls run in the
 bubblewrap sandbox and the episodes go on to a final answer. Minutes on 2 cores (slow)."""
 import re
-import shutil
 
 import pytest
 
@@ -14,8 +13,7 @@ from rl.model import VocabMap, build_tiny_model
 from rl.sft import run_sft, sft_examples
 from rl.tools import task_prompt, vocabulary_ids
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")]
+pytestmark = [pytest.mark.slow, pytest.mark.bwrap]  # skipped without bubblewrap (tests/conftest.py)
 
 TOOL = PythonToolConfig(enabled=True, max_calls=2, timeout_s=2.0, max_workers=2)
 SMALL = dict(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
