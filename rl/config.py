@@ -68,11 +68,12 @@ class ModelConfig:
 
 @dataclass
 class EnvConfig:
-    # procedural arithmetic (envs.math_tasks) | pointer chasing through ten boxes (envs.chain_tasks) | a math dataset
+    # procedural arithmetic (envs.math_tasks) | pointer chasing through ten boxes (envs.chain_tasks) | a walk through
+    # ten rooms by two fixed doors (envs.walk_tasks) | a math dataset
     # file | safety requests (envs.safety_tasks; with env.dataset: envs.safety_datasets) | instruction
     # hierarchy (envs.hierarchy) | code: procedural function writing (envs.code_tasks), or with env.dataset a
     # code dataset (envs.code_datasets)
-    name: str = choice("math", ("math", "chain", "dataset", "safety", "hierarchy", "code"))
+    name: str = choice("math", ("math", "chain", "walk", "dataset", "safety", "hierarchy", "code"))
     difficulty: int = 1  # MathEnv difficulty level (1..3; see envs/math_tasks.DIFFICULTY)
     families: list[str] = choice(["add", "mul", "muladd", "chain"],
                                  ("add", "mul", "muladd", "chain", "digit_sum"))  # MathEnv problem kinds
@@ -81,7 +82,9 @@ class EnvConfig:
     # env.name=math: share of problems (by a hash) whose SFT trace solves them with the python tool
     # (envs.math_tasks.tool_solution); needs rollout.tools.python.enabled
     tool_traces: float = 0.0
-    steps: int = 5  # env.name=chain: boxes opened per chain (envs/chain_tasks.py)
+    steps: int = 5  # env.name=chain: boxes opened per chain (envs/chain_tasks.py); env.name=walk: doors per walk
+    walk_stay: str = choice("end", ("end", "anywhere"))  # env.name=walk: S slots after the real doors, or anywhere
+    walk_show_doors: bool = False  # env.name=walk: traces write each door before its room ("3L1S1R7")
     chain_shuffle_rows: bool = False  # env.name=chain: the ten rows in a random order per task
     chain_fixed_points: bool = True  # env.name=chain: allow a box that names itself
     code_families: list[str] = choice(["expr", "expr2", "words", "examples", "piecewise"],

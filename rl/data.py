@@ -29,6 +29,10 @@ def _single_env(env_cfg: EnvConfig, seed: int):
 
         return ChainEnv(seed=seed, steps=env_cfg.steps, shuffle_rows=env_cfg.chain_shuffle_rows,
                         fixed_points=env_cfg.chain_fixed_points)
+    if env_cfg.name == "walk":
+        from envs.walk_tasks import WalkEnv
+
+        return WalkEnv(seed=seed, steps=env_cfg.steps, stay=env_cfg.walk_stay, show_doors=env_cfg.walk_show_doors)
     if env_cfg.name == "math":
         from envs.math_tasks import MathEnv
 
@@ -61,7 +65,7 @@ def _single_env(env_cfg: EnvConfig, seed: int):
 
         return CodeEnv(seed=seed, families=tuple(env_cfg.code_families))
     raise ValueError(f"env.name={env_cfg.name!r} is unknown; valid: ['chain', 'code', 'dataset', 'hierarchy', 'math', "
-                     "'safety']")
+                     "'safety', 'walk']")
 
 
 def make_reward(reward_cfg: RewardConfig):

@@ -14,7 +14,8 @@ What
   `max_model_len`) is that request's error, never the batch's.
 - `VLLMJudge(model, ...)`: the judge backend (`judge(spec, requests) -> list[Verdict]`): one Ray
   actor holding a `JudgeEngine` (`num_cpus`, `num_gpus` for its placement), one remote call per
-  batch, `timeout_s` per call; parsing and the failure policy are `rewards.judge.ChatJudge`'s
+  batch, `timeout_s` per call; the engine's load gets its own `load_timeout_s`, waited for before the
+  first call (a slow load is not a timed-out first batch); parsing and the failure policy are `rewards.judge.ChatJudge`'s
   (garbage, partial JSON, a judge refusing to judge, a dead actor, a timeout: failed verdicts,
   then the `safety` reward's `on_failure`).
 - Importing this module registers the backend as judge "vllm" (`rewards.safety.register_judge`);
@@ -22,7 +23,7 @@ What
 
 Config: `reward.terms.safety: {weight: 1, judge: vllm, model: /ckpt/gpt-oss-safeguard-20b,
 num_gpus: 1, max_tokens: 512}`; options: `format`, `max_tokens`, `max_model_len`, `reasoning_effort`
-(harmony), `num_cpus`, `num_gpus`, `timeout_s`, `dtype`, `gpu_memory_utilization`, `seed`.
+(harmony), `num_cpus`, `num_gpus`, `timeout_s`, `load_timeout_s`, `dtype`, `gpu_memory_utilization`, `seed`.
 """
 from __future__ import annotations
 
@@ -105,6 +106,10 @@ class JudgeEngine:
                 out[i] = (text, None)
         return out
 
+    def ready(self) -> bool:
+        """Answers once the engine is loaded (Ray runs an actor's methods after its constructor)."""
+        return True
+
     def close(self) -> None:
         if self.format == "harmony":
             self.engine.shutdown()
@@ -115,14 +120,15 @@ class VLLMJudge:
 
     def __init__(self, model: str, format: str = "auto", max_tokens: int = 512, max_model_len: int = 4096,
                  reasoning_effort: str = "low", num_cpus: float = 1, num_gpus: float = 0, timeout_s: float = 600.0,
-                 dtype: str = "auto", gpu_memory_utilization: float = 0.5, seed: int = 0):
+                 dtype: str = "auto", gpu_memory_utilization: float = 0.5, seed: int = 0,
+                 load_timeout_s: float = 1800.0):
         import ray
 
         if not Path(model, "config.json").exists():
             raise FileNotFoundError(f"judge model {model!r}: not an HF checkpoint folder (no config.json)")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s={timeout_s} must be > 0")
-        self.timeout_s = timeout_s
+        if timeout_s <= 0 or load_timeout_s <= 0:
+            raise ValueError(f"timeout_s={timeout_s} and load_timeout_s={load_timeout_s} must be > 0")
+        self.timeout_s, self.load_timeout_s, self._loaded = timeout_s, load_timeout_s, False
         actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=1)(JudgeEngine)
         self.actor = actor.remote(str(model), format, max_tokens, max_model_len, reasoning_effort, dtype,
                                   gpu_memory_utilization, seed)
@@ -131,6 +137,9 @@ class VLLMJudge:
     def _complete_batch(self, conversations):
         import ray
 
+        if not self._loaded:  # the engine's load time is not the first call's: it has its own limit
+            ray.get(self.actor.ready.remote(), timeout=self.load_timeout_s)
+            self._loaded = True
         results = ray.get(self.actor.complete_batch.remote(conversations), timeout=self.timeout_s)
         return [RuntimeError(err) if err is not None else text for text, err in results]
 

@@ -110,3 +110,15 @@ def test_chain_experiment_budgets_are_the_worlds_budgets():
     assert c.env.name == "chain" and term["shape"] == "thinkprune" and term["gate"] == "math"
     assert dict(term["budgets"]) == ChainEnv(steps=c.env.steps).budgets()
     assert c.reward.terms["math"]["weight"] == 0.0 and c.eval.metric == "math"
+
+
+def test_walk_experiment_budgets_are_the_worlds_budgets():
+    """experiment=walk: ThinkPrune's reward against budgets that fit 1 / 4 / all doors of its walks (a copy
+    of envs.walk_tasks.budgets, checked here so the two cannot drift apart)."""
+    from envs.walk_tasks import WalkEnv
+
+    c = compose(["experiment=walk"])
+    term = c.reward.terms["effort_length"]
+    assert c.env.name == "walk" and term["shape"] == "thinkprune" and term["gate"] == "math"
+    assert dict(term["budgets"]) == WalkEnv(steps=c.env.steps, show_doors=c.env.walk_show_doors).budgets()
+    assert c.reward.terms["math"]["weight"] == 0.0 and c.eval.metric == "math"

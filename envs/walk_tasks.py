@@ -1,0 +1,252 @@
+r"""A tiny world where thinking pays by construction: a walk through ten rooms by two fixed doors ("walk").
+
+What
+- `WalkEnv(seed, steps=8)` yields tasks such as
+  "Doors: L, R, R, L, S, S, S, S. Start in room 3. Final room?": rooms are 0-9, and each door is a fixed
+  map of rooms (`DOORS`, the same in every task: the world's physics, learned in SFT, never shown).
+  Going through door L from room x leads to room L[x]; S is "stay". The answer is the room after the
+  last door; `metadata["answer"]` is that digit as a string, so the math-verify reward scores it.
+  A walk has `steps` slots: 1..steps real doors (L or R, uniformly many), then S to the end.
+- `solution(task, effort)` writes the rooms visited, "3,6,1,7,2,2,2,2,2" (the start room, then one room
+  per door), through the first `written` doors, then jumps to the final room in one shot (">2"). The
+  final answer is always the last room written, so reading it off the trace is one rule.
+- Train and test never overlap: a walk's split is a pure function of (start, doors), hashed.
+
+Why this world (issue 14; README "Effort that pays")
+- Every written step is what the tiny model does reliably: the question spends two tokens per door
+  (" L", ",") and the trace two per room ("6", ","), so the door a step needs sits at the same distance
+  behind it in every step and every task (a fixed-offset read), and the room before it two tokens back.
+  The step is then one of 30 facts (room x door), the same facts in every task. Nothing needs a
+  content-addressed lookup (the chain world's reads, which the tiny model did not learn at the demo's
+  budget) or arithmetic facts of which there are hundreds (digit sums).
+- The one-shot answer cannot be shortcut on long walks: L and R are 10-cycles that do not commute and
+  generate all of S10, so the final room depends on the whole order of the doors (Liu et al. 2023,
+  "Transformers learn shortcuts to automata": solving a non-abelian word problem in one pass needs depth
+  growing with length; a scratchpad turns it into one step per symbol, Nye et al. 2021). What is left
+  after the written doors is solvable in one shot when it holds no more than one or two real doors
+  (they sit at the same fixed offsets behind the jump as a written step's door), so each effort has a
+  share of walks it can learn to solve, growing with the doors it writes.
+- Effort = how much of the walk is worked out: low writes 0-2 doors, medium 3-5 of 8, high
+  every door (and sometimes the walk twice, over the high budget, so budget compliance is RL's to
+  learn). The one-shot remainder shrinks with effort, so accuracy rises with it.
+
+Run `python -m envs.walk_tasks` to print one task per effort and the token counts per style.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+
+from envs.draw import check_split, draw_distinct
+from envs.types import EFFORTS, Task
+
+ENV_NAME = "math"  # scored by the math reward: the final answer is an integer
+TEST_FRACTION = 0.1
+MAX_STEPS = 12
+# The doors: L and R are fixed 10-cycles of rooms 0-9 that do not commute; S stays.
+DOORS = {
+    "L": (5, 0, 8, 1, 7, 9, 4, 3, 6, 2),
+    "R": (3, 7, 0, 9, 1, 6, 2, 8, 5, 4),
+    "S": tuple(range(10)),
+}
+QUESTION_RE = re.compile(r"^Doors: ((?:[LRS], )*[LRS])\. Start in room (\d)\. Final room\?$")
+
+# Doors written per effort as (count, weight): an int = that many doors from the start, a negative int =
+# all but that many, "all" = every door, "all+check" = every door and then the walk again.
+STYLE = {
+    "low": ((0, 0.4), (1, 0.3), (2, 0.3)),
+    "medium": ((3, 0.3), (4, 0.4), (5, 0.3)),
+    "high": (("all", 0.7), ("all+check", 0.3)),
+}
+# Doors each effort's budget fits (the budget is the token count of that trace plus a margin).
+BUDGET_STEPS = {"low": 1, "medium": 4, "high": "all"}
+
+
+def walk(start: int, doors: str) -> list[int]:
+    """Rooms after each door, from `start`.
+
+    >>> walk(3, "LSR")
+    [1, 1, 7]
+    """
+    out, room = [], start
+    for d in doors:
+        room = DOORS[d][room]
+        out.append(room)
+    return out
+
+
+def question(start: int, doors: str) -> str:
+    return f"Doors: {', '.join(doors)}. Start in room {start}. Final room?"
+
+
+def parse_question(text: str) -> tuple[int, str]:
+    """(start room, doors) of a walk question; ValueError naming the problem otherwise.
+
+    >>> parse_question(question(3, "LSRL"))
+    (3, 'LSRL')
+    """
+    m = QUESTION_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a walk question (Doors: <L|R|S>, .... Start in room <0-9>. Final room?)")
+    doors = m.group(1).replace(", ", "")
+    if len(doors) > MAX_STEPS:
+        raise ValueError(f"{text!r}: {len(doors)} doors, at most {MAX_STEPS}")
+    return int(m.group(2)), doors
+
+
+def split_of(start: int, doors: str) -> str:
+    """"test" for about TEST_FRACTION of all walks, else "train"; depends on the walk only."""
+    digest = hashlib.sha256(f"walk|{start}|{doors}".encode()).digest()
+    return "test" if int.from_bytes(digest[:8], "big") % 10_000 < TEST_FRACTION * 10_000 else "train"
+
+
+def trace(start: int, doors: str, written: int, check: bool = False, show_doors: bool = False) -> str:
+    """The analysis text: the rooms through the first `written` doors, then a jump to the final room
+    (">N") unless every door was written; `check` writes the whole walk once more. `show_doors` writes
+    each door before the room it leads to ("3L1S1R7"), where the rooms alone are comma-separated.
+
+    >>> trace(3, "LSR", 3), trace(3, "LSR", 1), trace(3, "LSR", 0), trace(3, "LSR", 3, check=True)
+    ('3,1,1,7', '3,1,>7', '>7', '3,1,1,7\\n3,1,1,7')
+    >>> trace(3, "LSR", 3, show_doors=True), trace(3, "LSR", 1, show_doors=True)
+    ('3L1S1R7', '3L1>7')
+    """
+    if not 0 <= written <= len(doors):
+        raise ValueError(f"written={written} must be in 0..{len(doors)}")
+    rooms = [start] + walk(start, doors)
+    seps = list(doors) if show_doors else [","] * len(doors)  # what stands between two rooms
+    done = written == len(doors)
+    text = (str(start) + "".join(seps[i] + str(rooms[i + 1]) for i in range(written))) if written else ""
+    if not done:
+        text += ("" if show_doors or not written else ",") + f">{rooms[-1]}"
+    full = str(start) + "".join(seps[i] + str(rooms[i + 1]) for i in range(len(doors)))
+    return text + ("\n" + full if check else "")
+
+
+def _written(style, steps: int) -> int:
+    if style in ("all", "all+check"):
+        return steps
+    return max(0, min(steps, style if style >= 0 else steps + style))
+
+
+def _pick(rng: random.Random, weighted) -> object:
+    r, acc = rng.random(), 0.0
+    for value, w in weighted:
+        acc += w
+        if r < acc:
+            return value
+    return weighted[-1][0]
+
+
+@dataclass
+class WalkEnv:
+    """Seeded source of walks. `tasks("train"|"test", n, seed)` never mixes splits.
+
+    >>> env = WalkEnv(seed=0)
+    >>> t = env.tasks("test", 1)[0]
+    >>> start, doors = parse_question(t.question)
+    >>> split_of(start, doors), len(doors), t.metadata["answer"] == str(walk(start, doors)[-1])
+    ('test', 8, True)
+    """
+
+    name = "walk"
+    seed: int = 0
+    steps: int = 8  # door slots per walk
+    stay: str = "end"  # where the S slots go: "end" (real doors first) or "anywhere" (random slots)
+    show_doors: bool = False  # traces write each door before its room ("3L1S1R7")
+
+    def __post_init__(self):
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"steps={self.steps} must be in 1..{MAX_STEPS}")
+        if self.stay not in ("end", "anywhere"):
+            raise ValueError(f"stay={self.stay!r} must be 'end' or 'anywhere'")
+
+    def tasks(self, split: str, n: int, seed: int | None = None) -> list[Task]:
+        """`n` distinct walks of `split`, deterministic in (env seed, `seed`, split, steps)."""
+        check_split(split)
+        rng = random.Random(f"walk:{self.seed}:{seed}:{split}:{self.steps}:{self.stay}")
+
+        def draw():
+            start, real = rng.randint(0, 9), rng.randint(1, self.steps)
+            at = range(real) if self.stay == "end" else set(rng.sample(range(self.steps), real))
+            doors = "".join(rng.choice("LR") if i in at else "S" for i in range(self.steps))
+            return f"{start}|{doors}", split_of(start, doors), lambda: self._task(start, doors, split)
+
+        return draw_distinct(split, n, draw, n * 50 + 1000, f"walks of {self.steps} doors")
+
+    def _task(self, start: int, doors: str, split: str) -> Task:
+        return Task(
+            task_id=f"walk-{start}{doors}",
+            env=ENV_NAME,
+            question=question(start, doors),
+            metadata={"answer": str(walk(start, doors)[-1]), "split": split, "steps": len(doors)},
+        )
+
+    def solution(self, task: Task, effort: str) -> tuple[str, str]:
+        return solution(task, effort, self.show_doors)
+
+    def budgets(self) -> dict[str, int]:
+        return budgets(self.steps, self.show_doors)
+
+    def vocabulary_corpus(self) -> list[str]:
+        return vocabulary_corpus(self.steps, self.show_doors)
+
+
+def solution(task: Task, effort: str, show_doors: bool = False) -> tuple[str, str]:
+    """(analysis, final) for a walk in the style of `effort` (`STYLE`), drawn with a seed of (task,
+    effort) so the SFT data is reproducible.
+
+    >>> t = WalkEnv().tasks("train", 1)[0]
+    >>> analysis, final = solution(t, "high")
+    >>> analysis[-1] == final
+    True
+    """
+    if effort not in EFFORTS:
+        raise ValueError(f"effort={effort!r} is not one of {EFFORTS}")
+    start, doors = parse_question(task.question)
+    style = _pick(random.Random(f"style:{task.task_id}:{effort}"), STYLE[effort])
+    answer = str(walk(start, doors)[-1])
+    return trace(start, doors, _written(style, len(doors)), style == "all+check", show_doors), answer
+
+
+def budgets(steps: int, show_doors: bool = False) -> dict[str, int]:
+    """CoT token budget per effort for walks of `steps` doors: the tokens of the trace writing
+    `BUDGET_STEPS[effort]` doors, plus 1 token of margin (one more door is over it) (every walk of the same length tokenizes to the
+    same count: two tokens per room)."""
+    from envs.harmony import encode
+
+    doors = "LRS" * steps
+    return {effort: len(encode(trace(0, doors[:steps], _written(n, steps), show_doors=show_doors))) + 1
+            for effort, n in BUDGET_STEPS.items()}
+
+
+def vocabulary_corpus(steps: int = 8, show_doors: bool = False) -> list[str]:
+    """Strings covering every token walk questions and traces can produce."""
+    rng = random.Random(0)
+    out = [" ".join(str(i) for i in range(10)), ",".join(str(i) for i in range(10))]
+    for _ in range(200):
+        start, doors = rng.randint(0, 9), "".join(rng.choice("LRS") for _ in range(steps))
+        out.append(question(start, doors))
+        out.append(trace(start, doors, steps, True, show_doors))
+        out += [trace(start, doors, k, show_doors=show_doors) for k in range(steps)]
+    return out
+
+
+def _main() -> None:
+    from envs.harmony import encode
+
+    env = WalkEnv(seed=0)
+    task = env.tasks("train", 1)[0]
+    print(task.question, "->", task.metadata["answer"])
+    for effort in EFFORTS:
+        print(f"--- {effort}\n{solution(task, effort)[0]}")
+    sample = env.tasks("train", 300)
+    print("budgets:", env.budgets())
+    for effort in EFFORTS:
+        counts = [len(encode(solution(t, effort)[0])) for t in sample]
+        print(f"{effort}: mean {sum(counts) / len(counts):.1f} min {min(counts)} max {max(counts)}")
+
+
+if __name__ == "__main__":
+    _main()
