@@ -55,13 +55,15 @@ QUESTION_RE = re.compile(r"^Doors: ((?:[LRS], )*[LRS])\. Start in room (\d)\. Fi
 
 # Doors written per effort as (count, weight): an int = that many doors from the start, a negative int =
 # all but that many, "all" = every door, "all+check" = every door and then the walk again.
+# Lengths vary around the budgets on both sides: over them (RL must cut) and under them (RL must learn to
+# spend the budget: each door written is a walk more it can finish).
 STYLE = {
-    "low": ((0, 0.4), (1, 0.3), (2, 0.3)),
-    "medium": ((3, 0.3), (4, 0.4), (5, 0.3)),
-    "high": (("all", 0.7), ("all+check", 0.3)),
+    "low": ((0, 0.35), (1, 0.35), (2, 0.15), (3, 0.15)),
+    "medium": ((2, 0.25), (3, 0.35), (4, 0.25), (5, 0.15)),
+    "high": ((4, 0.15), (6, 0.2), ("all", 0.45), ("all+check", 0.2)),
 }
 # Doors each effort's budget fits (the budget is the token count of that trace plus a margin).
-BUDGET_STEPS = {"low": 1, "medium": 4, "high": "all"}
+BUDGET_STEPS = {"low": 2, "medium": 4, "high": "all"}
 
 
 def walk(start: int, doors: str) -> list[int]:
@@ -103,24 +105,29 @@ def split_of(start: int, doors: str) -> str:
 
 
 def trace(start: int, doors: str, written: int, check: bool = False, show_doors: bool = False) -> str:
-    """The analysis text: the rooms through the first `written` doors, then a jump to the final room
-    (">N") unless every door was written; `check` writes the whole walk once more. `show_doors` writes
-    each door before the room it leads to ("3L1S1R7"), where the rooms alone are comma-separated.
+    """The analysis text: the rooms through the first `written` doors, then, unless every door was
+    written, a jump to the final room (">N"); `check` writes the whole walk once more. `show_doors`
+    writes each door before the room it leads to ("3L1S1R7"), where the rooms alone are comma-separated;
+    a partial trace then also writes the next door before its jump ("3L1S>7"): one fixed-offset copy,
+    after which an S (the walk is over: real doors come first) makes the jump a copy of the last room.
 
     >>> trace(3, "LSR", 3), trace(3, "LSR", 1), trace(3, "LSR", 0), trace(3, "LSR", 3, check=True)
     ('3,1,1,7', '3,1,>7', '>7', '3,1,1,7\\n3,1,1,7')
-    >>> trace(3, "LSR", 3, show_doors=True), trace(3, "LSR", 1, show_doors=True)
-    ('3L1S1R7', '3L1>7')
+    >>> trace(3, "LSR", 3, show_doors=True), trace(3, "LSR", 1, show_doors=True), trace(3, "LSR", 0, show_doors=True)
+    ('3L1S1R7', '3L1S>7', '3L>7')
     """
     if not 0 <= written <= len(doors):
         raise ValueError(f"written={written} must be in 0..{len(doors)}")
     rooms = [start] + walk(start, doors)
     seps = list(doors) if show_doors else [","] * len(doors)  # what stands between two rooms
-    done = written == len(doors)
-    text = (str(start) + "".join(seps[i] + str(rooms[i + 1]) for i in range(written))) if written else ""
-    if not done:
-        text += ("" if show_doors or not written else ",") + f">{rooms[-1]}"
     full = str(start) + "".join(seps[i] + str(rooms[i + 1]) for i in range(len(doors)))
+    if written == len(doors):
+        text = full
+    elif show_doors:
+        text = str(start) + "".join(seps[i] + str(rooms[i + 1]) for i in range(written)) + doors[written]
+        text += f">{rooms[-1]}"
+    else:
+        text = "".join(f"{r}," for r in rooms[:written + 1]) * bool(written) + f">{rooms[-1]}"
     return text + ("\n" + full if check else "")
 
 
