@@ -41,12 +41,16 @@ def runtime_env() -> dict:
 
 
 def init_ray(cfg: ClusterConfig) -> None:
-    """Start (address null) or join (address set) Ray for this process; no-op if Ray is up."""
+    """Start (address null) or join (address set) Ray for this process; no-op if Ray is up. A local start runs
+    Ray's workers (the learner and rollout actors) at `cfg.worker_niceness` (Ray's default is 15)."""
     import ray
 
+    if not -20 <= cfg.worker_niceness <= 19:
+        raise ValueError(f"cluster.worker_niceness={cfg.worker_niceness} must be in -20..19")
     if ray.is_initialized():
         return
     if not cfg.address:
+        os.environ.setdefault("RAY_worker_niceness", str(cfg.worker_niceness))  # read by the raylet it starts
         ray.init(num_cpus=cfg.num_cpus or max(os.cpu_count() or 2, 4), namespace=cfg.namespace,
                  runtime_env=runtime_env(), include_dashboard=False, log_to_driver=True)
         return

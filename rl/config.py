@@ -347,6 +347,11 @@ class EvalConfig:
 class ClusterConfig:
     address: Optional[str] = None  # null = embedded local Ray; "auto" or "host:6379" joins a running one
     num_cpus: Optional[int] = None  # local Ray only
+    # Local Ray only: the nice value of Ray's worker processes (the learner and rollout actors). Ray's own
+    # default is 15, which lets any other process on the box starve them (a learner step waited 711 s behind
+    # two SFT runs); they are the job, so 0. RAY_worker_niceness in the environment wins. A cluster started
+    # with `ray start` takes RAY_worker_niceness from that command's environment.
+    worker_niceness: int = 0
     namespace: str = "deliberate"
     # Ray placement group for the run's actors (rl/placement.py): none = Ray places each actor by its
     # num_cpus/num_gpus | separate = learner ranks and rollout workers in their own bundles (own GPUs) |

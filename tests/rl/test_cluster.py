@@ -148,3 +148,34 @@ def test_train_two_steps_on_the_cluster(head, policy, tmp_path):
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
     assert (run_dir / "checkpoints" / "step_000002" / "model.safetensors").exists()
+
+
+NICENESS_DRIVER = """
+import os, ray
+from rl.cluster import init_ray
+from rl.config import ClusterConfig
+init_ray(ClusterConfig(num_cpus=1))
+print("niceness", ray.get(ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote()))
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env_value, expected", [(None, 0), ("7", 7)])
+def test_local_ray_runs_its_actors_at_normal_priority(env_value, expected):
+    """Ray's workers start at niceness 15 unless told otherwise, and then any other process on the box starves
+    the learner; a local start runs them at `cluster.worker_niceness` (0), RAY_worker_niceness winning."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
+    if env_value is not None:
+        env["RAY_worker_niceness"] = env_value
+    out = subprocess.run([sys.executable, "-c", NICENESS_DRIVER], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert f"niceness {expected}" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_worker_niceness_out_of_range_fails_naming_the_key():
+    from rl.cluster import init_ray
+    from rl.config import ClusterConfig
+
+    with pytest.raises(ValueError, match="worker_niceness"):
+        init_ray(ClusterConfig(worker_niceness=40))
