@@ -57,11 +57,18 @@ def step_stats(records: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def by_checkpoint(path: str) -> dict[str, list[dict]]:
+    """samples.jsonl (rl.evaluate) as {checkpoint: its records}, in file order."""
+    out: dict[str, list[dict]] = {}
+    for line in open(path):
+        r = json.loads(line)
+        out.setdefault(r.get("checkpoint"), []).append(r)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    path = (argv or sys.argv[1:])[0]
-    records = [json.loads(line) for line in open(path)]
-    for checkpoint in dict.fromkeys(r.get("checkpoint") for r in records):
-        for effort, s in step_stats([r for r in records if r.get("checkpoint") == checkpoint]).items():
+    for checkpoint, records in by_checkpoint((argv or sys.argv[1:])[0]).items():
+        for effort, s in step_stats(records).items():
             print(f"{checkpoint} {effort}: n={s['n']} first line {s['first_line_copy']:.3f} | per step ({s['steps']}): "
                   f"copy {s['step_copy']:.3f} sum {s['step_sum']:.3f} | last line right {s['last_line_right']:.3f} | "
                   f"final = last line's sum {s['final_from_trace']:.3f} | correct {s['correct']:.3f}")

@@ -10,10 +10,10 @@ accuracy by doors written (histogram).
 """
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter, defaultdict
 
+from bench.trace_steps import by_checkpoint
 from envs.walk_tasks import DOORS, parse_question, walk
 
 
@@ -62,6 +62,7 @@ def step_stats(records: list[dict]) -> dict[str, dict]:
             c["final_from_trace"] += final == str(jump if jump is not None else last)
             by_written[written].append(right)
             if rooms:
+                c["with_start"] += 1
                 c["start_copy"] += rooms[0] == start
             for i in range(1, min(len(rooms), len(doors) + 1)):
                 c["steps"] += 1
@@ -69,7 +70,7 @@ def step_stats(records: list[dict]) -> dict[str, dict]:
                 c["on_walk"] += rooms[i] == truth[i - 1]
         n, steps = c["n"], max(c["steps"], 1)
         out[effort] = {"n": n, "correct": c["correct"] / n, "unparsed": c["unparsed"] / n,
-                       "start_copy": c["start_copy"] / max(sum(len(v) for k, v in by_written.items() if k), 1),
+                       "start_copy": c["start_copy"] / max(c["with_start"], 1),
                        "steps": c["steps"], "step_fact": c["step_fact"] / steps, "on_walk": c["on_walk"] / steps,
                        "jump": c["jump"] / max(c["jumps"], 1), "jumps": c["jumps"],
                        "final_from_trace": c["final_from_trace"] / max(n - c["unparsed"], 1),
@@ -78,10 +79,8 @@ def step_stats(records: list[dict]) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    path = (argv or sys.argv[1:])[0]
-    records = [json.loads(line) for line in open(path)]
-    for checkpoint in dict.fromkeys(r.get("checkpoint") for r in records):
-        for effort, s in step_stats([r for r in records if r.get("checkpoint") == checkpoint]).items():
+    for checkpoint, records in by_checkpoint((argv or sys.argv[1:])[0]).items():
+        for effort, s in step_stats(records).items():
             hist = " ".join(f"{k}:{n}@{acc:.2f}" for k, (n, acc) in s["by_written"].items())
             print(f"{checkpoint} {effort}: n={s['n']} acc {s['correct']:.3f} | start copied {s['start_copy']:.3f} | "
                   f"per step ({s['steps']}): fact {s['step_fact']:.3f} on walk {s['on_walk']:.3f} | "

@@ -44,7 +44,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from envs.draw import check_split, draw_distinct
+from envs.draw import check_split, draw_distinct, pick_weighted, show_world
 from envs.types import EFFORTS, Task
 
 ENV_NAME = "math"  # scored by the math reward: the final answer is an integer
@@ -122,15 +122,6 @@ def split_of(table: list[int], start: int, steps: int) -> str:
 def step_line(i: int, box: int, table: list[int]) -> str:
     """Step i (0-based) opening `box`: "2|h1" (after the step number, the question's own line for h)."""
     return f"{i + 1}|{BOXES[box]}{table[box]}"
-
-
-def _pick(rng: random.Random, weighted) -> object:
-    r, acc = rng.random(), 0.0
-    for value, w in weighted:
-        acc += w
-        if r < acc:
-            return value
-    return weighted[-1][0]
 
 
 def trace(table: list[int], start: int, steps: int, written: int, check: bool = False) -> str:
@@ -226,7 +217,7 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
         raise ValueError(f"effort={effort!r} is not one of {EFFORTS}")
     table, start, steps = parse_question(task.question)
     rng = random.Random(f"style:{task.task_id}:{effort}")
-    style = _pick(rng, STYLE[effort])
+    style = pick_weighted(rng, STYLE[effort])
     written = steps if isinstance(style, str) else min(int(style), steps)
     answer = str(run_chain(table, start, steps)[-1])
     return trace(table, start, steps, written, check=style == "all+check"), answer
@@ -262,18 +253,7 @@ def vocabulary_corpus(steps: int = 5) -> list[str]:
 
 
 def _main() -> None:
-    from envs.harmony import encode
-
-    env = ChainEnv(seed=0)
-    task = env.tasks("train", 1)[0]
-    print(task.question, "->", task.metadata["answer"])
-    for effort in EFFORTS:
-        print(f"--- {effort}\n{solution(task, effort)[0]}")
-    sample = env.tasks("train", 300)
-    print("budgets:", env.budgets())
-    for effort in EFFORTS:
-        counts = [len(encode(solution(t, effort)[0])) for t in sample]
-        print(f"{effort}: mean {sum(counts) / len(counts):.1f} min {min(counts)} max {max(counts)}")
+    show_world(ChainEnv(seed=0), EFFORTS)
 
 
 if __name__ == "__main__":

@@ -49,3 +49,34 @@ def draw_distinct(split: str, n: int, draw: Callable[[], tuple[Hashable, str, Ca
     if len(out) < n:
         raise ValueError(f"only {len(out)} distinct {split} {what} found; ask for fewer than n={n}")
     return out
+
+
+def pick_weighted(rng, weighted):
+    """A value from `weighted`, a sequence of (value, weight) pairs whose weights sum to 1.
+
+    >>> import random
+    >>> pick_weighted(random.Random(0), ((0, 0.5), (1, 0.5)))  # random() = 0.844...
+    1
+    """
+    r, acc = rng.random(), 0.0
+    for value, w in weighted:
+        acc += w
+        if r < acc:
+            return value
+    return weighted[-1][0]
+
+
+def show_world(env, efforts) -> None:
+    """Print one task with its trace at each effort, the env's CoT budgets and trace lengths per effort
+    over 300 training tasks (the `python -m envs.<world>_tasks` view of a procedural effort world)."""
+    from envs.harmony import encode
+
+    task = env.tasks("train", 1)[0]
+    print(task.question, "->", task.metadata["answer"])
+    for effort in efforts:
+        print(f"--- {effort}\n{env.solution(task, effort)[0]}")
+    sample = env.tasks("train", 300)
+    print("budgets:", env.budgets())
+    for effort in efforts:
+        counts = [len(encode(env.solution(t, effort)[0])) for t in sample]
+        print(f"{effort}: mean {sum(counts) / len(counts):.1f} min {min(counts)} max {max(counts)}")

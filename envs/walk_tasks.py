@@ -39,7 +39,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from envs.draw import check_split, draw_distinct
+from envs.draw import check_split, draw_distinct, pick_weighted, show_world
 from envs.types import EFFORTS, Task
 
 ENV_NAME = "math"  # scored by the math reward: the final answer is an integer
@@ -137,15 +137,6 @@ def _written(style, steps: int) -> int:
     return max(0, min(steps, style if style >= 0 else steps + style))
 
 
-def _pick(rng: random.Random, weighted) -> object:
-    r, acc = rng.random(), 0.0
-    for value, w in weighted:
-        acc += w
-        if r < acc:
-            return value
-    return weighted[-1][0]
-
-
 @dataclass
 class WalkEnv:
     """Seeded source of walks. `tasks("train"|"test", n, seed)` never mixes splits.
@@ -212,7 +203,7 @@ def solution(task: Task, effort: str, show_doors: bool = False) -> tuple[str, st
     if effort not in EFFORTS:
         raise ValueError(f"effort={effort!r} is not one of {EFFORTS}")
     start, doors = parse_question(task.question)
-    style = _pick(random.Random(f"style:{task.task_id}:{effort}"), STYLE[effort])
+    style = pick_weighted(random.Random(f"style:{task.task_id}:{effort}"), STYLE[effort])
     answer = str(walk(start, doors)[-1])
     return trace(start, doors, _written(style, len(doors)), style == "all+check", show_doors), answer
 
@@ -241,18 +232,7 @@ def vocabulary_corpus(steps: int = 8, show_doors: bool = False) -> list[str]:
 
 
 def _main() -> None:
-    from envs.harmony import encode
-
-    env = WalkEnv(seed=0)
-    task = env.tasks("train", 1)[0]
-    print(task.question, "->", task.metadata["answer"])
-    for effort in EFFORTS:
-        print(f"--- {effort}\n{solution(task, effort)[0]}")
-    sample = env.tasks("train", 300)
-    print("budgets:", env.budgets())
-    for effort in EFFORTS:
-        counts = [len(encode(solution(t, effort)[0])) for t in sample]
-        print(f"{effort}: mean {sum(counts) / len(counts):.1f} min {min(counts)} max {max(counts)}")
+    show_world(WalkEnv(seed=0), EFFORTS)
 
 
 if __name__ == "__main__":
