@@ -44,7 +44,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from envs.draw import check_split, draw_distinct, pick_weighted, show_world
+from envs.draw import check_split, draw_distinct, hashed_split, pick_weighted, show_world, written_steps
 from envs.types import EFFORTS, Task
 
 ENV_NAME = "math"  # scored by the math reward: the final answer is an integer
@@ -115,8 +115,7 @@ def canonical_key(table: list[int], start: int, steps: int) -> str:
 
 def split_of(table: list[int], start: int, steps: int) -> str:
     """"test" for about TEST_FRACTION of all chains, else "train"; depends on the chain only."""
-    digest = hashlib.sha256(canonical_key(table, start, steps).encode()).digest()
-    return "test" if int.from_bytes(digest[:8], "big") % 10_000 < TEST_FRACTION * 10_000 else "train"
+    return hashed_split(canonical_key(table, start, steps), TEST_FRACTION)
 
 
 def step_line(i: int, box: int, table: list[int]) -> str:
@@ -218,7 +217,7 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
     table, start, steps = parse_question(task.question)
     rng = random.Random(f"style:{task.task_id}:{effort}")
     style = pick_weighted(rng, STYLE[effort])
-    written = steps if isinstance(style, str) else min(int(style), steps)
+    written = written_steps(style, steps)
     answer = str(run_chain(table, start, steps)[-1])
     return trace(table, start, steps, written, check=style == "all+check"), answer
 
@@ -232,8 +231,7 @@ def budgets(steps: int) -> dict[str, int]:
     table = list(range(10))
     out = {}
     for effort, n in BUDGET_STEPS.items():
-        written = steps if n == "all" else min(n, steps)
-        out[effort] = len(encode(trace(table, 0, steps, written))) + 2
+        out[effort] = len(encode(trace(table, 0, steps, written_steps(n, steps)))) + 2
     return out
 
 

@@ -37,7 +37,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from envs.draw import check_split, draw_distinct
+from envs.draw import check_split, draw_distinct, hashed_split
 from envs.types import EFFORTS, Task
 
 ENV_NAME = "code"
@@ -59,8 +59,7 @@ def canonical(kind: str, params: tuple[int, ...]) -> str:
 
 def split_of(function: str) -> str:
     """"test" for about TEST_FRACTION of all functions, else "train"; depends on the function only."""
-    bucket = int.from_bytes(hashlib.sha256(function.encode()).digest()[:8], "big") % 10_000
-    return "test" if bucket < TEST_FRACTION * 10_000 else "train"
+    return hashed_split(function, TEST_FRACTION)
 
 
 def evaluate(kind: str, params: tuple[int, ...], args: tuple[int, ...]) -> int:

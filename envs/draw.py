@@ -6,6 +6,7 @@ tasks the same) and the split the key falls in (a pure hash, so train and test n
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
@@ -16,6 +17,17 @@ SPLITS = ("train", "test")
 def check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use 'train' or 'test'")
+
+
+def hashed_split(key: str, test_fraction: float) -> str:
+    """"test" for about `test_fraction` of all keys, else "train": a pure function of `key` (sha256, 10,000
+    buckets), so a task's split never depends on the seed that drew it.
+
+    >>> hashed_split("walk|3|LRS", 0.1), hashed_split("walk|3|LRS", 1.0), hashed_split("walk|3|LRS", 0.0)
+    ('train', 'test', 'train')
+    """
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 10_000
+    return "test" if bucket < test_fraction * 10_000 else "train"
 
 
 def draw_distinct(split: str, n: int, draw: Callable[[], tuple[Hashable, str, Callable[[], T]]],
@@ -64,6 +76,16 @@ def pick_weighted(rng, weighted):
         if r < acc:
             return value
     return weighted[-1][0]
+
+
+def written_steps(style, steps: int) -> int:
+    """Steps an effort style writes out of `steps`: "all" or "all+check" = every one, an int n = the first
+    n (at most `steps`).
+
+    >>> written_steps("all+check", 5), written_steps(2, 5), written_steps(7, 5)
+    (5, 2, 5)
+    """
+    return steps if style in ("all", "all+check") else min(int(style), steps)
 
 
 def show_world(env, efforts) -> None:

@@ -33,7 +33,7 @@ import itertools
 import random
 from dataclasses import dataclass
 
-from envs.draw import check_split, draw_distinct
+from envs.draw import check_split, draw_distinct, hashed_split
 from envs.types import EFFORTS, Task
 
 ENV_NAME = "hierarchy"
@@ -119,8 +119,7 @@ def attacks_for(protection: str) -> tuple[str, ...]:
 
 
 def split_of(developer: str, user: str) -> str:
-    digest = hashlib.sha256(f"hierarchy:{developer}\n{user}".encode()).digest()
-    return "test" if int.from_bytes(digest[:8], "big") % 10_000 < TEST_FRACTION * 10_000 else "train"
+    return hashed_split(f"hierarchy:{developer}\n{user}", TEST_FRACTION)
 
 
 @dataclass

@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
-from envs.draw import check_split, draw_distinct
+from envs.draw import check_split, draw_distinct, hashed_split
 from envs.types import EFFORTS, Task, ToolCall, ToolTrace
 
 ENV_NAME = "math"
@@ -139,9 +139,7 @@ def canonical_key(e: Expr) -> str:
 
 def split_of(e: Expr | str) -> str:
     """"test" for about TEST_FRACTION of all problems, else "train"; depends on the problem only."""
-    key = canonical_key(parse_expr(e) if isinstance(e, str) else e)
-    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 10_000
-    return "test" if bucket < TEST_FRACTION * 10_000 else "train"
+    return hashed_split(canonical_key(parse_expr(e) if isinstance(e, str) else e), TEST_FRACTION)
 
 
 # --------------------------------------------------------------------------- problem families

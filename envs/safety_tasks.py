@@ -32,6 +32,7 @@ import hashlib
 import random
 from dataclasses import dataclass, field
 
+from envs.draw import hashed_split
 from envs.safety_spec import TINY_SPEC, Category, Spec, load_spec, normalize, resolve_spec_path
 from envs.types import EFFORTS, Task
 
@@ -41,8 +42,7 @@ TEST_FRACTION = 0.2
 
 def split_of(prompt: str) -> str:
     """"test" for about TEST_FRACTION of all requests, else "train"; depends on the text only."""
-    digest = hashlib.sha256(f"safety:{normalize(prompt)}".encode()).digest()
-    return "test" if int.from_bytes(digest[:8], "big") % 10_000 < TEST_FRACTION * 10_000 else "train"
+    return hashed_split(f"safety:{normalize(prompt)}", TEST_FRACTION)
 
 
 @dataclass

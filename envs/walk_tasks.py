@@ -8,8 +8,9 @@ What
   last door; `metadata["answer"]` is that digit as a string, so the math-verify reward scores it.
   A walk has `steps` slots: 1..steps real doors (L or R, uniformly many), then S to the end.
 - `solution(task, effort)` writes the rooms visited, "3,6,1,7,2,2,2,2,2" (the start room, then one room
-  per door), through the first `written` doors, then jumps to the final room in one shot (">2"). The
-  final answer is always the last room written, so reading it off the trace is one rule.
+  per door; with `show_doors` each door before its room, "3L6R1..."), through the first `written`
+  doors, then jumps to the final room in one shot (">2"). The final answer is always the last room
+  written, so reading it off the trace is one rule.
 - Train and test never overlap: a walk's split is a pure function of (start, doors), hashed.
 
 Why this world (issue 14; README "Effort that pays")
@@ -22,24 +23,23 @@ Why this world (issue 14; README "Effort that pays")
 - The one-shot answer cannot be shortcut on long walks: L and R are 10-cycles that do not commute and
   generate all of S10, so the final room depends on the whole order of the doors (Liu et al. 2023,
   "Transformers learn shortcuts to automata": solving a non-abelian word problem in one pass needs depth
-  growing with length; a scratchpad turns it into one step per symbol, Nye et al. 2021). What is left
-  after the written doors is solvable in one shot when it holds no more than one or two real doors
-  (they sit at the same fixed offsets behind the jump as a written step's door), so each effort has a
-  share of walks it can learn to solve, growing with the doors it writes.
-- Effort = how much of the walk is worked out: low writes 0-2 doors, medium 3-5 of 8, high
-  every door (and sometimes the walk twice, over the high budget, so budget compliance is RL's to
-  learn). The one-shot remainder shrinks with effort, so accuracy rises with it.
+  growing with length; a scratchpad turns it into one step per symbol, Nye et al. 2021).
+- Effort = how much of the walk is worked out (`STYLE`): low writes 0-3 doors, medium 2-5, high 4, 6
+  or all 8 (sometimes the walk twice), on both sides of budgets fitting 2 / 4 / 8 doors, so spending
+  the budget and keeping to it are RL's to learn.
+- Measured (README "Effort that pays: the walk world"): where SFT forms the step circuit, each written
+  step is right 98.5-99.9% of the time and high effort 0.98, but it formed at 1 of 3 seeds, and the
+  one-shot jump stayed at chance in SFT and RL (even after a written S), so low and medium sit at chance.
 
 Run `python -m envs.walk_tasks` to print one task per effort and the token counts per style.
 """
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from dataclasses import dataclass
 
-from envs.draw import check_split, draw_distinct, pick_weighted, show_world
+from envs.draw import check_split, draw_distinct, hashed_split, pick_weighted, show_world, written_steps
 from envs.types import EFFORTS, Task
 
 ENV_NAME = "math"  # scored by the math reward: the final answer is an integer
@@ -53,8 +53,8 @@ DOORS = {
 }
 QUESTION_RE = re.compile(r"^Doors: ((?:[LRS], )*[LRS])\. Start in room (\d)\. Final room\?$")
 
-# Doors written per effort as (count, weight): an int = that many doors from the start, a negative int =
-# all but that many, "all" = every door, "all+check" = every door and then the walk again.
+# Doors written per effort as (count, weight): an int = that many doors from the start, "all" = every door,
+# "all+check" = every door and then the walk again.
 # Lengths vary around the budgets on both sides: over them (RL must cut) and under them (RL must learn to
 # spend the budget: each door written is a walk more it can finish).
 STYLE = {
@@ -100,8 +100,7 @@ def parse_question(text: str) -> tuple[int, str]:
 
 def split_of(start: int, doors: str) -> str:
     """"test" for about TEST_FRACTION of all walks, else "train"; depends on the walk only."""
-    digest = hashlib.sha256(f"walk|{start}|{doors}".encode()).digest()
-    return "test" if int.from_bytes(digest[:8], "big") % 10_000 < TEST_FRACTION * 10_000 else "train"
+    return hashed_split(f"walk|{start}|{doors}", TEST_FRACTION)
 
 
 def trace(start: int, doors: str, written: int, check: bool = False, show_doors: bool = False) -> str:
@@ -118,23 +117,15 @@ def trace(start: int, doors: str, written: int, check: bool = False, show_doors:
     """
     if not 0 <= written <= len(doors):
         raise ValueError(f"written={written} must be in 0..{len(doors)}")
-    rooms = [start] + walk(start, doors)
-    seps = list(doors) if show_doors else [","] * len(doors)  # what stands between two rooms
-    full = str(start) + "".join(seps[i] + str(rooms[i + 1]) for i in range(len(doors)))
+    rooms = walk(start, doors)
+    steps = [(d if show_doors else ",") + str(r) for d, r in zip(doors, rooms)]  # what leads to each room
+    full = str(start) + "".join(steps)
     if written == len(doors):
         text = full
-    elif show_doors:
-        text = str(start) + "".join(seps[i] + str(rooms[i + 1]) for i in range(written)) + doors[written]
-        text += f">{rooms[-1]}"
-    else:
-        text = "".join(f"{r}," for r in rooms[:written + 1]) * bool(written) + f">{rooms[-1]}"
+    else:  # before the jump: the next door (show_doors), or a comma after any written room
+        head = str(start) + "".join(steps[:written])
+        text = (head + doors[written] if show_doors else head + "," if written else "") + f">{rooms[-1]}"
     return text + ("\n" + full if check else "")
-
-
-def _written(style, steps: int) -> int:
-    if style in ("all", "all+check"):
-        return steps
-    return max(0, min(steps, style if style >= 0 else steps + style))
 
 
 @dataclass
@@ -205,17 +196,17 @@ def solution(task: Task, effort: str, show_doors: bool = False) -> tuple[str, st
     start, doors = parse_question(task.question)
     style = pick_weighted(random.Random(f"style:{task.task_id}:{effort}"), STYLE[effort])
     answer = str(walk(start, doors)[-1])
-    return trace(start, doors, _written(style, len(doors)), style == "all+check", show_doors), answer
+    return trace(start, doors, written_steps(style, len(doors)), style == "all+check", show_doors), answer
 
 
 def budgets(steps: int, show_doors: bool = False) -> dict[str, int]:
     """CoT token budget per effort for walks of `steps` doors: the tokens of the trace writing
-    `BUDGET_STEPS[effort]` doors, plus 1 token of margin (one more door is over it) (every walk of the same length tokenizes to the
-    same count: two tokens per room)."""
+    `BUDGET_STEPS[effort]` doors plus 1 token of margin, so one more door (two tokens) is over it. Every
+    walk of the same length tokenizes to the same count."""
     from envs.harmony import encode
 
     doors = "LRS" * steps
-    return {effort: len(encode(trace(0, doors[:steps], _written(n, steps), show_doors=show_doors))) + 1
+    return {effort: len(encode(trace(0, doors[:steps], written_steps(n, steps), show_doors=show_doors))) + 1
             for effort, n in BUDGET_STEPS.items()}
 
 
