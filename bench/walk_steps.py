@@ -6,7 +6,7 @@ Per checkpoint and effort, from every sample's analysis ("3,6,1,...", ending in 
 one-shot jump ">N"): the start room copied, each written room right given the room written before it
 (the step's fact: DOORS[door][room]), each written room on the true walk, the jump right given the last
 written room and the doors left (the one-shot part), the final equal to the trace's last room, and
-accuracy by doors written (histogram).
+accuracy by doors written and by the walk's real doors (histograms).
 """
 from __future__ import annotations
 
@@ -37,11 +37,14 @@ def step_stats(records: list[dict]) -> dict[str, dict]:
     ...                 {"effort": "low", "question": q, "analysis": "3,1,>4", "final": "4"}])
     >>> s["high"]["step_fact"], s["high"]["on_walk"], s["high"]["correct"], s["low"]["jump"], s["low"]["correct"]
     (1.0, 1.0, 1.0, 0.0, 0.0)
+    >>> s["high"]["by_real"], s["low"]["by_written"]
+    ({2: (1, 1.0)}, {1: (1, 0.0)})
     """
     out = {}
     for effort in dict.fromkeys(r["effort"] for r in records):
         c: Counter = Counter()
         by_written: dict[int, list[int]] = defaultdict(list)
+        by_real: dict[int, list[int]] = defaultdict(list)
         for r in (r for r in records if r["effort"] == effort):
             start, doors = parse_question(r["question"])
             truth = walk(start, doors)
@@ -50,6 +53,7 @@ def step_stats(records: list[dict]) -> dict[str, dict]:
             right = final == str(truth[-1])
             c["n"] += 1
             c["correct"] += right
+            by_real[len(doors.rstrip("S"))].append(right)
             if parsed is None:
                 c["unparsed"] += 1
                 continue
@@ -74,7 +78,8 @@ def step_stats(records: list[dict]) -> dict[str, dict]:
                        "steps": c["steps"], "step_fact": c["step_fact"] / steps, "on_walk": c["on_walk"] / steps,
                        "jump": c["jump"] / max(c["jumps"], 1), "jumps": c["jumps"],
                        "final_from_trace": c["final_from_trace"] / max(n - c["unparsed"], 1),
-                       "by_written": {k: (len(v), sum(v) / len(v)) for k, v in sorted(by_written.items())}}
+                       "by_written": {k: (len(v), sum(v) / len(v)) for k, v in sorted(by_written.items())},
+                       "by_real": {k: (len(v), sum(v) / len(v)) for k, v in sorted(by_real.items())}}
     return out
 
 
@@ -82,9 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     for checkpoint, records in by_checkpoint((argv or sys.argv[1:])[0]).items():
         for effort, s in step_stats(records).items():
             hist = " ".join(f"{k}:{n}@{acc:.2f}" for k, (n, acc) in s["by_written"].items())
+            real = " ".join(f"{k}:{n}@{acc:.2f}" for k, (n, acc) in s["by_real"].items())
             print(f"{checkpoint} {effort}: n={s['n']} acc {s['correct']:.3f} | start copied {s['start_copy']:.3f} | "
                   f"per step ({s['steps']}): fact {s['step_fact']:.3f} on walk {s['on_walk']:.3f} | "
-                  f"jump ({s['jumps']}) {s['jump']:.3f} | final = trace's last room {s['final_from_trace']:.3f} | doors written:n@acc {hist}")
+                  f"jump ({s['jumps']}) {s['jump']:.3f} | final = trace's last room {s['final_from_trace']:.3f} | doors written:n@acc {hist}"
+                  f" | real doors:n@acc {real}")
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ def hashed_split(key: str, test_fraction: float) -> str:
 
 
 def draw_distinct(split: str, n: int, draw: Callable[[], tuple[Hashable, str, Callable[[], T]]],
-                  attempts: int, what: str) -> list[T]:
+                  attempts: int, what: str, distinct: bool = True) -> list[T]:
     """The first `n` distinct candidates of `split` among at most `attempts` draws. `draw()` returns
     (key, the key's split, a thunk building the task); a short supply is a ValueError naming `what`.
+    `distinct=False` keeps repeats: `n` independent draws from `split`'s distribution.
 
     >>> import random
     >>> rng = random.Random(0)
@@ -46,6 +47,8 @@ def draw_distinct(split: str, n: int, draw: Callable[[], tuple[Hashable, str, Ca
     Traceback (most recent call last):
     ...
     ValueError: only 5 distinct test odd digits found; ask for fewer than n=6
+    >>> len(draw_distinct("test", 6, draw, attempts=100, what="odd digits", distinct=False))
+    6
     """
     check_split(split)
     out: list[T] = []
@@ -54,7 +57,7 @@ def draw_distinct(split: str, n: int, draw: Callable[[], tuple[Hashable, str, Ca
         if len(out) == n:
             break
         key, key_split, build = draw()
-        if key in seen or key_split != split:
+        if (distinct and key in seen) or key_split != split:
             continue
         seen.add(key)
         out.append(build())

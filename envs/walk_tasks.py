@@ -62,8 +62,19 @@ STYLE = {
     "medium": ((2, 0.25), (3, 0.35), (4, 0.25), (5, 0.15)),
     "high": ((4, 0.15), (6, 0.2), ("all", 0.45), ("all+check", 0.2)),
 }
-# Doors each effort's budget fits (the budget is the token count of that trace plus a margin).
+# `stop` traces (a walk shorter than the style is written whole): each effort's doors spread evenly over
+# both sides of its budget (whole walks of 3 / 5 / 8 doors), so the SFT data keeps to the budgets only
+# 75 / 85 / 80% of the time and finishes short walks in only some of the traces that could; "all+check"
+# writes every slot twice, S doors included (always over high's budget).
+STOP_STYLE = {
+    "low": ((0, 0.2), (1, 0.2), (2, 0.2), (3, 0.2), (4, 0.2)),
+    "medium": ((2, 0.2), (3, 0.2), (4, 0.2), (5, 0.2), (6, 0.2)),
+    "high": ((4, 0.15), (6, 0.2), ("all", 0.45), ("all+check", 0.2)),
+}
+# Doors each effort's budget fits (the budget is the token count of that trace plus a margin): written
+# before a jump, or (`stop` traces) a whole walk of that many doors, where a jump fits one door fewer.
 BUDGET_STEPS = {"low": 2, "medium": 4, "high": "all"}
+STOP_BUDGET_STEPS = {"low": 3, "medium": 5, "high": "all"}
 
 
 def walk(start: int, doors: str) -> list[int]:
@@ -103,20 +114,28 @@ def split_of(start: int, doors: str) -> str:
     return hashed_split(f"walk|{start}|{doors}", TEST_FRACTION)
 
 
-def trace(start: int, doors: str, written: int, check: bool = False, show_doors: bool = False) -> str:
+def trace(start: int, doors: str, written: int, check: bool = False, show_doors: bool = False,
+          stop: bool = False) -> str:
     """The analysis text: the rooms through the first `written` doors, then, unless every door was
     written, a jump to the final room (">N"); `check` writes the whole walk once more. `show_doors`
     writes each door before the room it leads to ("3L1S1R7"), where the rooms alone are comma-separated;
     a partial trace then also writes the next door before its jump ("3L1S>7"): one fixed-offset copy,
     after which an S (the walk is over: real doors come first) makes the jump a copy of the last room.
+    `stop` ends the walk at its last real door: trailing S doors change nothing and are not written, so a
+    walk shorter than `written` is written out whole and needs no jump ("3L1" for "LSS").
 
     >>> trace(3, "LSR", 3), trace(3, "LSR", 1), trace(3, "LSR", 0), trace(3, "LSR", 3, check=True)
     ('3,1,1,7', '3,1,>7', '>7', '3,1,1,7\\n3,1,1,7')
     >>> trace(3, "LSR", 3, show_doors=True), trace(3, "LSR", 1, show_doors=True), trace(3, "LSR", 0, show_doors=True)
     ('3L1S1R7', '3L1S>7', '3L>7')
+    >>> trace(3, "LSS", 3, show_doors=True, stop=True), trace(3, "LRS", 1, show_doors=True, stop=True)
+    ('3L1', '3L1R>7')
     """
     if not 0 <= written <= len(doors):
         raise ValueError(f"written={written} must be in 0..{len(doors)}")
+    if stop:
+        doors = doors.rstrip("S")
+        written = min(written, len(doors))
     rooms = walk(start, doors)
     steps = [(d if show_doors else ",") + str(r) for d, r in zip(doors, rooms)]  # what leads to each room
     full = str(start) + "".join(steps)
@@ -144,17 +163,24 @@ class WalkEnv:
     steps: int = 8  # door slots per walk
     stay: str = "end"  # where the S slots go: "end" (real doors first) or "anywhere" (random slots)
     show_doors: bool = False  # traces write each door before its room ("3L1S1R7")
+    stop: bool = False  # traces end at the walk's last real door: a walk no longer than the effort's is written whole
+    draw: str = "distinct"  # "distinct" walks, or "iid": walks drawn independently, so short ones recur as often
+    # as long ones (there are only 10 x 2^m walks of m real doors: distinct draws are mostly long walks)
 
     def __post_init__(self):
         if not 1 <= self.steps <= MAX_STEPS:
             raise ValueError(f"steps={self.steps} must be in 1..{MAX_STEPS}")
         if self.stay not in ("end", "anywhere"):
             raise ValueError(f"stay={self.stay!r} must be 'end' or 'anywhere'")
+        if self.draw not in ("distinct", "iid"):
+            raise ValueError(f"draw={self.draw!r} must be 'distinct' or 'iid'")
 
     def tasks(self, split: str, n: int, seed: int | None = None) -> list[Task]:
-        """`n` distinct walks of `split`, deterministic in (env seed, `seed`, split, steps)."""
+        """`n` walks of `split` (distinct unless `draw="iid"`), deterministic in (env seed, `seed`, split,
+        steps, stay, draw)."""
         check_split(split)
-        rng = random.Random(f"walk:{self.seed}:{seed}:{split}:{self.steps}:{self.stay}")
+        tag = "" if self.draw == "distinct" else f":{self.draw}"
+        rng = random.Random(f"walk:{self.seed}:{seed}:{split}:{self.steps}:{self.stay}{tag}")
 
         def draw():
             start, real = rng.randint(0, 9), rng.randint(1, self.steps)
@@ -162,7 +188,8 @@ class WalkEnv:
             doors = "".join(rng.choice("LR") if i in at else "S" for i in range(self.steps))
             return f"{start}|{doors}", split_of(start, doors), lambda: self._task(start, doors, split)
 
-        return draw_distinct(split, n, draw, n * 50 + 1000, f"walks of {self.steps} doors")
+        return draw_distinct(split, n, draw, n * 50 + 1000, f"walks of {self.steps} doors",
+                             distinct=self.draw == "distinct")
 
     def _task(self, start: int, doors: str, split: str) -> Task:
         return Task(
@@ -173,16 +200,16 @@ class WalkEnv:
         )
 
     def solution(self, task: Task, effort: str) -> tuple[str, str]:
-        return solution(task, effort, self.show_doors)
+        return solution(task, effort, self.show_doors, self.stop)
 
     def budgets(self) -> dict[str, int]:
-        return budgets(self.steps, self.show_doors)
+        return budgets(self.steps, self.show_doors, self.stop)
 
     def vocabulary_corpus(self) -> list[str]:
         return vocabulary_corpus(self.steps, self.show_doors)
 
 
-def solution(task: Task, effort: str, show_doors: bool = False) -> tuple[str, str]:
+def solution(task: Task, effort: str, show_doors: bool = False, stop: bool = False) -> tuple[str, str]:
     """(analysis, final) for a walk in the style of `effort` (`STYLE`), drawn with a seed of (task,
     effort) so the SFT data is reproducible.
 
@@ -194,17 +221,30 @@ def solution(task: Task, effort: str, show_doors: bool = False) -> tuple[str, st
     if effort not in EFFORTS:
         raise ValueError(f"effort={effort!r} is not one of {EFFORTS}")
     start, doors = parse_question(task.question)
-    style = pick_weighted(random.Random(f"style:{task.task_id}:{effort}"), STYLE[effort])
+    style = pick_weighted(random.Random(f"style:{task.task_id}:{effort}"), (STOP_STYLE if stop else STYLE)[effort])
     answer = str(walk(start, doors)[-1])
-    return trace(start, doors, written_steps(style, len(doors)), style == "all+check", show_doors), answer
+    check = style == "all+check"
+    # a check line reads its doors at one fixed offset only when the line before it has a fixed length: in
+    # `stop` walks it is written over every slot, S doors included ("3L1S1S1\n3L1S1S1"), as without `stop`
+    return trace(start, doors, written_steps(style, len(doors)), check, show_doors, stop and not check), answer
 
 
-def budgets(steps: int, show_doors: bool = False) -> dict[str, int]:
+def budgets(steps: int, show_doors: bool = False, stop: bool = False) -> dict[str, int]:
     """CoT token budget per effort for walks of `steps` doors: the tokens of the trace writing
-    `BUDGET_STEPS[effort]` doors plus 1 token of margin, so one more door (two tokens) is over it. Every
-    walk of the same length tokenizes to the same count."""
+    `BUDGET_STEPS[effort]` doors (`stop`: of the whole walk of `STOP_BUDGET_STEPS[effort]` real doors) plus 1
+    token of margin, so one more door (two tokens) is over it. Every walk of the same length tokenizes to
+    the same count.
+
+    >>> budgets(8, True, stop=True)  # 3 / 5 / 8 doors written whole: 1 + 2 x doors tokens, + 1
+    {'low': 8, 'medium': 12, 'high': 18}
+    """
     from envs.harmony import encode
 
+    if stop:
+        def walk_of(n):  # a walk of n real doors, written whole
+            real = written_steps(n, steps)
+            return trace(0, ("LR" * steps)[:real] + "S" * (steps - real), steps, show_doors=show_doors, stop=True)
+        return {effort: len(encode(walk_of(n))) + 1 for effort, n in STOP_BUDGET_STEPS.items()}
     doors = "LRS" * steps
     return {effort: len(encode(trace(0, doors[:steps], written_steps(n, steps), show_doors=show_doors))) + 1
             for effort, n in BUDGET_STEPS.items()}

@@ -85,6 +85,8 @@ class EnvConfig:
     steps: int = 5  # env.name=chain: boxes opened per chain (envs/chain_tasks.py); env.name=walk: doors per walk
     walk_stay: str = choice("end", ("end", "anywhere"))  # env.name=walk: S slots after the real doors, or anywhere
     walk_show_doors: bool = False  # env.name=walk: traces write each door before its room ("3L1S1R7")
+    walk_stop: bool = False  # env.name=walk: traces end at the walk's last real door (trailing S doors unwritten)
+    walk_draw: str = choice("distinct", ("distinct", "iid"))  # env.name=walk: distinct walks, or independent draws
     chain_shuffle_rows: bool = False  # env.name=chain: the ten rows in a random order per task
     chain_fixed_points: bool = True  # env.name=chain: allow a box that names itself
     code_families: list[str] = choice(["expr", "expr2", "words", "examples", "piecewise"],

@@ -32,7 +32,8 @@ def _single_env(env_cfg: EnvConfig, seed: int):
     if env_cfg.name == "walk":
         from envs.walk_tasks import WalkEnv
 
-        return WalkEnv(seed=seed, steps=env_cfg.steps, stay=env_cfg.walk_stay, show_doors=env_cfg.walk_show_doors)
+        return WalkEnv(seed=seed, steps=env_cfg.steps, stay=env_cfg.walk_stay, show_doors=env_cfg.walk_show_doors,
+                       stop=env_cfg.walk_stop, draw=env_cfg.walk_draw)
     if env_cfg.name == "math":
         from envs.math_tasks import MathEnv
 

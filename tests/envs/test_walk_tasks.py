@@ -171,3 +171,67 @@ def test_trace_rejects_a_bad_written_count():
         trace(3, "LR", 3)
     with pytest.raises(ValueError, match="steps"):
         WalkEnv(steps=0)
+
+
+@pytest.mark.parametrize("effort", EFFORTS)
+def test_stop_traces_end_at_the_last_real_door(effort):
+    """`stop`: a walk no longer than the effort's style is written whole and ends on its final room without
+    a jump or any trailing S; a longer one writes the style's doors, the next door and jumps."""
+    env = WalkEnv(seed=4, show_doors=True, stop=True, draw="iid")
+    whole = jumped = 0
+    for t in env.tasks("train", 200):
+        start, doors = parse_question(t.question)
+        real = doors.rstrip("S")
+        analysis, final = env.solution(t, effort)
+        first = analysis.splitlines()[0]
+        assert final == t.metadata["answer"] and analysis.endswith(final)
+        if "\n" in analysis:  # all+check: every slot twice, so the check line's doors sit one fixed offset back
+            assert analysis == trace(start, doors, len(doors), check=True, show_doors=True)
+            continue
+        assert "S" not in first
+        if ">" in first:
+            head = first.split(">")[0]
+            written = len(head) // 2 - 1  # rooms after the start; then the next door
+            assert len(head) % 2 == 0 and written < len(real) and head[1::2] == real[:written + 1]
+            jumped += 1
+        else:
+            assert first[1::2] == real and first[0] == str(start) and first[-1] == final
+            whole += 1
+    assert whole > 15 and (effort == "high" or jumped > 15)
+
+
+def test_stop_budgets_fit_whole_walks_of_the_budget_doors():
+    b = budgets(8, True, stop=True)
+    for effort, n in (("low", 3), ("medium", 5), ("high", 8)):
+        doors = ("LR" * 4)[:n] + "S" * (8 - n)
+        assert b[effort] == len(encode(trace(0, doors, 8, show_doors=True, stop=True))) + 1
+        if n < 8:  # one more real door, written whole, is over the budget
+            longer = ("LR" * 4)[:n + 1] + "S" * (7 - n)
+            assert len(encode(trace(0, longer, 8, show_doors=True, stop=True))) > b[effort]
+
+
+def test_iid_draws_keep_short_walks_as_common_as_long_ones():
+    """Distinct draws run out of short walks (10 x 2^m of m real doors) and are mostly long; iid draws repeat
+    them, so every length is about an eighth of the tasks, and train and test still never share a walk."""
+    def real_lengths(tasks):
+        return collections.Counter(len(parse_question(t.question)[1].rstrip("S")) for t in tasks)
+
+    iid = WalkEnv(seed=0, draw="iid")
+    test = iid.tasks("test", 800)
+    counts = real_lengths(test)
+    assert set(counts) == set(range(1, 9)) and min(counts.values()) > 60
+    assert real_lengths(WalkEnv(seed=0).tasks("test", 200))[1] <= 2  # distinct: few short walks
+    train = {t.question for t in iid.tasks("train", 2000)}
+    assert train.isdisjoint({t.question for t in test})
+    with pytest.raises(ValueError, match="draw"):
+        WalkEnv(draw="some")
+
+
+def test_stop_styles_are_not_compliant_by_construction():
+    """The SFT data of `stop` walks keeps each effort's budget only about 75 / 85 / 80% of the time (RL's to
+    raise to 90%+)."""
+    env = WalkEnv(seed=0, show_doors=True, stop=True, draw="iid")
+    limit, tasks = env.budgets(), env.tasks("train", 1200)
+    kept = {e: sum(len(encode(env.solution(t, e)[0])) <= limit[e] for t in tasks) / len(tasks) for e in EFFORTS}
+    for effort, expected in (("low", 0.75), ("medium", 0.85), ("high", 0.8)):
+        assert abs(kept[effort] - expected) < 0.04, kept

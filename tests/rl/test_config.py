@@ -113,12 +113,13 @@ def test_chain_experiment_budgets_are_the_worlds_budgets():
 
 
 def test_walk_experiment_budgets_are_the_worlds_budgets():
-    """experiment=walk: ThinkPrune's reward against budgets that fit 1 / 4 / all doors of its walks (a copy
+    """experiment=walk: ThinkPrune's reward against budgets that fit whole walks of 3 / 5 / all doors (a copy
     of envs.walk_tasks.budgets, checked here so the two cannot drift apart)."""
     from envs.walk_tasks import WalkEnv
 
     c = compose(["experiment=walk"])
     term = c.reward.terms["effort_length"]
     assert c.env.name == "walk" and term["shape"] == "thinkprune" and term["gate"] == "math"
-    assert dict(term["budgets"]) == WalkEnv(steps=c.env.steps, show_doors=c.env.walk_show_doors).budgets()
+    env = WalkEnv(steps=c.env.steps, show_doors=c.env.walk_show_doors, stop=c.env.walk_stop)
+    assert dict(term["budgets"]) == env.budgets()
     assert c.reward.terms["math"]["weight"] == 0.0 and c.eval.metric == "math"
