@@ -60,7 +60,7 @@ QUESTION_RE = re.compile(r"^Doors: ((?:[LRS], )*[LRS])\. Start in room (\d)\. Fi
 STYLE = {
     "low": ((0, 0.35), (1, 0.35), (2, 0.15), (3, 0.15)),
     "medium": ((2, 0.25), (3, 0.35), (4, 0.25), (5, 0.15)),
-    "high": ((4, 0.15), (6, 0.2), ("all", 0.45), ("all+check", 0.2)),
+    "high": ((4, 0.2), (6, 0.25), ("all", 0.35), ("all+check", 0.2)),
 }
 # `stop` traces (a walk shorter than the style is written whole): each effort's doors spread evenly over
 # both sides of its budget (whole walks of 3 / 5 / 8 doors), so the SFT data keeps to the budgets only
