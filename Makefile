@@ -6,7 +6,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	$(PY) -m rl.pipeline experiment=tiny
+	$(PY) -m rl.pipeline experiment=walk
 
 test: setup
 	@bash scripts/run_tests.sh

@@ -5,7 +5,8 @@ Run:  .venv/bin/python -m bench.walk_steps outputs/x/eval/samples.jsonl   (writt
 Per checkpoint and effort, from every sample's analysis ("3,6,1,...", ending in the last room or in a
 one-shot jump ">N"): the start room copied, each written room right given the room written before it
 (the step's fact: DOORS[door][room]), each written room on the true walk, the jump right given the last
-written room and the doors left (the one-shot part), the final equal to the trace's last room, and
+written room and the doors left (the one-shot part; apart, the jumps after the walk's last real door,
+which copy the last room), the final equal to the trace's last room, and
 accuracy by doors written and by the walk's real doors (histograms).
 """
 from __future__ import annotations
@@ -37,6 +38,10 @@ def step_stats(records: list[dict]) -> dict[str, dict]:
     ...                 {"effort": "low", "question": q, "analysis": "3,1,>4", "final": "4"}])
     >>> s["high"]["step_fact"], s["high"]["on_walk"], s["high"]["correct"], s["low"]["jump"], s["low"]["correct"]
     (1.0, 1.0, 1.0, 0.0, 0.0)
+    >>> s2 = step_stats([{"effort": "low", "question": "Doors: L, S. Start in room 3. Final room?",
+    ...                   "analysis": "3L1S>1", "final": "1"}])["low"]
+    >>> s2["copies"], s2["copy"], s2["correct"]
+    (1, 1.0, 1.0)
     >>> s["high"]["by_real"], s["low"]["by_written"]
     ({2: (1, 1.0)}, {1: (1, 0.0)})
     """
@@ -63,6 +68,9 @@ def step_stats(records: list[dict]) -> dict[str, dict]:
             if jump is not None:
                 c["jumps"] += 1
                 c["jump"] += jump == (walk(last, doors[written:]) or [last])[-1]
+                if not doors[written:].strip("S"):  # the walk was over: the jump is a copy of the last room
+                    c["copies"] += 1
+                    c["copy"] += jump == last
             c["final_from_trace"] += final == str(jump if jump is not None else last)
             by_written[written].append(right)
             if rooms:
@@ -77,6 +85,7 @@ def step_stats(records: list[dict]) -> dict[str, dict]:
                        "start_copy": c["start_copy"] / max(c["with_start"], 1),
                        "steps": c["steps"], "step_fact": c["step_fact"] / steps, "on_walk": c["on_walk"] / steps,
                        "jump": c["jump"] / max(c["jumps"], 1), "jumps": c["jumps"],
+                       "copy": c["copy"] / max(c["copies"], 1), "copies": c["copies"],
                        "final_from_trace": c["final_from_trace"] / max(n - c["unparsed"], 1),
                        "by_written": {k: (len(v), sum(v) / len(v)) for k, v in sorted(by_written.items())},
                        "by_real": {k: (len(v), sum(v) / len(v)) for k, v in sorted(by_real.items())}}
@@ -90,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             real = " ".join(f"{k}:{n}@{acc:.2f}" for k, (n, acc) in s["by_real"].items())
             print(f"{checkpoint} {effort}: n={s['n']} acc {s['correct']:.3f} | start copied {s['start_copy']:.3f} | "
                   f"per step ({s['steps']}): fact {s['step_fact']:.3f} on walk {s['on_walk']:.3f} | "
-                  f"jump ({s['jumps']}) {s['jump']:.3f} | final = trace's last room {s['final_from_trace']:.3f} | doors written:n@acc {hist}"
+                  f"jump ({s['jumps']}) {s['jump']:.3f}, of which after the walk's end ({s['copies']}) {s['copy']:.3f} | final = trace's last room {s['final_from_trace']:.3f} | doors written:n@acc {hist}"
                   f" | real doors:n@acc {real}")
 
 

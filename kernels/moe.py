@@ -400,15 +400,13 @@ def _sort_by_expert(top_k_index: torch.Tensor, num_experts: int, tile: int, pad:
 
 
 # Rows per tile on CPU in fp32/fp64 (an expert's rows in equal parts of at most this many; the
-# CPU_PAD_DTYPES below run one padded tile per expert); None = one tile per active expert. The tile
-# split sets the GEMMs' float summation order (dW sums over a tile's rows, then across tiles), and the
-# demo's SFT stage is chaotic in it: with whole-expert tiles the same code and data gave a worse SFT
-# checkpoint (T=1 accuracy at high effort 0.191 vs 0.255, final SFT loss 0.0995 vs 0.055) and RL gains
-# of +8.0/+4.2/+1.8 points instead of +6.3/+6.9/+15.4, below the demo's bar (bench/RESULTS.md, "The
-# demo and the MoE tile split"). 1024 is the split the demo's table was verified with; whole experts
-# are faster for the fp32 layer (tiny shape, 1 thread: 52.6 vs 56.2 ms) and are the better default
-# once the SFT stage is made robust to rounding.
-CPU_ROW_TILE: int | None = 1024
+# CPU_PAD_DTYPES below run one padded tile per expert); None = one tile per active expert, the default:
+# whole experts are faster for the fp32 layer (tiny shape, 1 thread: 52.6 vs 56.2 ms). The tile split
+# sets the GEMMs' float summation order (dW sums over a tile's rows, then across tiles). The digit-sum
+# world's SFT stage was chaotic in it (bench/RESULTS.md "The demo and the MoE tile split": whole-expert
+# tiles gave a worse checkpoint there), which is why 1024-row tiles were the default until the walk
+# world (issue 14), whose SFT forms the same circuit at every seed, thread count and split measured.
+CPU_ROW_TILE: int | None = None
 # CPU dtypes whose GEMMs go to oneDNN, which builds a kernel for every new shape: their experts are
 # padded to `_row_bucket` rows, one tile each (`_sort_by_expert`). fp32 goes to MKL (no per-shape cost
 # measured) and keeps the tiles above.
