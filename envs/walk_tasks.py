@@ -25,11 +25,15 @@ Why this world (issue 14; README "Effort that pays")
   "Transformers learn shortcuts to automata": solving a non-abelian word problem in one pass needs depth
   growing with length; a scratchpad turns it into one step per symbol, Nye et al. 2021).
 - Effort = how much of the walk is worked out (`STYLE`): low writes 0-3 doors, medium 2-5, high 4, 6
-  or all 8 (sometimes the walk twice), on both sides of budgets fitting 2 / 4 / 8 doors, so spending
-  the budget and keeping to it are RL's to learn.
-- Measured (README "Effort that pays: the walk world"): where SFT forms the step circuit, each written
-  step is right 98.5-99.9% of the time and high effort 0.98, but it formed at 1 of 3 seeds, and the
-  one-shot jump stayed at chance in SFT and RL (even after a written S), so low and medium sit at chance.
+  or all 8 (sometimes the walk twice), mostly under budgets fitting 2 / 4 / 8 doors and partly over
+  them, so spending the budget and keeping to it are RL's to learn. A walk ends in S doors (real doors
+  first), written like any other step, so each effort's trace length is its own whatever the walk; a
+  jump after a written S is a copy of the last room. `draw="iid"` keeps short walks as common as long
+  ones; `stop=True` ends traces at the last real door instead (`STOP_STYLE`; RL then wrote whole walks
+  at every effort, README "Effort that pays: the walk world").
+- Measured (`experiment=walk`, `make demo`'s world, seeds 0-2): every written step right 99.2-99.9%,
+  accuracy rising with effort for SFT and RL by 13-48 points between neighbours, RL keeping every
+  budget (compliance >= 0.93) with monotonicity 1.000.
 
 Run `python -m envs.walk_tasks` to print one task per effort and the token counts per style.
 """
