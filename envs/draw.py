@@ -46,7 +46,7 @@ def draw_distinct(split: str, n: int, draw: Callable[[], tuple[Hashable, str, Ca
     >>> draw_distinct("test", 6, draw, attempts=100, what="odd digits")
     Traceback (most recent call last):
     ...
-    ValueError: only 5 distinct test odd digits found; ask for fewer than n=6
+    ValueError: only 5 distinct test odd digits found in 100 draws; ask for fewer than n=6
     >>> len(draw_distinct("test", 6, draw, attempts=100, what="odd digits", distinct=False))
     6
     """
@@ -62,7 +62,8 @@ def draw_distinct(split: str, n: int, draw: Callable[[], tuple[Hashable, str, Ca
         seen.add(key)
         out.append(build())
     if len(out) < n:
-        raise ValueError(f"only {len(out)} distinct {split} {what} found; ask for fewer than n={n}")
+        kind = "distinct " if distinct else ""
+        raise ValueError(f"only {len(out)} {kind}{split} {what} found in {attempts} draws; ask for fewer than n={n}")
     return out
 
 
