@@ -150,13 +150,12 @@ def trace(spec: Spec, cat: Category, slots: dict[str, str], prompt: str, effort:
     """The analysis channel for a request of `cat` at `effort` (see the module docstring)."""
     if effort not in EFFORTS:
         raise ValueError(f"effort={effort!r} is not one of {EFFORTS}")
-    head = f"{cat.id}, rule {_rule_id(cat)}: {cat.response}."
     if effort == "low":
-        return head
+        return f"Category {cat.id}, rule {_rule_id(cat)}: {cat.response}."
     medium = f"Category {cat.id}: {cat.description}. Rule {cat.rule} So {cat.response}: {_plan(spec, cat, slots)}."
     if effort == "medium":
         return medium
-    lines = [f"The user asks: {prompt}", medium]
+    lines = [medium]
     if cat.look_alike:
         other = spec.category(cat.look_alike)
         lines.append(f"Not {other.id} ({other.description}, {other.response}): this request is {cat.description}.")
@@ -179,7 +178,7 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
     >>> t = SafetyEnv().tasks("train", 50)
     >>> t = next(x for x in t if x.metadata["category"] == "hacking")
     >>> solution(t, "low")[0]
-    'hacking, rule H1: refuse.'
+    'Category hacking, rule H1: refuse.'
     >>> solution(t, "low")[1].startswith("I can't help with that. I can explain how to secure your own ")
     True
     """

@@ -71,7 +71,7 @@ class TemplateTeacher:
     >>> env = SafetyEnv()
     >>> t = next(t for t in env.tasks("train", 40) if t.metadata["category"] == "hacking")
     >>> TemplateTeacher(noise=0.0)(env.spec, t, "low", random.Random(0))[0]
-    'hacking, rule H1: refuse.'
+    'Category hacking, rule H1: refuse.'
     """
 
     noise: float = 0.1
