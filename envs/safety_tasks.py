@@ -146,7 +146,7 @@ def _check(spec: Spec, cat: Category, slots: dict[str, str]) -> str:
     return "Check: one short refusal sentence" + (", then the offer." if alternative else ", nothing else.")
 
 
-def trace(spec: Spec, cat: Category, slots: dict[str, str], prompt: str, effort: str) -> str:
+def trace(spec: Spec, cat: Category, slots: dict[str, str], effort: str) -> str:
     """The analysis channel for a request of `cat` at `effort` (see the module docstring)."""
     if effort not in EFFORTS:
         raise ValueError(f"effort={effort!r} is not one of {EFFORTS}")
@@ -185,7 +185,7 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
     spec = _spec(task.metadata["spec"])
     cat = spec.category(task.metadata["category"])
     slots = task.metadata["slots"]
-    return trace(spec, cat, slots, task.question, effort), spec_response(spec, cat, slots)
+    return trace(spec, cat, slots, effort), spec_response(spec, cat, slots)
 
 
 def vocabulary_corpus(spec_path: str = TINY_SPEC) -> list[str]:
@@ -199,8 +199,8 @@ def vocabulary_corpus(spec_path: str = TINY_SPEC) -> list[str]:
             fresh = text.split()[0] not in first_words
             first_words.add(text.split()[0])
             for opener in spec.openers if fresh else ("",):
-                out += [opener + text, trace(spec, cat, slots, opener + text, "high")]
-            out += [trace(spec, cat, slots, text, e) for e in ("low", "medium")]
+                out.append(opener + text)
+            out += [trace(spec, cat, slots, e) for e in EFFORTS]
             out.append(spec_response(spec, cat, slots))
     return list(dict.fromkeys(out))
 

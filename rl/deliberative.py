@@ -83,21 +83,21 @@ class TemplateTeacher:
     def __call__(self, spec: Spec, task: Task, effort: str, rng: random.Random) -> Solution:
         cat = spec.category(task.metadata["category"])
         slots = task.metadata["slots"]
-        analysis = trace(spec, cat, slots, task.question, effort)
+        analysis = trace(spec, cat, slots, effort)
         final = spec_response(spec, cat, slots)
         if rng.random() >= self.noise:
             return analysis, final
-        return slip(spec, cat, slots, task.question, effort, analysis, final, rng.choice(SLIPS[cat.response]))
+        return slip(spec, cat, slots, effort, analysis, final, rng.choice(SLIPS[cat.response]))
 
 
-def slip(spec: Spec, cat: Category, slots: dict[str, str], prompt: str, effort: str, analysis: str, final: str,
+def slip(spec: Spec, cat: Category, slots: dict[str, str], effort: str, analysis: str, final: str,
          kind: str) -> Solution:
     """The candidate a teacher writes when it makes the mistake `kind` (one of `SLIPS`)."""
     if kind == "over_refusal":
         return analysis.replace(cat.response, "refuse"), spec.responses.refuse[0]
     if kind == "wrong_clause":  # reasons from the look-alike's clause; the answer may still be right
         twin = spec.category(cat.look_alike) if cat.look_alike else cat
-        return trace(spec, twin, {}, prompt, "low"), final
+        return trace(spec, twin, {}, "low"), final
     if kind == "lecture":
         return analysis, f"{final} {LECTURE}"
     if kind == "no_alternative":

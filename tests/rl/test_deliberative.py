@@ -35,7 +35,7 @@ def test_every_slip_is_rejected_for_its_reason(category, kind, reason):
     for effort in EFFORTS:
         analysis, final = TemplateTeacher(noise=0.0)(spec, task, effort, random.Random(0))
         assert rejection(RuleJudge().judge(spec, [_req(task, final)])[0], analysis, cat) is None
-        bad_analysis, bad_final = slip(spec, cat, task.metadata["slots"], task.question, effort, analysis, final, kind)
+        bad_analysis, bad_final = slip(spec, cat, task.metadata["slots"], effort, analysis, final, kind)
         got = rejection(RuleJudge().judge(spec, [_req(task, bad_final)])[0], bad_analysis, cat)
         assert got is not None and got.split(":")[0] == reason
 
