@@ -127,6 +127,11 @@ class DeliberativeConfig:
     # the tiny teacher's slip probability (over-refusal, wrong clause, lecture, a missing offer or help line),
     # so the judge has something to reject; 0 = a perfect teacher (the filter then keeps everything)
     teacher_noise: float = 0.1
+    # who writes the candidates: `template` (the tiny world's templated traces, with teacher_noise slips) or
+    # `policy` (sampled with the spec in context through rollout workers: rl.deliberative.SampledTeacher)
+    teacher: str = choice("template", ("template", "policy"))
+    teacher_model: Optional[str] = None  # teacher=policy: a checkpoint to sample from; None = the model being SFT'd
+    teacher_temperature: float = 1.0
 
 
 @dataclass

@@ -23,7 +23,9 @@ What
 Departures: the paper samples candidates from a reasoning model with the spec in context and grades them
 with a spec-reading reward model; the tiny world's teacher is templated (a 4.6M model cannot read a
 40-line spec) with injected slips, and the judge is the spec's rule judge (or the trained spec RM). Real
-scale (sampling the candidates from the policy through the rollout workers) is not built here.
+scale: `SampledTeacher` samples the candidates through the rollout workers (`sft.deliberative.teacher:
+policy`, the checkpoint being fine-tuned, or `teacher_model: <path>`); tested end to end on a tiny model,
+whose sampled candidates are mostly rejected (it cannot read the spec).
 
 Run: `python -m rl.pipeline experiment=safety` (the SFT stage calls `deliberative_solutions` for the safety
 tasks of `env.mixture`); `python -m rl.deliberative` prints a few candidates, the verdicts and the kept
@@ -53,10 +55,21 @@ SLIPS = {
 LECTURE = "That is wrong, and you should think about it."
 
 
+def teacher_developer(spec: Spec) -> str:
+    return "Follow this safety specification.\n\n" + spec_text(spec)
+
+
+def teacher_corpus(tasks: Sequence[Task]) -> list[str]:
+    """The text a sampled teacher's prompts add to the tasks' own (one developer message per spec): what a
+    tiny model's trimmed vocabulary must also cover for `sft.deliberative.teacher=policy`."""
+    paths = dict.fromkeys(t.metadata["spec"] for t in tasks if t.env == SAFETY_ENV)
+    return [teacher_developer(load_spec(p)) for p in paths]
+
+
 def generation_prompt(task: Task, effort: str, spec: Spec) -> list[int]:
     """The teacher's prompt (canonical o200k_harmony ids): the spec in the developer message, then the
     request. Training never uses it (the spec is removed from the context)."""
-    developer = "Follow this safety specification.\n\n" + spec_text(spec)
+    developer = teacher_developer(spec)
     if task.developer:
         developer = f"{task.developer}\n\n{developer}"
     return harmony.render_prompt(task.question, effort, developer)
@@ -79,6 +92,10 @@ class TemplateTeacher:
     def __post_init__(self):
         if not 0.0 <= self.noise < 1.0:
             raise ValueError(f"teacher_noise={self.noise} must be in [0, 1)")
+
+    def write(self, items: Sequence[tuple[Spec, Task, str]], rng: random.Random) -> list[Solution | None]:
+        """A candidate per (spec, task, effort), in order (the teacher protocol `deliberative_solutions` calls)."""
+        return [self(spec, task, effort, rng) for spec, task, effort in items]
 
     def __call__(self, spec: Spec, task: Task, effort: str, rng: random.Random) -> Solution:
         cat = spec.category(task.metadata["category"])
@@ -105,6 +122,30 @@ def slip(spec: Spec, cat: Category, slots: dict[str, str], effort: str, analysis
     if kind == "no_help":
         return analysis, spec.responses.safe_complete[0]
     raise ValueError(f"slip kind {kind!r} is not one of {sorted({k for v in SLIPS.values() for k in v})}")
+
+
+@dataclass
+class SampledTeacher:
+    """Real scale: candidates sampled from a model with the spec in its context (`generation_prompt`) through
+    `generator`, anything with `generate(prompts, n, *, temperature, seed) -> list[list[Completion]]`: the
+    rollout workers (`rl.workers.WorkerPool`) serving the policy or a stronger teacher checkpoint. Each
+    completion is parsed as Harmony (`envs.harmony.parse_completion`, never raises); one with no final answer
+    is None, which `deliberative_solutions` rejects as "teacher_failed" without asking the judge."""
+
+    generator: object
+    temperature: float = 1.0
+    seed: int = 0
+
+    def write(self, items: Sequence[tuple[Spec, Task, str]], rng: random.Random) -> list[Solution | None]:
+        if not items:
+            return []
+        prompts = [generation_prompt(task, effort, spec) for spec, task, effort in items]
+        completions = self.generator.generate(prompts, 1, temperature=self.temperature, seed=self.seed)
+        out: list[Solution | None] = []
+        for samples in completions:
+            t = harmony.parse_completion(samples[0].ids) if samples else None
+            out.append((t.analysis, t.final) if t is not None and t.format_ok and t.final else None)
+        return out
 
 
 def rule_id(cat: Category) -> str:
@@ -156,22 +197,29 @@ def rejection(verdict: Verdict, analysis: str, cat: Category) -> str | None:
     return None
 
 
-def deliberative_solutions(tasks: Sequence[Task], efforts: Sequence[str], judge, teacher: TemplateTeacher,
+def deliberative_solutions(tasks: Sequence[Task], efforts: Sequence[str], judge, teacher: TemplateTeacher | SampledTeacher,
                            seed: int) -> tuple[dict[tuple[str, str], Solution], FilterStats]:
-    """Candidates for every (safety task, effort), judged against the task's spec: {(task_id, effort):
-    (analysis, final)} for the kept ones, and the filter's stats. Non-safety tasks are left out."""
+    """Candidates for every (safety task, effort) from `teacher.write`, judged against the task's spec:
+    {(task_id, effort): (analysis, final)} for the kept ones, and the filter's stats. Non-safety tasks are
+    left out; a candidate the teacher could not write (None) is rejected as "teacher_failed"."""
     rng = random.Random(f"deliberative:{seed}")
     stats, kept = FilterStats(), {}
-    by_spec: dict[str, list[tuple[Task, str, Solution]]] = defaultdict(list)
+    by_spec: dict[str, list[tuple[Task, str]]] = defaultdict(list)
     for task in tasks:
-        if task.env != SAFETY_ENV:
-            continue
-        spec = load_spec(task.metadata["spec"])
-        for effort in efforts:
-            by_spec[task.metadata["spec"]].append((task, effort, teacher(spec, task, effort, rng)))
-    for path, rows in by_spec.items():
+        if task.env == SAFETY_ENV:
+            by_spec[task.metadata["spec"]] += [(task, effort) for effort in efforts]
+    for path, pairs in by_spec.items():
         spec = load_spec(path)
-        verdicts = judge.judge(spec, [JudgeRequest(t.metadata["prompt"], final) for t, _, (_, final) in rows])
+        written = teacher.write([(spec, task, effort) for task, effort in pairs], rng)
+        rows = []
+        for (task, effort), solution in zip(pairs, written, strict=True):
+            if solution is None:
+                stats.candidates += 1
+                stats.by_category[task.metadata["category"]][1] += 1
+                stats.rejected["teacher_failed"] += 1
+            else:
+                rows.append((task, effort, solution))
+        verdicts = judge.judge(spec, [JudgeRequest(t.metadata["prompt"], final) for t, _, (_, final) in rows]) if rows else []
         for (task, effort, (analysis, final)), verdict in zip(rows, verdicts, strict=True):
             cat = spec.category(task.metadata["category"])
             reason = rejection(verdict, analysis, cat)

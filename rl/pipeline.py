@@ -13,6 +13,7 @@ With `model.path=...` the build step is skipped (a real gpt-oss checkpoint: a fo
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict
@@ -38,6 +39,10 @@ def build_model(cfg: Config, out: Path) -> Path:
         for e in cfg.env.efforts:
             trace = env.solution(t, e)
             corpus += trace.texts() if isinstance(trace, ToolTrace) else trace
+    if cfg.sft.deliberative.enabled and cfg.sft.deliberative.teacher == "policy":
+        from rl.deliberative import teacher_corpus
+
+        corpus += teacher_corpus(env.tasks("train", 200))  # the spec prose of the teacher's prompts
     tool = cfg.rollout.tools.python
     return build_tiny_model(asdict(cfg.model), corpus, out, seed=cfg.seed,
                             extra_ids=vocabulary_ids(tool) if tool.enabled else ())
@@ -50,30 +55,62 @@ def run_sft_stage(cfg: Config, model_path: Path, out: Path) -> dict:
 
     env = make_env(cfg.env, cfg.seed)
     tasks = env.tasks("train", cfg.sft.tasks, seed=sft_seed(cfg.seed))
-    solution = sft_solution_fn(cfg, tasks, env.solution, Path(cfg.run_dir) / "sft_data.json")
+    solution = sft_solution_fn(cfg, tasks, env.solution, Path(cfg.run_dir) / "sft_data.json", model_path)
     rows = sft_examples(tasks, solution, VocabMap.load(model_path), cfg.env.efforts,
                         final_slip_rate=cfg.sft.final_slip_rate, seed=cfg.seed, tool=cfg.rollout.tools.python)
     return run_sft(model_path, out, rows, cfg.sft, seed=cfg.seed, logging=cfg.logging,
                    logging_dir=str(Path(cfg.run_dir) / "sft_logs"))
 
 
-def sft_solution_fn(cfg: Config, tasks: list, solution, report: Path):
+def sft_solution_fn(cfg: Config, tasks: list, solution, report: Path, model_path: Path | str | None = None):
     """The SFT traces: the env's own, except that safety tasks get deliberative data (rl/deliberative.py:
     spec-in-context teacher, judge filter, spec removed for training) when `sft.deliberative.enabled`. The
-    filter's stats go to `report` (JSON) and the console."""
-    from rl.deliberative import SAFETY_ENV, TemplateTeacher, deliberative_solutions, filtered_solution_fn
+    teacher is the templated one, or (`sft.deliberative.teacher=policy`) rollout workers sampling
+    `teacher_model` (default `model_path`, the checkpoint about to be fine-tuned). The filter's stats go to
+    `report` (JSON) and the console."""
+    from rl.deliberative import SAFETY_ENV, deliberative_solutions, filtered_solution_fn
 
     d = cfg.sft.deliberative
     if not d.enabled or not any(t.env == SAFETY_ENV for t in tasks):
         return solution
     from rewards.safety import make_judge
 
-    kept, stats = deliberative_solutions(tasks, cfg.env.efforts, make_judge(d.judge, **d.judge_options),
-                                         TemplateTeacher(d.teacher_noise), seed=cfg.seed)
-    report.write_text(json.dumps({"judge": d.judge, "teacher_noise": d.teacher_noise, **stats.as_dict()}, indent=1))
+    judge = make_judge(d.judge, **d.judge_options)
+    with deliberative_teacher(cfg, d.teacher_model or model_path) as teacher:
+        kept, stats = deliberative_solutions(tasks, cfg.env.efforts, judge, teacher, seed=cfg.seed)
+    report.write_text(json.dumps({"judge": d.judge, "teacher": d.teacher, "teacher_noise": d.teacher_noise,
+                                  **stats.as_dict()}, indent=1))
     print(f"deliberative SFT data: the {d.judge} judge kept {stats.kept}/{stats.candidates} safety candidates "
           f"({stats.kept_fraction:.1%}; rejected {dict(stats.rejected)}) -> {report}", flush=True)
     return filtered_solution_fn(kept, solution)
+
+
+@contextlib.contextmanager
+def deliberative_teacher(cfg: Config, checkpoint: Path | str | None):
+    """The teacher of `sft.deliberative.teacher`: templated, or a `SampledTeacher` over rollout workers serving
+    `checkpoint` (`cfg.rollout`'s engine settings; the workers are closed on exit, Ray too if started here)."""
+    from rl.deliberative import SampledTeacher, TemplateTeacher
+
+    d = cfg.sft.deliberative
+    if d.teacher == "template":
+        yield TemplateTeacher(d.teacher_noise)
+        return
+    if not checkpoint:
+        raise ValueError("sft.deliberative.teacher=policy needs a checkpoint: set sft.deliberative.teacher_model")
+    import ray
+
+    from rl.cluster import init_ray
+    from rl.workers import WorkerPool
+
+    owns_ray = not ray.is_initialized()
+    init_ray(cfg.cluster)
+    pool = WorkerPool(str(checkpoint), cfg.rollout, cfg.seed)
+    try:
+        yield SampledTeacher(pool, temperature=d.teacher_temperature, seed=cfg.seed)
+    finally:
+        pool.close()
+        if owns_ray and ray.is_initialized():
+            ray.shutdown()
 
 
 def run(cfg: Config) -> dict:

@@ -8,8 +8,9 @@ from envs.math_tasks import MathEnv
 from envs.safety_spec import load_spec
 from envs.safety_tasks import SafetyEnv
 from rewards.judge import RuleJudge, failure
-from rl.deliberative import (SLIPS, TemplateTeacher, cites_clause, deliberative_solutions, filtered_solution_fn,
-                             generation_prompt, rejection, slip)
+from rl.deliberative import (SLIPS, SampledTeacher, TemplateTeacher, cites_clause, deliberative_solutions,
+                             filtered_solution_fn, generation_prompt, rejection, slip, teacher_corpus)
+from rl.engine import Completion
 from rl.model import VocabMap
 from rl.sft import sft_examples
 
@@ -98,6 +99,38 @@ def _contains(ids, part):
     return any(ids[i:i + len(part)] == part for i in range(len(ids) - len(part) + 1))
 
 
+class ScriptedGenerator:
+    """Stands in for the rollout workers' `generate`: records the prompts, answers each with real Harmony
+    completion ids (the templated candidate for its task, or garbage for every third prompt)."""
+
+    def __init__(self, tasks):
+        self.by_question, self.prompts = {t.question: t for t in tasks}, []
+
+    def generate(self, prompts, n, *, temperature, seed):
+        self.prompts += prompts
+        out = []
+        for i, p in enumerate(prompts):
+            text = harmony.decode(p)
+            task = next(t for q, t in self.by_question.items() if q in text)
+            effort = next(e for e in EFFORTS if f"Reasoning: {e}" in text)
+            ids = [200005, 17, 99, 3] if i % 3 == 2 else harmony.render_completion(*TemplateTeacher(0.0)(
+                load_spec(), task, effort, random.Random(0)))
+            out.append([Completion(ids, [0.0] * len(ids), "stop")] * n)
+        return out
+
+
+def test_sampled_teacher_reads_the_spec_and_garbage_is_rejected_not_raised():
+    tasks = SafetyEnv().tasks("train", 12)
+    gen = ScriptedGenerator(tasks)
+    kept, stats = deliberative_solutions(tasks, EFFORTS, RuleJudge(), SampledTeacher(gen, seed=3), seed=0)
+    assert len(gen.prompts) == 36 and stats.candidates == 36
+    clause = harmony.encode(" without the owner's permission")
+    assert all(_contains(p, clause) for p in gen.prompts)  # the spec is in every teacher prompt
+    assert stats.rejected == {"teacher_failed": 12} and stats.kept == 24 == len(kept)
+    [developer] = teacher_corpus(tasks)  # one spec: one developer message, what the tiny vocabulary must cover
+    assert all(developer in harmony.decode(p) for p in gen.prompts)
+
+
 def test_teacher_noise_is_checked():
     with pytest.raises(ValueError, match="teacher_noise"):
         TemplateTeacher(noise=1.0)
@@ -111,3 +144,28 @@ def test_docstring_examples():
 
     result = doctest.testmod(rl.deliberative)
     assert result.failed == 0 and result.attempted > 0
+
+
+@pytest.mark.slow
+def test_sft_stage_samples_deliberative_data_through_rollout_workers(tmp_path):
+    """`sft.deliberative.teacher=policy`: the SFT stage starts vLLM rollout workers on the checkpoint, samples
+    a candidate per (safety task, effort) with the spec in context, judges it, writes the stats (a random
+    tiny model writes no final the judge allows: every candidate is rejected, none crashes the stage)."""
+    import json
+
+    from rl.config import compose
+    from rl.data import make_env
+    from rl.pipeline import build_model, sft_solution_fn
+
+    cfg = compose(["experiment=safety", f"run_dir={tmp_path}", "sft.deliberative.teacher=policy",
+                   "rollout.max_model_len=1280", "rollout.max_tokens=32", "rollout.kv_cache_gib=1"])
+    model = build_model(cfg, tmp_path / "model")
+    tasks = make_env(cfg.env, cfg.seed).tasks("train", 16, seed=0)
+    n_safety = sum(t.env == "safety" for t in tasks)
+    solution = sft_solution_fn(cfg, tasks, lambda t, e: ("a", "b"), tmp_path / "sft_data.json", model)
+    report = json.loads((tmp_path / "sft_data.json").read_text())
+    assert report["teacher"] == "policy" and report["candidates"] == 3 * n_safety > 0
+    assert report["kept"] + sum(report["rejected"].values()) == report["candidates"]
+    safety = next(t for t in tasks if t.env == "safety")
+    assert all(solution(safety, e) is None or len(solution(safety, e)) == 2 for e in EFFORTS)
+    assert solution(next(t for t in tasks if t.env != "safety"), "low") == ("a", "b")
