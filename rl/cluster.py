@@ -66,6 +66,28 @@ def init_ray(cfg: ClusterConfig) -> None:
         ) from exc
 
 
+def kill_actors(actors, wait_s: float = 60.0) -> None:
+    """Kill Ray actors (no restart) and wait, up to `wait_s` in all, until each is gone. `ray.kill` only sends
+    the signal: a call submitted right after it can still be answered, and a GPU or a port still be held
+    when the next stage starts. An actor counts as gone when a call to it fails (`RayActorError`) or hangs."""
+    import time
+
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    actors = list(actors)
+    for a in actors:
+        ray.kill(a, no_restart=True)
+    deadline = time.monotonic() + wait_s
+    for a in actors:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(a.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            except (RayActorError, GetTimeoutError):
+                break
+            time.sleep(0.2)
+
+
 def _use_token_if_available() -> bool:
     """Token mode on if this node has a token and RAY_AUTH_MODE is unset (what Ray does for
     address="auto"); returns whether token mode is on."""

@@ -147,21 +147,10 @@ class VLLMJudge:
         return self.chat.judge(spec, requests)
 
     def close(self, wait_s: float = 60.0) -> None:
-        """Kills the actor and waits (up to `wait_s`) until it is gone: `ray.kill` only sends the
-        signal, and a call submitted right after it could still be answered (or a GPU still held)."""
-        import time
+        """Kills the actor and waits (up to `wait_s`) until it is gone (`rl.cluster.kill_actors`)."""
+        from rl.cluster import kill_actors
 
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
-
-        ray.kill(self.actor, no_restart=True)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            try:
-                ray.get(self.actor.ready.remote(), timeout=max(0.1, deadline - time.monotonic()))
-            except (RayActorError, GetTimeoutError):
-                return
-            time.sleep(0.2)
+        kill_actors([self.actor], wait_s)
 
 
 register_judge("vllm", VLLMJudge)

@@ -512,7 +512,10 @@ class RemoteLearner:
         self._full_sync_done = False
 
     def close(self) -> None:
-        self._ray.kill(self.actor, no_restart=True)
+        """Kill the learner actor and wait until it is gone (`rl.cluster.kill_actors`)."""
+        from rl.cluster import kill_actors
+
+        kill_actors([self.actor])
 
 def blank_batch(pad_id: int, device: torch.device) -> TrainBatch:
     """One row of two pad ids that scores one position and carries no loss: the pass a rank runs when

@@ -467,6 +467,8 @@ class LearnerGroup:
         return self._all([self.ranks[0].get_step.remote()])[0]
 
     def close(self) -> None:
-        for a in self.ranks:
-            self._ray.kill(a, no_restart=True)
-        self.ranks = []
+        """Kill the rank actors and wait until they are gone (their process group's port and devices free)."""
+        from rl.cluster import kill_actors
+
+        ranks, self.ranks = self.ranks, []
+        kill_actors(ranks)

@@ -50,6 +50,7 @@ from typing import Any, Sequence
 from envs import harmony
 from envs.types import Sample, Task
 from rl import forcing, tools
+from rl.cluster import kill_actors
 from rl.config import RolloutConfig
 from rl.dispatch import plan_chunks, run_queue
 from rl.engine import Completion, RolloutWorker
@@ -191,8 +192,7 @@ class WorkerPool:
             ray.get([w.shutdown.remote() for w in workers], timeout=60)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             pass  # a dead or stuck engine: killing it below is all that is left to do
-        for w in workers:
-            ray.kill(w, no_restart=True)
+        kill_actors(workers)
         self._replay = []
 
     # ---- fault handling ----------------------------------------------------------------------
