@@ -290,8 +290,28 @@ def main() -> None:
             evaluate_checkpoints(names, cfg, cfg.eval.out_dir or str(Path(cfg.run_dir) / "eval"))
         finally:
             ray.shutdown()
+            if cfg.eval.out_dir:
+                remove_hydra_only_dir(Path(cfg.run_dir))
 
     hydra_main(run)
+
+
+def remove_hydra_only_dir(path: Path) -> bool:
+    """Remove `path` when it holds nothing but what Hydra wrote on start (its `hydra/` folder and empty job
+    logs): with `eval.out_dir` set the results are elsewhere, and an empty timestamped run folder per
+    evaluation only clutters `outputs/`. Returns whether it was removed; anything else in it keeps it."""
+    import shutil
+
+    if not path.is_dir():
+        return False
+    for entry in path.iterdir():
+        if entry.name == "hydra" and entry.is_dir():
+            continue
+        if entry.suffix == ".log" and entry.is_file() and entry.stat().st_size == 0:
+            continue
+        return False
+    shutil.rmtree(path)
+    return True
 
 
 if __name__ == "__main__":

@@ -113,3 +113,21 @@ def test_without_an_effort_length_term_budget_compliance_is_null_and_one_effort_
 
 def test_docstring_examples_hold():
     assert doctest.testmod(evaluate).failed == 0 and doctest.testmod(report).failed == 0
+
+
+def test_an_evaluation_with_its_own_out_dir_removes_hydras_empty_run_folder_only(tmp_path):
+    from rl.evaluate import remove_hydra_only_dir
+
+    run = tmp_path / "run"
+    (run / "hydra").mkdir(parents=True)
+    (run / "hydra" / "config.yaml").write_text("a: 1")
+    (run / "config.log").write_text("")
+    assert remove_hydra_only_dir(run) and not run.exists()
+    kept = tmp_path / "kept"
+    (kept / "hydra").mkdir(parents=True)
+    (kept / "eval.json").write_text("{}")  # anything of ours keeps the folder
+    assert not remove_hydra_only_dir(kept) and (kept / "eval.json").exists()
+    (kept / "eval.json").unlink()
+    (kept / "config.log").write_text("an error was logged")  # a log with something in it is kept too
+    assert not remove_hydra_only_dir(kept) and kept.exists()
+    assert not remove_hydra_only_dir(tmp_path / "missing")
