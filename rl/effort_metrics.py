@@ -42,6 +42,8 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     [0.0, 0.278]
     >>> [round(x, 3) for x in wilson_interval(5, 10)]
     [0.237, 0.763]
+    >>> wilson_interval(0, 600)[0], wilson_interval(600, 600)[1]
+    (0.0, 1.0)
     """
     if n <= 0:
         return (0.0, 1.0)
@@ -49,7 +51,8 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # rounding can leave the bound a hair past p at the edges (4e-19 for 0/600): the interval holds p
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -86,8 +86,8 @@ def effort_scaling_figure(results: Mapping[str, Mapping], efforts: Sequence[str]
     for name, per in results.items():
         xs = [per[e]["cot_tokens"] for e in efforts]
         ys = [per[e]["accuracy"] for e in efforts]
-        err = [[y - per[e]["accuracy_ci95"][0] for e, y in zip(efforts, ys)],
-               [per[e]["accuracy_ci95"][1] - y for e, y in zip(efforts, ys)]]
+        err = [[max(0.0, y - per[e]["accuracy_ci95"][0]) for e, y in zip(efforts, ys)],  # matplotlib: >= 0
+               [max(0.0, per[e]["accuracy_ci95"][1] - y) for e, y in zip(efforts, ys)]]
         line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
         for x, y, e in zip(xs, ys, efforts):
             ax.annotate(e, (x, y), textcoords="offset points", xytext=(5, -11), fontsize=8,

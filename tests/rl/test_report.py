@@ -131,3 +131,16 @@ def test_an_evaluation_with_its_own_out_dir_removes_hydras_empty_run_folder_only
     (kept / "config.log").write_text("an error was logged")  # a log with something in it is kept too
     assert not remove_hydra_only_dir(kept) and kept.exists()
     assert not remove_hydra_only_dir(tmp_path / "missing")
+
+
+def test_the_effort_figure_draws_a_checkpoint_that_got_nothing_right(tmp_path):
+    """0/600 right at every effort: the Wilson bound must not sit a rounding error above 0 (matplotlib
+    refuses negative error bars, and the crash came after every sample had been drawn)."""
+    from rl.effort_metrics import wilson_interval
+    from rl.report import effort_scaling_figure
+
+    per = {e: {"cot_tokens": c, "accuracy": 0.0, "accuracy_ci95": list(wilson_interval(0, 600))}
+           for e, c in (("low", 5.0), ("medium", 9.0), ("high", 20.0))}
+    per["high"]["accuracy_ci95"][0] = 1e-18  # an interval from an older eval.json, a hair above its point
+    out = effort_scaling_figure({"sft": per}, ("low", "medium", "high"), tmp_path / "fig.png")
+    assert out.stat().st_size > 0
