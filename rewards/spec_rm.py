@@ -52,7 +52,7 @@ class RMConfig:
     layers: int = 2  # transformer blocks
     heads: int = 4  # attention heads
     max_length: int = 128  # tokens; a longer input loses the end of its answer
-    n_train: int = 4_000  # training examples (each under its own perturbed spec)
+    n_train: int = 6_000  # training examples (each under its own perturbed spec); 4000: 92.0% full label at seeds 0-2, 6000: 96.1%
     n_test: int = 1_000  # held-out examples (held-out requests; the spec itself or held-out pairs)
     epochs: float = 3.0
     batch_size: int = 64
