@@ -59,6 +59,12 @@ def teacher_developer(spec: Spec) -> str:
     return "Follow this safety specification.\n\n" + spec_text(spec)
 
 
+def teacher_prompts(tasks: Sequence[Task], efforts: Sequence[str]) -> list[list[int]]:
+    """Every prompt a sampled teacher gets for `tasks` (their safety tasks) at `efforts`."""
+    specs = {p: load_spec(p) for p in dict.fromkeys(t.metadata["spec"] for t in tasks if t.env == SAFETY_ENV)}
+    return [generation_prompt(t, e, specs[t.metadata["spec"]]) for t in tasks if t.env == SAFETY_ENV for e in efforts]
+
+
 def teacher_corpus(tasks: Sequence[Task]) -> list[str]:
     """The text a sampled teacher's prompts add to the tasks' own (one developer message per spec): what a
     tiny model's trimmed vocabulary must also cover for `sft.deliberative.teacher=policy`."""
@@ -129,12 +135,16 @@ class SampledTeacher:
     """Real scale: candidates sampled from a model with the spec in its context (`generation_prompt`) through
     `generator`, anything with `generate(prompts, n, *, temperature, seed) -> list[list[Completion]]`: the
     rollout workers (`rl.workers.WorkerPool`) serving the policy or a stronger teacher checkpoint. Each
-    completion is parsed as Harmony (`envs.harmony.parse_completion`, never raises); one with no final answer
-    is None, which `deliberative_solutions` rejects as "teacher_failed" without asking the judge."""
+    completion is parsed as Harmony (`envs.harmony.parse_completion`, never raises); one with no final answer,
+    or one the student's vocabulary cannot render (`covers`), is None, which `deliberative_solutions` rejects
+    as "teacher_failed" without asking the judge."""
 
     generator: object
     temperature: float = 1.0
     seed: int = 0
+    # the student's vocabulary check (`rl.model.VocabMap.covers`): a kept candidate is re-rendered for SFT, and
+    # decoded text can re-encode into ids a trimmed vocabulary lacks; such a candidate is None too
+    covers: Callable[[list[int]], bool] | None = None
 
     def write(self, items: Sequence[tuple[Spec, Task, str]], rng: random.Random) -> list[Solution | None]:
         if not items:
@@ -144,7 +154,10 @@ class SampledTeacher:
         out: list[Solution | None] = []
         for samples in completions:
             t = harmony.parse_completion(samples[0].ids) if samples else None
-            out.append((t.analysis, t.final) if t is not None and t.format_ok and t.final else None)
+            solution = (t.analysis, t.final) if t is not None and t.format_ok and t.final else None
+            if solution and self.covers and not self.covers(harmony.render_completion(*solution)):
+                solution = None
+            out.append(solution)
         return out
 
 

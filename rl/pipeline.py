@@ -14,6 +14,7 @@ With `model.path=...` the build step is skipped (a real gpt-oss checkpoint: a fo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import asdict
@@ -42,7 +43,7 @@ def build_model(cfg: Config, out: Path) -> Path:
     if cfg.sft.deliberative.enabled and cfg.sft.deliberative.teacher == "policy":
         from rl.deliberative import teacher_corpus
 
-        corpus += teacher_corpus(env.tasks("train", 200))  # the spec prose of the teacher's prompts
+        corpus += teacher_corpus(env.tasks("train", cfg.sft.tasks, seed=sft_seed(cfg.seed)))  # the SFT tasks' specs
     tool = cfg.rollout.tools.python
     return build_tiny_model(asdict(cfg.model), corpus, out, seed=cfg.seed,
                             extra_ids=vocabulary_ids(tool) if tool.enabled else ())
@@ -76,7 +77,7 @@ def sft_solution_fn(cfg: Config, tasks: list, solution, report: Path, model_path
     from rewards.safety import make_judge
 
     judge = make_judge(d.judge, **d.judge_options)
-    with deliberative_teacher(cfg, d.teacher_model or model_path) as teacher:
+    with deliberative_teacher(cfg, d.teacher_model or model_path, tasks, student=model_path) as teacher:
         kept, stats = deliberative_solutions(tasks, cfg.env.efforts, judge, teacher, seed=cfg.seed)
     report.write_text(json.dumps({"judge": d.judge, "teacher": d.teacher, "teacher_noise": d.teacher_noise,
                                   **stats.as_dict()}, indent=1))
@@ -86,10 +87,13 @@ def sft_solution_fn(cfg: Config, tasks: list, solution, report: Path, model_path
 
 
 @contextlib.contextmanager
-def deliberative_teacher(cfg: Config, checkpoint: Path | str | None):
+def deliberative_teacher(cfg: Config, checkpoint: Path | str | None, tasks: list, student: Path | str | None = None):
     """The teacher of `sft.deliberative.teacher`: templated, or a `SampledTeacher` over rollout workers serving
-    `checkpoint` (`cfg.rollout`'s engine settings; the workers are closed on exit, Ray too if started here)."""
-    from rl.deliberative import SampledTeacher, TemplateTeacher
+    `checkpoint` (`cfg.rollout`'s engine settings, `max_model_len` raised to fit the longest spec-in-context
+    prompt of `tasks`; the workers are closed on exit, Ray too if started here). Candidates that `student`'s
+    vocabulary cannot render are rejected. A teacher whose vocabulary lacks the prompts' ids fails here, saying so."""
+    from rl.deliberative import SampledTeacher, TemplateTeacher, teacher_prompts
+    from rl.model import VocabMap
 
     d = cfg.sft.deliberative
     if d.teacher == "template":
@@ -97,18 +101,29 @@ def deliberative_teacher(cfg: Config, checkpoint: Path | str | None):
         return
     if not checkpoint:
         raise ValueError("sft.deliberative.teacher=policy needs a checkpoint: set sft.deliberative.teacher_model")
+    prompts = teacher_prompts(tasks, cfg.env.efforts)
+    teacher_vocab = VocabMap.load(checkpoint)
+    if not all(teacher_vocab.covers(p) for p in prompts):
+        raise ValueError(f"sft.deliberative.teacher=policy: the teacher checkpoint {checkpoint} has a trimmed "
+                         "vocabulary without the spec text of its prompts; build the tiny model with "
+                         "sft.deliberative.teacher=policy (rl.pipeline adds it) or use a full-vocabulary checkpoint")
+    longest = max((len(p) for p in prompts), default=0)
+    rollout = dataclasses.replace(cfg.rollout, max_model_len=max(cfg.rollout.max_model_len,
+                                                                 longest + cfg.rollout.max_tokens))
     import ray
 
     from rl.cluster import init_ray
     from rl.workers import WorkerPool
 
-    owns_ray = not ray.is_initialized()
-    init_ray(cfg.cluster)
-    pool = WorkerPool(str(checkpoint), cfg.rollout, cfg.seed)
+    owns_ray, pool = not ray.is_initialized(), None
     try:
-        yield SampledTeacher(pool, temperature=d.teacher_temperature, seed=cfg.seed)
+        init_ray(cfg.cluster)
+        pool = WorkerPool(str(checkpoint), rollout, cfg.seed)
+        yield SampledTeacher(pool, temperature=d.teacher_temperature, seed=cfg.seed,
+                             covers=VocabMap.load(student).covers if student else None)
     finally:
-        pool.close()
+        if pool is not None:
+            pool.close()
         if owns_ray and ray.is_initialized():
             ray.shutdown()
 

@@ -131,6 +131,26 @@ def test_sampled_teacher_reads_the_spec_and_garbage_is_rejected_not_raised():
     assert all(developer in harmony.decode(p) for p in gen.prompts)
 
 
+def test_sampled_candidates_the_student_cannot_render_are_rejected():
+    tasks = SafetyEnv().tasks("train", 6)
+    teacher = SampledTeacher(ScriptedGenerator(tasks), covers=lambda ids: 200005 not in ids)  # no final header
+    kept, stats = deliberative_solutions(tasks, EFFORTS, RuleJudge(), teacher, seed=0)
+    assert not kept and stats.rejected == {"teacher_failed": 18}
+
+
+def test_a_teacher_without_the_spec_in_its_vocabulary_fails_before_sampling(tmp_path):
+    import json
+
+    from rl.config import compose
+    from rl.pipeline import deliberative_teacher
+
+    (tmp_path / "vocab_map.json").write_text(json.dumps({"canonical_ids": list(range(300))}))
+    cfg = compose(["experiment=safety", "sft.deliberative.teacher=policy"])
+    with pytest.raises(ValueError, match="vocabulary without the spec text"):
+        with deliberative_teacher(cfg, tmp_path, SafetyEnv().tasks("train", 3)):
+            pass
+
+
 def test_teacher_noise_is_checked():
     with pytest.raises(ValueError, match="teacher_noise"):
         TemplateTeacher(noise=1.0)
@@ -158,7 +178,7 @@ def test_sft_stage_samples_deliberative_data_through_rollout_workers(tmp_path):
     from rl.pipeline import build_model, sft_solution_fn
 
     cfg = compose(["experiment=safety", f"run_dir={tmp_path}", "sft.deliberative.teacher=policy",
-                   "rollout.max_model_len=1280", "rollout.max_tokens=32", "rollout.kv_cache_gib=1"])
+                   "rollout.max_tokens=32", "rollout.kv_cache_gib=1"])  # max_model_len 320 < a teacher prompt: raised
     model = build_model(cfg, tmp_path / "model")
     tasks = make_env(cfg.env, cfg.seed).tasks("train", 16, seed=0)
     n_safety = sum(t.env == "safety" for t in tasks)
