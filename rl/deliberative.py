@@ -59,17 +59,21 @@ def teacher_developer(spec: Spec) -> str:
     return "Follow this safety specification.\n\n" + spec_text(spec)
 
 
+def _safety_specs(tasks: Sequence[Task]) -> dict[str, Spec]:
+    """The spec of every safety task, by path, loaded once each (first-seen order)."""
+    return {p: load_spec(p) for p in dict.fromkeys(t.metadata["spec"] for t in tasks if t.env == SAFETY_ENV)}
+
+
 def teacher_prompts(tasks: Sequence[Task], efforts: Sequence[str]) -> list[list[int]]:
     """Every prompt a sampled teacher gets for `tasks` (their safety tasks) at `efforts`."""
-    specs = {p: load_spec(p) for p in dict.fromkeys(t.metadata["spec"] for t in tasks if t.env == SAFETY_ENV)}
+    specs = _safety_specs(tasks)
     return [generation_prompt(t, e, specs[t.metadata["spec"]]) for t in tasks if t.env == SAFETY_ENV for e in efforts]
 
 
 def teacher_corpus(tasks: Sequence[Task]) -> list[str]:
     """The text a sampled teacher's prompts add to the tasks' own (one developer message per spec): what a
     tiny model's trimmed vocabulary must also cover for `sft.deliberative.teacher=policy`."""
-    paths = dict.fromkeys(t.metadata["spec"] for t in tasks if t.env == SAFETY_ENV)
-    return [teacher_developer(load_spec(p)) for p in paths]
+    return [teacher_developer(spec) for spec in _safety_specs(tasks).values()]
 
 
 def generation_prompt(task: Task, effort: str, spec: Spec) -> list[int]:
@@ -186,6 +190,16 @@ class FilterStats:
     by_category: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # [kept, all]
     rejected: Counter = field(default_factory=Counter)  # reason -> count
 
+    def add(self, category: str, reason: str | None) -> None:
+        """Count one candidate of `category`: kept (reason None) or rejected for `reason` ("style:..." counts as "style")."""
+        self.candidates += 1
+        self.by_category[category][1] += 1
+        if reason is None:
+            self.kept += 1
+            self.by_category[category][0] += 1
+        else:
+            self.rejected[reason.split(":")[0]] += 1
+
     @property
     def kept_fraction(self) -> float:
         return self.kept / self.candidates if self.candidates else 0.0
@@ -227,23 +241,16 @@ def deliberative_solutions(tasks: Sequence[Task], efforts: Sequence[str], judge,
         rows = []
         for (task, effort), solution in zip(pairs, written, strict=True):
             if solution is None:
-                stats.candidates += 1
-                stats.by_category[task.metadata["category"]][1] += 1
-                stats.rejected["teacher_failed"] += 1
+                stats.add(task.metadata["category"], "teacher_failed")
             else:
                 rows.append((task, effort, solution))
         verdicts = judge.judge(spec, [JudgeRequest(t.metadata["prompt"], final) for t, _, (_, final) in rows]) if rows else []
         for (task, effort, (analysis, final)), verdict in zip(rows, verdicts, strict=True):
             cat = spec.category(task.metadata["category"])
             reason = rejection(verdict, analysis, cat)
-            stats.candidates += 1
-            stats.by_category[cat.id][1] += 1
+            stats.add(cat.id, reason)
             if reason is None:
-                stats.kept += 1
-                stats.by_category[cat.id][0] += 1
                 kept[(task.task_id, effort)] = (analysis, final)
-            else:
-                stats.rejected[reason.split(":")[0]] += 1
     return kept, stats
 
 
