@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from envs.datasets_loader import cached_split_tasks, load_hf_split
+from envs.draw import unit_hash
 from envs.types import Task
 
 LAYOUTS = ("auto", "humaneval", "mbpp", "livecodebench", "plain")
@@ -193,10 +194,6 @@ ROW_READERS = {"humaneval": _humaneval, "mbpp": _mbpp, "livecodebench": _livecod
 # --------------------------------------------------------------------------- environment
 
 
-def _bucket(text: str) -> float:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
-
-
 @dataclass
 class CodeDatasetEnv:
     """A code dataset as a task environment with disjoint train/test splits.
@@ -228,4 +225,4 @@ class CodeDatasetEnv:
         if split not in ("train", "test"):
             raise ValueError(f"split={split!r}: a single file is partitioned into 'train' and 'test' only")
         everything = load_code_dataset(self.path_or_name, "train", self.layout)
-        return [t for t in everything if (_bucket(t.question) < self.test_fraction) == (split == "test")]
+        return [t for t in everything if (unit_hash(t.question) < self.test_fraction) == (split == "test")]

@@ -30,6 +30,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from envs.draw import unit_hash
 from envs.types import Task
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -128,10 +129,6 @@ def _gsm8k_answer(text: str, key: str, where: str) -> str:
     return answer
 
 
-def _question_bucket(question: str) -> float:
-    return int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "big") / 2**64
-
-
 def cached_split_tasks(env, split: str, n: int, seed: int | None) -> list[Task]:
     """Up to `n` tasks of `split` from a file-backed env: `env._load(split)` once (kept in `env._cache`),
     then a seeded shuffle (tag: `env.name`) before taking `n`. Shared by the dataset envs."""
@@ -171,5 +168,5 @@ class DatasetEnv:
         if split not in ("train", "test"):
             raise ValueError(f"split={split!r}: a single file is partitioned into 'train' and 'test' only")
         everything = load_math_dataset(self.path_or_name, "train", **kwargs)
-        in_test = [_question_bucket(t.question) < self.test_fraction for t in everything]
+        in_test = [unit_hash(t.question) < self.test_fraction for t in everything]
         return [t for t, is_test in zip(everything, in_test) if is_test == (split == "test")]

@@ -19,6 +19,15 @@ def check_split(split: str) -> None:
         raise ValueError(f"split={split!r}: use 'train' or 'test'")
 
 
+def unit_hash(key: str) -> float:
+    """`key`'s place in [0, 1), a pure function of it (sha256): which share of keys a fraction picks.
+
+    >>> 0.0 <= unit_hash("q") < 1.0, unit_hash("q") == unit_hash("q")
+    (True, True)
+    """
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
 def hashed_split(key: str, test_fraction: float) -> str:
     """"test" for about `test_fraction` of all keys, else "train": a pure function of `key` (sha256, 10,000
     buckets), so a task's split never depends on the seed that drew it.

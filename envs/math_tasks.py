@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
-from envs.draw import check_split, draw_distinct, hashed_split
+from envs.draw import check_split, draw_distinct, hashed_split, unit_hash
 from envs.types import EFFORTS, Task, ToolCall, ToolTrace
 
 ENV_NAME = "math"
@@ -247,7 +247,7 @@ class MathEnv:
         )
 
     def solution(self, task: Task, effort: str) -> tuple[str, str] | ToolTrace:
-        if self.tool_traces and _bucket(task.task_id) < self.tool_traces:
+        if self.tool_traces and unit_hash(f"tool:{task.task_id}") < self.tool_traces:
             return tool_solution(task, effort)
         return solution(task, effort)
 
@@ -477,11 +477,6 @@ def solution(task: Task, effort: str) -> tuple[str, str]:
     if effort == "high":
         lines.append(_check(e))
     return "\n".join(lines), answer
-
-
-def _bucket(task_id: str) -> float:
-    """A task's place in [0, 1), a pure function of its id (which tasks a share picks)."""
-    return int.from_bytes(hashlib.sha256(f"tool:{task_id}".encode()).digest()[:8], "big") / 2**64
 
 
 def tool_solution(task: Task, effort: str) -> ToolTrace:
