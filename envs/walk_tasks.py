@@ -62,9 +62,9 @@ QUESTION_RE = re.compile(r"^Doors: ((?:[LRS], )*[LRS])\. Start in room (\d)\. Fi
 # Lengths vary around the budgets on both sides: over them (RL must cut) and under them (RL must learn to
 # spend the budget: each door written is a walk more it can finish).
 STYLE = {
-    "low": ((0, 0.35), (1, 0.35), (2, 0.15), (3, 0.15)),
-    "medium": ((2, 0.25), (3, 0.35), (4, 0.25), (5, 0.15)),
-    "high": ((4, 0.2), (6, 0.25), ("all", 0.35), ("all+check", 0.2)),
+    "low": ((0, 0.4), (1, 0.35), (2, 0.1), (3, 0.15)),
+    "medium": ((2, 0.4), (3, 0.35), (4, 0.1), (5, 0.15)),
+    "high": ((4, 0.25), (6, 0.3), ("all", 0.25), ("all+check", 0.2)),
 }
 # `stop` traces (a walk shorter than the style is written whole): each effort's doors spread evenly over
 # both sides of its budget (whole walks of 3 / 5 / 8 doors), so the SFT data keeps to the budgets only

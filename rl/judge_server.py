@@ -28,6 +28,7 @@ num_gpus: 1, max_tokens: 512}`; options: `format`, `max_tokens`, `max_model_len`
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ from rewards.judge import ChatJudge, JudgeRequest, Verdict
 from rewards.safety import register_judge
 
 FORMATS = ("auto", "harmony", "chat")
+log = logging.getLogger(__name__)
 
 
 def checkpoint_format(model: str | os.PathLike) -> str:
@@ -137,6 +139,9 @@ class VLLMJudge:
     def _complete_batch(self, conversations):
         import ray
 
+        if self.actor is None:
+            raise RuntimeError("this VLLMJudge was closed; build a new one")
+
         if not self._loaded:  # the engine's load time is not the first call's: it has its own limit
             ray.get(self.actor.ready.remote(), timeout=self.load_timeout_s)
             self._loaded = True
@@ -147,10 +152,25 @@ class VLLMJudge:
         return self.chat.judge(spec, requests)
 
     def close(self, wait_s: float = 60.0) -> None:
-        """Kills the actor and waits (up to `wait_s`) until it is gone (`rl.cluster.kill_actors`)."""
+        """Shuts the engine down (its temporary folders go with it), then kills the actor and waits (up to
+        `wait_s` in all) until it is gone (`rl.cluster.kill_actors`); an engine that fails or hangs on
+        shutdown is killed all the same. Idempotent."""
+        import time
+
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
         from rl.cluster import kill_actors
 
-        kill_actors([self.actor], wait_s)
+        actor, self.actor = self.actor, None
+        if actor is None:
+            return
+        start = time.monotonic()
+        try:
+            ray.get(actor.close.remote(), timeout=wait_s / 2)
+        except (RayActorError, GetTimeoutError) as exc:
+            log.warning("judge engine did not shut down cleanly (%s); killing its actor", type(exc).__name__)
+        kill_actors([actor], max(1.0, wait_s - (time.monotonic() - start)))
 
 
 register_judge("vllm", VLLMJudge)

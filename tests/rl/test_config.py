@@ -123,3 +123,34 @@ def test_walk_experiment_budgets_are_the_worlds_budgets():
     env = WalkEnv(steps=c.env.steps, show_doors=c.env.walk_show_doors, stop=c.env.walk_stop)
     assert dict(term["budgets"]) == env.budgets()
     assert c.reward.terms["math"]["weight"] == 0.0 and c.eval.metric == "math"
+    fill = c.reward.terms["fill"]  # L1-exact's targets: the budgeted traces themselves (budget less its margin)
+    assert fill["shape"] == "l1_exact" and dict(fill["budgets"]) == {e: b - 1 for e, b in env.budgets().items()}
+
+
+@pytest.mark.parametrize("effort", ["low", "medium", "high"])
+def test_walk_reward_pays_for_spending_the_budget_and_never_for_a_wrong_answer(effort):
+    """experiment=walk's whole reward on real traces of one 8-door walk: right within the budget beats right
+    over it; among right traces within it, a door more never pays less and the budgeted trace pays most; a wrong answer
+    scores below every right one within the budget, however long."""
+    from envs.harmony import encode
+    from envs.types import Sample, Transcript
+    from envs.walk_tasks import BUDGET_STEPS, trace, walk
+    from rl.data import make_reward
+
+    c = compose(["experiment=walk"])
+    reward = make_reward(c.reward)
+    start, doors = 3, "LRRLRLLR"
+    answer = str(walk(start, doors)[-1])
+    fits = 8 if BUDGET_STEPS[effort] == "all" else BUDGET_STEPS[effort]
+
+    def score(written, final):
+        cot = trace(start, doors, written, show_doors=True)
+        t = Transcript(analysis=cot, final=final, analysis_tokens=len(encode(cot)))
+        return reward(Sample("t", "math", effort, [], [], [], [], t, {"answer": answer})).score
+
+    right = [score(k, answer) for k in range(fits + 1)]
+    assert right == sorted(right) and right[-1] > right[-2]  # more per door (L1's clip flattens the shortest)
+    wrong = "0" if answer != "0" else "1"
+    assert max(score(k, wrong) for k in range(9)) < min(right)
+    if fits < 8:
+        assert score(fits + 1, answer) < right[fits]  # one door over the budget

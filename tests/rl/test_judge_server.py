@@ -65,10 +65,12 @@ def test_vllm_judge_actor_answers_a_batch_and_never_raises(judge_model, ray_loca
 
     import ray
 
-    judge.close()  # the actor is gone: every verdict of the next batch fails, nothing raises
+    actor = judge.actor
+    judge.close()  # engine shut down, actor gone: every verdict of the next batch fails, nothing raises
     with pytest.raises(Exception):
-        ray.get(judge.actor.complete_batch.remote([]), timeout=60)
+        ray.get(actor.complete_batch.remote([]), timeout=60)
     assert all(v.failed for v in judge.judge(SPEC, reqs[:2]))
+    judge.close()  # idempotent
 
 
 def _tiny_chat_model(out):
