@@ -18,8 +18,8 @@ What
   verdict from the model: change a category's `response` in the spec and the clause the model reads
   changes, so its verdicts change (tests/rewards/test_spec_rm.py measures the flip rate). Never raises
   on an answer: an empty one is a failed verdict, a huge one is cut to `max_answer_chars`.
-- `python -m rewards.spec_rm --out runs/spec_rm` trains (about 6 minutes on 2 busy cores), saves the
-  checkpoint and prints held-out accuracy against RuleJudge and the spec-flip rates (metrics.json).
+- `python -m rewards.spec_rm --out runs/spec_rm` trains (three members, `RMConfig.members`, about 2 minutes
+  each on 2 idle cores; their averaged probabilities are the verdict), saves the checkpoint and prints held-out accuracy against RuleJudge and the spec-flip rates (metrics.json).
 
 Departures: Guan et al. 2024 / the gpt-oss card use an LLM reading the whole spec. This model reads
 only its category's clause and gets the category from the grammar, so it needs a closed spec; an open
@@ -32,7 +32,7 @@ import argparse
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -58,6 +58,10 @@ class RMConfig:
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
+    # independently trained members (member i: data and init seed `seed + i`), their probabilities
+    # averaged: single models at seeds 0 / 1 / 2 scored 97.7 / 97.0 / 93.6% full label, the three as one
+    # 97.4 / 97.1 / 97.7% on the same held-out sets (bench/RESULTS.md "Spec-conditioned reward model")
+    members: int = 3
 
 
 def rm_text(clause: str, request: str, answer: str) -> str:
@@ -98,8 +102,29 @@ def _encode(tokenizer, examples: Sequence[RMExample], max_length: int) -> list[d
             for ids, m, e in zip(enc["input_ids"], enc["attention_mask"], examples)]
 
 
+MEMBER_SEED_STRIDE = 1  # member i trains at seed + i: `--seed 0` is the three single models of seeds 0, 1, 2
+
+
+def member_dir(out_dir: str | Path, i: int) -> Path:
+    return Path(out_dir) / f"member_{i}"
+
+
 def train_spec_rm(spec: Spec, out_dir: str | Path, cfg: RMConfig = RMConfig()) -> Path:
-    """Generate the data, train the classifier with transformers.Trainer, save model + tokenizer + config."""
+    """Train `cfg.members` classifiers (one: into `out_dir`; more: into `out_dir/member_<i>`, each on its own
+    data and initialisation) and save them with `rm_config.json`, which `SpecRMJudge` loads."""
+    if cfg.members < 1:
+        raise ValueError(f"members={cfg.members}: train at least one model")
+    if cfg.members == 1:
+        return _train_one(spec, out_dir, cfg)
+    for i in range(cfg.members):
+        _train_one(spec, member_dir(out_dir, i), replace(cfg, seed=cfg.seed + MEMBER_SEED_STRIDE * i, members=1))
+    out = Path(out_dir)
+    (out / "rm_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    return out
+
+
+def _train_one(spec: Spec, out_dir: str | Path, cfg: RMConfig) -> Path:
+    """Generate the data, train one classifier with transformers.Trainer, save model + tokenizer + config."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     train = make_examples(spec, "train", cfg.n_train, cfg.seed)
@@ -124,7 +149,7 @@ def save_checkpoint(model, tokenizer, cfg: RMConfig, out_dir: str | Path) -> Pat
     out = Path(out_dir)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    (out / "rm_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    (out / "rm_config.json").write_text(json.dumps(asdict(replace(cfg, members=1)), indent=1))  # one model here
     return out
 
 
@@ -135,12 +160,17 @@ class SpecRMJudge:
         from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
         path = Path(checkpoint)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"spec_rm checkpoint {checkpoint!r} has no config.json; train one with "
-                                    "`python -m rewards.spec_rm --out <dir>` and pass checkpoint=<dir>")
-        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        self.max_length = json.loads((path / "rm_config.json").read_text())["max_length"]
+        cfg_file = path / "rm_config.json"
+        members = json.loads(cfg_file.read_text()).get("members", 1) if cfg_file.is_file() else 1
+        paths = [path] if members == 1 else [member_dir(path, i) for i in range(members)]
+        missing = [str(p) for p in paths if not (p / "config.json").is_file() or not (p / "rm_config.json").is_file()]
+        if missing:
+            raise FileNotFoundError(f"spec_rm checkpoint {checkpoint!r}: no model in {missing} (config.json and "
+                                    "rm_config.json); train one with `python -m rewards.spec_rm --out <dir>` and "
+                                    "pass checkpoint=<dir>")
+        self.members = [(PreTrainedTokenizerFast.from_pretrained(p),
+                         AutoModelForSequenceClassification.from_pretrained(p).eval(),
+                         json.loads((p / "rm_config.json").read_text())["max_length"]) for p in paths]
         self.batch_size, self.max_answer_chars = batch_size, max_answer_chars
 
     def judge(self, spec: Spec, requests: Sequence[JudgeRequest]) -> list[Verdict]:
@@ -169,9 +199,12 @@ class SpecRMJudge:
 
     @torch.no_grad()
     def _predict(self, texts: list[str]) -> list[int]:
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-        logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits  # (B, LABELS)
-        return logits.argmax(-1).tolist()
+        """The label with the highest probability averaged over the members."""
+        probs = 0.0
+        for tokenizer, model, max_length in self.members:
+            enc = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            probs = probs + model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.softmax(-1)
+        return probs.argmax(-1).tolist()  # (B, LABELS) -> B
 
 
 # --------------------------------------------------------------------------- measurement

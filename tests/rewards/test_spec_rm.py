@@ -95,6 +95,41 @@ def test_spec_rm_judge_missing_checkpoint_says_how_to_train(tmp_path):
         make_judge("spec_rm", checkpoint=str(tmp_path))
 
 
+def test_an_ensemble_checkpoint_averages_its_members_probabilities(tmp_path):
+    """`members: N` in the top rm_config.json: SpecRMJudge loads member_0..N-1 and takes the label of the
+    averaged probabilities; a missing member is a FileNotFoundError naming it."""
+    import json
+    from dataclasses import asdict
+
+    import torch
+
+    from rewards.spec_rm import RMConfig, SpecRMJudge, build_model, build_tokenizer, member_dir, rm_text, save_checkpoint
+
+    texts = [rm_text(e.clause, e.request, e.answer) for e in make_examples(SPEC, "train", 200)]
+    tok = build_tokenizer(texts)
+    for i in range(2):
+        cfg = RMConfig(hidden=16, layers=1, heads=2, seed=i)
+        save_checkpoint(build_model(cfg, tok.vocab_size, tok.pad_token_id), tok, cfg, member_dir(tmp_path, i))
+    (tmp_path / "rm_config.json").write_text(json.dumps(asdict(RMConfig(hidden=16, layers=1, heads=2, members=2))))
+    ens = SpecRMJudge(str(tmp_path))
+    singles = [SpecRMJudge(str(member_dir(tmp_path, i))) for i in range(2)]
+    assert len(ens.members) == 2 and all(len(m.members) == 1 for m in singles)
+    batch = texts[:16]
+    with torch.no_grad():
+        probs = []
+        for m in singles:
+            t, model, n = m.members[0]
+            enc = t(batch, truncation=True, max_length=n, padding=True, return_tensors="pt")
+            probs.append(model(**enc).logits.softmax(-1))
+    assert ens._predict(batch) == (probs[0] + probs[1]).argmax(-1).tolist()
+    assert len(ens.judge(SPEC, [JudgeRequest(HACK, REFUSAL)])) == 1
+    import shutil
+
+    shutil.rmtree(member_dir(tmp_path, 1))
+    with pytest.raises(FileNotFoundError, match="member_1"):
+        SpecRMJudge(str(tmp_path))
+
+
 def test_safety_reward_runs_on_the_spec_rm_judge(untrained_checkpoint, make_sample):
     from envs.safety_tasks import SafetyEnv
 
