@@ -125,6 +125,10 @@ def test_an_ensemble_checkpoint_averages_its_members_probabilities(tmp_path):
     assert len(ens.judge(SPEC, [JudgeRequest(HACK, REFUSAL)])) == 1
     import shutil
 
+    (tmp_path / "rm_config.json").write_text(json.dumps({"members": 0}))
+    with pytest.raises(ValueError, match="members=0"):
+        SpecRMJudge(str(tmp_path))
+    (tmp_path / "rm_config.json").write_text(json.dumps(asdict(RMConfig(members=2))))
     shutil.rmtree(member_dir(tmp_path, 1))
     with pytest.raises(FileNotFoundError, match="member_1"):
         SpecRMJudge(str(tmp_path))
