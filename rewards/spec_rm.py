@@ -103,9 +103,6 @@ def _encode(tokenizer, examples: Sequence[RMExample], max_length: int) -> list[d
             for ids, m, e in zip(enc["input_ids"], enc["attention_mask"], examples)]
 
 
-MEMBER_SEED_STRIDE = 1  # member i trains at seed + i: `--seed 0` is the three single models of seeds 0, 1, 2
-
-
 def member_dir(out_dir: str | Path, i: int) -> Path:
     return Path(out_dir) / f"member_{i}"
 
@@ -117,8 +114,8 @@ def train_spec_rm(spec: Spec, out_dir: str | Path, cfg: RMConfig = RMConfig()) -
         raise ValueError(f"members={cfg.members}: train at least one model")
     if cfg.members == 1:
         return _train_one(spec, out_dir, cfg)
-    for i in range(cfg.members):
-        _train_one(spec, member_dir(out_dir, i), replace(cfg, seed=cfg.seed + MEMBER_SEED_STRIDE * i, members=1))
+    for i in range(cfg.members):  # member i at seed + i: `--seed 0` is the single models of seeds 0, 1, 2
+        _train_one(spec, member_dir(out_dir, i), replace(cfg, seed=cfg.seed + i, members=1))
     out = Path(out_dir)
     (out / "rm_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     return out
