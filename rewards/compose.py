@@ -23,6 +23,11 @@ weight, a wrong answer never outscores a right one. Gates are scored before the 
 chain gates on the gated score); the result logs `parts["<name>/gated"]` = 1.0 where the gate was
 closed. An unknown gate name or a cycle of gates fails at build.
 
+Routing by env. A term's option `envs: [<env>, ...]` applies it only to samples whose `sample.env` is
+listed (None elsewhere: left out of the sum, like a reward that does not apply), so one run can hold two
+instances of the same reward with different options for different task families, e.g. the walk world's
+token budgets for walk samples and longer ones for safety samples (conf/experiment/safety_walk.yaml).
+
 Failure policy. The plugin's call on a batch runs in its own daemon thread, and the composite stops
 waiting for it `timeout_s` after it started. A plugin fails on a sample when its per-sample call
 raises or returns something other than a `RewardResult` with a finite score (or None), and on the
@@ -68,7 +73,7 @@ class CompositeReward:
 
     def __init__(self, weights: Mapping[str, float], rewards: Mapping[str, RewardFn] | None = None,
                  on_error: str = "zero", timeout_s: float = DEFAULT_TIMEOUT_S,
-                 gates: Mapping[str, str] | None = None):
+                 gates: Mapping[str, str] | None = None, envs: Mapping[str, Sequence[str]] | None = None):
         if not weights:
             raise ValueError("CompositeReward needs at least one {name: weight}")
         bad = {k: w for k, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float))}
@@ -84,13 +89,18 @@ class CompositeReward:
         self.on_error, self.timeout_s = on_error, float(timeout_s)
         self.gates = dict(gates or {})  # {gated term: gating term}
         self._order = _gate_order(self.weights, self.gates)  # every gate before the terms it gates
+        self.envs = {name: _env_list(name, e) for name, e in (envs or {}).items()}  # {term: envs it scores}
+        unknown = sorted(set(self.envs) - set(self.weights))
+        if unknown:
+            raise ValueError(f"envs names {unknown[0]!r}, which is not a reward term; terms: {', '.join(self.weights)}")
         self.errors: dict[str, int] = {}  # samples each plugin failed on, since construction
 
     @classmethod
     def from_config(cls, terms: Mapping, on_error: str = "zero",
                     timeout_s: float = DEFAULT_TIMEOUT_S) -> "CompositeReward":
-        """Build from `{name: {"weight": w, "gate": other_name, **options or _target_}}` (or `{name: w}`)."""
-        weights, rewards, gates = {}, {}, {}
+        """Build from `{name: {"weight": w, "gate": other_name, "envs": [env, ...], **options or _target_}}`
+        (or `{name: w}`)."""
+        weights, rewards, gates, envs = {}, {}, {}, {}
         for name, entry in dict(terms).items():
             if isinstance(entry, (int, float)) and not isinstance(entry, bool):
                 weights[name] = entry
@@ -100,14 +110,16 @@ class CompositeReward:
                     f"reward term {name!r}: give a mapping with 'weight' (and the reward's options), "
                     f"e.g. {{weight: 0.1}}; got {entry!r}"
                 )
-            spec = {k: v for k, v in dict(entry).items() if k not in ("weight", "gate")}
+            spec = {k: v for k, v in dict(entry).items() if k not in ("weight", "gate", "envs")}
             weights[name] = entry["weight"]
             if "gate" in entry:
                 gates[name] = entry["gate"]
+            if "envs" in entry:
+                envs[name] = entry["envs"]
             if "_target_" not in spec:
                 spec["name"] = spec.get("name", name)
             rewards[name] = build_reward(spec)
-        return cls(weights, rewards, on_error=on_error, timeout_s=timeout_s, gates=gates)
+        return cls(weights, rewards, on_error=on_error, timeout_s=timeout_s, gates=gates, envs=envs)
 
     def __call__(self, sample: Sample) -> RewardResult:
         return self.score_batch([sample])[0]
@@ -116,11 +128,22 @@ class CompositeReward:
         """One combined result per sample; batch-capable rewards see the whole batch at once."""
         per_reward: dict[str, list[RewardResult | None]] = {}
         for name in self._order:
-            results = self._run(name, self.rewards[name], samples)
+            results = self._routed(name, samples)
             if name in self.gates:
                 results = [_gated(r, g) for r, g in zip(results, per_reward[self.gates[name]])]
             per_reward[name] = results
         return [self._combine({n: per_reward[n][i] for n in self.rewards}) for i in range(len(samples))]
+
+    def _routed(self, name: str, samples: Sequence[Sample]) -> list[RewardResult | None]:
+        """The term's results, None on the samples of envs it is not routed to (`envs`)."""
+        if name not in self.envs:
+            return self._run(name, self.rewards[name], samples)
+        keep = [i for i, s in enumerate(samples) if s.env in self.envs[name]]
+        out: list[RewardResult | None] = [None] * len(samples)
+        if keep:
+            for i, r in zip(keep, self._run(name, self.rewards[name], [samples[i] for i in keep])):
+                out[i] = r
+        return out
 
     def _run(self, name: str, fn: RewardFn, samples: Sequence[Sample]) -> list[RewardResult | None]:
         slots: list = [_PENDING] * len(samples)  # filled by the plugin's thread
@@ -186,6 +209,15 @@ def _gate_order(terms: Sequence[str], gates: Mapping[str, str]) -> list[str]:
                                  f"gate itself, directly or through others)")
         order.extend(t for t in reversed(chain) if t not in order)
     return order
+
+
+def _env_list(name: str, envs) -> frozenset[str]:
+    """A term's `envs` option checked: a non-empty list of env names."""
+    if isinstance(envs, str) or not isinstance(envs, Sequence) or not envs or \
+            not all(isinstance(e, str) and e for e in envs):
+        raise ValueError(f"reward term {name!r}: envs must be a non-empty list of env names "
+                         f"(e.g. [walk, math]), got {envs!r}")
+    return frozenset(envs)
 
 
 def _gated(r: RewardResult | None, gate: RewardResult | None) -> RewardResult | None:

@@ -317,3 +317,48 @@ def test_bad_gates_fail_at_build(gates, match):
     terms = {name: {"weight": w, **({"gate": gates[name]} if name in gates else {})} for name, w in CFG.items()}
     with pytest.raises(ValueError, match=match):
         CompositeReward.from_config(terms)
+
+
+def test_envs_routes_two_instances_of_one_reward_to_their_own_envs(make_sample):
+    """A term with `envs` scores only its envs' samples; two budgets of one reward live side by side."""
+    from omegaconf import OmegaConf
+
+    terms = OmegaConf.create({
+        "short": {"weight": 1.0, "name": "effort_length", "budgets": {"high": 4}, "envs": ["walk"]},
+        "long": {"weight": 1.0, "name": "effort_length", "budgets": {"high": 64}, "envs": ["safety", "hierarchy"]},
+    })
+    comp = CompositeReward.from_config(terms)
+    walk, safety, other = (make_sample("408", analysis="carry " * 16, effort="high") for _ in range(3))
+    walk.env, safety.env = "walk", "safety"  # `other` stays "math": neither term is routed to it
+    calls, inner = [], comp.rewards["short"]
+    comp.rewards["short"] = lambda s: calls.append(s.env) or inner(s)
+    got = comp.score_batch([walk, safety, other])
+    assert calls == ["walk"]  # the plugin never sees the other envs' samples
+    assert set(got[0].parts) >= {"short"} and "long" not in got[0].parts
+    assert got[0].parts["short"] < 1.0  # 16 words over a 4-token budget
+    assert got[1].parts["long"] == 1.0 and "short" not in got[1].parts
+    assert (got[2].score, got[2].info["applicable"]) == (0.0, [])
+
+
+def test_envs_and_gate_compose(make_sample):
+    """A routed term's gate still closes on a wrong answer, and the gate itself may be routed."""
+    comp = CompositeReward({"task": 1.0, "bonus": 1.0},
+                           {"task": lambda s: RewardResult(float(s.transcript.final == "1")),
+                            "bonus": lambda s: RewardResult(1.0)},
+                           gates={"bonus": "task"}, envs={"bonus": ["walk"], "task": ["walk"]})
+    right, wrong = make_sample("1"), make_sample("2")
+    right.env = wrong.env = "walk"
+    r, w = comp.score_batch([right, wrong])
+    assert (r.score, w.score, w.parts["bonus/gated"]) == (2.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("envs,match", [
+    ("walk", "envs must be a non-empty list of env names"),
+    ([], "envs must be a non-empty list"),
+    ([1], "envs must be a non-empty list"),
+])
+def test_bad_envs_fail_at_build(envs, match):
+    with pytest.raises(ValueError, match=match):
+        CompositeReward.from_config({"math": {"weight": 1.0, "envs": envs}})
+    with pytest.raises(ValueError, match="envs names 'mathh', which is not a reward term"):
+        CompositeReward({"math": 1.0}, envs={"mathh": ["math"]})
