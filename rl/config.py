@@ -54,10 +54,6 @@ class ModelConfig:
     sliding_window: int = 64  # gpt-oss uses 128; the tiny demo was measured with 64
     max_position_embeddings: int = 4096
     initializer_range: float = 0.02
-    # the tiny build's output rows: "random" (gpt-oss's own init) | "embeddings" (a copy of the input embeddings
-    # at init, still untied: every token's in and out rows start aligned, so copying a token from the context,
-    # e.g. a tool's answer into the final, needs no per-token training; issue 16)
-    lm_head_init: str = choice("random", ("random", "embeddings"))
     # Real models (conf/model/gpt_oss_*.yaml): what the released config.json says. The tiny model keeps
     # the rest at these gpt-oss values; its vocabulary is the trimmed one it is built with.
     vocab_size: Optional[int] = None  # null = the tiny model's trimmed vocabulary; gpt-oss: 201088 (o200k_harmony)

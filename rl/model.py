@@ -170,9 +170,6 @@ def build_tiny_model(cfg: Mapping, corpus: Iterable[str], out_dir: str | os.Path
     config = tiny_config(vocab_size, cfg, vmap.to_model(list(harmony.STOP_TOKENS)), vmap.to_model([harmony.ENDOFTEXT])[0])
     torch.manual_seed(seed)
     model = GptOssForCausalLM(config)
-    if cfg["lm_head_init"] == "embeddings":
-        with torch.no_grad():
-            model.lm_head.weight.copy_(model.model.embed_tokens.weight)
     save_checkpoint(model, vmap, out_dir)
     return Path(out_dir)
 

@@ -89,17 +89,3 @@ def test_tiny_model_round_trips_through_mxfp4_checkpoint(tiny, tmp_path):
     for name, p in model.named_parameters():
         torch.testing.assert_close(again.get_parameter(name), p, rtol=0, atol=0)
 
-
-@pytest.mark.parametrize("init", ["random", "embeddings"])
-def test_lm_head_init(tmp_path, tiny_cfg, init):
-    """model.lm_head_init=embeddings starts every output row equal to its input row (still two tensors:
-    the checkpoint keeps gpt-oss's untied layout); random draws them independently."""
-    from safetensors.torch import load_file
-
-    from envs.math_tasks import vocabulary_corpus
-
-    path = build_tiny_model({**tiny_cfg, "lm_head_init": init}, vocabulary_corpus(10), tmp_path / "m")
-    w = load_file(str(path / "model.safetensors"))
-    emb, head = w["model.embed_tokens.weight"], w["lm_head.weight"]
-    assert emb.data_ptr() != head.data_ptr() and head.abs().sum() > 0
-    assert torch.equal(emb, head) == (init == "embeddings")
