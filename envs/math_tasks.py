@@ -180,7 +180,21 @@ def _digit_sum(rng, d):
     return ("+", tuple(rng.randint(1, 9) for _ in range(rng.choice(d["digit_terms"]))))
 
 
-FAMILIES = {"add": _add, "mul": _mul, "muladd": _muladd, "chain": _chain, "digit_sum": _digit_sum}
+def _muldiff(rng, d):
+    """The difference of two products, a*b-c*d, drawn so that it is a two-digit number (10..99): the
+    operands and the answer are all 1-2 digit o200k chunks (tokens every task uses), while the answer
+    needs both products. The python tool's family (conf/experiment/tool.yaml): a tiny model copies
+    frequent chunks from a tool message into its final, not rare 3-digit ones (README "Code and the
+    python tool in the tiny world")."""
+    while True:
+        a, b = _num(rng, d["mul_top"]), _num(rng, rng.choice(d["mul_bottom"]))
+        c, f = _num(rng, d["mul_top"]), _num(rng, rng.choice(d["mul_bottom"]))
+        if 10 <= a * b - c * f <= 99:
+            return ("-", (("*", (a, b)), ("*", (c, f))))
+
+
+FAMILIES = {"add": _add, "mul": _mul, "muladd": _muladd, "chain": _chain, "digit_sum": _digit_sum,
+            "muldiff": _muldiff}
 
 # Digit counts per difficulty. Level 2 (default) is the tiny-world setting: 2-digit x 2-digit
 # products and 3-term sums, where one-shot answers are hard and column arithmetic is not.

@@ -76,7 +76,7 @@ class EnvConfig:
     name: str = choice("math", ("math", "chain", "walk", "dataset", "safety", "hierarchy", "code"))
     difficulty: int = 1  # MathEnv difficulty level (1..3; see envs/math_tasks.DIFFICULTY)
     families: list[str] = choice(["add", "mul", "muladd", "chain"],
-                                 ("add", "mul", "muladd", "chain", "digit_sum"))  # MathEnv problem kinds
+                                 ("add", "mul", "muladd", "chain", "digit_sum", "muldiff"))  # MathEnv problem kinds
     # MathEnv digit sums' traces: stepwise (the demo's) | rewrite (each line merges two terms, fixed width; issue 14)
     digit_sum_trace: str = choice("stepwise", ("stepwise", "rewrite"))
     # env.name=math: share of problems (by a hash) whose SFT trace solves them with the python tool

@@ -145,3 +145,25 @@ def test_rewrite_digit_sum_traces_keep_the_sum_and_one_width():
         assert len({len(harmony.encode(ln)) for ln in lines["high"]}) == 1
     with pytest.raises(ValueError, match="digit_sum_trace"):
         MathEnv(digit_sum_trace="nope")
+
+
+@pytest.mark.parametrize("difficulty", [1, 2])
+def test_muldiff_answers_are_two_digit_chunks_and_traces_solve_them(difficulty):
+    """a*b-c*d with a two-digit answer: every operand and the answer are single o200k tokens of 1-2 digits,
+    the traces end at the answer, the tool trace prints the expression, and the splits stay disjoint."""
+    from envs.math_tasks import tool_solution
+
+    env = MathEnv(seed=3, difficulty=difficulty, families=("muldiff",))
+    train, test = env.tasks("train", 200), env.tasks("test", 40)
+    assert not {t.metadata["expr"] for t in train} & {t.metadata["expr"] for t in test}
+    for t in train[:50] + test:
+        expr, answer = t.metadata["expr"], t.metadata["answer"]
+        assert 10 <= int(answer) <= 99 and len(encode(answer)) == 1
+        (a, b), (c, d) = (map(int, p.split("*")) for p in expr.split("-"))
+        assert a * b - c * d == int(answer) and max(len(encode(str(x))) for x in (a, b, c, d)) == 1
+        for effort in BUDGETS:
+            analysis, final = solution(t, effort)
+            assert final == answer
+            last = analysis.splitlines()[-1]
+            assert last.rstrip(".").endswith(f"={answer}") or last.startswith(f"Check: {answer}+")
+        assert tool_solution(t, "low").steps[0].code == f"print({expr})"

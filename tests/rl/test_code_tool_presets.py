@@ -56,7 +56,7 @@ def test_tool_preset_and_its_tool_free_twin_differ_only_in_the_tool(overrides):
     base = compose(["experiment=tool"])
     for key in ("seed", "sft", "train", "algo", "learner", "eval", "reward"):
         assert getattr(c, key) == getattr(base, key), key  # same seeds and budgets
-    assert (c.rollout.max_tokens, c.env.families, c.env.difficulty) == (192, ["mul"], 2)
+    assert (c.rollout.max_tokens, c.env.families, c.env.difficulty) == (192, ["muldiff"], 1)
 
 
 def test_the_tool_vocabulary_covers_its_prompts_and_answers_headers():
