@@ -23,8 +23,9 @@ weight, a wrong answer never outscores a right one. Gates are scored before the 
 chain gates on the gated score); the result logs `parts["<name>/gated"]` = 1.0 where the gate was
 closed. An unknown gate name or a cycle of gates fails at build.
 
-Routing by env. A term's option `envs: [<env>, ...]` applies it only to samples whose `sample.env` is
-listed (None elsewhere: left out of the sum, like a reward that does not apply), so one run can hold two
+Routing by env. A term's option `envs: [<env>, ...]` applies it only to samples whose `sample.env` or
+mixture label (the "LABEL:" of a mixture's task ids, `envs.mixture.label_of`) is listed (None elsewhere:
+left out of the sum, like a reward that does not apply), so one run can hold two
 instances of the same reward with different options for different task families, e.g. the walk world's
 token budgets for walk samples and longer ones for safety samples (conf/experiment/safety_walk.yaml).
 
@@ -52,6 +53,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
+from envs.mixture import label_of
 from envs.types import Sample
 from rewards.registry import RewardFn, build_reward, get_reward
 from rewards.types import RewardResult
@@ -138,7 +140,8 @@ class CompositeReward:
         """The term's results, None on the samples of envs it is not routed to (`envs`)."""
         if name not in self.envs:
             return self._run(name, self.rewards[name], samples)
-        keep = [i for i, s in enumerate(samples) if s.env in self.envs[name]]
+        routed = self.envs[name]
+        keep = [i for i, s in enumerate(samples) if s.env in routed or label_of(s.task_id) in routed]
         out: list[RewardResult | None] = [None] * len(samples)
         if keep:
             for i, r in zip(keep, self._run(name, self.rewards[name], [samples[i] for i in keep])):

@@ -703,10 +703,47 @@ def validate(cfg: DictConfig | dict | Config) -> Config:
     for name, term in c.reward.terms.items():
         if not isinstance(term, dict) or "weight" not in term:
             raise ConfigError(f"bad config key 'reward.terms.{name}': must be a mapping with 'weight', got {term!r}")
-    mixture_components(c.env)  # every entry typed and checked
+    components = mixture_components(c.env)  # every entry typed and checked
+    _check_term_envs(c.reward.terms, components, c.env.name)
     if c.algo.max_tokens is None:
         c.algo.max_tokens = c.rollout.max_tokens  # Dr.GRPO's documented default, resolved once here
     return c
+
+
+# What `sample.env` holds for each env.name whose tasks report another env (the Task.env they carry): chain,
+# walk and dataset tasks are scored by the math reward, so their samples say "math".
+TASK_ENV = {"chain": "math", "walk": "math", "dataset": "math"}
+
+
+def _check_term_envs(terms: dict, components: dict[str, MixtureComponent], env_name: str) -> None:
+    """Check and resolve each reward term's `envs` (rewards/compose.py routes by a sample's env or mixture label).
+
+    An entry is a mixture label of this run or an env name (any env.name, or "math"); a typo would silently zero
+    the term. An env name is resolved to what the samples carry: in a mixture, the labels of the components built
+    from it; in a single-env run, the env its tasks report (walk, chain and dataset samples are "math"). An env
+    the run does not hold is allowed and never applies (a twin run without some components keeps their terms)."""
+    env_names = next(f.metadata["choices"] for f in dataclasses.fields(EnvConfig) if f.name == "name")
+    valid = set(components) | set(env_names) | set(TASK_ENV.values())
+    for name, term in terms.items():
+        envs = term.get("envs") if isinstance(term, dict) else None
+        if envs is None:
+            continue
+        key = f"reward.terms.{name}.envs"
+        if isinstance(envs, str) or not isinstance(envs, (list, tuple)) or not envs:
+            raise ConfigError(f"bad config key '{key}': must be a non-empty list of env names, got {envs!r}")
+        unknown = [e for e in envs if e not in valid]
+        if unknown:
+            raise ConfigError(f"bad config key '{key}': {unknown[0]!r} is not an env of this run (mixture labels "
+                              f"and env names: {sorted(valid)})")
+        resolved: list[str] = []
+        for e in envs:
+            if e in components:
+                resolved.append(e)
+            elif components:
+                resolved += [label for label, c in components.items() if c.config.name == e] or [e]
+            else:
+                resolved.append(TASK_ENV.get(e, e) if e == env_name else e)
+        term["envs"] = list(dict.fromkeys(resolved))
 
 
 def to_yaml(cfg: Config) -> str:

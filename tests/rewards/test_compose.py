@@ -362,3 +362,11 @@ def test_bad_envs_fail_at_build(envs, match):
         CompositeReward.from_config({"math": {"weight": 1.0, "envs": envs}})
     with pytest.raises(ValueError, match="envs names 'mathh', which is not a reward term"):
         CompositeReward({"math": 1.0}, envs={"mathh": ["math"]})
+
+
+def test_envs_also_match_the_mixture_label(make_sample):
+    """Walk tasks report env "math"; in a mixture their ids carry the label, which `envs` matches too."""
+    comp = CompositeReward({"bonus": 1.0}, {"bonus": lambda s: RewardResult(1.0)}, envs={"bonus": ["walk"]})
+    walk, digits = make_sample("1"), make_sample("1")
+    walk.task_id, digits.task_id = "walk:walk-3RS", "digits:math-0a1b"  # both env "math"
+    assert [r.parts.get("bonus") for r in comp.score_batch([walk, digits])] == [1.0, None]

@@ -154,3 +154,48 @@ def test_walk_reward_pays_for_spending_the_budget_and_never_for_a_wrong_answer(e
     assert max(score(k, wrong) for k in range(9)) < min(right)
     if fits < 8:
         assert score(fits + 1, answer) < right[fits]  # one door over the budget
+
+
+def test_routed_terms_score_their_own_envs_samples_in_the_safety_walk_preset():
+    """`envs` routing end to end: the walk's ThinkPrune/L1 terms score walk samples (whose sample.env is "math")
+    and never safety ones, and the safety samples get their own length budgets."""
+    from envs.harmony import parse_completion, render_completion, render_prompt
+    from envs.types import Sample
+    from rl.data import make_env, make_reward
+
+    c = compose(["experiment=safety_walk"])
+    env, reward = make_env(c.env, 0), make_reward(c.reward)
+    tasks = env.tasks("test", 40)
+    walk = next(t for t in tasks if t.task_id.startswith("walk:"))
+    safety = next(t for t in tasks if t.task_id.startswith("safety:"))
+    parts = {}
+    for t in (walk, safety):
+        analysis, final = env.solution(t, "high")
+        ids = render_completion(analysis, final)
+        s = Sample(t.task_id, t.env, "high", render_prompt(t.question, "high"), ids, [1] * len(ids),
+                   [0.0] * len(ids), parse_completion(ids), t.metadata)
+        parts[t.task_id.split(":")[0]] = reward(s).parts
+    assert walk.env == "math" and {"effort_length", "fill"} <= set(parts["walk"])
+    assert "safety_length" not in parts["walk"]
+    assert parts["walk"]["math"] == 1.0 and parts["walk"]["effort_length"] in (0.0, 1.0)
+    assert {"safety", "safety_length"} <= set(parts["safety"]) and not {"effort_length", "fill"} & set(parts["safety"])
+
+
+@pytest.mark.parametrize("overrides,want", [
+    (["experiment=walk", "++reward.terms.fill.envs=[walk]"], ["math"]),  # single env: what its samples carry
+    (["experiment=safety_walk", "reward.terms.fill.envs=[math]"], ["math"]),  # no component named math: kept
+    (["experiment=code", "++reward.terms.format={weight: 0.1, envs: [code]}"], ["code"]),
+])
+def test_term_envs_resolve_to_what_samples_carry(overrides, want):
+    c = compose(overrides)
+    term = "format" if "format" in c.reward.terms and "envs" in c.reward.terms["format"] else "fill"
+    assert c.reward.terms[term]["envs"] == want
+
+
+@pytest.mark.parametrize("value,match", [
+    ("[wlak]", "'wlak' is not an env of this run"),
+    ("walk", "must be a non-empty list of env names"),
+])
+def test_term_envs_typo_fails_naming_the_key(value, match):
+    with pytest.raises(ConfigError, match=f"reward.terms.fill.envs'.*{match}"):
+        compose(["experiment=safety_walk", f"reward.terms.fill.envs={value}"])
