@@ -88,4 +88,3 @@ def test_tiny_model_round_trips_through_mxfp4_checkpoint(tiny, tmp_path):
     again, _ = load_policy(export_mxfp4(out, tmp_path / "mx2"))  # packing is idempotent
     for name, p in model.named_parameters():
         torch.testing.assert_close(again.get_parameter(name), p, rtol=0, atol=0)
-
