@@ -91,7 +91,7 @@ class CompositeReward:
         self.on_error, self.timeout_s = on_error, float(timeout_s)
         self.gates = dict(gates or {})  # {gated term: gating term}
         self._order = _gate_order(self.weights, self.gates)  # every gate before the terms it gates
-        self.envs = {name: _env_list(name, e) for name, e in (envs or {}).items()}  # {term: envs it scores}
+        self.envs = {name: env_list(name, e) for name, e in (envs or {}).items()}  # {term: envs it scores}
         unknown = sorted(set(self.envs) - set(self.weights))
         if unknown:
             raise ValueError(f"envs names {unknown[0]!r}, which is not a reward term; terms: {', '.join(self.weights)}")
@@ -214,7 +214,7 @@ def _gate_order(terms: Sequence[str], gates: Mapping[str, str]) -> list[str]:
     return order
 
 
-def _env_list(name: str, envs) -> frozenset[str]:
+def env_list(name: str, envs) -> frozenset[str]:
     """A term's `envs` option checked: a non-empty list of env names."""
     if isinstance(envs, str) or not isinstance(envs, Sequence) or not envs or \
             not all(isinstance(e, str) and e for e in envs):

@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from envs.hierarchy import ATTACKS, PROTECTIONS
 from envs.types import EFFORTS
+from rewards.compose import env_list
 
 KERNELS = ("deliberate", "stock")
 DEVICES = ("auto", "cpu", "cuda")  # learner.device (rl/device.py)
@@ -729,8 +730,10 @@ def _check_term_envs(terms: dict, components: dict[str, MixtureComponent], env_n
         if envs is None:
             continue
         key = f"reward.terms.{name}.envs"
-        if isinstance(envs, str) or not isinstance(envs, (list, tuple)) or not envs:
-            raise ConfigError(f"bad config key '{key}': must be a non-empty list of env names, got {envs!r}")
+        try:
+            env_list(name, envs)
+        except ValueError as e:
+            raise ConfigError(f"bad config key '{key}': {e}") from None
         unknown = [e for e in envs if e not in valid]
         if unknown:
             raise ConfigError(f"bad config key '{key}': {unknown[0]!r} is not an env of this run (mixture labels "

@@ -181,15 +181,13 @@ def test_routed_terms_score_their_own_envs_samples_in_the_safety_walk_preset():
     assert {"safety", "safety_length"} <= set(parts["safety"]) and not {"effort_length", "fill"} & set(parts["safety"])
 
 
-@pytest.mark.parametrize("overrides,want", [
-    (["experiment=walk", "++reward.terms.fill.envs=[walk]"], ["math"]),  # single env: what its samples carry
-    (["experiment=safety_walk", "reward.terms.fill.envs=[math]"], ["math"]),  # no component named math: kept
-    (["experiment=code", "++reward.terms.format={weight: 0.1, envs: [code]}"], ["code"]),
+@pytest.mark.parametrize("overrides,term,want", [
+    (["experiment=walk", "++reward.terms.fill.envs=[walk]"], "fill", ["math"]),  # single env: what samples carry
+    (["experiment=safety_walk", "reward.terms.fill.envs=[math]"], "fill", ["math"]),  # no component named math
+    (["experiment=code", "++reward.terms.format={weight: 0.1, envs: [code]}"], "format", ["code"]),
 ])
-def test_term_envs_resolve_to_what_samples_carry(overrides, want):
-    c = compose(overrides)
-    term = "format" if "format" in c.reward.terms and "envs" in c.reward.terms["format"] else "fill"
-    assert c.reward.terms[term]["envs"] == want
+def test_term_envs_resolve_to_what_samples_carry(overrides, term, want):
+    assert compose(overrides).reward.terms[term]["envs"] == want
 
 
 @pytest.mark.parametrize("value,match", [
