@@ -55,6 +55,7 @@ from rl.checkpoint import LEARNER_STATE
 from rl.config import AlgoConfig, LearnerConfig, LrScale, not_implemented
 from rl.device import autocast, autocast_dtype, resolve_device
 from rl.model import load_policy, save_checkpoint
+from rl.router_metrics import RouterStats
 
 
 
@@ -238,6 +239,7 @@ class Learner:
                 if ".mlp.router." in name:
                     p.requires_grad_(False)
         self.score = self.parallel.shard(self.model, self.device)  # token_logprobs of the policy
+        self.router = RouterStats(self.model)  # router/... metrics of the first epoch's passes
         groups = param_groups(self.model, cfg.lr_scale)  # after `shard`: FSDP2 replaces the parameters
         self.trainable = [p for g in groups for p in g["params"]]
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -320,6 +322,7 @@ class Learner:
         metrics.update(mismatch_metrics(self.parallel.cat(torch.cat(gap[0])), self.parallel.cat(torch.cat(gap[1])),
                                         correction=self.algo.correction, correction_cap=self.algo.correction_cap))
         metrics["optimizer_steps"] = float(n_steps)
+        metrics.update(self.router.collect(self.parallel.sum))
         return metrics
 
     def _optimizer_step(self, batch: TrainBatch, old: torch.Tensor | None, gap: tuple[list, list] | None,
@@ -342,7 +345,10 @@ class Learner:
         micro += [None] * (self.parallel.max(len(micro)) - len(micro))
         for idx in micro:
             part = self._blank if idx is None else batch.select(idx)
-            lp, ent = self._logprobs(self.score, part, with_entropy=True)  # (b, l) each
+            counted = self.router.record(part.attention_mask) if gap is not None and idx is not None else \
+                contextlib.nullcontext()
+            with counted:  # every row of the batch once: its first epoch's pass
+                lp, ent = self._logprobs(self.score, part, with_entropy=True)  # (b, l) each
             old_lp = lp.detach() if old is None or idx is None else old[idx][:, : lp.shape[1]]
             ref_lp = None
             if self.algo.kl_coef > 0:

@@ -124,6 +124,10 @@ def test_two_ranks_take_the_one_process_step(policy, group, cfg, algo, run):
         if k in m:
             assert res[run][k] == pytest.approx(m[k], rel=1e-5, abs=1e-7), k
     assert res[run]["optimizer_steps"] == m["optimizer_steps"]
+    routers = [k for k in m if k.startswith("router/")]
+    assert "router/layer0/entropy" in routers  # summed over the ranks: the whole batch's routing
+    for k in routers:
+        assert res[run][k] == pytest.approx(m[k], rel=1e-6, abs=1e-9), k
     for n, g in _grads(one.model).items():  # the last optimizer step's gradients
         torch.testing.assert_close(res[f"{run}_grads"][n], g, rtol=1e-4, atol=1e-7, msg=n)
     assert set(res[f"{run}_grads"]) == set(_grads(one.model))  # frozen stay frozen
