@@ -34,9 +34,13 @@ need. Here a bound above 1 would only add staleness, so `train.max_staleness` st
 with a correction for the extra step of mismatch: `algo.correction=tis|mis|icepop` (the learner's
 own old log-probs against the stale behaviour ones), or `algo.old_logprobs=behavior` with several
 optimizer steps (the clip is then anchored at the behaviour policy).
+Cores: where the rollout and the learner share a node's CPU cores, set `learner.overlap_threads` so the
+learner computes with fewer threads while a rollout is in flight (rl/overlap.py); the queue marks each
+rollout on the learner's tracker from its submission to its Future's completion.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from concurrent.futures import Future
@@ -70,12 +74,14 @@ def drop_stale(samples: Sequence[Sample], learner_version: int, max_staleness: i
 
 
 class RolloutQueue:
-    """The rollouts submitted ahead of the learner (see the module docstring)."""
+    """The rollouts submitted ahead of the learner (see the module docstring). `tracker` (optional, a
+    `rl.overlap.RolloutTracker`): marked while each rollout is in flight, for a learner that yields cores."""
 
-    def __init__(self, cfg: Config, pool: Any, stream: TaskStream, start_step: int):
-        self.cfg, self.pool, self.stream = cfg, pool, stream
+    def __init__(self, cfg: Config, pool: Any, stream: TaskStream, start_step: int, tracker: Any = None):
+        self.cfg, self.pool, self.stream, self.tracker = cfg, pool, stream, tracker
         self.pending: deque[tuple[int, list[Task], Future]] = deque()  # (step, its tasks, its samples)
         self.submitted = start_step  # the last step whose rollout was submitted
+        self._calls = itertools.count()  # tracker keys: one per submitted rollout
 
     def take(self, step: int) -> tuple[list[Sample], dict[str, float]]:
         """Step `step`'s samples (waits for them) and their staleness metrics, once the rollouts of the
@@ -106,5 +112,16 @@ class RolloutQueue:
         return self.stream.cursor - sum(len(tasks) for _, tasks, _ in self.pending)
 
     def _submit(self, tasks: list[Task], step: int) -> Future:
-        return self.pool.submit(tasks, self.cfg.env.efforts, self.cfg.algo.group_size,
-                                seeds.step_seed(self.cfg.seed, step - 1))
+        key = next(self._calls)
+        if self.tracker is not None:
+            self.tracker.start(key)
+        try:
+            future = self.pool.submit(tasks, self.cfg.env.efforts, self.cfg.algo.group_size,
+                                      seeds.step_seed(self.cfg.seed, step - 1))
+        except BaseException:
+            if self.tracker is not None:
+                self.tracker.end(key)
+            raise
+        if self.tracker is not None:
+            future.add_done_callback(lambda _: self.tracker.end(key))  # now if it is done already
+        return future

@@ -315,6 +315,10 @@ class LearnerConfig:
     autocast: str = choice("auto", AUTOCAST)  # auto = bf16 autocast on CUDA over fp32 weights, none on CPU
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward (activations: one layer's)
     num_threads: int = 2
+    # threads while a rollout runs beside the learner (train.max_staleness=1 on cores the rollout shares):
+    # the learner yields the rest to the engine and takes num_threads back when the rollout ends
+    # (rl/overlap.py). null: num_threads throughout
+    overlap_threads: Optional[int] = None
     num_cpus: float = 1.0  # Ray CPUs for the learner actor
     num_gpus: float = 0.0  # Ray GPUs for the learner actor, at most 1 (0.5: share one with a rollout worker)
     world_size: int = 1  # learner ranks; > 1: an FSDP2 group of Ray actors sharding the policy (rl/learner_group.py)
@@ -562,6 +566,8 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         (c.algo.correction == "none" or c.algo.old_logprobs == "recompute"
          or c.algo.mini_batches * c.algo.ppo_epochs == 1, "algo.correction",
          "none when algo.old_logprobs=behavior with several optimizer steps (set old_logprobs=recompute)"),
+        (c.learner.overlap_threads is None or 1 <= c.learner.overlap_threads <= c.learner.num_threads,
+         "learner.overlap_threads", "null or in [1, learner.num_threads]"),
         (c.train.max_staleness in (0, 1), "train.max_staleness",
          "0 (synchronous) or 1 (one-step-off; deeper pipelines are not built)"),
         (c.rollout.groups_per_call is None or c.rollout.groups_per_call >= 1, "rollout.groups_per_call",

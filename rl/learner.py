@@ -55,6 +55,7 @@ from rl.checkpoint import LEARNER_STATE
 from rl.config import AlgoConfig, LearnerConfig, LrScale, not_implemented
 from rl.device import autocast, autocast_dtype, resolve_device
 from rl.model import load_policy, save_checkpoint
+from rl.overlap import RolloutTracker, ThreadSwitch
 from rl.router_metrics import RouterStats
 
 
@@ -240,6 +241,7 @@ class Learner:
                     p.requires_grad_(False)
         self.score = self.parallel.shard(self.model, self.device)  # token_logprobs of the policy
         self.router = RouterStats(self.model)  # router/... metrics of the first epoch's passes
+        self.threads = ThreadSwitch(cfg.num_threads, cfg.overlap_threads)  # rl/overlap.py
         groups = param_groups(self.model, cfg.lr_scale)  # after `shard`: FSDP2 replaces the parameters
         self.trainable = [p for g in groups for p in g["params"]]
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -300,6 +302,7 @@ class Learner:
         old = None  # (B, L); None: on-policy, old = current
         if n_mini * epochs > 1:
             if self.algo.old_logprobs == "recompute":
+                self.threads.poll()
                 with torch.no_grad():
                     old = self._logprobs(self.score, batch)
             else:
@@ -323,7 +326,19 @@ class Learner:
                                         correction=self.algo.correction, correction_cap=self.algo.correction_cap))
         metrics["optimizer_steps"] = float(n_steps)
         metrics.update(self.router.collect(self.parallel.sum))
+        metrics.update(self.threads.metrics())
         return metrics
+
+    def watch_rollouts(self, probe: Callable[[], bool] | None) -> None:
+        """`learner.overlap_threads`: poll `probe()` (true while a rollout runs beside this learner) before
+        each pass and compute with `overlap_threads` threads while it is true (rl/overlap.py)."""
+        self.threads.watch(probe)
+
+    def rollout_tracker(self) -> RolloutTracker:
+        """A tracker the rollout queue marks rollouts in flight on, watched by this learner."""
+        tracker = RolloutTracker()
+        self.watch_rollouts(tracker.probe())
+        return tracker
 
     def _optimizer_step(self, batch: TrainBatch, old: torch.Tensor | None, gap: tuple[list, list] | None,
                         n_rows: int) -> dict[str, float]:
@@ -344,6 +359,7 @@ class Learner:
         # collective); a rank with fewer rows pads with blank passes that carry no loss.
         micro += [None] * (self.parallel.max(len(micro)) - len(micro))
         for idx in micro:
+            self.threads.poll()  # yield the cores to a rollout in flight (learner.overlap_threads)
             part = self._blank if idx is None else batch.select(idx)
             counted = self.router.record(part.attention_mask) if gap is not None and idx is not None else \
                 contextlib.nullcontext()
@@ -499,6 +515,14 @@ class RemoteLearner:
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         return self._ray.get(self.actor.logprobs.remote(batch))
+
+    def rollout_tracker(self):
+        """A `rl.overlap.SharedTracker` this learner's actor polls (`Learner.watch_rollouts`)."""
+        from rl.overlap import SharedTracker
+
+        tracker = SharedTracker()
+        self._ray.get(self.actor.watch_rollouts.remote(tracker.probe()))
+        return tracker
 
     def weights(self):
         """`Learner.weights` with the tensors left in Ray's object store (the full/trained-only choice is

@@ -303,6 +303,9 @@ class LearnerRank:
     def logprobs(self, share: Share) -> torch.Tensor:
         return self.learner.logprobs(share.batch)
 
+    def watch_rollouts(self, probe) -> None:
+        self.learner.watch_rollouts(probe)
+
     # ---- gathering the sharded weights ---------------------------------------------------------
     def _state(self) -> dict[str, torch.Tensor]:
         return self.learner.model.state_dict()  # DTensor shards, no copy
@@ -446,6 +449,14 @@ class LearnerGroup:
         for share, lp in zip(shares, self._all(a.logprobs.remote(s) for a, s in zip(self.ranks, shares))):
             out[share.rows, : lp.shape[1]] = lp
         return out
+
+    def rollout_tracker(self):
+        """A `rl.overlap.SharedTracker` every rank polls (`Learner.watch_rollouts`)."""
+        from rl.overlap import SharedTracker
+
+        tracker = SharedTracker()
+        self._all(a.watch_rollouts.remote(tracker.probe()) for a in self.ranks)
+        return tracker
 
     def weights(self):
         """A `rl.vllm_weights.WeightBuckets` for `WorkerPool.update_weights`."""

@@ -153,32 +153,38 @@ def train_loop(cfg: Config, learner: Policy, pool: Rollouts, reward, stream: Tas
     from rl.evaluate import env_metrics
 
     step, last, env_metric = start_step, None, env_metrics(cfg)
-    rollouts = RolloutQueue(cfg, pool, stream, start_step)  # up to train.max_staleness steps ahead
-    while step < cfg.train.steps:
-        timer = Timer()
-        with timer("rollout"):
-            samples, staleness = rollouts.take(step + 1)  # submits the next step's first when async
-        with timer("reward"):
-            results = reward.score_batch(samples)
-        with timer("advantage"):
-            batch, extra = build_batch(cfg, samples, results, vmap)
-        with timer("learner"):
-            metrics = learner.train_step(batch)
-        with timer("rollout"):
-            rollouts.drain()  # async: the next step's rollout (running since this step began) ends first
-        with timer("sync"):
-            pool.update_weights(learner.weights(), version=step + 1)
-        step += 1
-        metrics = {**step_metrics(samples, results, cfg.eval.metric, env_metric), **metrics, **extra, **staleness,
-                   "worker_restarts": float(pool.restarts), **{f"time/{k}": v for k, v in timer.t.items()}}
-        logger.log(metrics, step)
-        print(step_line(cfg, step, metrics, timer.t), flush=True)
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            last = checkpoint.save(cfg.run_dir, step, learner.save,
-                                   {"cursor": rollouts.cursor, "seed": cfg.seed, "initial_policy": initial_policy},
-                                   keep=cfg.train.keep_checkpoints)
-        if evaluate is not None and cfg.eval.every and step % cfg.eval.every == 0:
-            evaluate(step)
+    # learner.overlap_threads: the learner yields cores while a rollout runs beside it (rl/overlap.py)
+    tracker = learner.rollout_tracker() if cfg.train.max_staleness and cfg.learner.overlap_threads else None
+    rollouts = RolloutQueue(cfg, pool, stream, start_step, tracker)  # up to train.max_staleness steps ahead
+    try:
+        while step < cfg.train.steps:
+            timer = Timer()
+            with timer("rollout"):
+                samples, staleness = rollouts.take(step + 1)  # submits the next step's first when async
+            with timer("reward"):
+                results = reward.score_batch(samples)
+            with timer("advantage"):
+                batch, extra = build_batch(cfg, samples, results, vmap)
+            with timer("learner"):
+                metrics = learner.train_step(batch)
+            with timer("rollout"):
+                rollouts.drain()  # async: the next step's rollout (running since this step began) ends first
+            with timer("sync"):
+                pool.update_weights(learner.weights(), version=step + 1)
+            step += 1
+            metrics = {**step_metrics(samples, results, cfg.eval.metric, env_metric), **metrics, **extra, **staleness,
+                       "worker_restarts": float(pool.restarts), **{f"time/{k}": v for k, v in timer.t.items()}}
+            logger.log(metrics, step)
+            print(step_line(cfg, step, metrics, timer.t), flush=True)
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                last = checkpoint.save(cfg.run_dir, step, learner.save,
+                                       {"cursor": rollouts.cursor, "seed": cfg.seed, "initial_policy": initial_policy},
+                                       keep=cfg.train.keep_checkpoints)
+            if evaluate is not None and cfg.eval.every and step % cfg.eval.every == 0:
+                evaluate(step)
+    finally:
+        if tracker is not None:
+            tracker.close()
     return TrainResult(step, last)
 
 

@@ -1,0 +1,151 @@
+"""A learner that yields cores to the rollout running beside it (`learner.overlap_threads`).
+
+Why
+  With `train.max_staleness=1` the next step's rollout runs while the learner trains. Where both share
+  a node's CPU cores (a CPU box, a rollout engine and learner ranks on the same cores), a learner with
+  all its threads competes with the engine's: OpenMP threads that lose their core stall every parallel
+  region of the learner until they get it back, so the overlap buys nothing (bench/RESULTS.md, "Async
+  rollouts": 2 cores, the 2-thread learner took 336 s beside the rollout instead of 247 s alone). With
+  `learner.overlap_threads=k` the learner computes with k threads while a rollout is in flight and with
+  `learner.num_threads` once it has ended, so the rollout's cores are its own while it needs them and
+  come back to the learner after.
+
+What it does
+  `RolloutTracker` (driver side): the rollout queue calls `start(key)` before it submits a rollout and
+  `end(key)` when its Future completes (from the pool's thread). `busy()` is true while a started key
+  has not ended; keys may end before they start (two driver threads' calls are not ordered across a Ray
+  actor), and that pair cancels. `SharedTracker` is the same state in a Ray actor (0 CPUs) for a learner
+  in another process; its `probe()` is a picklable callable the learner polls.
+  `ThreadSwitch` (learner side): `poll()` before each forward/backward pass sets torch's thread count
+  to `overlap_threads` while the probe says busy and to `num_threads` otherwise, counting the passes
+  run at each (the learner's `overlap/yielded` metric: the share of passes that ran yielded).
+
+Guarantees and limits
+- Results do not depend on the thread count beyond float summation order (torch's CPU kernels split
+  work across threads, and a reduction's order may change the last bits); the loss, weights and
+  samples are otherwise those of the same run without it.
+- The switch happens between passes, not inside one: a pass that starts while the rollout runs keeps
+  the yielded count to its end. A probe that fails (its actor gone) turns the switch off with a warning:
+  the learner keeps `num_threads`, training continues.
+- On GPU learners the thread count only affects host-side work; leave `overlap_threads` null there.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Hashable
+
+import torch
+
+log = logging.getLogger("deliberate.train")
+
+
+class RolloutTracker:
+    """Which rollouts are in flight (module docstring); thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._started: set = set()  # started, not yet ended
+        self._ended: set = set()  # ended before their start arrived
+
+    def start(self, key: Hashable) -> None:
+        with self._lock:
+            if key in self._ended:
+                self._ended.remove(key)
+            else:
+                self._started.add(key)
+
+    def end(self, key: Hashable) -> None:
+        with self._lock:
+            if key in self._started:
+                self._started.remove(key)
+            else:
+                self._ended.add(key)
+
+    def busy(self) -> bool:
+        with self._lock:
+            return bool(self._started)
+
+    def probe(self) -> Callable[[], bool]:
+        """What an in-process learner polls."""
+        return self.busy
+
+    def close(self) -> None:
+        pass
+
+
+class _ActorProbe:
+    """`busy()` of a `SharedTracker`'s actor, from any process (picklable: it holds the actor handle)."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def __call__(self) -> bool:
+        import ray
+
+        return bool(ray.get(self.actor.busy.remote(), timeout=10))
+
+
+class SharedTracker:
+    """A `RolloutTracker` in a Ray actor (0 CPUs) that a learner actor polls through `probe()`."""
+
+    def __init__(self):
+        import ray
+
+        self._ray = ray
+        self.actor = ray.remote(num_cpus=0)(RolloutTracker).remote()
+
+    def start(self, key: Hashable) -> None:
+        self._ray.get(self.actor.start.remote(key))  # busy before the rollout is submitted
+
+    def end(self, key: Hashable) -> None:
+        self.actor.end.remote(key)  # from the pool's thread when the rollout's Future completes
+
+    def probe(self) -> Callable[[], bool]:
+        return _ActorProbe(self.actor)
+
+    def close(self) -> None:
+        from rl.cluster import kill_actors
+
+        kill_actors([self.actor])
+
+
+class ThreadSwitch:
+    """The learner's side: torch's thread count follows the probe (module docstring)."""
+
+    def __init__(self, num_threads: int | None, overlap_threads: int | None):
+        self.full, self.yielded = num_threads, overlap_threads
+        self.probe: Callable[[], bool] | None = None
+        self.counts = {"yielded": 0, "full": 0}  # passes run at each thread count since `metrics()`
+
+    def watch(self, probe: Callable[[], bool] | None) -> None:
+        """Start polling `probe` (None: stop, back to `num_threads`)."""
+        self.probe = probe if self.yielded else None
+        if self.probe is None:
+            self._set(self.full)
+
+    def poll(self) -> None:
+        """Before a pass: yield the cores while a rollout is in flight, take them back after."""
+        if self.probe is None:
+            return
+        try:
+            busy = self.probe()
+        except Exception as exc:  # noqa: BLE001 - the tracker's actor gone: train on, unyielded
+            log.warning("learner.overlap_threads: the rollout probe failed (%s); keeping %s threads",
+                        exc, self.full)
+            self.watch(None)
+            return
+        self._set(self.yielded if busy else self.full)
+        self.counts["yielded" if busy else "full"] += 1
+
+    def metrics(self) -> dict[str, float]:
+        """`overlap/yielded`: the share of the passes since the last call that ran yielded (none: {})."""
+        n = sum(self.counts.values())
+        out = {"overlap/yielded": self.counts["yielded"] / n} if n else {}
+        self.counts = {"yielded": 0, "full": 0}
+        return out
+
+    @staticmethod
+    def _set(n: int | None) -> None:
+        if n and torch.get_num_threads() != n:
+            torch.set_num_threads(n)
