@@ -327,6 +327,7 @@ class Learner:
         metrics["optimizer_steps"] = float(n_steps)
         metrics.update(self.router.collect(self.parallel.sum))
         metrics.update(self.threads.metrics())
+        self.threads.release()  # what follows (sync, checkpoint) runs once the rollout is done
         return metrics
 
     def watch_rollouts(self, probe: Callable[[], bool] | None) -> None:
@@ -521,8 +522,15 @@ class RemoteLearner:
         from rl.overlap import SharedTracker
 
         tracker = SharedTracker()
-        self._ray.get(self.actor.watch_rollouts.remote(tracker.probe()))
+        try:
+            self._ray.get(self.actor.watch_rollouts.remote(tracker.probe()))
+        except BaseException:
+            tracker.close()
+            raise
         return tracker
+
+    def watch_rollouts(self, probe) -> None:
+        self._ray.get(self.actor.watch_rollouts.remote(probe))
 
     def weights(self):
         """`Learner.weights` with the tensors left in Ray's object store (the full/trained-only choice is

@@ -440,7 +440,7 @@ class LearnerGroup:
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         shares = split_batch(batch, len(self.ranks))
-        return self._all(a.train_step.remote(s) for a, s in zip(self.ranks, shares))[0]  # summed: same on all
+        return self._all(a.train_step.remote(s) for a, s in zip(self.ranks, shares))[0]  # summed: same on all (overlap/yielded: rank 0's)
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """(B, L) learner log-probs of the completion tokens, as `Learner.logprobs`."""
@@ -455,8 +455,15 @@ class LearnerGroup:
         from rl.overlap import SharedTracker
 
         tracker = SharedTracker()
-        self._all(a.watch_rollouts.remote(tracker.probe()) for a in self.ranks)
+        try:
+            self.watch_rollouts(tracker.probe())
+        except BaseException:
+            tracker.close()
+            raise
         return tracker
+
+    def watch_rollouts(self, probe) -> None:
+        self._all(a.watch_rollouts.remote(probe) for a in self.ranks)
 
     def weights(self):
         """A `rl.vllm_weights.WeightBuckets` for `WorkerPool.update_weights`."""

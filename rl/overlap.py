@@ -13,20 +13,26 @@ Why
 What it does
   `RolloutTracker` (driver side): the rollout queue calls `start(key)` before it submits a rollout and
   `end(key)` when its Future completes (from the pool's thread). `busy()` is true while a started key
-  has not ended; keys may end before they start (two driver threads' calls are not ordered across a Ray
-  actor), and that pair cancels. `SharedTracker` is the same state in a Ray actor (0 CPUs) for a learner
-  in another process; its `probe()` is a picklable callable the learner polls.
+  has not ended (`start` returns before the rollout is submitted, so its `end` always comes after; an
+  `end` that arrived first would cancel its `start`). `SharedTracker` is the same state in a Ray actor
+  (0 CPUs) for a learner in another process; its `probe()` is a picklable callable the learner polls.
   `ThreadSwitch` (learner side): `poll()` before each forward/backward pass sets torch's thread count
   to `overlap_threads` while the probe says busy and to `num_threads` otherwise, counting the passes
-  run at each (the learner's `overlap/yielded` metric: the share of passes that ran yielded).
+  run at each (the learner's `overlap/yielded` metric: the share of passes that ran yielded; a learner
+  group reports rank 0's); `release()` at the end of a step gives `num_threads` back for what follows
+  (weights for the sync, checkpoints), which runs after the loop has waited for the rollout.
 
 Guarantees and limits
 - Results do not depend on the thread count beyond float summation order (torch's CPU kernels split
   work across threads, and a reduction's order may change the last bits); the loss, weights and
   samples are otherwise those of the same run without it.
 - The switch happens between passes, not inside one: a pass that starts while the rollout runs keeps
-  the yielded count to its end. A probe that fails (its actor gone) turns the switch off with a warning:
-  the learner keeps `num_threads`, training continues.
+  the yielded count to its end, and the `end` of a rollout reaches the tracker's actor a moment after the
+  loop sees the rollout done (one pass at a step boundary may run yielded).
+- Nothing here stops training: a probe whose actor is gone turns the switch off with a warning (the
+  learner keeps `num_threads`); a probe that times out counts as not busy for that pass; a tracker whose
+  actor is gone stops tracking with a warning; a process where `torch.set_num_threads` does nothing
+  (vLLM's CPU worker makes it a no-op in the process it runs in) turns the switch off with a warning.
 - On GPU learners the thread count only affects host-side work; leave `overlap_threads` null there.
 """
 from __future__ import annotations
@@ -94,12 +100,25 @@ class SharedTracker:
 
         self._ray = ray
         self.actor = ray.remote(num_cpus=0)(RolloutTracker).remote()
+        self.live = True  # false once the actor failed: tracking stops, training goes on
 
     def start(self, key: Hashable) -> None:
-        self._ray.get(self.actor.start.remote(key))  # busy before the rollout is submitted
+        if self.live:  # waits: busy before the rollout is submitted
+            self._call(lambda: self._ray.get(self.actor.start.remote(key), timeout=30))
 
-    def end(self, key: Hashable) -> None:
-        self.actor.end.remote(key)  # from the pool's thread when the rollout's Future completes
+    def end(self, key: Hashable):
+        """From the pool's thread when the rollout's Future completes; the call's ObjectRef (None when
+        tracking stopped), which `ray.get` waits on."""
+        return self._call(lambda: self.actor.end.remote(key)) if self.live else None
+
+    def _call(self, fn):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - the actor gone or stuck: stop tracking, train on
+            log.warning("learner.overlap_threads: the rollout tracker failed (%s); the learner keeps its threads",
+                        exc)
+            self.live = False
+            return None
 
     def probe(self) -> Callable[[], bool]:
         return _ActorProbe(self.actor)
@@ -130,13 +149,26 @@ class ThreadSwitch:
             return
         try:
             busy = self.probe()
-        except Exception as exc:  # noqa: BLE001 - the tracker's actor gone: train on, unyielded
-            log.warning("learner.overlap_threads: the rollout probe failed (%s); keeping %s threads",
-                        exc, self.full)
-            self.watch(None)
+        except Exception as exc:  # noqa: BLE001
+            if type(exc).__name__ == "GetTimeoutError":  # a slow answer: not busy for this pass, ask again
+                busy = False
+            else:  # the tracker's actor gone: train on, unyielded
+                log.warning("learner.overlap_threads: the rollout probe failed (%s); keeping %s threads",
+                            exc, self.full)
+                self.watch(None)
+                return
+        n = self.yielded if busy else self.full
+        if not self._set(n):
+            log.warning("learner.overlap_threads: torch.set_num_threads(%s) had no effect in this process "
+                        "(vLLM's CPU worker makes it a no-op); the switch is off", n)
+            self.probe = None
             return
-        self._set(self.yielded if busy else self.full)
         self.counts["yielded" if busy else "full"] += 1
+
+    def release(self) -> None:
+        """After a step: `num_threads` again (the probe stays watched)."""
+        if self.probe is not None:
+            self._set(self.full)
 
     def metrics(self) -> dict[str, float]:
         """`overlap/yielded`: the share of the passes since the last call that ran yielded (none: {})."""
@@ -146,6 +178,8 @@ class ThreadSwitch:
         return out
 
     @staticmethod
-    def _set(n: int | None) -> None:
+    def _set(n: int | None) -> bool:
+        """torch's thread count to `n` (None: unchanged); whether it holds `n` now."""
         if n and torch.get_num_threads() != n:
             torch.set_num_threads(n)
+        return not n or torch.get_num_threads() == n

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,8 @@ class Policy(Protocol):
     def train_step(self, batch: TrainBatch) -> dict[str, float]: ...
     def weights(self) -> Any: ...
     def save(self, path) -> None: ...
+    # and, only for train.max_staleness=1 with learner.overlap_threads (rl/overlap.py):
+    # rollout_tracker() -> a tracker it watches; watch_rollouts(None) stops watching
 
 
 class Rollouts(Protocol):
@@ -184,6 +187,8 @@ def train_loop(cfg: Config, learner: Policy, pool: Rollouts, reward, stream: Tas
                 evaluate(step)
     finally:
         if tracker is not None:
+            with contextlib.suppress(Exception):  # a learner already gone: nothing to stop
+                learner.watch_rollouts(None)
             tracker.close()
     return TrainResult(step, last)
 

@@ -20,10 +20,13 @@ from test_loop import _cfg, _metrics  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def keep_threads():
+def keep_threads(monkeypatch):
+    """torch's own set_num_threads for the test (a vLLM engine started earlier in this process makes it a
+    no-op), and the thread count back as it was after."""
+    monkeypatch.setattr(torch, "set_num_threads", torch._C.set_num_threads)
     before = torch.get_num_threads()
     yield
-    torch.set_num_threads(before)
+    torch._C.set_num_threads(before)
 
 
 def test_tracker_is_busy_while_a_started_key_has_not_ended_in_any_order():
@@ -67,10 +70,23 @@ def test_switch_follows_the_probe_and_counts_passes(caplog):
     switch.poll()  # a failing probe: a warning, back to full threads, no more polling
     assert torch.get_num_threads() == 2 and switch.probe is None
     assert "rollout probe failed" in caplog.text
+    switch.watch(lambda: True)
+    switch.poll()
+    switch.release()  # after a step: full threads for the sync, still watching
+    assert torch.get_num_threads() == 2 and switch.probe is not None
     unset = ThreadSwitch(2, None)  # overlap_threads null: watching does nothing
     unset.watch(lambda: True)
     unset.poll()
     assert unset.probe is None and torch.get_num_threads() == 2
+
+
+def test_a_process_where_set_num_threads_does_nothing_turns_the_switch_off(monkeypatch, caplog):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # what vLLM's CPU worker installs
+    torch._C.set_num_threads(2)
+    switch = ThreadSwitch(2, 1)
+    switch.watch(lambda: True)
+    switch.poll()
+    assert switch.probe is None and switch.metrics() == {} and "had no effect" in caplog.text
 
 
 def test_learner_runs_yielded_passes_while_busy_and_trains_the_same(policy):
@@ -87,6 +103,7 @@ def test_learner_runs_yielded_passes_while_busy_and_trains_the_same(policy):
     batch = _batch4(policy)
     m = yielded.train_step(batch)
     assert m["overlap/yielded"] == 1.0 and set(seen) == {1}
+    assert torch.get_num_threads() == 2  # released after the step: the plain learner runs with 2
     assert len(seen) == 1 + 2 * 4  # the old log-probs pass, then 2 epochs of 4 micro-batches of one row
     mp = plain.train_step(batch)
     assert "overlap/yielded" not in mp
@@ -135,6 +152,7 @@ def test_async_loop_yields_while_the_next_rollout_runs(tmp_path, policy, tiny_cf
     assert "overlap/yielded" not in _metrics(tmp_path / "sync")[0]
 
 
+@pytest.mark.slow
 def test_remote_learner_polls_a_tracker_in_a_ray_actor(policy):
     """The path a real run takes: the tracker's state in a Ray actor, the learner in another actor."""
     import ray
@@ -151,7 +169,7 @@ def test_remote_learner_polls_a_tracker_in_a_ray_actor(policy):
         batch = _batch4(policy)
         tracker.start("a")
         assert learner.train_step(batch)["overlap/yielded"] == 1.0
-        tracker.end("a")
+        ray.get(tracker.end("a"))  # the learner's next poll comes from another process: wait for it
         assert learner.train_step(batch)["overlap/yielded"] == 0.0
         tracker.close()  # the probe's actor gone: training goes on with full threads, unwatched
         assert "overlap/yielded" not in learner.train_step(batch)
