@@ -50,6 +50,7 @@ from envs.types import Sample, Task
 from rl import seeds
 from rl.config import Config
 from rl.data import TaskStream
+from rl.overlap import RolloutTracker
 
 log = logging.getLogger("deliberate.train")
 
@@ -78,7 +79,8 @@ class RolloutQueue:
     `rl.overlap.RolloutTracker`): marked while each rollout is in flight, for a learner that yields cores."""
 
     def __init__(self, cfg: Config, pool: Any, stream: TaskStream, start_step: int, tracker: Any = None):
-        self.cfg, self.pool, self.stream, self.tracker = cfg, pool, stream, tracker
+        self.cfg, self.pool, self.stream = cfg, pool, stream
+        self.tracker = tracker if tracker is not None else RolloutTracker()  # unwatched: marks only
         self.pending: deque[tuple[int, list[Task], Future]] = deque()  # (step, its tasks, its samples)
         self.submitted = start_step  # the last step whose rollout was submitted
         self._calls = itertools.count()  # tracker keys: one per submitted rollout
@@ -113,15 +115,12 @@ class RolloutQueue:
 
     def _submit(self, tasks: list[Task], step: int) -> Future:
         key = next(self._calls)
-        if self.tracker is not None:
-            self.tracker.start(key)
+        self.tracker.start(key)
         try:
             future = self.pool.submit(tasks, self.cfg.env.efforts, self.cfg.algo.group_size,
                                       seeds.step_seed(self.cfg.seed, step - 1))
         except BaseException:
-            if self.tracker is not None:
-                self.tracker.end(key)
+            self.tracker.end(key)
             raise
-        if self.tracker is not None:
-            future.add_done_callback(lambda _: self.tracker.end(key))  # now if it is done already
+        future.add_done_callback(lambda _: self.tracker.end(key))  # now if it is done already
         return future

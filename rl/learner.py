@@ -519,15 +519,9 @@ class RemoteLearner:
 
     def rollout_tracker(self):
         """A `rl.overlap.SharedTracker` this learner's actor polls (`Learner.watch_rollouts`)."""
-        from rl.overlap import SharedTracker
+        from rl.overlap import shared_tracker
 
-        tracker = SharedTracker()
-        try:
-            self._ray.get(self.actor.watch_rollouts.remote(tracker.probe()))
-        except BaseException:
-            tracker.close()
-            raise
-        return tracker
+        return shared_tracker(self.watch_rollouts)
 
     def watch_rollouts(self, probe) -> None:
         self._ray.get(self.actor.watch_rollouts.remote(probe))

@@ -452,15 +452,9 @@ class LearnerGroup:
 
     def rollout_tracker(self):
         """A `rl.overlap.SharedTracker` every rank polls (`Learner.watch_rollouts`)."""
-        from rl.overlap import SharedTracker
+        from rl.overlap import shared_tracker
 
-        tracker = SharedTracker()
-        try:
-            self.watch_rollouts(tracker.probe())
-        except BaseException:
-            tracker.close()
-            raise
-        return tracker
+        return shared_tracker(self.watch_rollouts)
 
     def watch_rollouts(self, probe) -> None:
         self._all(a.watch_rollouts.remote(probe) for a in self.ranks)

@@ -51,26 +51,23 @@ class RolloutTracker:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._started: set = set()  # started, not yet ended
-        self._ended: set = set()  # ended before their start arrived
+        self._open: dict[Hashable, int] = {}  # key -> starts less ends (-1: ended before its start arrived)
 
     def start(self, key: Hashable) -> None:
-        with self._lock:
-            if key in self._ended:
-                self._ended.remove(key)
-            else:
-                self._started.add(key)
+        self._add(key, 1)
 
     def end(self, key: Hashable) -> None:
+        self._add(key, -1)
+
+    def _add(self, key: Hashable, delta: int) -> None:
         with self._lock:
-            if key in self._started:
-                self._started.remove(key)
-            else:
-                self._ended.add(key)
+            n = self._open.pop(key, 0) + delta
+            if n:
+                self._open[key] = n
 
     def busy(self) -> bool:
         with self._lock:
-            return bool(self._started)
+            return any(n > 0 for n in self._open.values())
 
     def probe(self) -> Callable[[], bool]:
         """What an in-process learner polls."""
@@ -127,6 +124,17 @@ class SharedTracker:
         from rl.cluster import kill_actors
 
         kill_actors([self.actor])
+
+
+def shared_tracker(watch: Callable[[Callable[[], bool]], None]) -> SharedTracker:
+    """A `SharedTracker` whose probe `watch` hands to the learner actor(s); closed if that fails."""
+    tracker = SharedTracker()
+    try:
+        watch(tracker.probe())
+    except BaseException:
+        tracker.close()
+        raise
+    return tracker
 
 
 class ThreadSwitch:

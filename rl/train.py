@@ -20,10 +20,10 @@ ones on Ray and releases them when it returns.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
-import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
