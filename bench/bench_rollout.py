@@ -1,6 +1,7 @@
 """Rollout throughput, vLLM (`rl.engine.RolloutEngine`) vs HF `generate`, and weight-sync time.
 
 Run:  .venv/bin/python -m bench.bench_rollout [--prompts 24 --n 8 --max-tokens 320] [--vllm-threads 1,2]
+          [--vllm-modes eager,compiled]
           [--write bench/RESULTS.md]
 
 Workload (defaults = one GRPO step of the tiny experiment: 8 tasks x 3 efforts, group 8, 320
@@ -13,8 +14,10 @@ vocabulary rows masked on both sides, fp32. Both run in one invocation, one afte
   neighbours are busy, and faster when they are not.
 - vLLM: one engine (`RolloutEngine` with the `rollout` schema's defaults: KV blocks of
   `rollout.block_size` tokens, prefix caching, whole-prompt prefill), repeats of the workload; once
-  per count in `--vllm-threads`, each in a fresh subprocess (vLLM pins a process's thread count when it
-  starts), so vLLM gets the same choice of thread count HF gets; the ratio uses the faster.
+  per count in `--vllm-threads` and mode in `--vllm-modes` (eager, the rollout default; compiled:
+  `rollout.enforce_eager=false`, vLLM's torch.compile path, whose start-up pays for inductor), each in a
+  fresh subprocess (vLLM pins a process's thread count when it starts), so vLLM gets the same choice of
+  thread count HF gets; the ratio uses the fastest.
 - Weight sync: `update_weights(model.state_dict())` (HF names -> vLLM layout, CPU repack, prefix
   cache reset), a trained-only update of the RMSNorm gains (what the demo's steps after the first
   send, `rl.vllm_weights.TrainedWeights`) and `update_weights_from_path` (adds the safetensors read).
@@ -23,7 +26,7 @@ leaves out vLLM's cold first call); the median is printed too. Time to first bat
 the model; vLLM: the engine's constructor, vLLM import included) + the first workload call (HF's runs
 after its thread probe, warm; vLLM's is its first call). Before each side the CPUs are probed for 3 s (bench_vs_trl.idle_probe): if
 other processes use more than a quarter of them, the section says the ratio is not a result.
-Takes about 5 minutes on 2 cores, mostly HF.
+Takes about 8 minutes on 2 cores, mostly HF.
 """
 from __future__ import annotations
 
@@ -102,15 +105,17 @@ def measure_hf(model, vm, prompts, args) -> dict:
             "probes": probes}
 
 
-def measure_vllm(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, reps: int, threads: int) -> dict:
-    """RolloutEngine throughput at `threads` (after a warm-up call), then weight-sync time. Run it in a
-    process of its own (`vllm_subprocess`): the engine pins the thread count of its process."""
+def measure_vllm(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, reps: int, threads: int,
+                 eager: bool = True) -> dict:
+    """RolloutEngine throughput at `threads` (after a warm-up call), then weight-sync time; `eager` = False:
+    `rollout.enforce_eager=false` (vLLM's torch.compile path). Run it in a process of its own
+    (`vllm_subprocess`): the engine pins the thread count of its process."""
     from rl.config import RolloutConfig
     from rl.engine import RolloutEngine
     from rl.model import load_policy
     from rl.vllm_weights import TrainedWeights, trained_units
 
-    cfg = RolloutConfig(max_model_len=1024, kv_cache_gib=1, num_threads=threads)
+    cfg = RolloutConfig(max_model_len=1024, kv_cache_gib=1, num_threads=threads, enforce_eager=eager)
     state = load_policy(ckpt)[0].state_dict()
     eng = RolloutEngine(ckpt, cfg, seed=0)
     try:
@@ -123,7 +128,7 @@ def measure_vllm(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, r
         norms = TrainedWeights(trained_units(state, [n for n in state if n.endswith("norm.weight")]))
         trained = _best_and_median(lambda: eng.update_weights(norms), reps)[:2]
         from_path = _best_and_median(lambda: eng.update_weights_from_path(ckpt), reps)[:2]
-        return {"threads": torch.get_num_threads(), "best": best, "median": med, "first": first,
+        return {"threads": torch.get_num_threads(), "eager": eager, "best": best, "median": med, "first": first,
                 "start_s": eng.start_time_s,
                 "sync": sync, "trained": trained, "from_path": from_path,
                 "block_size": eng.llm.llm_engine.vllm_config.cache_config.block_size}
@@ -131,15 +136,15 @@ def measure_vllm(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, r
         eng.shutdown()
 
 
-def vllm_subprocess(ckpt: str, prompts: list[list[int]], args, threads: int, out: Path) -> dict:
+def vllm_subprocess(ckpt: str, prompts: list[list[int]], args, threads: int, out: Path, mode: str = "eager") -> dict:
     """`measure_vllm` in a fresh interpreter (`--vllm-child`); its result, or {"error": ...}."""
-    spec, result = out / f"vllm_{threads}.json", out / f"vllm_{threads}.result.json"
+    spec, result = out / f"vllm_{threads}_{mode}.json", out / f"vllm_{threads}_{mode}.result.json"
     spec.write_text(json.dumps({"ckpt": ckpt, "prompts": prompts, "n": args.n, "max_tokens": args.max_tokens,
-                                "reps": args.reps, "threads": threads}))
+                                "reps": args.reps, "threads": threads, "eager": mode == "eager"}))
     rc = subprocess.run([sys.executable, "-m", "bench.bench_rollout", "--vllm-child", str(spec),
                          "--result", str(result)]).returncode
     if rc or not result.exists():
-        return {"threads": threads, "error": f"exit status {rc}"}
+        return {"threads": threads, "eager": mode == "eager", "error": f"exit status {rc}"}
     return json.loads(result.read_text())
 
 
@@ -162,9 +167,10 @@ def run(args) -> tuple[list[str], list[str]]:
         probes.append(idle_probe())
         hf = {**measure_hf(model, vm, prompts, args), "start_s": load_s}
         runs = []
-        for threads in args.vllm_threads:
-            probes.append(idle_probe())
-            runs.append(vllm_subprocess(ckpt, prompts, args, threads, tmp))
+        for mode in args.vllm_modes:
+            for threads in args.vllm_threads:
+                probes.append(idle_probe())
+                runs.append(vllm_subprocess(ckpt, prompts, args, threads, tmp, mode))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ok = [r for r in runs if "error" not in r]
@@ -185,12 +191,13 @@ def run(args) -> tuple[list[str], list[str]]:
         + ", ".join(f"{t} thread{'s' * (t > 1)}: {r:.0f}" for t, r in hf["probes"].items())
         + f"; full HF run at {hf['threads']}.",
         f"vLLM: `RolloutEngine` with the rollout schema's defaults (KV block {vl['block_size']} tokens), one fresh "
-        "process per thread count.",
+        "process per thread count and mode: eager (`rollout.enforce_eager=true`, the default) or compiled "
+        "(`rollout.enforce_eager=false`: vLLM traces the model once and inductor compiles it; on CPU no CUDA graphs).",
     ]
     ratio = hf["best"] / vl["best"]
     table = ["| engine | threads | s / run | tokens/s | x HF | first batch s (start + first run) |",
              "|---|---:|---:|---:|---:|---:|"]
-    for name, r in (("HF generate", hf), *(("vLLM RolloutEngine", r) for r in runs)):
+    for name, r in (("HF generate", hf), *((f"vLLM RolloutEngine, {_mode(r)}", r) for r in runs)):
         if "error" in r:
             table.append(f"| {name} | {r['threads']} | failed: {r['error']} | | | |")
             continue
@@ -200,7 +207,7 @@ def run(args) -> tuple[list[str], list[str]]:
     verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
     table += [
         "",
-        f"vLLM ({vl['threads']} thread{'s' * (vl['threads'] > 1)}) / HF generate: **{ratio:.1f}x** (target >= "
+        f"vLLM ({vl['threads']} thread{'s' * (vl['threads'] > 1)}, {_mode(vl)}) / HF generate: **{ratio:.1f}x** (target >= "
         f"{TARGET_RATIO:.0f}x: {verdict})" + (": **busy box, not a result**." if busy else "."),
         "",
         "| weight sync | s (median) | vs one vLLM rollout run |",
@@ -211,6 +218,10 @@ def run(args) -> tuple[list[str], list[str]]:
                               ("update_weights_from_path (safetensors read + same)", vl["from_path"])):
         table.append(f"| {name} | {best:.3f} ({med:.3f}) | {100 * best / vl['best']:.2f}% |")
     return header, table
+
+
+def _mode(run: dict) -> str:
+    return "eager" if run.get("eager", True) else "compiled"
 
 
 def _cpu() -> str:
@@ -241,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch thread counts HF may use (probed; the faster runs the workload)")
     parser.add_argument("--vllm-threads", type=lambda x: [int(t) for t in x.split(",")], default=[1, 2],
                         help="torch thread counts vLLM runs at, each in its own process (the faster sets the ratio)")
+    parser.add_argument("--vllm-modes", type=lambda x: [m.strip() for m in x.split(",")], default=["eager", "compiled"],
+                        help="eager (rollout.enforce_eager=true) and/or compiled (false: torch.compile), each per thread count")
     parser.add_argument("--write", type=Path, default=None, help="update this RESULTS.md section")
     # internal: one vLLM measurement in this process
     parser.add_argument("--vllm-child", type=Path, help=argparse.SUPPRESS)
@@ -251,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if min(args.reps, args.hf_reps) < 1:
         parser.error("--reps and --hf-reps must be >= 1")
+    if not args.vllm_modes or set(args.vllm_modes) - {"eager", "compiled"}:
+        parser.error(f"--vllm-modes: eager and/or compiled, got {args.vllm_modes}")
     header, table = run(args)
     print("\n".join([SECTION, "", *header, "", *table]))
     if args.write:
