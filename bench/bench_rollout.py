@@ -26,7 +26,7 @@ leaves out vLLM's cold first call); the median is printed too. Time to first bat
 the model; vLLM: the engine's constructor, vLLM import included) + the first workload call (HF's runs
 after its thread probe, warm; vLLM's is its first call). Before each side the CPUs are probed for 3 s (bench_vs_trl.idle_probe): if
 other processes use more than a quarter of them, the section says the ratio is not a result.
-Takes about 8 minutes on 2 cores, mostly HF.
+Takes about 7 minutes on 2 cores: ~1.5 of HF, the rest the four vLLM engine processes.
 """
 from __future__ import annotations
 
@@ -210,7 +210,8 @@ def run(args) -> tuple[list[str], list[str]]:
         f"vLLM ({vl['threads']} thread{'s' * (vl['threads'] > 1)}, {_mode(vl)}) / HF generate: **{ratio:.1f}x** (target >= "
         f"{TARGET_RATIO:.0f}x: {verdict})" + (": **busy box, not a result**." if busy else "."),
         "",
-        "| weight sync | s (median) | vs one vLLM rollout run |",
+        f"| weight sync ({vl['threads']} thread{'s' * (vl['threads'] > 1)}, {_mode(vl)} engine) | s (median) "
+        "| vs one vLLM rollout run |",
         "|---|---:|---:|",
     ]
     for name, (best, med) in (("update_weights(HF state dict), in memory", vl["sync"]),

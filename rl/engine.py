@@ -60,7 +60,7 @@ Departures / limits
 - The GPU path (tensor parallelism, `reload_weights`) is written to vLLM's documented API but has
   not run on a GPU in this project yet. GPU settings come from `rollout.*`: `dtype`,
   `tensor_parallel_size` (the worker's Ray `num_gpus` must cover it), `gpu_memory_utilization`,
-  `enforce_eager` (false = CUDA graphs), `quantization` (null = the checkpoint's own; `mxfp4` =
+  `enforce_eager` (false = CUDA graphs; on CPU a torch.compile'd graph), `quantization` (null = the checkpoint's own; `mxfp4` =
   refuse to start unless the released 4-bit experts are served as such). Weight sync into a 4-bit
   engine: `reload_weights` takes checkpoint-format tensors, i.e. packed `*_blocks`/`*_scales` for
   an MXFP4 engine, while the learner (one process, or the FSDP2 group's buckets) sends dense (QAT:
