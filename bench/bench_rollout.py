@@ -57,6 +57,23 @@ def _questions(count: int, seed: int = 0) -> list[str]:
     return [f"Compute {x}*{y}+{z}." for x, y, z in zip(a, b, c)]
 
 
+def workload(folder: Path, count: int) -> tuple[str, list[list[int]]]:
+    """The tiny model built into `folder` over `count` questions, and their Harmony prompts (efforts in turn)."""
+    from envs import harmony
+    from rl.model import build_tiny_model
+
+    questions = _questions(count)
+    ckpt = str(build_tiny_model(yaml.safe_load(open("conf/model/tiny.yaml")), questions, folder))
+    return ckpt, [harmony.render_prompt(q, harmony.EFFORTS[i % 3]) for i, q in enumerate(questions)]
+
+
+def engine_config(threads: int, eager: bool):
+    """The engine the benchmark measures: the rollout schema's defaults at `threads`, eager or compiled."""
+    from rl.config import RolloutConfig
+
+    return RolloutConfig(max_model_len=1024, kv_cache_gib=1, num_threads=threads, enforce_eager=eager)
+
+
 def _best_and_median(fn, reps: int) -> tuple[float, float, float]:
     """(best, median, first) seconds of `reps` calls of `fn`."""
     times = []
@@ -110,12 +127,11 @@ def measure_vllm(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, r
     """RolloutEngine throughput at `threads` (after a warm-up call), then weight-sync time; `eager` = False:
     `rollout.enforce_eager=false` (vLLM's torch.compile path). Run it in a process of its own
     (`vllm_subprocess`): the engine pins the thread count of its process."""
-    from rl.config import RolloutConfig
     from rl.engine import RolloutEngine
     from rl.model import load_policy
     from rl.vllm_weights import TrainedWeights, trained_units
 
-    cfg = RolloutConfig(max_model_len=1024, kv_cache_gib=1, num_threads=threads, enforce_eager=eager)
+    cfg = engine_config(threads, eager)
     state = load_policy(ckpt)[0].state_dict()
     eng = RolloutEngine(ckpt, cfg, seed=0)
     try:
@@ -149,17 +165,14 @@ def vllm_subprocess(ckpt: str, prompts: list[list[int]], args, threads: int, out
 
 
 def run(args) -> tuple[list[str], list[str]]:
-    from envs import harmony
-    from rl.model import build_tiny_model, load_policy
+    from rl.model import load_policy
 
     from bench.bench_vs_trl import box_state, idle_probe
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
     probes = []
     try:
-        questions = _questions(args.prompts)
-        ckpt = str(build_tiny_model(yaml.safe_load(open("conf/model/tiny.yaml")), questions, tmp / "tiny"))
-        prompts = [harmony.render_prompt(q, harmony.EFFORTS[i % 3]) for i, q in enumerate(questions)]
+        ckpt, prompts = workload(tmp / "tiny", args.prompts)
         t0 = time.perf_counter()
         model, vm = load_policy(ckpt)
         model.eval()
