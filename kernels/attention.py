@@ -197,6 +197,11 @@ def sink_attention_forward(module, query, key, value, attention_mask, dropout: f
     mask (handled natively) or a 4D eager mask (dense reference)."""
     sinks = s_aux if s_aux is not None else module.sinks
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    prefix_kv = kwargs.pop("prefix_kv", None)
+    if prefix_kv is not None:
+        if dropout and module.training:
+            raise ValueError("prefix_kv (shared prompts) with attention dropout is not supported")
+        key, value = prefix_kv(module.layer_idx, key, value)
     if dropout and module.training:
         from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
 
@@ -207,6 +212,38 @@ def sink_attention_forward(module, query, key, value, attention_mask, dropout: f
         return out.contiguous(), None
     out = sink_attention(query, key, value, sinks, scale, sliding_window, key_padding_mask=attention_mask)
     return out, None
+
+
+class PrefixKV:
+    """Keys and values of shared prefixes, handed to every layer's attention as the `prefix_kv` keyword
+    (transformers passes unknown keywords of `model.model(...)` down to the attention function).
+
+    A GRPO group is one prompt with several completions. Instead of running the prompt once per row, the
+    learner runs the prompts once (a recording `PrefixKV()`: each layer's post-RoPE keys and values are
+    kept, by `layer_idx`) and then the completions with `recorded.extend(rows)`: each layer's attention
+    sees [the keys of prompt rows[b]] + [its own keys] for completion row b. Prompts are left-padded and
+    completions right-padded, so a row's real tokens are contiguous and the index distance between two
+    of them is their position distance: causal order, sliding windows and the key-padding mask of the
+    blocked kernel apply unchanged (queries are the last T of the Tk keys). Autograd flows through the
+    indexing back into the prompt pass, so each prompt's gradient is the sum over its completions: the
+    same loss and gradients as one padded row per completion (tests/rl/test_prompt_sharing.py)."""
+
+    def __init__(self, rows: torch.Tensor | None = None, kv: dict | None = None):
+        self.rows = rows  # (B,) long: the prefix of each row; None = recording
+        self.kv = {} if kv is None else kv  # layer_idx -> (keys, values) (G, Hkv, P, D)
+
+    def extend(self, rows: torch.Tensor) -> "PrefixKV":
+        """The reader for a pass whose row b continues prefix `rows[b]`."""
+        return PrefixKV(rows, self.kv)
+
+    def __call__(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
+        if self.rows is None:  # recording (a gradient-checkpointing replay records the same tensors again)
+            self.kv[layer_idx] = (key, value)
+            return key, value
+        if layer_idx not in self.kv:
+            raise KeyError(f"no prefix recorded for layer {layer_idx}: run the prefix pass first")
+        pk, pv = self.kv[layer_idx]
+        return torch.cat([pk[self.rows], key], dim=2), torch.cat([pv[self.rows], value], dim=2)
 
 
 def sink_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,

@@ -47,10 +47,69 @@ class TrainBatch(NamedTuple):
         """Every tensor on `device` (the same tensors when already there)."""
         return TrainBatch(*(t.to(device) for t in self))
 
+    def prompt_rows(self) -> tuple[Tensor, Tensor]:
+        """(starts, rows), (B,) long each: where each row's completion starts (its prompt length; the row's
+        length when it has no completion) and which distinct prompt it has, numbered 0.. in order of first
+        appearance (the rows of one GRPO group share one)."""
+        comp = self.completion_mask
+        has = comp.any(-1)
+        starts = torch.where(has, comp.int().argmax(-1), self.lengths)
+        seen: dict[tuple[int, ...], int] = {}
+        ids = self.input_ids.tolist()
+        rows = [seen.setdefault(tuple(r[:p]), len(seen)) for r, p in zip(ids, starts.tolist())]
+        return starts, torch.tensor(rows, dtype=torch.long)
+
+    def split_prompts(self) -> "PromptSplit | None":
+        """The batch as its distinct prompts and its completions (`PromptSplit`), or None when no two rows
+        share a prompt or no row has a completion (nothing to share)."""
+        starts, rows = self.prompt_rows()
+        G, B = int(rows.max()) + 1 if len(rows) else 0, self.size
+        ends = self.lengths
+        C = int((ends - starts).max()) if B else 0
+        if G == B or C == 0:
+            return None
+        first = torch.full((G,), -1, dtype=torch.long).scatter_reduce(
+            0, rows, torch.arange(B), reduce="amin", include_self=False)  # (G,): a row holding each prompt
+        plen = starts[first]  # (G,)
+        P = int(plen.max())
+        dev = self.input_ids.device
+        col = torch.arange(P, device=dev)[None, :]  # (1, P)
+        pad = (P - plen)[:, None]  # (G, 1) left padding
+        prompt_mask = col >= pad  # (G, P)
+        src = (col - pad).clamp(min=0)  # (G, P): index into the prompt's row
+        prompt_ids = torch.where(prompt_mask, self.input_ids[first].gather(1, src), 0)
+        prompt_pos = torch.where(prompt_mask, col - pad, 0)
+        ccol = torch.arange(C, device=dev)[None, :]  # (1, C)
+        completion_mask = ccol < (ends - starts)[:, None]  # (B, C)
+        csrc = (starts[:, None] + ccol).clamp(max=self.input_ids.shape[1] - 1)
+        completion_ids = torch.where(completion_mask, self.input_ids.gather(1, csrc), 0)
+        return PromptSplit(prompt_ids, prompt_mask, prompt_pos, completion_ids, completion_mask,
+                           starts[:, None] + ccol, rows)
+
     def right_padded(self) -> bool:
         """Whether every row is real tokens then padding (what `collate` builds): no 0 before a 1."""
         m = self.attention_mask
         return bool((m[:, 1:] <= m[:, :-1]).all()) if m.shape[1] > 1 else True
+
+
+class PromptSplit(NamedTuple):
+    """A `TrainBatch` as G distinct prompts and its B completions, for the learner's shared-prompt pass
+    (`learner.share_prompts`, kernels.attention.PrefixKV): each prompt is run once, each completion
+    attends to its prompt's keys. Prompts are left-padded and completions right-padded, so every row's
+    real tokens are contiguous and the last prompt column is each prompt's last token. Padding ids are 0
+    (masked everywhere)."""
+
+    prompt_ids: Tensor  # (G, P) long, left-padded
+    prompt_mask: Tensor  # (G, P) bool: real prompt tokens
+    prompt_positions: Tensor  # (G, P) long: 0.. on the real tokens, 0 on padding
+    completion_ids: Tensor  # (B, C) long, right-padded
+    completion_mask: Tensor  # (B, C) bool: real completion tokens (the batch's completion_mask, compacted)
+    completion_positions: Tensor  # (B, C) long: the row's prompt length + 0..
+    rows: Tensor  # (B,) long: each row's prompt, in 0..G-1
+
+    def masks(self) -> list[Tensor]:
+        """The real-token masks of the two passes, prompts then completions (RouterStats.record)."""
+        return [self.prompt_mask, self.completion_mask]
 
 
 def collate(samples: Sequence[Sample], advantages: Sequence[float] | Tensor, vmap: VocabMap) -> TrainBatch:

@@ -171,6 +171,10 @@ class AlgoConfig:
     group_size: int = 8  # samples per (task, effort)
     filter_zero_std: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
     mini_batches: int = 1  # optimizer steps per pass over a rollout batch (shuffled split)
+    # how a pass is cut into mini-batches: rows = a random split of the rows; groups = a random split of the
+    # prompts, each mini-batch holding whole groups (verl's default; every mini-batch's advantages then sum to
+    # zero per group, and with learner.share_prompts each prompt runs once per mini-batch, not once per row)
+    mini_batch_split: str = choice("rows", ("rows", "groups"))
     ppo_epochs: int = 1  # passes over each rollout batch
     old_logprobs: str = choice("recompute", ("recompute", "behavior"))  # learner no-grad pass | engine's
     # Policy objective (rl/algorithms.py OBJECTIVES): clipped token ratio | GSPO sequence ratio (clip
@@ -309,6 +313,11 @@ class LearnerConfig:
     # the rest): the demo's norm tuning moves 9 tensors instead of the 18 MB state dict. Off under LoRA / MXFP4 sync
     sync_trained_only: bool = True
     logprob_chunk: int = 1024  # vocabulary rows per chunk of the selective log-softmax
+    # run each distinct prompt of a micro-batch once and its completions on the prompt's keys (a GRPO group's rows
+    # share one; kernels.attention.PrefixKV): the same log-probs and gradients on fewer tokens. Needs
+    # kernels=deliberate and one learner rank. null = on with those on CPU; off on CUDA, where the Triton attention
+    # takes no key-padding mask and the prompt pass would fall back to the blocked torch attention (not measured)
+    share_prompts: Optional[bool] = None
     dtype: str = choice("float32", ("float32", "bfloat16"))  # master weights
     # cpu | cuda | auto = cuda when torch sees one and (in a Ray actor) Ray gave the actor a GPU (rl/device.py)
     device: str = choice("auto", DEVICES)
@@ -573,6 +582,10 @@ def _checks(c: Config) -> list[tuple[bool, str, str]]:
         (c.rollout.groups_per_call is None or c.rollout.groups_per_call >= 1, "rollout.groups_per_call",
          ">= 1 or null"),
         (all(r.scale >= 0 for r in c.learner.lr_scale), "learner.lr_scale", "scales >= 0 (0 freezes)"),
+        (not (c.learner.share_prompts and c.learner.kernels != "deliberate"), "learner.share_prompts",
+         "null or false with learner.kernels=stock (our attention runs the shared prompts)"),
+        (not (c.learner.share_prompts and c.learner.world_size > 1), "learner.share_prompts",
+         "null or false with learner.world_size > 1 (an FSDP2 unit takes one forward per backward)"),
         (_betas_ok(c.sft.betas), "sft.betas", "[beta1, beta2] each in [0, 1)"),
         (_betas_ok(c.learner.betas), "learner.betas", "[beta1, beta2] each in [0, 1)"),
         (c.rollout.max_tokens < c.rollout.max_model_len, "rollout.max_tokens",

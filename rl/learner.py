@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from rl.algorithms import loss_options, mismatch_metrics, policy_loss
-from rl.batch import TrainBatch
+from rl.batch import PromptSplit, TrainBatch
 from rl.checkpoint import LEARNER_STATE
 from rl.config import AlgoConfig, LearnerConfig, LrScale, not_implemented
 from rl.device import autocast, autocast_dtype, resolve_device
@@ -63,7 +63,8 @@ from rl.router_metrics import RouterStats
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunked: bool,
                    temperature: float = 1.0, chunk_size: int = 1024, n_vocab: int | None = None,
                    with_entropy: bool = False,
-                   positions: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   positions: torch.Tensor | None = None,
+                   split: PromptSplit | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(x_t | x_<t) for t >= 1, aligned so out[:, t] scores input_ids[:, t]; out[:, 0] = 0. (B, L).
     With `with_entropy`, also the entropy of the same predictive distributions, aligned the same way.
 
@@ -72,16 +73,28 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     is most of each sequence, so this skips most of the vocabulary work, forward and backward.
 
     `n_vocab` restricts the softmax to the first rows of the unembedding: the tiny model pads its
-    embedding past the vocab map and the rollout engine masks those rows, so the learner must too."""
-    # use_cache=False: a training pass needs no KV cache (on a GPU it would hold every layer's K and V)
-    out = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = out.last_hidden_state  # (B, L, H)
-    h = hidden[:, :-1]  # (B, L-1, H) predicts tokens 1..L-1
-    targets = input_ids[:, 1:]  # (B, L-1)
-    sel = None
-    if positions is not None:
-        sel = positions[:, 1:].bool()  # (B, L-1)
-        h, targets = h[sel][None], targets[sel][None]  # (1, n, H), (1, n)
+    embedding past the vocab map and the rollout engine masks those rows, so the learner must too.
+
+    `split` (the batch's `PromptSplit`, with `positions` its completion mask): run each distinct prompt
+    once and the completions on its keys (`shared_prompt_states`); same values, fewer tokens."""
+    sel = shift = None
+    if split is not None:
+        if positions is None:
+            raise ValueError("token_logprobs: `split` scores completions, so `positions` must be the completion mask")
+        h, targets = shared_prompt_states(model, split)  # (1, n, H), (1, n)
+        sel = positions.bool()  # (B, L): the same tokens in the batch's layout
+        if int(sel.sum()) != targets.shape[1]:
+            raise ValueError(f"`positions` holds {int(sel.sum())} tokens, the split's completions {targets.shape[1]}")
+    else:
+        shift = 1
+        # use_cache=False: a training pass needs no KV cache (on a GPU it would hold every layer's K and V)
+        out = model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state  # (B, L, H)
+        h = hidden[:, :-1]  # (B, L-1, H) predicts tokens 1..L-1
+        targets = input_ids[:, 1:]  # (B, L-1)
+        if positions is not None:
+            sel = positions[:, 1:].bool()  # (B, L-1)
+            h, targets = h[sel][None], targets[sel][None]  # (1, n, H), (1, n)
     weight = model.lm_head.weight[:n_vocab]  # (V, H)
     if chunked:
         from kernels.logprobs import logprobs_and_entropy
@@ -96,9 +109,57 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     def place(v: torch.Tensor) -> torch.Tensor:  # back to (B, L): scatter the scored rows, pad position 0
         if sel is not None:
             v = v.new_zeros(sel.shape).masked_scatter(sel, v[0])
-        return torch.nn.functional.pad(v, (1, 0))
+        return torch.nn.functional.pad(v, (shift, 0)) if shift else v
 
     return (place(lp), place(ent)) if with_entropy else place(lp)
+
+
+def shared_prompt_states(model, split: PromptSplit) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, targets) = ((1, n, H), (1, n)): the final hidden state before each of the n completion tokens of
+    `split` (row-major) and the tokens, from two passes: the G distinct prompts (recording every layer's
+    keys and values in a `kernels.attention.PrefixKV`), then the B completions attending to their prompt's.
+    A completion's first token is predicted by its prompt's last state (the last column: prompts are
+    left-padded). Needs our attention (`learner.kernels=deliberate`), which is what reads `prefix_kv`."""
+    from kernels.attention import PrefixKV
+    from kernels.patch import ATTENTION_IMPL
+
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl != ATTENTION_IMPL:
+        raise ValueError(f"shared prompts need the {ATTENTION_IMPL!r} attention (learner.kernels=deliberate); "
+                         f"the model runs {impl!r}")
+
+    def masks(keys: torch.Tensor) -> dict[str, torch.Tensor | None]:  # the 2D key-padding mask both layer kinds get
+        m = None if bool(keys.all()) else keys
+        return {"full_attention": m, "sliding_attention": m}
+
+    kv = PrefixKV()
+    hp = model.model(input_ids=split.prompt_ids, attention_mask=masks(split.prompt_mask),
+                     position_ids=split.prompt_positions, use_cache=False, prefix_kv=kv).last_hidden_state  # (G, P, H)
+    keys = torch.cat([split.prompt_mask[split.rows], split.completion_mask], 1)  # (B, P + C)
+    hc = model.model(input_ids=split.completion_ids, attention_mask=masks(keys),
+                     position_ids=split.completion_positions, use_cache=False,
+                     prefix_kv=kv.extend(split.rows)).last_hidden_state  # (B, C, H)
+    pred = torch.cat([hp[split.rows, -1:], hc[:, :-1]], 1)  # (B, C, H): the state before each completion token
+    sel = split.completion_mask
+    return pred[sel][None], split.completion_ids[sel][None]
+
+
+def mini_batches(total: int, n: int, prompts: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Row indices of `n` mini-batches over `total` rows, drawn from torch's RNG: a random split of the rows,
+    or with `prompts` ((total,) each row's prompt id) a random split of the prompts into `n` parts, each
+    mini-batch the rows of its prompts (fewer parts when there are fewer prompts). n == 1: every row, in order.
+
+    >>> torch.manual_seed(0) and None
+    >>> [sorted(m.tolist()) for m in mini_batches(6, 2, torch.tensor([0, 0, 1, 1, 2, 2]))]
+    [[0, 1, 4, 5], [2, 3]]
+    """
+    if n <= 1:
+        return [torch.arange(total)]
+    if prompts is None:
+        return list(torch.tensor_split(torch.randperm(total), n))
+    ids, inverse = torch.unique(prompts, return_inverse=True)
+    parts = torch.tensor_split(torch.randperm(len(ids)), min(n, len(ids)))
+    return [torch.nonzero(torch.isin(inverse, part)).flatten() for part in parts]
 
 
 def param_groups(model: torch.nn.Module, lr_scale: Sequence[LrScale]) -> list[dict[str, Any]]:
@@ -248,6 +309,13 @@ class Learner:
         self.step = 0  # train_step calls (rollout batches)
         self.opt_steps = 0  # optimizer steps (mini-batches x epochs per train_step)
         self._blank = blank_batch(self.vmap.pad_id, self.device)
+        share, alone = cfg.share_prompts, isinstance(self.parallel, SingleProcess)
+        if share and cfg.kernels != "deliberate":
+            raise ValueError("learner.share_prompts=true needs learner.kernels=deliberate")
+        if share and not alone:  # two passes through each FSDP unit before one backward: its hooks deadlock
+            raise ValueError("learner.share_prompts=true is for a learner alone (learner.world_size=1)")
+        self.share_prompts = bool(share) if share is not None else \
+            cfg.kernels == "deliberate" and self.device.type == "cpu" and alone
 
     def _lr(self) -> float:
         """Linear warm-up over `learner.warmup_steps` optimizer steps. Adam's first steps are sign
@@ -256,25 +324,31 @@ class Learner:
         warmup = self.cfg.warmup_steps
         return self.cfg.lr * min(1.0, (self.opt_steps + 1) / warmup) if warmup > 0 else self.cfg.lr
 
-    def _logprobs(self, score, batch: TrainBatch, with_entropy: bool = False):
+    def _split(self, batch: TrainBatch):
+        """The batch's `PromptSplit` under `learner.share_prompts` (None: off, or no prompt is shared)."""
+        return batch.split_prompts() if self.share_prompts else None
+
+    def _logprobs(self, score, batch: TrainBatch, with_entropy: bool = False, split=None):
         """`score` (`self.score` or `self.score_ref`: `token_logprobs` of a model) on a batch already on
-        `self.device`, under the learner's autocast."""
+        `self.device`, under the learner's autocast; `split`: the batch's `PromptSplit` (`_split`)."""
         mask = batch.attention_mask
         if self.device.type == "cuda" and batch.right_padded():
             mask = None  # causal: no real token sees a padded key; None lets the Triton attention run
         with autocast(self.device, self.autocast_dtype):
             return score(batch.input_ids, mask, chunked=self.cfg.kernels == "deliberate",
                          positions=batch.completion_mask, temperature=self.cfg.temperature,
-                         chunk_size=self.cfg.logprob_chunk, n_vocab=self.n_vocab, with_entropy=with_entropy)
+                         chunk_size=self.cfg.logprob_chunk, n_vocab=self.n_vocab, with_entropy=with_entropy,
+                         split=split)
 
     @torch.no_grad()
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         """(B, L) learner log-probs of the completion tokens (0 elsewhere), on CPU."""
-        return self._logprobs(self.score, batch.to(self.device)).cpu()
+        batch = batch.to(self.device)
+        return self._logprobs(self.score, batch, split=self._split(batch)).cpu()
 
     # ---- update --------------------------------------------------------------------------------
     def train_step(self, batch: TrainBatch, *, rows: torch.Tensor | None = None,
-                   total: int | None = None) -> dict[str, float]:
+                   total: int | None = None, prompts: torch.Tensor | None = None) -> dict[str, float]:
         """PPO-style update on one rollout batch: `algo.ppo_epochs` passes, each split (shuffled) into
         `algo.mini_batches` optimizer steps, each accumulated over micro-batches; returns metrics
         averaged over the optimizer steps.
@@ -290,6 +364,8 @@ class Learner:
         A rank of a group (rl/learner_group.py) gets its share: `batch` holds rows `rows` (b,) of a rollout
         batch of `total` rows. Mini-batches are drawn over all `total` rows (the group hands every rank rank
         0's RNG state first, so all draw the same permutation) and each rank trains on its rows of each.
+        `algo.mini_batch_split=groups` cuts the prompts, not the rows (`prompts`: (total,) each row's prompt,
+        which a rank must be handed; alone the learner reads them off the batch).
         """
         if batch.size == 0:
             raise ValueError("train_step got an empty batch")
@@ -304,15 +380,20 @@ class Learner:
             if self.algo.old_logprobs == "recompute":
                 self.threads.poll()
                 with torch.no_grad():
-                    old = self._logprobs(self.score, batch)
+                    old = self._logprobs(self.score, batch, split=self._split(batch))
             else:
                 old = batch.behavior_logprobs
         sums: dict[str, float] = {}
         n_steps = 0
         gap: tuple[list, list] = ([], [])  # learner / behaviour log-probs of every loss token, first pass
+        by_groups = self.algo.mini_batch_split == "groups" and n_mini > 1
+        if by_groups and prompts is None:
+            if rows is not None:
+                raise ValueError("algo.mini_batch_split=groups: a rank's train_step needs `prompts` of all rows")
+            prompts = batch.prompt_rows()[1]
         for epoch in range(epochs):
-            order = torch.randperm(total) if n_mini > 1 else torch.arange(total)
-            for idx in torch.tensor_split(order, n_mini):
+            minis = mini_batches(total, n_mini, prompts if by_groups else None)
+            for idx in minis:
                 mine = held[idx][held[idx] >= 0]  # this rank's rows of the mini-batch, in its order
                 part_old = None if old is None else old[mine]
                 m = self._optimizer_step(batch.select(mine), part_old, gap if epoch == 0 else None, len(idx))
@@ -349,28 +430,34 @@ class Learner:
         engine's are the old policy). `n_rows`: rows of the mini-batch over every rank (`batch` holds
         this rank's; the loss is normalised by the tokens or rows of all of them)."""
         # Micro-batches of similar lengths pad less; the loss is a weighted sum over micro-batches, so
-        # the order only changes the float summation order.
+        # the order only changes the float summation order. Sharing prompts, the rows of one prompt go
+        # together (by prompt length, then prompt, then length) so a micro-batch runs each prompt once.
         order = torch.argsort(batch.lengths, stable=True)
+        if self.share_prompts:
+            starts, prompt = batch.prompt_rows()
+            key = list(zip(starts.tolist(), prompt.tolist(), batch.lengths.tolist()))
+            order = torch.tensor(sorted(range(batch.size), key=key.__getitem__), dtype=torch.long)
         total_tokens = max(float(self.parallel.sum(batch.loss_mask.sum().double())), 1.0)
         agg = self.algo.loss_agg
         self.opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        micro = list(torch.split(order, self.cfg.micro_batch_size))
+        micro = [m for m in torch.split(order, self.cfg.micro_batch_size) if len(m)]  # none for a rank without rows
         # FSDP: every rank runs as many forward/backward passes as the busiest one (each pass is a
         # collective); a rank with fewer rows pads with blank passes that carry no loss.
         micro += [None] * (self.parallel.max(len(micro)) - len(micro))
         for idx in micro:
             self.threads.poll()  # yield the cores to a rollout in flight (learner.overlap_threads)
             part = self._blank if idx is None else batch.select(idx)
-            counted = self.router.record(part.attention_mask) if gap is not None and idx is not None else \
-                contextlib.nullcontext()
+            split = None if idx is None else self._split(part)
+            masks = part.attention_mask if split is None else split.masks()  # the real tokens of each pass
+            counted = self.router.record(masks) if gap is not None and idx is not None else contextlib.nullcontext()
             with counted:  # every row of the batch once: its first epoch's pass
-                lp, ent = self._logprobs(self.score, part, with_entropy=True)  # (b, l) each
+                lp, ent = self._logprobs(self.score, part, with_entropy=True, split=split)  # (b, l) each
             old_lp = lp.detach() if old is None or idx is None else old[idx][:, : lp.shape[1]]
             ref_lp = None
             if self.algo.kl_coef > 0:
                 with torch.no_grad(), self._reference() as score_ref:
-                    ref_lp = self._logprobs(score_ref, part)
+                    ref_lp = self._logprobs(score_ref, part, split=split)
             loss, m = policy_loss(lp, old_lp, part.advantages, part.loss_mask, behavior_logprobs=part.behavior_logprobs,
                                   ref_logprobs=ref_lp, entropy=ent, **loss_options(self.algo))
             # Re-weight micro-batch means so the sum equals the full-batch aggregate.

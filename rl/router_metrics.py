@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -49,7 +49,8 @@ class RouterStats:
                    if hasattr(m, "top_k") and hasattr(m, "num_experts") and "router" in type(m).__name__.lower()]
         self.layers = [_layer_of(n, i) for i, (n, _) in enumerate(routers)]
         self.num_experts = [int(m.num_experts) for _, m in routers]
-        self._mask: torch.Tensor | None = None  # (N,) bool of the armed pass; None: not recording
+        self._masks: list[torch.Tensor] | None = None  # (N,) bool per pass of the armed record; None: not recording
+        self._calls: list[int] = []
         self._skipped = 0
         self._sums = [self._zeros(e) for e in self.num_experts]
         self._handles = [m.register_forward_hook(self._hook(i)) for i, (_, m) in enumerate(routers)]
@@ -62,25 +63,33 @@ class RouterStats:
         return len(self._handles)
 
     @contextlib.contextmanager
-    def record(self, attention_mask: torch.Tensor | None) -> Iterator[None]:
+    def record(self, attention_mask: torch.Tensor | Sequence[torch.Tensor] | None) -> Iterator[None]:
         """Count the router calls of the forward passes inside, over the tokens where `attention_mask`
-        (B, L) is nonzero (None: every token). Passes outside (the old-log-prob and KL-reference passes,
-        a gradient-checkpointing recompute during backward) are not counted."""
-        self._mask = torch.ones(0, dtype=torch.bool) if attention_mask is None else attention_mask.reshape(-1).bool()
+        (B, L) is nonzero (None: every token). A list holds one mask per pass, in the order the passes
+        run (the learner's shared prompts: the prompts' pass, then the completions'; a prompt shared by a
+        group is routed, and counted, once). Passes outside (the old-log-prob and KL-reference passes, a
+        gradient-checkpointing recompute during backward) are not counted."""
+        masks = attention_mask if isinstance(attention_mask, (list, tuple)) else [attention_mask]
+        self._masks = [torch.ones(0, dtype=torch.bool) if m is None else m.reshape(-1).bool() for m in masks]
+        self._calls = [0] * len(self._handles)  # per router: the pass its next call belongs to
         try:
             yield
         finally:
-            self._mask = None
+            self._masks = None
 
     def _hook(self, i: int) -> Callable:
         def hook(module, inputs, output) -> None:
-            if self._mask is None:
+            if self._masks is None:
+                return
+            call, self._calls[i] = self._calls[i], self._calls[i] + 1
+            if call >= len(self._masks):  # more passes than masks: not counted
+                self._skipped += 1
                 return
             with torch.no_grad():
                 out = output if isinstance(output, tuple) else (output,)
                 logits = out[0]
                 logits = logits.reshape(-1, logits.shape[-1])
-                mask = self._mask
+                mask = self._masks[call]
                 if mask.numel() == 0:
                     mask = torch.ones(logits.shape[0], dtype=torch.bool)
                 if logits.shape[0] != mask.numel() or logits.shape[-1] != self.num_experts[i]:

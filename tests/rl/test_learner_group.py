@@ -23,9 +23,10 @@ CFG_A = dict(lr=1e-3, micro_batch_size=2, freeze_router=True, lr_scale=[LrScale(
              sync_bucket_mb=0.1)
 ALGO_A = dict(correction="tis")
 # 2 mini-batches x 2 epochs drawn over the whole batch (ranks get unequal rows: blank passes), sequence-mean
-# loss (row normaliser), a KL reference sharded too, activation checkpointing under FSDP
-CFG_B = dict(lr=1e-3, micro_batch_size=1, gradient_checkpointing=True)
-ALGO_B = dict(mini_batches=2, ppo_epochs=2, kl_coef=0.05, loss_agg="seq_mean_token_mean")
+# loss (row normaliser), a KL reference sharded too, activation checkpointing under FSDP, mini-batches of
+# whole prompt groups (2 rows a prompt, kept on one rank; a group's learner never shares prompts)
+CFG_B = dict(lr=1e-3, micro_batch_size=2, gradient_checkpointing=True)
+ALGO_B = dict(mini_batches=2, ppo_epochs=2, kl_coef=0.05, loss_agg="seq_mean_token_mean", mini_batch_split="groups")
 
 
 def _cfg(**kw) -> LearnerConfig:
@@ -33,12 +34,12 @@ def _cfg(**kw) -> LearnerConfig:
 
 
 def _batch(policy, seed: int) -> TrainBatch:
-    """6 samples of unequal lengths and advantages (seeded); behaviour log-probs near the untrained
-    policy's (about -log 2300), so the TIS weights are near 1."""
+    """6 samples of unequal lengths and advantages (seeded), two per prompt; behaviour log-probs near the
+    untrained policy's (about -log 2300), so the TIS weights are near 1."""
     g = torch.Generator().manual_seed(seed)
     samples = []
     for i in range(6):
-        prompt = harmony.render_prompt(f"Compute {i}+{i + seed}.", "high")
+        prompt = harmony.render_prompt(f"Compute {i // 2}+{i // 2 + seed}.", "high")
         done = harmony.render_completion(" ".join(["3+4=7."] * (1 + 2 * i)), str(i))
         behaviour = (-7.7 + 0.3 * torch.randn(len(done), generator=g)).tolist()
         samples.append(Sample("t", "math", "high", prompt, done, [1] * len(done), behaviour, Transcript()))
@@ -109,7 +110,8 @@ def group(policy, tmp_path_factory):
 
 
 def _single(policy, cfg, algo) -> Learner:
-    return Learner(str(policy), _cfg(**cfg), AlgoConfig(**algo), seed=0)
+    # a group's ranks never share prompts (learner.share_prompts): the one-process learner runs every row too
+    return Learner(str(policy), _cfg(share_prompts=False, **cfg), AlgoConfig(**algo), seed=0)
 
 
 METRICS = ("loss", "grad_norm", "clip_frac", "ratio_mean", "entropy", "tokens", "rollout_kl", "is_weight_mean")

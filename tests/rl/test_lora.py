@@ -88,7 +88,8 @@ def test_kl_reference_is_the_base_with_adapters_disabled(policy, mxfp4_policy, b
     assert metrics["kl_ref"] > 1e-6 and metrics["grad_norm"] > 0
     assert all(p.grad is not None for g in learner.opt.param_groups for p in g["params"])
     with torch.no_grad(), learner._reference() as ref:
-        ref_lp = learner._logprobs(ref, batch.to(learner.device))
+        on = batch.to(learner.device)
+        ref_lp = learner._logprobs(ref, on, split=learner._split(on))  # as `logprobs` computes (shared prompts)
     base_lp = _learner(path, lr=0.0).logprobs(batch)
     torch.testing.assert_close(ref_lp, base_lp, rtol=0, atol=0 if base == "dense" else 1e-6)
     assert not torch.equal(learner.logprobs(batch), base_lp)  # the adapters are back on

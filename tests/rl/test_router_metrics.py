@@ -84,7 +84,8 @@ def test_a_learner_step_counts_every_real_token_once(policy):
     """Two epochs of two mini-batches, a KL reference pass and recomputed old log-probs: the step's router metrics are
     those of one forward over the batch's real tokens."""
     algo = AlgoConfig(mini_batches=2, ppo_epochs=2, old_logprobs="recompute", kl_coef=0.1)
-    learner = Learner(str(policy), LearnerConfig(lr=0.0, device="cpu", micro_batch_size=1), algo, seed=0)
+    learner = Learner(str(policy), LearnerConfig(lr=0.0, device="cpu", micro_batch_size=1, share_prompts=False),
+                      algo, seed=0)
     batch = _batch([1.0, -1.0, 0.5, -0.5], policy)
     m = learner.train_step(batch)
     with learner.router.record(batch.attention_mask):
@@ -98,3 +99,20 @@ def test_a_learner_step_counts_every_real_token_once(policy):
     assert m["router/tokens"] == float(batch.attention_mask.sum())  # once: not in the recompute or KL passes
     n_exp = learner.model.config.num_local_experts
     assert 1.0 <= m["router/max_load"] <= n_exp and 0.0 < m["router/entropy"] <= math.log(n_exp)
+
+
+def test_shared_prompts_route_each_prompt_once(policy):
+    """With learner.share_prompts the step's two passes (prompts, completions) are counted with their own masks:
+    a group's prompt once, every completion token once, nothing skipped."""
+    learner = Learner(str(policy), LearnerConfig(lr=0.0, device="cpu", micro_batch_size=4, share_prompts=True),
+                      AlgoConfig(), seed=0)
+    batch = _batch([1.0, -1.0, 0.5, -0.5], policy)  # one prompt, four completions
+    split = batch.split_prompts()
+    assert split is not None and split.prompt_ids.shape[0] == 1
+    m = learner.train_step(batch)
+    assert m["router/skipped_passes"] == 0.0
+    assert m["router/tokens"] == float(split.prompt_mask.sum() + split.completion_mask.sum())
+    with learner.router.record(split.masks()):
+        learner.logprobs(batch)
+    for k, v in learner.router.collect().items():
+        assert m[k] == pytest.approx(v, rel=1e-6), k
