@@ -29,6 +29,8 @@ gradients of every matmul (x1 for weight matmuls, x2 for scores/values) plus wei
 matrices that train (the demo trains RMSNorm gains only: none). Rows use the step's mean prompt and
 completion lengths; elementwise work, norms and softmax are not counted. The peak is the best of
 square `torch.mm` runs at the learner's thread count and dtype, measured before and after the points.
+The points run with `learner.share_prompts=false`: the count assumes every row runs its own prompt
+(shared prompts do less work for the same step; bench_vs_trl measures that gain).
 
 CPU load is probed for 3 s before each point (bench_vs_trl.idle_probe): if other processes use more
 than a quarter of the CPUs the section says its timings are not valid.
@@ -207,6 +209,7 @@ def run_point(point: dict[str, int], policy: str, steps: int, out: Path, timeout
     shutil.rmtree(folder, ignore_errors=True)  # metrics.jsonl appends; checkpoints would be resumed
     folder.mkdir(parents=True)
     ov = overrides(policy, folder / "run", steps, point["tasks_per_step"], point["group_size"], point["max_new_tokens"])
+    ov.append("learner.share_prompts=false")  # MFU counts every row's prompt: the learner must run them all
     spec = folder / "ours.spec.json"
     spec.write_text(json.dumps({"overrides": ov}))
     return launch("ours", spec, folder, timeout_s), ov

@@ -57,19 +57,25 @@ class TrainBatch(NamedTuple):
         seen: dict[tuple[int, ...], int] = {}
         ids = self.input_ids.tolist()
         rows = [seen.setdefault(tuple(r[:p]), len(seen)) for r, p in zip(ids, starts.tolist())]
-        return starts, torch.tensor(rows, dtype=torch.long)
+        return starts, torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
 
     def split_prompts(self) -> "PromptSplit | None":
         """The batch as its distinct prompts and its completions (`PromptSplit`), or None when no two rows
-        share a prompt or no row has a completion (nothing to share)."""
+        share a prompt, no row has a completion, or the batch is not what `collate` builds (right-padded,
+        each completion non-empty-prompted and running from its first token to the row's end): the learner
+        then runs every row as it is."""
         starts, rows = self.prompt_rows()
         G, B = int(rows.max()) + 1 if len(rows) else 0, self.size
         ends = self.lengths
         C = int((ends - starts).max()) if B else 0
-        if G == B or C == 0:
+        if G == B or C == 0 or not self.right_padded():
             return None
-        first = torch.full((G,), -1, dtype=torch.long).scatter_reduce(
-            0, rows, torch.arange(B), reduce="amin", include_self=False)  # (G,): a row holding each prompt
+        col = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)[None, :]
+        tail = (col >= starts[:, None]) & (col < ends[:, None])  # (B, L): [start, end) of each row
+        if not torch.equal(tail, self.completion_mask.bool()) or bool((starts[self.completion_mask.any(-1)] == 0).any()):
+            return None
+        first = torch.full((G,), -1, dtype=torch.long, device=rows.device).scatter_reduce(
+            0, rows, torch.arange(B, device=rows.device), reduce="amin", include_self=False)  # (G,): a row per prompt
         plen = starts[first]  # (G,)
         P = int(plen.max())
         dev = self.input_ids.device

@@ -375,6 +375,13 @@ class Learner:
             0, rows, torch.arange(batch.size))  # (total,): row -> its index in `batch`, -1 if another rank's
         n_mini = min(self.algo.mini_batches, total)
         epochs = self.algo.ppo_epochs
+        by_groups = self.algo.mini_batch_split == "groups" and n_mini > 1
+        if by_groups and prompts is None:
+            if rows is not None:
+                raise ValueError("algo.mini_batch_split=groups: a rank's train_step needs `prompts` of all rows")
+            prompts = batch.prompt_rows()[1]
+        if by_groups:  # as many mini-batches as there are prompts at most (`mini_batches`)
+            n_mini = min(n_mini, int(torch.unique(prompts).numel()))
         old = None  # (B, L); None: on-policy, old = current
         if n_mini * epochs > 1:
             if self.algo.old_logprobs == "recompute":
@@ -386,13 +393,8 @@ class Learner:
         sums: dict[str, float] = {}
         n_steps = 0
         gap: tuple[list, list] = ([], [])  # learner / behaviour log-probs of every loss token, first pass
-        by_groups = self.algo.mini_batch_split == "groups" and n_mini > 1
-        if by_groups and prompts is None:
-            if rows is not None:
-                raise ValueError("algo.mini_batch_split=groups: a rank's train_step needs `prompts` of all rows")
-            prompts = batch.prompt_rows()[1]
         for epoch in range(epochs):
-            minis = mini_batches(total, n_mini, prompts if by_groups else None)
+            minis = mini_batches(total, n_mini, prompts.cpu() if by_groups and n_mini > 1 else None)
             for idx in minis:
                 mine = held[idx][held[idx] >= 0]  # this rank's rows of the mini-batch, in its order
                 part_old = None if old is None else old[mine]

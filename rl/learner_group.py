@@ -14,8 +14,8 @@ What it does
           rollout.num_workers=4 rollout.num_gpus=1 cluster.placement=separate
       group = LearnerGroup(path, cfg.learner, cfg.algo, seed, options=placement.learner_options)
 
-  train_step: the driver splits the rollout batch by rows (`split_batch`: a prompt's rows together,
-  groups dealt largest first to the least loaded rank, so ranks get about the same tokens); each rank runs the algorithm-blind `Learner.train_step`
+  train_step: the driver splits the rollout batch by rows (`split_batch`: longest first, dealt round
+  robin, so ranks get about the same tokens); each rank runs the algorithm-blind `Learner.train_step`
   on its rows with gradient accumulation over micro-batches. Mini-batches are drawn over the whole
   batch (the same permutation on every rank); the loss normalisers (tokens for token_mean, rows for
   the sequence means) are all-reduced, gradients are summed (not averaged) by FSDP's reduce-scatter,
@@ -96,36 +96,22 @@ class Share(NamedTuple):
 
 
 def split_batch(batch: TrainBatch, world_size: int) -> list[Share]:
-    """The rows of `batch` dealt to `world_size` ranks, each share in batch order. Rows that share a prompt
-    (a GRPO group) go to one rank together, so its learner runs the prompt once (`learner.share_prompts`):
-    groups are dealt largest first to the rank with the fewest tokens so far. With fewer groups than ranks,
-    rows are dealt longest first in turn (balanced tokens).
+    """The rows of `batch` dealt to `world_size` ranks, longest first in turn (balanced tokens), each
+    share in batch order, with every row's prompt id (`algo.mini_batch_split=groups` draws mini-batches
+    of whole prompts over all ranks; a rank's learner never shares prompts, so rows are dealt for balance).
 
     >>> from rl.batch import TrainBatch
-    >>> ids = torch.tensor([[7, 1, 0], [8, 1, 1], [7, 1, 0], [9, 1, 0]])  # prompts 7, 8, 7, 9 then completions
-    >>> mask = (ids > 0).long()
-    >>> b = TrainBatch(ids, mask, (mask > 0) & (torch.arange(3) > 0), mask.float(), mask.float(), torch.zeros(4))
-    >>> [s.rows.tolist() for s in split_batch(b, 2)]  # rows 0 and 2 share prompt 7: 4 tokens, then 3 and 2
-    [[0, 2], [1, 3]]
-    >>> [s.rows.tolist() for s in split_batch(b.select([0, 2]), 2)]  # one prompt, two ranks: by rows
-    [[0], [1]]
+    >>> mask = torch.tensor([[1, 0, 0], [1, 1, 1], [1, 1, 0]])
+    >>> b = TrainBatch(mask, mask, mask.bool(), mask.float(), mask.float(), torch.zeros(3))
+    >>> [s.rows.tolist() for s in split_batch(b, 2)]
+    [[0, 1], [2]]
     """
     if batch.size < world_size:
         raise ValueError(f"a rollout batch of {batch.size} rows cannot feed {world_size} learner ranks "
                          "(learner.world_size): every rank needs a row")
+    order = torch.argsort(batch.lengths, descending=True, stable=True)
+    shares = [order[r::world_size].sort().values for r in range(world_size)]
     prompts = batch.prompt_rows()[1]
-    n_groups = int(prompts.max()) + 1
-    if n_groups < world_size:
-        order = torch.argsort(batch.lengths, descending=True, stable=True)
-        shares = [order[r::world_size].sort().values for r in range(world_size)]
-    else:
-        tokens = torch.zeros(n_groups, dtype=torch.long).index_add_(0, prompts, batch.lengths)
-        load, mine = [0] * world_size, [[] for _ in range(world_size)]
-        for g in torch.argsort(tokens, descending=True, stable=True).tolist():
-            r = min(range(world_size), key=load.__getitem__)
-            load[r] += int(tokens[g])
-            mine[r].append(g)
-        shares = [torch.nonzero(torch.isin(prompts, torch.tensor(m, dtype=torch.long))).flatten() for m in mine]
     return [Share(batch.select(rows), rows, batch.size, prompts) for rows in shares]
 
 

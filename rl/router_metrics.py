@@ -22,7 +22,10 @@ probability of e over the n tokens):
   between steps are the routing drift that makes MoE RL unstable (rl/algorithms.py, icepop);
 - `router/layer{l}/unused` = fraction of the experts that got no pick in the batch.
 And their means over layers: `router/max_load`, `router/balance`, `router/entropy`, `router/unused`;
-`router/tokens` is the number of tokens the first router saw (the batch's real tokens, once).
+`router/tokens` is the number of tokens the first router saw (the batch's real tokens, once). Under
+`learner.share_prompts` (on by default for a CPU learner alone) a micro-batch runs each distinct prompt
+once, so a GRPO group's prompt tokens count once per micro-batch, not once per row: the metrics then
+weigh prompts less, and `router/tokens` depends on how the rows fall into micro-batches.
 
 A pass whose router rows do not match its mask (a model that routes only some tokens) adds nothing and
 is counted in `router/skipped_passes`; metrics never stop a training step.

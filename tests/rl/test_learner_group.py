@@ -24,8 +24,8 @@ CFG_A = dict(lr=1e-3, micro_batch_size=2, freeze_router=True, lr_scale=[LrScale(
 ALGO_A = dict(correction="tis")
 # 2 mini-batches x 2 epochs drawn over the whole batch (ranks get unequal rows: blank passes), sequence-mean
 # loss (row normaliser), a KL reference sharded too, activation checkpointing under FSDP, mini-batches of
-# whole prompt groups (2 rows a prompt, kept on one rank; a group's learner never shares prompts)
-CFG_B = dict(lr=1e-3, micro_batch_size=2, gradient_checkpointing=True)
+# whole prompt groups (2 rows a prompt, on different ranks: a group's learner never shares prompts)
+CFG_B = dict(lr=1e-3, micro_batch_size=1, gradient_checkpointing=True)
 ALGO_B = dict(mini_batches=2, ppo_epochs=2, kl_coef=0.05, loss_agg="seq_mean_token_mean", mini_batch_split="groups")
 
 

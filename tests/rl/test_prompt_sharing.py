@@ -160,3 +160,35 @@ def test_a_learner_group_refuses_shared_prompts():
     with pytest.raises(ConfigError, match="learner.share_prompts"):
         compose(["learner.share_prompts=true", "learner.world_size=2"])
     compose(["learner.world_size=2"])  # null: off in a group, nothing to refuse
+
+
+def test_batches_collate_does_not_build_run_unshared():
+    """A completion mask with a hole, unscored trailing tokens or left padding: no split, and the learner
+    scores such a batch as it always did."""
+    from rl.batch import TrainBatch
+
+    ids = torch.tensor([[5, 6, 7, 1, 2], [5, 6, 7, 3, 4]])
+    attn = torch.ones(2, 5, dtype=torch.long)
+    comp = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    z = torch.zeros(2, 5)
+    ok = TrainBatch(ids, attn, comp, comp.float(), z, torch.zeros(2))
+    assert ok.split_prompts() is not None
+    hole = comp.clone()
+    hole[1, 3] = False  # row 1 scores only its last token: looks like a longer prompt, a different one
+    assert TrainBatch(ids, attn, hole, hole.float(), z, torch.zeros(2)).split_prompts() is None
+    short = comp.clone()
+    short[0, 4] = False  # an unscored trailing token
+    assert TrainBatch(ids, attn, short, short.float(), z, torch.zeros(2)).split_prompts() is None
+    left = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert TrainBatch(ids, left, comp, comp.float(), z, torch.zeros(2)).split_prompts() is None
+    no_prompt = torch.ones(2, 5, dtype=torch.bool)
+    assert TrainBatch(ids, attn, no_prompt, no_prompt.float(), z, torch.zeros(2)).split_prompts() is None
+
+
+def test_docstring_examples():
+    import doctest
+
+    import rl.batch
+    import rl.learner
+
+    assert doctest.testmod(rl.batch).failed == 0 and doctest.testmod(rl.learner).failed == 0
