@@ -94,8 +94,9 @@ def test_learner_runs_yielded_passes_while_busy_and_trains_the_same(policy):
     after a step with yielded threads equal those of a step without (thread count changes only the
     float summation order)."""
     algo = {"mini_batches": 1, "ppo_epochs": 2}  # no shuffling: both learners see the same passes
-    yielded = _learner(policy, algo, lr=1e-3, micro_batch_size=1, num_threads=2, overlap_threads=1)
-    plain = _learner(policy, algo, lr=1e-3, micro_batch_size=1, num_threads=2)
+    # share_prompts off: one forward per pass (a shared old-log-prob pass runs prompts and completions apart)
+    yielded = _learner(policy, algo, lr=1e-3, micro_batch_size=1, num_threads=2, overlap_threads=1, share_prompts=False)
+    plain = _learner(policy, algo, lr=1e-3, micro_batch_size=1, num_threads=2, share_prompts=False)
     seen = []
     yielded.model.model.layers[0].register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
     state = {"busy": True}
