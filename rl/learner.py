@@ -30,6 +30,12 @@ log-prob kernel has no Triton twin: it runs as torch ops on the GPU. `learner.au
 autocast over fp32 master weights on CUDA and nothing on CPU, where results are bit-identical to a
 learner without these options.
 
+Shared prompts (`learner.share_prompts`; on by default for a CPU learner alone with our kernels): a
+micro-batch's rows that share a prompt (a GRPO group) run it once (`shared_prompt_states`: the prompts'
+pass records every layer's keys and values, the completions' pass attends to them), with the same
+log-probs and gradients as one padded row each; `algo.mini_batch_split=groups` keeps a group in one
+mini-batch (`mini_batches`), so each prompt runs once a step.
+
 Data parallel (`parallel`, a `DataParallel`): a learner alone in its process uses `SingleProcess`
 (every collective the identity). A rank of the FSDP2 group (rl/learner_group.py) hands in its own:
 the policy and the KL reference are sharded where `.to(device)` would be, `train_step` gets the
