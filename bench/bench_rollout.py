@@ -1,7 +1,7 @@
 """Rollout throughput, vLLM (`rl.engine.RolloutEngine`) vs HF `generate`, and weight-sync time.
 
 Run:  .venv/bin/python -m bench.bench_rollout [--prompts 24 --n 8 --max-tokens 320] [--vllm-threads 1,2]
-          [--vllm-modes eager,compiled]
+          [--vllm-modes eager,compiled] [--pool-workers 2] [--pool-groups-per-call K] [--hf-procs 2]
           [--write bench/RESULTS.md]
 
 Workload (defaults = one GRPO step of the tiny experiment: 8 tasks x 3 efforts, group 8, 320
@@ -18,7 +18,15 @@ vocabulary rows masked on both sides, fp32. Both run in one invocation, one afte
   `rollout.enforce_eager=false`, vLLM's torch.compile path, whose start-up pays for inductor), each in a
   fresh subprocess (vLLM pins a process's thread count when it starts), so vLLM gets the same choice of
   thread count HF gets; the ratio uses the fastest.
-- Weight sync: `update_weights(model.state_dict())` (HF names -> vLLM layout, CPU repack, prefix
+- HF data-parallel (`--hf-procs P`): P processes at one thread each, the prompts split evenly, each run
+  started together at a barrier (what torchrun/accelerate would give HF on P cores); a run lasts from
+  the first start to the last end.
+- The rollout workers (`--pool-workers W`): the pipeline's `rl.workers.WorkerPool` of W `RolloutWorker`
+  Ray actors at one thread each (local Ray), timed around `WorkerPool.generate`, the call path a
+  rollout takes (chunks of prompts to whichever worker is free, samples back through Ray).
+- The ratio is the fastest vLLM set-up over the fastest HF set-up (single process or data-parallel).
+- Weight sync (of the fastest vLLM set-up; the pool's includes `ray.put` and every worker loading):
+  `update_weights(model.state_dict())` (HF names -> vLLM layout, CPU repack, prefix
   cache reset), a trained-only update of the RMSNorm gains (what the demo's steps after the first
   send, `rl.vllm_weights.TrainedWeights`) and `update_weights_from_path` (adds the safetensors read).
 tokens/s is the best of the repeats (the box is shared; best-of filters out the neighbours; it also
@@ -26,7 +34,8 @@ leaves out vLLM's cold first call); the median is printed too. Time to first bat
 the model; vLLM: the engine's constructor, vLLM import included) + the first workload call (HF's runs
 after its thread probe, warm; vLLM's is its first call). Before each side the CPUs are probed for 3 s (bench_vs_trl.idle_probe): if
 other processes use more than a quarter of them, the section says the ratio is not a result.
-Takes about 7 minutes on 2 cores: ~1.5 of HF, the rest the four vLLM engine processes.
+Takes about 10 minutes on 2 cores: ~3 of HF (one process, then data-parallel), the rest the vLLM
+engine processes and the pool.
 """
 from __future__ import annotations
 
@@ -152,15 +161,115 @@ def measure_vllm(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, r
         eng.shutdown()
 
 
-def vllm_subprocess(ckpt: str, prompts: list[list[int]], args, threads: int, out: Path, mode: str = "eager") -> dict:
-    """`measure_vllm` in a fresh interpreter (`--vllm-child`); its result, or {"error": ...}."""
-    spec, result = out / f"vllm_{threads}_{mode}.json", out / f"vllm_{threads}_{mode}.result.json"
-    spec.write_text(json.dumps({"ckpt": ckpt, "prompts": prompts, "n": args.n, "max_tokens": args.max_tokens,
-                                "reps": args.reps, "threads": threads, "eager": mode == "eager"}))
+def measure_pool(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, reps: int, workers: int,
+                 per_call: int | None = None) -> dict:
+    """The rollout workers as the pipeline runs them: `rl.workers.WorkerPool` of `workers` Ray actors at one
+    thread each (local Ray), `rollout.groups_per_call=per_call` (None: the pool's default chunking), timed
+    around `WorkerPool.generate` (the call path `rollout` uses: chunks to whichever worker is free, results
+    back through Ray); then the pool's weight sync (ray.put + every worker loads). Run it in a process of
+    its own (`vllm_subprocess`): Ray starts here and stops with it."""
+    import dataclasses
+
+    import ray
+
+    from rl.cluster import init_ray
+    from rl.config import ClusterConfig
+    from rl.engine import CPU_BLOCK_SIZE
+    from rl.model import load_policy
+    from rl.vllm_weights import TrainedWeights, trained_units
+    from rl.workers import WorkerPool
+
+    cfg = dataclasses.replace(engine_config(1, True), num_workers=workers, groups_per_call=per_call)
+    state = load_policy(ckpt)[0].state_dict()
+    t0 = time.perf_counter()
+    init_ray(ClusterConfig())
+    pool = WorkerPool(ckpt, cfg, seed=0)
+    pool.health()  # every engine started
+    start_s = time.perf_counter() - t0
+    calls = iter(range(10 ** 6))
+    try:
+        def gen():
+            out = pool.generate(prompts, n, temperature=1.0, seed=next(calls), max_tokens=max_tokens, stop=False)
+            assert sum(len(c.ids) for s in out for c in s) == len(prompts) * n * max_tokens
+
+        best, med, first = _best_and_median(gen, reps)
+        sync = _best_and_median(lambda: pool.update_weights(state), reps)[:2]
+        norms = TrainedWeights(trained_units(state, [k for k in state if k.endswith("norm.weight")]))
+        trained = _best_and_median(lambda: pool.update_weights(norms), reps)[:2]
+        from_path = _best_and_median(lambda: pool.update_weights_from_path(ckpt), reps)[:2]
+        return {"threads": 1, "workers": workers, "per_call": per_call, "eager": True, "best": best,
+                "median": med, "first": first, "start_s": start_s, "sync": sync, "trained": trained,
+                "from_path": from_path, "served": pool.served,
+                "block_size": cfg.block_size or CPU_BLOCK_SIZE}
+    finally:
+        pool.close()
+        ray.shutdown()
+
+
+def _hf_child(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, reps: int, barrier, results) -> None:
+    """One data-parallel HF process: one thread, its share of the prompts, `reps` runs each started at the
+    barrier with the other processes; puts (rep, start, end) on `results` (time.monotonic, one clock for the
+    box)."""
+    torch.set_num_threads(1)
+    from rl.model import load_policy
+
+    model, vm = load_policy(ckpt)
+    model.eval()
+    hf_generate(model, vm, prompts[:1], 2, 8)  # warm-up
+    for rep in range(reps):
+        barrier.wait()
+        t0 = time.monotonic()
+        got = hf_generate(model, vm, prompts, n, max_tokens)
+        assert got == len(prompts) * n * max_tokens, f"HF sampled {got} tokens"
+        results.put((rep, t0, time.monotonic()))
+
+
+def measure_hf_procs(ckpt: str, prompts: list[list[int]], args, procs: int) -> dict:
+    """HF `generate` data-parallel: `procs` processes at one thread each, the prompts split evenly between
+    them (what `accelerate` or torchrun would give HF on this many cores); a run's time is from the first
+    process's start to the last one's end."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(procs), ctx.Queue()
+    shares = [prompts[i::procs] for i in range(procs)]
+    t0 = time.perf_counter()
+    children = [ctx.Process(target=_hf_child, args=(ckpt, share, args.n, args.max_tokens, args.hf_reps,
+                                                    barrier, results)) for share in shares]
+    for c in children:
+        c.start()
+    spans: dict[int, list[tuple[float, float]]] = {}
+    try:
+        for _ in range(procs * args.hf_reps):
+            rep, a, b = results.get(timeout=3600)
+            spans.setdefault(rep, []).append((a, b))
+    finally:
+        for c in children:
+            c.join(timeout=60)
+            if c.is_alive():
+                c.kill()
+    if any(c.exitcode for c in children):
+        return {"threads": 1, "procs": procs, "error": f"exit status {[c.exitcode for c in children]}"}
+    walls = [max(b for _, b in spans[r]) - min(a for a, _ in spans[r]) for r in range(args.hf_reps)]
+    start_s = time.perf_counter() - t0 - sum(walls)  # spawning, loading, warm-up (and the barriers' waits)
+    return {"threads": 1, "procs": procs, "best": min(walls), "median": statistics.median(walls),
+            "first": walls[0], "start_s": start_s}
+
+
+def vllm_subprocess(ckpt: str, prompts: list[list[int]], args, threads: int, out: Path, mode: str = "eager",
+                    workers: int = 0) -> dict:
+    """`measure_vllm` (or, `workers` > 0, `measure_pool` with that many workers) in a fresh interpreter
+    (`--vllm-child`); its result, or {"error": ...}."""
+    name = f"pool_{workers}" if workers else f"vllm_{threads}_{mode}"
+    spec, result = out / f"{name}.json", out / f"{name}.result.json"
+    call = {"ckpt": ckpt, "prompts": prompts, "n": args.n, "max_tokens": args.max_tokens, "reps": args.reps}
+    call |= ({"workers": workers, "per_call": args.pool_groups_per_call} if workers
+             else {"threads": threads, "eager": mode == "eager"})
+    spec.write_text(json.dumps({"pool": bool(workers), "call": call}))
     rc = subprocess.run([sys.executable, "-m", "bench.bench_rollout", "--vllm-child", str(spec),
                          "--result", str(result)]).returncode
     if rc or not result.exists():
-        return {"threads": threads, "eager": mode == "eager", "error": f"exit status {rc}"}
+        return {"threads": threads, "eager": mode == "eager", "workers": workers, "error": f"exit status {rc}"}
     return json.loads(result.read_text())
 
 
@@ -178,53 +287,71 @@ def run(args) -> tuple[list[str], list[str]]:
         model.eval()
         load_s = time.perf_counter() - t0
         probes.append(idle_probe())
-        hf = {**measure_hf(model, vm, prompts, args), "start_s": load_s}
+        hfs = [{**measure_hf(model, vm, prompts, args), "start_s": load_s}]
+        for procs in args.hf_procs:
+            probes.append(idle_probe())
+            hfs.append(measure_hf_procs(ckpt, prompts, args, procs))
         runs = []
         for mode in args.vllm_modes:
             for threads in args.vllm_threads:
                 probes.append(idle_probe())
                 runs.append(vllm_subprocess(ckpt, prompts, args, threads, tmp, mode))
+        for workers in args.pool_workers:
+            probes.append(idle_probe())
+            runs.append(vllm_subprocess(ckpt, prompts, args, 1, tmp, workers=workers))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ok = [r for r in runs if "error" not in r]
     if not ok:
         raise SystemExit(f"no vLLM run finished: {runs}")
     vl = min(ok, key=lambda r: r["best"])
+    hf = min((h for h in hfs if "error" not in h), key=lambda r: r["best"])  # the fastest HF set-up is the baseline
     load, busy = box_state(probes)
 
     tokens = len(prompts) * args.n * args.max_tokens
     n_params = sum(p.numel() for p in model.parameters())
+    hf1 = hfs[0]
     header = [
         f"Device: {_cpu()}; torch {torch.__version__}. {load}",
         f"Workload: tiny gpt-oss ({n_params / 1e6:.1f}M params, vocab {len(vm)} real rows), {len(prompts)} "
         f"Harmony prompts ({min(map(len, prompts))}-{max(map(len, prompts))} ids) x n={args.n}, exactly "
         f"{args.max_tokens} sampled tokens each = {tokens} tokens per run, temperature 1, top_p 1, fp32. "
         f"tokens/s from the best of {args.reps} vLLM / {args.hf_reps} HF runs (median in brackets).",
-        f"HF thread probe ({hf['probe_tokens']} tokens/sequence, tokens/s): "
-        + ", ".join(f"{t} thread{'s' * (t > 1)}: {r:.0f}" for t, r in hf["probes"].items())
-        + f"; full HF run at {hf['threads']}.",
+        f"HF thread probe ({hf1['probe_tokens']} tokens/sequence, tokens/s): "
+        + ", ".join(f"{t} thread{'s' * (t > 1)}: {r:.0f}" for t, r in hf1["probes"].items())
+        + f"; full HF run at {hf1['threads']}."
+        + (" HF data-parallel: P processes at 1 thread each, the prompts split evenly, started together at a "
+           "barrier; a run lasts from the first start to the last end." if args.hf_procs else ""),
         f"vLLM: `RolloutEngine` with the rollout schema's defaults (KV block {vl['block_size']} tokens), one fresh "
         "process per thread count and mode: eager (`rollout.enforce_eager=true`, the default) or compiled "
-        "(`rollout.enforce_eager=false`: vLLM traces the model once and inductor compiles it; on CPU no CUDA graphs).",
+        "(`rollout.enforce_eager=false`: vLLM traces the model once and inductor compiles it; on CPU no CUDA graphs)."
+        + (" WorkerPool: the pipeline's rollout workers (`rl.workers.WorkerPool`, local Ray, `rollout.num_workers=W "
+           "rollout.num_threads=1`, eager), timed around `WorkerPool.generate` (chunks to whichever worker is free, "
+           "`rollout.groups_per_call="
+           + ("null`: about 4 calls per worker" if args.pool_groups_per_call is None
+              else f"{args.pool_groups_per_call}`") + "; samples through Ray); start = Ray + every engine."
+           if args.pool_workers else ""),
+        "The ratio is fastest vLLM set-up / fastest HF set-up.",
     ]
     ratio = hf["best"] / vl["best"]
-    table = ["| engine | threads | s / run | tokens/s | x HF | first batch s (start + first run) |",
+    table = ["| engine | processes x threads | s / run | tokens/s | x best HF | first batch s (start + first run) |",
              "|---|---:|---:|---:|---:|---:|"]
-    for name, r in (("HF generate", hf), *((f"vLLM RolloutEngine, {_mode(r)}", r) for r in runs)):
+    rows = [(_name(h), h) for h in hfs] + [(_name(r), r) for r in runs]
+    for name, r in rows:
+        shape = f"{r.get('procs') or r.get('workers') or 1} x {r['threads']}"
         if "error" in r:
-            table.append(f"| {name} | {r['threads']} | failed: {r['error']} | | | |")
+            table.append(f"| {name} | {shape} | failed: {r['error']} | | | |")
             continue
         rate = f"{tokens / r['best']:.0f} ({tokens / r['median']:.0f})"
-        table.append(f"| {name} | {r['threads']} | {r['best']:.2f} ({r['median']:.2f}) | {rate} "
+        table.append(f"| {name} | {shape} | {r['best']:.2f} ({r['median']:.2f}) | {rate} "
                      f"| {hf['best'] / r['best']:.2f} | {r['start_s']:.1f} + {r['first']:.1f} |")
     verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
     table += [
         "",
-        f"vLLM ({vl['threads']} thread{'s' * (vl['threads'] > 1)}, {_mode(vl)}) / HF generate: **{ratio:.1f}x** (target >= "
+        f"{_name(vl)} / {_name(hf)}: **{ratio:.1f}x** (target >= "
         f"{TARGET_RATIO:.0f}x: {verdict})" + (": **busy box, not a result**." if busy else "."),
         "",
-        f"| weight sync ({vl['threads']} thread{'s' * (vl['threads'] > 1)}, {_mode(vl)} engine) | s (median) "
-        "| vs one vLLM rollout run |",
+        f"| weight sync ({_name(vl)}) | s (median) | vs one rollout run |",
         "|---|---:|---:|",
     ]
     for name, (best, med) in (("update_weights(HF state dict), in memory", vl["sync"]),
@@ -236,6 +363,23 @@ def run(args) -> tuple[list[str], list[str]]:
 
 def _mode(run: dict) -> str:
     return "eager" if run.get("eager", True) else "compiled"
+
+
+def _name(run: dict) -> str:
+    """The set-up a result row measured.
+
+    >>> _name({"threads": 2, "probes": {}}), _name({"threads": 1, "procs": 2})
+    ('HF generate, 2 threads', 'HF generate, 2 processes (data-parallel)')
+    >>> _name({"threads": 2, "eager": False}), _name({"threads": 1, "workers": 2, "eager": True})
+    ('vLLM RolloutEngine, compiled, 2 threads', 'WorkerPool, 2 workers (Ray)')
+    """
+    if "probes" in run:
+        return f"HF generate, {run['threads']} thread{'s' * (run['threads'] > 1)}"
+    if run.get("procs"):
+        return f"HF generate, {run['procs']} processes (data-parallel)"
+    if run.get("workers"):
+        return f"WorkerPool, {run['workers']} workers (Ray)"
+    return f"vLLM RolloutEngine, {_mode(run)}, {run['threads']} thread{'s' * (run['threads'] > 1)}"
 
 
 def _cpu() -> str:
@@ -254,6 +398,15 @@ def write_section(results_md: Path, command: str, header: list[str], table: list
     results.write_section(results_md, SECTION, ["", f"Command: `{command}` ({today})", "", *header, "", *table, ""])
 
 
+def _ints(text: str) -> list[int]:
+    """A comma-separated list of counts; '' = none.
+
+    >>> _ints("1,2"), _ints("")
+    ([1, 2], [])
+    """
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # Defaults: one GRPO step of the tiny experiment (8 tasks x 3 efforts, group 8, rollout.max_tokens).
@@ -268,16 +421,27 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch thread counts vLLM runs at, each in its own process (the faster sets the ratio)")
     parser.add_argument("--vllm-modes", type=lambda x: [m.strip() for m in x.split(",")], default=["eager", "compiled"],
                         help="eager (rollout.enforce_eager=true) and/or compiled (false: torch.compile), each per thread count")
+    parser.add_argument("--pool-workers", type=_ints, default=[2],
+                        help="also the pipeline's WorkerPool with this many 1-thread workers (Ray), per count; "
+                             "'' for none")
+    parser.add_argument("--pool-groups-per-call", type=int, default=None,
+                        help="rollout.groups_per_call of the pool runs (default: the pool's own chunking)")
+    parser.add_argument("--hf-procs", type=_ints, default=[2],
+                        help="also HF generate data-parallel in this many 1-thread processes, per count; '' for none")
     parser.add_argument("--write", type=Path, default=None, help="update this RESULTS.md section")
     # internal: one vLLM measurement in this process
     parser.add_argument("--vllm-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.vllm_child:
-        args.result.write_text(json.dumps(measure_vllm(**json.loads(args.vllm_child.read_text()))))
+        spec = json.loads(args.vllm_child.read_text())
+        args.result.write_text(json.dumps((measure_pool if spec["pool"] else measure_vllm)(**spec["call"])))
         return
     if min(args.reps, args.hf_reps) < 1:
         parser.error("--reps and --hf-reps must be >= 1")
+    per_call = [] if args.pool_groups_per_call is None else [args.pool_groups_per_call]
+    if min(args.pool_workers + args.hf_procs + per_call, default=1) < 1:
+        parser.error("--pool-workers, --hf-procs and --pool-groups-per-call must be >= 1")
     if not args.vllm_modes or set(args.vllm_modes) - {"eager", "compiled"}:
         parser.error(f"--vllm-modes: eager and/or compiled, got {args.vllm_modes}")
     header, table = run(args)

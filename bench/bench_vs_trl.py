@@ -18,7 +18,8 @@ rate, number of steps and reward function (bench/grpo_workload.py; TRL's mapping
 Sides, each in its own subprocess (vLLM fixes a process's thread count; nothing shared):
 - ours: `rl.train.train` as `make demo` runs it: Ray, one vLLM rollout worker (1 thread), the learner
   actor (2 threads), weights synced in place every step. `--ours 'rollout.num_threads=2'` changes where
-  our work runs (SPEED_KEYS: threads, compiled engine, engine batch, KV block, micro-batch, shared prompts),
+  our work runs (SPEED_KEYS: rollout workers and their chunks (each prompt's seed is fixed whichever worker
+  serves it, rl/workers.py), threads, compiled engine, engine batch, KV block, micro-batch, shared prompts),
   never what it learns from, with one exception said here: `algo.mini_batch_split=groups` changes which
   rows share an optimizer step (whole GRPO groups, as verl; TRL shuffles rows with its own RNG, so the
   two sides' mini-batches differ anyway), not the data, loss, step count or learning rate; the reward
@@ -62,8 +63,8 @@ TARGET_RATIO = 3.0  # the project bar (docs/ARCHITECTURE.md): GRPO step >= 3x TR
 DEFAULTS = {"steps": 10, "tasks_per_step": 12, "group_size": 8, "max_new_tokens": 96}  # the demo's step
 # What `--ours` may set: where our side's work runs (threads, batching of the same passes), never what it learns
 # from (lr, optimizer, trained parameters, samples, on- or off-policy: those stay the workload both sides share).
-SPEED_KEYS = ("rollout.num_threads", "rollout.enforce_eager", "rollout.max_num_seqs", "rollout.block_size",
-              "learner.num_threads", "learner.micro_batch_size", "learner.share_prompts", "algo.mini_batch_split")
+SPEED_KEYS = ("rollout.num_workers", "rollout.groups_per_call", "rollout.num_threads", "rollout.enforce_eager",
+              "rollout.max_num_seqs", "rollout.block_size", "learner.num_threads", "learner.micro_batch_size", "learner.share_prompts", "algo.mini_batch_split")
 GIB = 2 ** 30
 BUSY_PERCENT = 25.0  # CPU use by others above which timings are flagged invalid (half a core of 2)
 

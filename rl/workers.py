@@ -106,12 +106,17 @@ class WorkerPool:
         return [to_sample(task, effort, prompt, c, self.version)
                 for (task, effort, prompt), cs in zip(jobs, comps) for c in cs]
 
-    def generate(self, prompts: list[list[int]], n: int, *, temperature: float,
-                 seed: int | None) -> list[list[Completion]]:
-        """`n` completions per prompt (evaluation; top_p and max_tokens from `cfg`; never budget-forced:
-        evaluation measures the policy alone); result[i][j] is sample j of prompt i, the same for any
-        number of workers when `seed` is given."""
+    def generate(self, prompts: list[list[int]], n: int, *, temperature: float, seed: int | None,
+                 max_tokens: int | None = None, stop: bool = True) -> list[list[Completion]]:
+        """`n` completions per prompt (evaluation; top_p from `cfg`, `max_tokens` None = `cfg`'s; never
+        budget-forced: evaluation measures the policy alone); result[i][j] is sample j of prompt i, the same
+        for any number of workers when `seed` is given. `stop=False`: exactly `max_tokens` each, Harmony
+        stop tokens ignored (benchmarks, as `RolloutEngine.generate`)."""
         call = {"n": n, "temperature": temperature, "seed": seed, **self._tool_args()}
+        if max_tokens is not None:
+            call["max_tokens"] = max_tokens
+        if not stop:  # only then: the call stays what it was
+            call["stop"] = False
         return self._ops.submit(self._sample, list(prompts), call).result()
 
     def _sample(self, prompts: list[list[int]], call: dict, caps: list | None = None) -> list[list[Completion]]:

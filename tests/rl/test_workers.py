@@ -36,7 +36,8 @@ class FakeEngine:
     """A completion's log-probs are (weights tag, request seed, sample index, analysis cap or -1); the
     process exits in the middle of `generate` if the file `<checkpoint>/die-<engine seed>` exists
     (removing it first), and every call sleeps the seconds written in `<checkpoint>/slow-<engine seed>`.
-    Every generate call is logged to `<checkpoint>/calls.log` as `engine_seed pid n_prompts`. With
+    Every generate call is logged to `<checkpoint>/calls.log` as `engine_seed pid n_prompts max_tokens
+    stop` (max_tokens -1: None; stop 0/1; `_calls` reads the first three). With
     caps, the completion's first id counts as inserted (`sampled` 0, budget-forced)."""
 
     def __init__(self, checkpoint, cfg, seed):
@@ -45,7 +46,7 @@ class FakeEngine:
     def generate(self, prompts, n=1, temperature=None, top_p=None, max_tokens=None, seed=None, *,
                  stop=True, first_index=0, analysis_caps=None):
         with open(self.dir / "calls.log", "a") as f:
-            f.write(f"{self.seed} {os.getpid()} {len(prompts)}\n")
+            f.write(f"{self.seed} {os.getpid()} {len(prompts)} {-1 if max_tokens is None else max_tokens} {int(stop)}\n")
         flag, slow = self.dir / f"die-{self.seed}", self.dir / f"slow-{self.seed}"
         if flag.exists():
             flag.unlink()
@@ -95,8 +96,8 @@ def _tasks(n):
     return [Task(f"t{i}", "math", f"Compute {i}+{i}.", {"answer": str(2 * i)}) for i in range(n)]
 
 
-def _calls(folder):
-    return [tuple(map(int, line.split())) for line in (folder / "calls.log").read_text().splitlines()]
+def _calls(folder, fields=3):
+    return [tuple(map(int, line.split()[:fields])) for line in (folder / "calls.log").read_text().splitlines()]
 
 
 def test_pool_order_seeds_and_replacement_of_a_dead_worker(tmp_path, ray_local):
@@ -194,6 +195,10 @@ def test_budget_forcing_sends_every_prompt_its_efforts_cap(tmp_path, ray_local):
         # Evaluation never forces.
         out = pool.generate([harmony.render_prompt("Compute 1+1.", "low")], 1, temperature=0.0, seed=1)
         assert out[0][0].logprobs[3] == -1.0 and not out[0][0].budget_forced
+        # generate's max_tokens / stop reach the engines only when given (benchmarks: exactly max_tokens each)
+        pool.generate([harmony.render_prompt("Compute 1+1.", "low")], 1, temperature=1.0, seed=1, max_tokens=7,
+                      stop=False)
+        assert [c[3:] for c in _calls(tmp_path, 5)[-2:]] == [(-1, 1), (7, 0)]
     finally:
         pool.close()
 
