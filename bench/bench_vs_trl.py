@@ -64,7 +64,8 @@ DEFAULTS = {"steps": 10, "tasks_per_step": 12, "group_size": 8, "max_new_tokens"
 # What `--ours` may set: where our side's work runs (threads, batching of the same passes), never what it learns
 # from (lr, optimizer, trained parameters, samples, on- or off-policy: those stay the workload both sides share).
 SPEED_KEYS = ("rollout.num_workers", "rollout.groups_per_call", "rollout.num_threads", "rollout.enforce_eager",
-              "rollout.max_num_seqs", "rollout.block_size", "learner.num_threads", "learner.micro_batch_size", "learner.share_prompts", "algo.mini_batch_split")
+              "rollout.max_num_seqs", "rollout.block_size", "learner.num_threads", "learner.micro_batch_size",
+              "learner.share_prompts", "algo.mini_batch_split")
 GIB = 2 ** 30
 BUSY_PERCENT = 25.0  # CPU use by others above which timings are flagged invalid (half a core of 2)
 
@@ -100,10 +101,10 @@ def speed_overrides(text: str) -> list[str]:
 
     >>> speed_overrides("rollout.num_threads=2 learner.micro_batch_size=32")
     ['rollout.num_threads=2', 'learner.micro_batch_size=32']
-    >>> speed_overrides("learner.lr=1")
+    >>> speed_overrides("learner.lr=1")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: --ours: 'learner.lr=1' is not a speed setting; allowed keys: rollout.num_threads, rollout.enforce_eager, rollout.max_num_seqs, rollout.block_size, learner.num_threads, learner.micro_batch_size, learner.share_prompts, algo.mini_batch_split
+    ValueError: --ours: 'learner.lr=1' is not a speed setting; allowed keys: rollout.num_workers, rollout.groups_per_call, rollout.num_threads, ..., algo.mini_batch_split
     """
     out = text.split()
     for item in out:
