@@ -23,7 +23,8 @@ vocabulary rows masked on both sides, fp32. Both run in one invocation, one afte
   the first start to the last end.
 - The rollout workers (`--pool-workers W`): the pipeline's `rl.workers.WorkerPool` of W `RolloutWorker`
   Ray actors at one thread each (local Ray), timed around `WorkerPool.generate`, the call path a
-  rollout takes (chunks of prompts to whichever worker is free, samples back through Ray).
+  rollout takes (chunks of prompts to whichever worker is free, samples back through Ray);
+  `--pool-groups-per-call` (default: one call per worker, prompts split evenly).
 - The ratio is the fastest vLLM set-up over the fastest HF set-up (single process or data-parallel).
 - Weight sync (of the fastest vLLM set-up; the pool's includes `ray.put` and every worker loading):
   `update_weights(model.state_dict())` (HF names -> vLLM layout, CPU repack, prefix
@@ -34,7 +35,7 @@ leaves out vLLM's cold first call); the median is printed too. Time to first bat
 the model; vLLM: the engine's constructor, vLLM import included) + the first workload call (HF's runs
 after its thread probe, warm; vLLM's is its first call). Before each side the CPUs are probed for 3 s (bench_vs_trl.idle_probe): if
 other processes use more than a quarter of them, the section says the ratio is not a result.
-Takes about 10 minutes on 2 cores: ~3 of HF (one process, then data-parallel), the rest the vLLM
+Takes 7-10 minutes on 2 cores: ~3 of HF (one process, then data-parallel), the rest the vLLM
 engine processes and the pool.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import subprocess
 import shutil
@@ -263,7 +265,8 @@ def vllm_subprocess(ckpt: str, prompts: list[list[int]], args, threads: int, out
     name = f"pool_{workers}" if workers else f"vllm_{threads}_{mode}"
     spec, result = out / f"{name}.json", out / f"{name}.result.json"
     call = {"ckpt": ckpt, "prompts": prompts, "n": args.n, "max_tokens": args.max_tokens, "reps": args.reps}
-    call |= ({"workers": workers, "per_call": args.pool_groups_per_call} if workers
+    per_call = args.pool_groups_per_call or math.ceil(len(prompts) / max(workers, 1))  # default: a call per worker
+    call |= ({"workers": workers, "per_call": per_call} if workers
              else {"threads": threads, "eager": mode == "eager"})
     spec.write_text(json.dumps({"pool": bool(workers), "call": call}))
     rc = subprocess.run([sys.executable, "-m", "bench.bench_rollout", "--vllm-child", str(spec),
@@ -328,8 +331,9 @@ def run(args) -> tuple[list[str], list[str]]:
         + (" WorkerPool: the pipeline's rollout workers (`rl.workers.WorkerPool`, local Ray, `rollout.num_workers=W "
            "rollout.num_threads=1`, eager), timed around `WorkerPool.generate` (chunks to whichever worker is free, "
            "`rollout.groups_per_call="
-           + ("null`: about 4 calls per worker" if args.pool_groups_per_call is None
-              else f"{args.pool_groups_per_call}`") + "; samples through Ray); start = Ray + every engine."
+           + (f"{args.pool_groups_per_call}`" if args.pool_groups_per_call
+              else "ceil(prompts / W)`: one call per worker, as every sequence runs exactly max-tokens")
+           + "; samples through Ray); start = Ray + every engine."
            if args.pool_workers else ""),
         "The ratio is fastest vLLM set-up / fastest HF set-up.",
     ]
@@ -425,7 +429,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also the pipeline's WorkerPool with this many 1-thread workers (Ray), per count; "
                              "'' for none")
     parser.add_argument("--pool-groups-per-call", type=int, default=None,
-                        help="rollout.groups_per_call of the pool runs (default: the pool's own chunking)")
+                        help="rollout.groups_per_call of the pool runs (default: one call per worker, the prompts split "
+                             "evenly; every sequence runs exactly --max-tokens, so nothing is left to balance)")
     parser.add_argument("--hf-procs", type=_ints, default=[2],
                         help="also HF generate data-parallel in this many 1-thread processes, per count; '' for none")
     parser.add_argument("--write", type=Path, default=None, help="update this RESULTS.md section")
