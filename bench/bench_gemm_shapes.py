@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write", type=Path, default=None, help="update this RESULTS.md section")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    command = " ".join([".venv/bin/python -m bench.bench_gemm_shapes", *(argv if argv is not None else sys.argv[1:])])
+    command = results.command("bench.bench_gemm_shapes", argv)
     body = ["", f"Command: `{command}` ({bench_kernels.DATE})", "",
             f"{bench_kernels.cpu_name()}, 1 torch thread, wall time, median; torch {torch.__version__}.", "",
             "| dtype | GEMM | new shape | seen | new / seen |", "|---|---|---:|---:|---:|", *gemm_rows(args.reps), "",

@@ -38,7 +38,6 @@ import datetime
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -380,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     rows += attention_rows(args.reps, args.quick)
     rows += logprob_rows(args.reps, args.quick)
     rows += step_rows(args.reps, args.quick)
-    command = " ".join([".venv/bin/python -m bench.bench_kernels", *(argv if argv is not None else sys.argv[1:])])
+    command = results.command("bench.bench_kernels", argv)
     section = render(rows, command, args.threads, floors)
     print("\n".join(section))
     if args.write:

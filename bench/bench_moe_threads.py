@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from pathlib import Path
 
 import torch
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     table = rows(args.reps)
-    command = " ".join([".venv/bin/python -m bench.bench_moe_threads", *(argv if argv is not None else sys.argv[1:])])
+    command = results.command("bench.bench_moe_threads", argv)
     section = [SECTION, "", f"Command: `{command}` ({bench_kernels.DATE})", "",
                f"Tiny MoE shape (H192 I192 E8 top-2, N=4096), `GptOssMLP` fwd+bwd, {args.threads} torch threads, "
                "best of interleaved repeats, wall time; ratio = stock / variant. Variants: where the activation's row "

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     header, table = run(args.experts, args.min_time, device)
     print("\n".join([title, "", *header, "", *table]))
     if args.write is not None:
-        command = ".venv/bin/python -m bench.bench_mxfp4 " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = results.command("bench.bench_mxfp4", argv)
         write_section(args.write, command.strip(), header, table, title)
 
 

@@ -184,7 +184,7 @@ def measure_pool(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, r
     cfg = dataclasses.replace(engine_config(1, True), num_workers=workers, groups_per_call=per_call)
     state = load_policy(ckpt)[0].state_dict()
     t0 = time.perf_counter()
-    init_ray(ClusterConfig())
+    init_ray(ClusterConfig(num_cpus=max(workers, os.cpu_count() or 1, 4)))  # room for every worker (1 CPU each)
     pool = WorkerPool(ckpt, cfg, seed=0)
     pool.health()  # every engine started
     start_s = time.perf_counter() - t0
@@ -208,54 +208,85 @@ def measure_pool(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, r
         ray.shutdown()
 
 
+VLLM_CHILD_TIMEOUT_S = 3600  # one vLLM / pool measurement process (~1.5 min at the defaults)
+HF_PROC_TIMEOUT_S = 1800  # one data-parallel HF process's load + warm-up, or one run: past this it is stuck
+
+
 def _hf_child(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, reps: int, barrier, results) -> None:
     """One data-parallel HF process: one thread, its share of the prompts, `reps` runs each started at the
-    barrier with the other processes; puts (rep, start, end) on `results` (time.monotonic, one clock for the
-    box)."""
+    barrier with the other processes. Puts ("ready", t) after load and warm-up, then ("run", rep, start, end)
+    per run (time.monotonic, one clock for the box)."""
     torch.set_num_threads(1)
     from rl.model import load_policy
 
     model, vm = load_policy(ckpt)
     model.eval()
     hf_generate(model, vm, prompts[:1], 2, 8)  # warm-up
+    results.put(("ready", time.monotonic()))
     for rep in range(reps):
-        barrier.wait()
+        barrier.wait(timeout=HF_PROC_TIMEOUT_S)
         t0 = time.monotonic()
         got = hf_generate(model, vm, prompts, n, max_tokens)
         assert got == len(prompts) * n * max_tokens, f"HF sampled {got} tokens"
-        results.put((rep, t0, time.monotonic()))
+        results.put(("run", rep, t0, time.monotonic()))
+
+
+def run_walls(spans: dict[int, list[tuple[float, float]]]) -> list[float]:
+    """Each data-parallel run's time, from its first process's start to its last one's end.
+
+    >>> run_walls({0: [(0.0, 3.0), (1.0, 5.0)], 1: [(10.0, 12.0), (10.5, 11.0)]})
+    [5.0, 2.0]
+    """
+    return [max(b for _, b in spans[r]) - min(a for a, _ in spans[r]) for r in sorted(spans)]
 
 
 def measure_hf_procs(ckpt: str, prompts: list[list[int]], args, procs: int) -> dict:
     """HF `generate` data-parallel: `procs` processes at one thread each, the prompts split evenly between
     them (what `accelerate` or torchrun would give HF on this many cores); a run's time is from the first
-    process's start to the last one's end."""
+    process's start to the last one's end (`run_walls`). start_s: spawn to the last process ready (its
+    interpreter, imports, load and warm-up). A process that dies or stalls gives {"error": ...} at once
+    (the others are stopped), never a hang."""
     import multiprocessing as mp
+    import queue
 
+    if not 1 <= procs <= len(prompts):
+        return {"threads": 1, "procs": procs, "error": f"{procs} processes for {len(prompts)} prompts"}
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(procs), ctx.Queue()
-    shares = [prompts[i::procs] for i in range(procs)]
-    t0 = time.perf_counter()
-    children = [ctx.Process(target=_hf_child, args=(ckpt, share, args.n, args.max_tokens, args.hf_reps,
-                                                    barrier, results)) for share in shares]
+    t0 = time.monotonic()
+    children = [ctx.Process(target=_hf_child, args=(ckpt, prompts[i::procs], args.n, args.max_tokens,
+                                                    args.hf_reps, barrier, results)) for i in range(procs)]
     for c in children:
         c.start()
-    spans: dict[int, list[tuple[float, float]]] = {}
+    ready, spans, error = [], {}, None
+    last = time.monotonic()
     try:
-        for _ in range(procs * args.hf_reps):
-            rep, a, b = results.get(timeout=3600)
-            spans.setdefault(rep, []).append((a, b))
+        while len(ready) < procs or sum(map(len, spans.values())) < procs * args.hf_reps:
+            try:
+                msg = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [c.exitcode for c in children if c.exitcode not in (None, 0)]
+                if dead or time.monotonic() - last > HF_PROC_TIMEOUT_S:
+                    error = f"exit status {dead}" if dead else f"no progress in {HF_PROC_TIMEOUT_S} s"
+                    break
+                continue
+            last = time.monotonic()
+            if msg[0] == "ready":
+                ready.append(msg[1])
+            else:
+                spans.setdefault(msg[1], []).append(msg[2:])
     finally:
+        if error:
+            barrier.abort()
         for c in children:
-            c.join(timeout=60)
+            c.join(timeout=60 if not error else 5)
             if c.is_alive():
                 c.kill()
-    if any(c.exitcode for c in children):
-        return {"threads": 1, "procs": procs, "error": f"exit status {[c.exitcode for c in children]}"}
-    walls = [max(b for _, b in spans[r]) - min(a for a, _ in spans[r]) for r in range(args.hf_reps)]
-    start_s = time.perf_counter() - t0 - sum(walls)  # spawning, loading, warm-up (and the barriers' waits)
+    if error or any(c.exitcode for c in children):
+        return {"threads": 1, "procs": procs, "error": error or f"exit status {[c.exitcode for c in children]}"}
+    walls = run_walls(spans)
     return {"threads": 1, "procs": procs, "best": min(walls), "median": statistics.median(walls),
-            "first": walls[0], "start_s": start_s}
+            "first": walls[0], "start_s": max(ready) - t0}
 
 
 def vllm_subprocess(ckpt: str, prompts: list[list[int]], args, threads: int, out: Path, mode: str = "eager",
@@ -269,8 +300,11 @@ def vllm_subprocess(ckpt: str, prompts: list[list[int]], args, threads: int, out
     call |= ({"workers": workers, "per_call": per_call} if workers
              else {"threads": threads, "eager": mode == "eager"})
     spec.write_text(json.dumps({"pool": bool(workers), "call": call}))
-    rc = subprocess.run([sys.executable, "-m", "bench.bench_rollout", "--vllm-child", str(spec),
-                         "--result", str(result)]).returncode
+    try:
+        rc = subprocess.run([sys.executable, "-m", "bench.bench_rollout", "--vllm-child", str(spec),
+                             "--result", str(result)], timeout=VLLM_CHILD_TIMEOUT_S).returncode
+    except subprocess.TimeoutExpired:
+        rc = f"timeout ({VLLM_CHILD_TIMEOUT_S} s)"
     if rc or not result.exists():
         return {"threads": threads, "eager": mode == "eager", "workers": workers, "error": f"exit status {rc}"}
     return json.loads(result.read_text())
@@ -447,12 +481,14 @@ def main(argv: list[str] | None = None) -> None:
     per_call = [] if args.pool_groups_per_call is None else [args.pool_groups_per_call]
     if min(args.pool_workers + args.hf_procs + per_call, default=1) < 1:
         parser.error("--pool-workers, --hf-procs and --pool-groups-per-call must be >= 1")
+    if max(args.pool_workers + args.hf_procs, default=1) > args.prompts:
+        parser.error(f"--pool-workers and --hf-procs must be <= --prompts ({args.prompts}): each needs a prompt")
     if not args.vllm_modes or set(args.vllm_modes) - {"eager", "compiled"}:
         parser.error(f"--vllm-modes: eager and/or compiled, got {args.vllm_modes}")
     header, table = run(args)
     print("\n".join([SECTION, "", *header, "", *table]))
     if args.write:
-        command = ".venv/bin/python -m bench.bench_rollout " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = results.command("bench.bench_rollout", argv)
         write_section(args.write, command.strip(), header, table)
 
 

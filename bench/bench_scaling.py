@@ -42,7 +42,6 @@ import datetime
 import json
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         from bench import results
 
-        command = ".venv/bin/python -m bench.bench_scaling " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = results.command("bench.bench_scaling", argv)
         today = datetime.date.today().isoformat()
         results.write_section(args.write, SECTION, ["", f"Command: `{command.strip()}` ({today})", "", *body, ""])
 

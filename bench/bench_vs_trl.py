@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     section = SECTION + (OURS_SUFFIX if ours_speed else "")
     print("\n".join([section, "", *body]))
     if args.write:
-        command = ".venv/bin/python -m bench.bench_vs_trl " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = results.command("bench.bench_vs_trl", argv)
         today = datetime.date.today().isoformat()
         results.write_section(args.write, section, ["", f"Command: `{command.strip()}` ({today})", "", *body, ""])
 

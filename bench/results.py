@@ -1,7 +1,18 @@
 """bench/RESULTS.md: each benchmark owns one `## ...` section and replaces only that section."""
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
+
+
+def command(module: str, argv: list[str] | None = None) -> str:
+    """The command line a section records, quoted so it can be pasted back into a shell.
+
+    >>> command("bench.bench_vs_trl", ["--ours", "rollout.num_threads=2 learner.micro_batch_size=128"])
+    ".venv/bin/python -m bench.bench_vs_trl --ours 'rollout.num_threads=2 learner.micro_batch_size=128'"
+    """
+    return shlex.join([".venv/bin/python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def write_section(results_md: Path, title: str, body: list[str]) -> None:
