@@ -406,15 +406,16 @@ def _mode(run: dict) -> str:
 def _name(run: dict) -> str:
     """The set-up a result row measured.
 
-    >>> _name({"threads": 2, "probes": {}}), _name({"threads": 1, "procs": 2})
-    ('HF generate, 2 threads', 'HF generate, 2 processes (data-parallel)')
+    >>> _name({"threads": 2, "probes": {}}), _name({"threads": 1, "procs": 2}), _name({"threads": 1, "procs": 1})
+    ('HF generate, 2 threads', 'HF generate, 2 processes (data-parallel)', 'HF generate, 1 thread (own process)')
     >>> _name({"threads": 2, "eager": False}), _name({"threads": 1, "workers": 2, "eager": True})
     ('vLLM RolloutEngine, compiled, 2 threads', 'WorkerPool, 2 workers (Ray)')
     """
     if "probes" in run:
         return f"HF generate, {run['threads']} thread{'s' * (run['threads'] > 1)}"
     if run.get("procs"):
-        return f"HF generate, {run['procs']} processes (data-parallel)"
+        return (f"HF generate, {run['procs']} processes (data-parallel)" if run["procs"] > 1
+                else "HF generate, 1 thread (own process)")
     if run.get("workers"):
         return f"WorkerPool, {run['workers']} workers (Ray)"
     return f"vLLM RolloutEngine, {_mode(run)}, {run['threads']} thread{'s' * (run['threads'] > 1)}"
