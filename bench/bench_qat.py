@@ -81,15 +81,14 @@ def main() -> None:
         cfg = yaml.safe_load(open(Path(__file__).parents[1] / "conf/model/tiny.yaml"))
         policy = str(build_tiny_model(cfg, vocabulary_corpus(), Path(tempfile.mkdtemp()) / "tiny"))
     rows = measure(policy, args.tasks, args.n)
-    body = (f"Command: `.venv/bin/python -m bench.bench_qat {'--policy ' + args.policy if args.policy else ''} "
-            f"--write bench/RESULTS.md` ({datetime.date.today()})\n\n"
+    from bench.results import command, write_section
+
+    body = (f"Command: `{command('bench.bench_qat')}` ({datetime.date.today()})\n\n"
             f"Policy: {'`' + args.policy + '`' if args.policy else 'random tiny model'}; "
             f"{args.tasks} held-out digit-sum tasks x 3 efforts x n={args.n}, temperature 1, fp32, CPU "
             f"({os.cpu_count()} cores).\n\n{table(rows)}\n")
     print(body)
     if args.write:
-        from bench.results import write_section
-
         write_section(Path(args.write), "## QAT: rollout vs learner log-prob mismatch", ["", *body.splitlines()])
 
 if __name__ == "__main__":

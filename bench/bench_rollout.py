@@ -214,8 +214,8 @@ HF_PROC_TIMEOUT_S = 1800  # one data-parallel HF process's load + warm-up, or on
 
 def _hf_child(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, reps: int, barrier, results) -> None:
     """One data-parallel HF process: one thread, its share of the prompts, `reps` runs each started at the
-    barrier with the other processes. Puts ("ready", t) after load and warm-up, then ("run", rep, start, end)
-    per run (time.monotonic, one clock for the box)."""
+    barrier with the other processes (waiting at most HF_PROC_TIMEOUT_S). Puts ("ready", t) after load and
+    warm-up, then ("run", rep, start, end) per run (time.monotonic, one clock for the box)."""
     torch.set_num_threads(1)
     from rl.model import load_policy
 
@@ -245,7 +245,7 @@ def measure_hf_procs(ckpt: str, prompts: list[list[int]], args, procs: int) -> d
     them (what `accelerate` or torchrun would give HF on this many cores); a run's time is from the first
     process's start to the last one's end (`run_walls`). start_s: spawn to the last process ready (its
     interpreter, imports, load and warm-up). A process that dies or stalls gives {"error": ...} at once
-    (the others are stopped), never a hang."""
+    (the others are killed), never a hang."""
     import multiprocessing as mp
     import queue
 
@@ -276,9 +276,9 @@ def measure_hf_procs(ckpt: str, prompts: list[list[int]], args, procs: int) -> d
             else:
                 spans.setdefault(msg[1], []).append(msg[2:])
     finally:
-        if error:
-            barrier.abort()
-        for c in children:
+        for c in children:  # on an error the rest are killed, not released: a killed waiter can wedge the barrier
+            if error:
+                c.kill()
             c.join(timeout=60 if not error else 5)
             if c.is_alive():
                 c.kill()

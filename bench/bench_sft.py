@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -83,6 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--check-steps", type=int, default=50, help="steps of the trajectory check (0: skip)")
     parser.add_argument("--write", type=Path, default=None, help="update this RESULTS.md section")
     args = parser.parse_args(argv)
+    args.command = results.command("bench.bench_sft", argv)
     from rl.metrics import quiet_progress_bars
 
     with tempfile.TemporaryDirectory() as tmp, quiet_progress_bars():
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
 def section(times, check, cfg, args, n_rows: int) -> list[str]:
     base = "TRL head"
     lines = [SECTION, "",
-             f"`{' '.join(['.venv/bin/python -m bench.bench_sft', *sys.argv[1:]])}`: the demo's SFT workload "
+             f"`{args.command}`: the demo's SFT workload "
              f"({n_rows} rows, batch {cfg.batch_size}, {cfg.num_threads} threads, kernels={cfg.kernels}), "
              f"{args.rounds} interleaved rounds x {args.steps} steps per variant (first {WARMUP} of each run "
              "skipped), wall seconds per step; speed-up = TRL head's median / the variant's, per round.", "",

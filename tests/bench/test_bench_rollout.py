@@ -26,6 +26,7 @@ def test_bad_counts_are_refused_before_anything_runs(argv, capsys):
     assert exc.value.code == 2 and "must be" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(600)
 def test_hf_data_parallel_samples_every_token_of_its_share(tmp_path):
     ckpt, prompts = bench_rollout.workload(tmp_path / "tiny", 3)  # 3 prompts over 2 processes: 2 + 1
     args = argparse.Namespace(n=2, max_tokens=4, hf_reps=2)
@@ -35,6 +36,7 @@ def test_hf_data_parallel_samples_every_token_of_its_share(tmp_path):
     assert 0 < run["best"] <= run["median"] and run["first"] > 0 and run["start_s"] > 0
 
 
+@pytest.mark.timeout(300)
 def test_hf_data_parallel_failure_is_an_error_row_not_a_hang(tmp_path):
     """A checkpoint that does not load kills every process before its first run: reported within seconds."""
     bad = tmp_path / "not-a-checkpoint"
@@ -43,4 +45,4 @@ def test_hf_data_parallel_failure_is_an_error_row_not_a_hang(tmp_path):
     t0 = time.monotonic()
     run = bench_rollout.measure_hf_procs(str(bad), [[1, 2, 3]] * 2, args, procs=2)
     assert "exit status" in run["error"] and time.monotonic() - t0 < 120
-    assert "error" in bench_rollout.measure_hf_procs(str(bad), [[1, 2, 3]], args, procs=2)  # more processes than prompts
+    assert bench_rollout.measure_hf_procs(str(bad), [[1, 2, 3]], args, procs=2)["error"] == "2 processes for 1 prompts"
