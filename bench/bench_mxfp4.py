@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join([title, "", *header, "", *table]))
     if args.write is not None:
         command = results.command("bench.bench_mxfp4", argv)
-        write_section(args.write, command.strip(), header, table, title)
+        write_section(args.write, command, header, table, title)
 
 
 if __name__ == "__main__":

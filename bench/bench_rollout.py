@@ -133,6 +133,18 @@ def measure_hf(model, vm, prompts, args) -> dict:
             "probes": probes}
 
 
+def sync_times(target, state: dict, ckpt: str, reps: int) -> dict:
+    """(best, median) seconds of `target`'s three weight syncs (a `RolloutEngine` or a `WorkerPool`: the same
+    methods): the whole HF state dict, the RMSNorm gains alone (`TrainedWeights`, what the demo's steps after
+    the first send) and `update_weights_from_path`."""
+    from rl.vllm_weights import TrainedWeights, trained_units
+
+    norms = TrainedWeights(trained_units(state, [k for k in state if k.endswith("norm.weight")]))
+    return {"sync": _best_and_median(lambda: target.update_weights(state), reps)[:2],
+            "trained": _best_and_median(lambda: target.update_weights(norms), reps)[:2],
+            "from_path": _best_and_median(lambda: target.update_weights_from_path(ckpt), reps)[:2]}
+
+
 def measure_vllm(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, reps: int, threads: int,
                  eager: bool = True) -> dict:
     """RolloutEngine throughput at `threads` (after a warm-up call), then weight-sync time; `eager` = False:
@@ -140,7 +152,6 @@ def measure_vllm(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, r
     (`vllm_subprocess`): the engine pins the thread count of its process."""
     from rl.engine import RolloutEngine
     from rl.model import load_policy
-    from rl.vllm_weights import TrainedWeights, trained_units
 
     cfg = engine_config(threads, eager)
     state = load_policy(ckpt)[0].state_dict()
@@ -151,13 +162,8 @@ def measure_vllm(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, r
             assert sum(len(c.ids) for s in out for c in s) == len(prompts) * n * max_tokens
 
         best, med, first = _best_and_median(gen, reps)  # the first call is cold: best-of leaves it out
-        sync = _best_and_median(lambda: eng.update_weights(state), reps)[:2]
-        norms = TrainedWeights(trained_units(state, [n for n in state if n.endswith("norm.weight")]))
-        trained = _best_and_median(lambda: eng.update_weights(norms), reps)[:2]
-        from_path = _best_and_median(lambda: eng.update_weights_from_path(ckpt), reps)[:2]
         return {"threads": torch.get_num_threads(), "eager": eager, "best": best, "median": med, "first": first,
-                "start_s": eng.start_time_s,
-                "sync": sync, "trained": trained, "from_path": from_path,
+                "start_s": eng.start_time_s, **sync_times(eng, state, ckpt, reps),
                 "block_size": eng.llm.llm_engine.vllm_config.cache_config.block_size}
     finally:
         eng.shutdown()
@@ -178,7 +184,6 @@ def measure_pool(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, r
     from rl.config import ClusterConfig
     from rl.engine import CPU_BLOCK_SIZE
     from rl.model import load_policy
-    from rl.vllm_weights import TrainedWeights, trained_units
     from rl.workers import WorkerPool
 
     cfg = dataclasses.replace(engine_config(1, True), num_workers=workers, groups_per_call=per_call)
@@ -195,13 +200,9 @@ def measure_pool(ckpt: str, prompts: list[list[int]], n: int, max_tokens: int, r
             assert sum(len(c.ids) for s in out for c in s) == len(prompts) * n * max_tokens
 
         best, med, first = _best_and_median(gen, reps)
-        sync = _best_and_median(lambda: pool.update_weights(state), reps)[:2]
-        norms = TrainedWeights(trained_units(state, [k for k in state if k.endswith("norm.weight")]))
-        trained = _best_and_median(lambda: pool.update_weights(norms), reps)[:2]
-        from_path = _best_and_median(lambda: pool.update_weights_from_path(ckpt), reps)[:2]
         return {"threads": 1, "workers": workers, "per_call": per_call, "eager": True, "best": best,
-                "median": med, "first": first, "start_s": start_s, "sync": sync, "trained": trained,
-                "from_path": from_path, "served": pool.served,
+                "median": med, "first": first, "start_s": start_s, **sync_times(pool, state, ckpt, reps),
+                "served": pool.served,
                 "block_size": cfg.block_size or CPU_BLOCK_SIZE}
     finally:
         pool.close()
@@ -296,9 +297,10 @@ def vllm_subprocess(ckpt: str, prompts: list[list[int]], args, threads: int, out
     name = f"pool_{workers}" if workers else f"vllm_{threads}_{mode}"
     spec, result = out / f"{name}.json", out / f"{name}.result.json"
     call = {"ckpt": ckpt, "prompts": prompts, "n": args.n, "max_tokens": args.max_tokens, "reps": args.reps}
-    per_call = args.pool_groups_per_call or math.ceil(len(prompts) / max(workers, 1))  # default: a call per worker
-    call |= ({"workers": workers, "per_call": per_call} if workers
-             else {"threads": threads, "eager": mode == "eager"})
+    if workers:  # --pool-groups-per-call, by default one call per worker
+        call |= {"workers": workers, "per_call": args.pool_groups_per_call or math.ceil(len(prompts) / workers)}
+    else:
+        call |= {"threads": threads, "eager": mode == "eager"}
     spec.write_text(json.dumps({"pool": bool(workers), "call": call}))
     try:
         rc = subprocess.run([sys.executable, "-m", "bench.bench_rollout", "--vllm-child", str(spec),
@@ -490,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join([SECTION, "", *header, "", *table]))
     if args.write:
         command = results.command("bench.bench_rollout", argv)
-        write_section(args.write, command.strip(), header, table)
+        write_section(args.write, command, header, table)
 
 
 if __name__ == "__main__":

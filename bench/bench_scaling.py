@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
 
         command = results.command("bench.bench_scaling", argv)
         today = datetime.date.today().isoformat()
-        results.write_section(args.write, SECTION, ["", f"Command: `{command.strip()}` ({today})", "", *body, ""])
+        results.write_section(args.write, SECTION, ["", f"Command: `{command}` ({today})", "", *body, ""])
 
 
 def run(args, hold: dict[str, int], grid: dict[str, list[int]]) -> list[str]:

@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.write:
         command = results.command("bench.bench_vs_trl", argv)
         today = datetime.date.today().isoformat()
-        results.write_section(args.write, section, ["", f"Command: `{command.strip()}` ({today})", "", *body, ""])
+        results.write_section(args.write, section, ["", f"Command: `{command}` ({today})", "", *body, ""])
 
 
 if __name__ == "__main__":
